@@ -1,0 +1,13 @@
+"""rnnkit: recurrent layers for PyTorch.
+
+torch.nn-compatible RNN, GRU and LSTM layers and cells, with any nonlinearity, ``lengths=``
+without sorting, learnable initial states, both GRU formulations and higher-order gradients.
+"""
+
+from rnnkit.activations import ACTIVATIONS
+from rnnkit.cells import GRUCell, LSTMCell, RNNCell
+from rnnkit.layers import GRU, LSTM, RNN
+
+__version__ = "0.1.0"
+
+__all__ = ["ACTIVATIONS", "GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "__version__"]

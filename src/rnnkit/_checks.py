@@ -1,0 +1,134 @@
+"""Argument and input checks that turn bad input into clear ValueError/TypeError messages."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+
+
+def positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero, got {value}")
+    return value
+
+
+def boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def dropout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"dropout must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def backend_name(value: object) -> str | None:
+    """``None`` (read ``RNNKIT_BACKEND`` at call time) or one of :data:`BACKENDS`."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {value!r}")
+    return value
+
+
+def env_backend() -> str:
+    value = os.environ.get("RNNKIT_BACKEND", "auto") or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"RNNKIT_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def _matches_parameters(name: str, tensor: Tensor, reference: Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if tensor.device != reference.device:
+        raise ValueError(
+            f"{name} is on {tensor.device} but the parameters are on {reference.device}"
+        )
+    if tensor.dtype != reference.dtype and not torch.is_autocast_enabled(tensor.device.type):
+        raise TypeError(
+            f"{name} has dtype {tensor.dtype} but the parameters have dtype {reference.dtype}"
+        )
+
+
+def input_tensor(
+    input: object, parameter: Tensor, input_size: int, ranks: tuple[int, int], what: str
+) -> None:
+    """Check type, rank, dtype, device and feature size of an input tensor."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{what} must be a Tensor or PackedSequence, got {type(input).__name__}")
+    if input.dim() not in ranks:
+        raise ValueError(
+            f"{what} must be {ranks[0]}-D (unbatched) or {ranks[1]}-D (batched), "
+            f"got {input.dim()}-D with shape {tuple(input.shape)}"
+        )
+    _matches_parameters(what, input, parameter)
+    if input.shape[-1] != input_size:
+        raise ValueError(
+            f"{what} must have {input_size} features (input_size), got {input.shape[-1]} "
+            f"in shape {tuple(input.shape)}"
+        )
+
+
+def state_tensor(name: str, state: object, expected: tuple[int, ...], parameter: Tensor) -> None:
+    """Check an initial state against the exact shape it must have."""
+    if not isinstance(state, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
+    if tuple(state.shape) != tuple(expected):
+        raise ValueError(
+            f"{name} must have shape {tuple(expected)}, got {tuple(state.shape)}"
+        )
+    _matches_parameters(name, state, parameter)
+
+
+def state_pair(hx: object) -> tuple[Tensor, Tensor]:
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"an LSTM state must be a pair (h, c), got {type(hx).__name__}")
+    return hx[0], hx[1]
+
+
+def lengths(
+    value: object, batch_size: int, seq_len: int, device: torch.device
+) -> Tensor:
+    """Validate ``lengths`` and return it as an int64 tensor on ``device``.
+
+    Accepts a 1-D integer tensor on any device, or a list or tuple of ints, in any order.
+    """
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"lengths must hold integers, got a tensor of dtype {value.dtype}")
+        if value.dim() != 1:
+            raise ValueError(f"lengths must be 1-D, got shape {tuple(value.shape)}")
+        values = value.detach().to("cpu", torch.int64)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
+            raise TypeError(f"lengths must hold integers, got {list(value)!r}")
+        values = torch.tensor([int(v) for v in value], dtype=torch.int64)
+    else:
+        raise TypeError(
+            f"lengths must be a 1-D integer tensor or a list of ints, got {type(value).__name__}"
+        )
+    if values.numel() == 0:
+        raise ValueError("lengths must not be empty")
+    if values.numel() != batch_size:
+        raise ValueError(
+            f"lengths must have one entry per sequence: expected {batch_size}, "
+            f"got {values.numel()}"
+        )
+    if int(values.min()) <= 0:
+        raise ValueError(f"lengths must be positive, got {values.tolist()}")
+    if int(values.max()) > seq_len:
+        raise ValueError(
+            f"lengths must not exceed the sequence length {seq_len}, got {values.tolist()}"
+        )
+    return values.to(device)

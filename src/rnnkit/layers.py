@@ -1,0 +1,427 @@
+r"""Multi-layer, optionally bidirectional RNN, GRU and LSTM layers with torch.nn's interface.
+
+This module handles everything around the recurrence: parameters, stacking, directions,
+``batch_first``, unbatched input, dropout between layers, ``lengths`` and PackedSequence.
+The recurrence itself runs in :func:`rnnkit.ops.dispatch.recurrence`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from rnnkit import _checks
+from rnnkit.activations import Activation, activation_name, check_activation
+from rnnkit.cells import CellSpec
+from rnnkit.ops import dispatch
+
+
+def _pack_like(padded: Tensor, packed: PackedSequence) -> PackedSequence:
+    """Pack a time-first ``(T, B, H)`` tensor with exactly the layout of ``packed``."""
+    batch_sizes = packed.batch_sizes
+    order = packed.sorted_indices
+    if order is None:
+        order = torch.arange(padded.shape[1], device=padded.device)
+    steps = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
+    slots = torch.cat([torch.arange(int(n)) for n in batch_sizes])
+    data = padded[steps.to(padded.device), order[slots.to(order.device)]]
+    return PackedSequence(data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
+class RecurrentLayer(nn.Module):
+    """The shared body of :class:`RNN`, :class:`GRU` and :class:`LSTM`."""
+
+    def __init__(
+        self,
+        spec: CellSpec,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        learn_initial_state: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        _checks.positive_int("input_size", input_size)
+        _checks.positive_int("hidden_size", hidden_size)
+        _checks.positive_int("num_layers", num_layers)
+        for name, flag in [
+            ("bias", bias),
+            ("batch_first", batch_first),
+            ("bidirectional", bidirectional),
+            ("learn_initial_state", learn_initial_state),
+        ]:
+            _checks.boolean(name, flag)
+        self.dropout = _checks.dropout(dropout)
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int):
+            raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError(f"proj_size must be zero or positive, got {proj_size}")
+        if proj_size and spec.mode != "lstm":
+            raise ValueError(f"proj_size is only supported by LSTM, got proj_size={proj_size}")
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}"
+            )
+        if self.dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout applies between layers, so it has no effect with num_layers=1 "
+                f"(got dropout={dropout})",
+                stacklevel=3,
+            )
+        self.spec = spec
+        self.backend = _checks.backend_name(backend)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.learn_initial_state = learn_initial_state
+
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        gate_size = spec.num_gates * hidden_size
+        out_size = proj_size or hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else out_size * directions
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                shapes = {
+                    "weight_ih": (gate_size, layer_input),
+                    "weight_hh": (gate_size, out_size),
+                }
+                if bias:
+                    shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
+                if proj_size:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                names = []
+                for base, shape in shapes.items():
+                    setattr(self, base + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(base + suffix)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        if learn_initial_state:
+            self.initial_h = nn.Parameter(
+                torch.zeros(num_layers * directions, out_size, **factory)
+            )
+            if spec.mode == "lstm":
+                self.initial_c = nn.Parameter(
+                    torch.zeros(num_layers * directions, hidden_size, **factory)
+                )
+        self.reset_parameters()
+
+    # torch.nn compatibility ---------------------------------------------------------------
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """Does nothing; kept so code written for torch.nn runs unchanged."""
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, in torch.nn's order: U(-1/sqrt(H), 1/sqrt(H)).
+
+        A learnable initial state starts at zero.
+        """
+        bound = 1.0 / self.hidden_size**0.5
+        for name, param in self.named_parameters():
+            if name.startswith("initial_"):
+                nn.init.zeros_(param)
+            else:
+                nn.init.uniform_(param, -bound, bound)
+
+    # forward ------------------------------------------------------------------------------
+
+    def _initial_states(
+        self, hx: object, batch_size: int, batched: bool, reference: Tensor
+    ) -> list[tuple[Tensor, ...]]:
+        """One state tuple per layer and direction, each ``(B, H_out)`` [and ``(B, H)``]."""
+        count = self.num_layers * self.num_directions
+        out_size = self.proj_size or self.hidden_size
+        sizes = [out_size, self.hidden_size][: self.spec.num_states]
+        if hx is None:
+            if self.learn_initial_state:
+                names = ["initial_h", "initial_c"][: self.spec.num_states]
+                stacked = [
+                    getattr(self, n)[:, None, :].expand(count, batch_size, size)
+                    for n, size in zip(names, sizes)
+                ]
+            else:
+                stacked = [
+                    torch.zeros(
+                        count, batch_size, size, dtype=reference.dtype, device=reference.device
+                    )
+                    for size in sizes
+                ]
+        else:
+            if self.spec.mode == "lstm":
+                given = list(_checks.state_pair(hx))
+                names = ["h_0", "c_0"]
+            else:
+                given, names = [hx], ["h_0"]
+            stacked = []
+            for name, tensor, size in zip(names, given, sizes):
+                expected = (count, batch_size, size) if batched else (count, size)
+                if isinstance(tensor, Tensor) and tensor.dim() != len(expected):
+                    kind = "batched 3-D" if batched else "unbatched 2-D"
+                    raise ValueError(
+                        f"for {kind} input, {name} must be {len(expected)}-D "
+                        f"{expected}, got {tensor.dim()}-D {tuple(tensor.shape)}"
+                    )
+                _checks.state_tensor(name, tensor, expected, reference)
+                stacked.append(tensor if batched else tensor.unsqueeze(1))
+        return [tuple(s[i] for s in stacked) for i in range(count)]
+
+    def forward(self, input, hx=None, *, lengths=None):
+        """Run the layer.
+
+        Args:
+            input: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, unbatched
+                ``(L, H_in)``, or a PackedSequence.
+            hx: initial state ``(D*num_layers, N, H_out)`` (unbatched: no ``N``); for LSTM a
+                pair ``(h_0, c_0)`` with ``c_0`` of size ``H_cell``. Defaults to zeros, or to
+                the learnable initial state.
+            lengths: optional per-sequence lengths (1-D integer tensor on any device, or a
+                list), in any order. Output past a sequence's length is zero and the final
+                state is taken at its own last step.
+
+        Returns:
+            ``(output, h_n)``, or ``(output, (h_n, c_n))`` for LSTM. ``output`` has the
+            layout of ``input`` with ``D*H_out`` features; a PackedSequence in gives one out.
+
+        Raises:
+            ValueError, TypeError: for input, state or lengths of the wrong kind or shape.
+        """
+        reference = self.weight_ih_l0
+        packed = input if isinstance(input, PackedSequence) else None
+        if packed is not None:
+            if lengths is not None:
+                raise ValueError("lengths must not be given with a PackedSequence input")
+            _checks.input_tensor(packed.data, reference, self.input_size, (2, 2), "input")
+            x, lengths = pad_packed_sequence(packed)
+            batched = True
+        else:
+            _checks.input_tensor(input, reference, self.input_size, (2, 3), "input")
+            batched = input.dim() == 3
+            if not batched:
+                x = input.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+        seq_len, batch_size = x.shape[0], x.shape[1]
+        if seq_len == 0:
+            raise ValueError(f"input must have at least one time step, got shape {tuple(x.shape)}")
+        if lengths is not None:
+            lengths = _checks.lengths(lengths, batch_size, seq_len, x.device)
+        states = self._initial_states(hx, batch_size, batched, reference)
+
+        finals: list[tuple[Tensor, ...]] = []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                output, final = self._run_direction(
+                    layer_input, states[index], layer, direction, lengths
+                )
+                outputs.append(output)
+                finals.append(final)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output = layer_input
+
+        final_states = tuple(
+            torch.stack([f[i] for f in finals]) for i in range(self.spec.num_states)
+        )
+        if packed is not None:
+            output = _pack_like(output, packed)
+        elif not batched:
+            output = output.squeeze(1)
+            final_states = tuple(s.squeeze(1) for s in final_states)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        if self.spec.mode == "lstm":
+            return output, final_states
+        return output, final_states[0]
+
+    def _run_direction(
+        self,
+        layer_input: Tensor,
+        state: tuple[Tensor, ...],
+        layer: int,
+        direction: int,
+        lengths: Tensor | None,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        weight = {
+            name: getattr(self, name + suffix, None)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        }
+        gates_x = F.linear(layer_input, weight["weight_ih"], weight["bias_ih"])
+        return dispatch.recurrence(
+            self.spec,
+            gates_x,
+            state,
+            weight["weight_hh"],
+            weight["bias_hh"],
+            weight["weight_hr"],
+            lengths,
+            bool(direction),
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        defaults = {
+            "proj_size": 0,
+            "num_layers": 1,
+            "bias": True,
+            "batch_first": False,
+            "dropout": 0.0,
+            "bidirectional": False,
+            "learn_initial_state": False,
+        }
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                text += f", {name}={getattr(self, name)}"
+        return text
+
+
+class RNN(RecurrentLayer):
+    r"""A multi-layer Elman RNN, :math:`h_t = \sigma(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})`.
+
+    Arguments, parameters and shapes are torch.nn.RNN's. Beyond torch:
+
+    Args:
+        nonlinearity: ``'tanh'``, ``'relu'``, another name of
+            :data:`rnnkit.activations.ACTIVATIONS`, or any elementwise callable (as MLX).
+        learn_initial_state: add a trainable ``initial_h`` of shape ``(D*num_layers, H)``,
+            used when ``hx`` is not given.
+        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"`` or ``"triton"``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: Activation = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        proj_size: int = 0,
+        learn_initial_state: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        self.nonlinearity = check_activation(nonlinearity)
+        super().__init__(
+            CellSpec("rnn", nonlinearity=self.nonlinearity), input_size, hidden_size,
+            num_layers, bias, batch_first, dropout, bidirectional, proj_size, device, dtype,
+            learn_initial_state=learn_initial_state, backend=backend,
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.nonlinearity != "tanh":
+            text += f", nonlinearity={activation_name(self.nonlinearity)!r}"
+        return text
+
+
+class GRU(RecurrentLayer):
+    r"""A multi-layer GRU with torch.nn.GRU's arguments, parameters and shapes.
+
+    See :func:`rnnkit.cells.gru_step` for the equations.
+
+    Args:
+        reset_after: ``True`` (default; torch, cuDNN, MLX, Keras) or ``False`` (Cho et al.
+            2014, Keras ``reset_after=False``, Flux's GRUv3).
+        learn_initial_state, backend: as for :class:`RNN`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        proj_size: int = 0,
+        reset_after: bool = True,
+        learn_initial_state: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        _checks.boolean("reset_after", reset_after)
+        self.reset_after = reset_after
+        super().__init__(
+            CellSpec("gru", reset_after=reset_after), input_size, hidden_size, num_layers,
+            bias, batch_first, dropout, bidirectional, proj_size, device, dtype,
+            learn_initial_state=learn_initial_state, backend=backend,
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.reset_after else text + ", reset_after=False"
+
+
+class LSTM(RecurrentLayer):
+    r"""A multi-layer LSTM with torch.nn.LSTM's arguments, parameters and shapes.
+
+    See :func:`rnnkit.cells.lstm_step` for the equations. ``proj_size > 0`` adds
+    ``weight_hr_l{k}`` and makes ``h`` of size ``proj_size``.
+
+    Args:
+        learn_initial_state: add trainable ``initial_h`` ``(D*num_layers, H_out)`` and
+            ``initial_c`` ``(D*num_layers, H_cell)``.
+        backend: as for :class:`RNN`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        learn_initial_state: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            CellSpec("lstm"), input_size, hidden_size, num_layers, bias, batch_first,
+            dropout, bidirectional, proj_size, device, dtype,
+            learn_initial_state=learn_initial_state, backend=backend,
+        )

@@ -1,0 +1,1 @@
+"""Backends that run the time loop of one layer and direction, behind :mod:`rnnkit.ops.dispatch`."""

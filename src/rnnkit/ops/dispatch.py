@@ -1,0 +1,136 @@
+"""The one place where a call picks its backend, or falls back to the reference path.
+
+A backend is an object with ``name``, ``unavailable_reason()`` (``None`` when it can run
+here), ``unsupported_reason(call)`` (``None`` when it can serve this call) and
+``recurrence(...)`` with the signature of :func:`rnnkit.ops.reference.recurrence`.
+Backends register themselves with :func:`register`. ``backend="auto"`` takes the first
+registered backend that claims the tensors' device type and can serve the call; a named
+backend that cannot serve a call falls back with a warning that gives the reason.
+
+Set ``RNNKIT_DEBUG=1`` (or enable the ``rnnkit`` logger at DEBUG) to see every fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from rnnkit import _checks
+from rnnkit.cells import CellSpec
+from rnnkit.ops import reference
+
+logger = logging.getLogger("rnnkit")
+
+
+@dataclass(frozen=True)
+class Call:
+    """Everything a backend may look at to decide whether it can serve a call."""
+
+    spec: CellSpec
+    gates_x: Tensor
+    state: tuple[Tensor, ...]
+    weight_hh: Tensor
+    bias_hh: Tensor | None
+    weight_hr: Tensor | None
+    lengths: Tensor | None
+    reverse: bool
+
+
+class Backend(Protocol):
+    name: str
+    device_types: tuple[str, ...]
+
+    def unavailable_reason(self) -> str | None: ...
+
+    def unsupported_reason(self, call: Call) -> str | None: ...
+
+    def recurrence(self, *args) -> tuple[Tensor, tuple[Tensor, ...]]: ...
+
+
+_BACKENDS: dict[str, Backend] = {}
+_warned: set[str] = set()
+_builtins_loaded = False
+
+
+def register(backend: Backend) -> None:
+    """Make ``backend`` selectable by name and by ``"auto"``, in registration order."""
+    _BACKENDS[backend.name] = backend
+
+
+def registered() -> dict[str, Backend]:
+    _load_builtin_backends()
+    return dict(_BACKENDS)
+
+
+def _load_builtin_backends() -> None:
+    # Importing a backend module registers it; a missing optional dependency just leaves it out.
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for module in ("rnnkit.ops.cpu", "rnnkit.ops.triton"):
+        try:
+            __import__(module)
+        except ImportError as error:
+            logger.debug("backend module %s not loaded: %s", module, error)
+
+
+def _note_fallback(requested: str, reason: str) -> None:
+    message = f"rnnkit: backend {requested!r} cannot serve this call ({reason}); using 'reference'"
+    if os.environ.get("RNNKIT_DEBUG"):
+        print(message)
+    logger.debug(message)
+    if requested != "auto" and message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
+def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
+    """The backend name that will serve ``call``, and why others were passed over."""
+    requested = requested or _checks.env_backend()
+    if requested == "reference":
+        return "reference", None
+    backends = registered()
+    device_type = call.gates_x.device.type
+    if requested == "auto":
+        reasons = []
+        for backend in backends.values():
+            if device_type not in backend.device_types:
+                continue
+            reason = backend.unavailable_reason() or backend.unsupported_reason(call)
+            if reason is None:
+                return backend.name, None
+            reasons.append(f"{backend.name}: {reason}")
+        return "reference", "; ".join(reasons) or f"no fused backend for {device_type} tensors"
+    backend = backends.get(requested)
+    if backend is None:
+        return "reference", f"backend {requested!r} is not installed"
+    reason = backend.unavailable_reason() or backend.unsupported_reason(call)
+    return (requested, None) if reason is None else ("reference", reason)
+
+
+def recurrence(
+    spec: CellSpec,
+    gates_x: Tensor,
+    state: tuple[Tensor, ...],
+    weight_hh: Tensor,
+    bias_hh: Tensor | None,
+    weight_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Run one layer-direction on the chosen backend; see :func:`reference.recurrence`."""
+    args = (spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse)
+    name, reason = choose(Call(*args), backend)
+    if reason is not None:
+        _note_fallback(backend or _checks.env_backend(), reason)
+    if name == "reference":
+        return reference.recurrence(*args)
+    return _BACKENDS[name].recurrence(*args)

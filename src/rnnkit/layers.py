@@ -308,7 +308,7 @@ class RecurrentLayer(nn.Module):
 
 
 class RNN(RecurrentLayer):
-    r"""A multi-layer Elman RNN, :math:`h_t = \sigma(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})`.
+    r"""An Elman RNN, :math:`h_t = \sigma(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})`.
 
     Arguments, parameters and shapes are torch.nn.RNN's. Beyond torch:
 

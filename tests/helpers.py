@@ -47,4 +47,6 @@ def assert_close_all(a, b, atol, rtol=0.0):
     for i, (x, y) in enumerate(zip(a, b)):
         assert (x is None) == (y is None), f"item {i}: one is None"
         if x is not None:
-            torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m, i=i: f"item {i}: {m}")
+            torch.testing.assert_close(
+                x, y, atol=atol, rtol=rtol, msg=lambda m, i=i: f"item {i}: {m}"
+            )

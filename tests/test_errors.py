@@ -118,7 +118,7 @@ def test_lengths_with_packed_input():
         (lambda: rnnkit.GRU(4, 5, num_layers=0), ValueError, "num_layers must be greater"),
         (lambda: rnnkit.GRU(4.0, 5), TypeError, "input_size must be an int, got float"),
         (lambda: rnnkit.GRUCell(4, 0), ValueError, "hidden_size must be greater than zero"),
-        (lambda: rnnkit.GRU(4, 5, dropout=1.5), ValueError, r"dropout must be a number in \[0, 1\]"),
+        (lambda: rnnkit.GRU(4, 5, dropout=1.5), ValueError, r"a number in \[0, 1\]"),
         (lambda: rnnkit.GRU(4, 5, dropout=-0.1), ValueError, "got -0.1"),
         (lambda: rnnkit.LSTM(4, 5, proj_size=5), ValueError, "proj_size must be smaller than"),
         (lambda: rnnkit.LSTM(4, 5, proj_size=-1), ValueError, "zero or positive"),

@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
-from helpers import assert_close_all, flatten, outputs_and_grads, twin_layers
 from torch import nn
 
 import rnnkit
+from helpers import assert_close_all, flatten, outputs_and_grads, twin_layers
 
 
 def _configs(count: int, seed: int):
@@ -69,14 +69,18 @@ def _build_and_run(config, dtype):
     return expected, got
 
 
-@pytest.mark.parametrize("config", list(_configs(60, seed=1234)), ids=lambda c: str(sorted(c.items())))
+def _config_id(config: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in sorted(config.items()))
+
+
+@pytest.mark.parametrize("config", list(_configs(60, seed=1234)), ids=_config_id)
 def test_float64_parity(config):
     (out_t, grad_t), (out_r, grad_r) = _build_and_run(config, torch.float64)
     assert_close_all(out_r, out_t, atol=1e-10)
     assert_close_all(grad_r, grad_t, atol=1e-10)
 
 
-@pytest.mark.parametrize("config", list(_configs(12, seed=99)), ids=lambda c: str(sorted(c.items())))
+@pytest.mark.parametrize("config", list(_configs(12, seed=99)), ids=_config_id)
 def test_float32_parity(config):
     (out_t, grad_t), (out_r, grad_r) = _build_and_run(config, torch.float32)
     assert_close_all(out_r, out_t, atol=1e-5, rtol=1e-5)

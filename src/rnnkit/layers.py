@@ -27,7 +27,8 @@ def _pack_like(padded: Tensor, packed: PackedSequence) -> PackedSequence:
     if order is None:
         order = torch.arange(padded.shape[1], device=padded.device)
     steps = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
-    slots = torch.cat([torch.arange(int(n)) for n in batch_sizes])
+    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
+    slots = torch.arange(int(batch_sizes.sum())) - torch.repeat_interleave(starts, batch_sizes)
     data = padded[steps.to(padded.device), order[slots.to(order.device)]]
     return PackedSequence(data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 

@@ -134,6 +134,18 @@ def test_dtype_and_device_follow_the_tensors():
     assert layer(torch.randn(4, 1, 2, dtype=torch.float64))[0].dtype == torch.float64
 
 
+@pytest.mark.parametrize("cls", [rnnkit.RNNCell, rnnkit.GRU, rnnkit.LSTMCell, rnnkit.LSTM])
+def test_building_draws_no_random_numbers_and_leaves_nothing_unset(cls):
+    gates = {"RNNCell": 1, "GRU": 3, "LSTMCell": 4, "LSTM": 4}[cls.__name__]
+    tensors = (torch.randn(gates * 3, 2), torch.randn(gates * 3, 3), torch.randn(gates * 3))
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    module = cls.from_weights(*tensors)
+    assert torch.equal(torch.rand(4), expected)
+    assert all(t.device.type == "cpu" for t in module.state_dict().values())
+
+
 def test_no_bias_matches_torch_without_bias():
     torch.manual_seed(3)
     theirs = nn.RNN(3, 4, bias=False)

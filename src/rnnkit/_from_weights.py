@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rnnkit.cells import GRUCell, LSTMCell, RNNCell, _CellBase
+from rnnkit.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
 
 _GATES = {
@@ -129,8 +129,6 @@ def build(
     """
     mode = _mode(cls)
     is_layer = issubclass(cls, RecurrentLayer)
-    if not is_layer and not issubclass(cls, _CellBase):
-        raise TypeError(f"from_weights needs an rnnkit layer or cell class, got {cls.__name__}")
     if not isinstance(requires_grad, bool):
         raise TypeError(f"requires_grad must be a bool, got {type(requires_grad).__name__}")
     options = dict(options or {})
@@ -217,11 +215,13 @@ def build(
             states["initial_h"] = _state_vector("initial_state", initial_state, out_size,
                                                 weight_hh, is_layer)
 
+    # Built on the meta device: no memory and no random numbers drawn for an initialisation
+    # that the given tensors replace. Every parameter is assigned below.
     module = cls(
         input_size,
         hidden_size,
         bias=bool(biases),
-        device=weight_hh.device,
+        device="meta",
         dtype=weight_hh.dtype,
         learn_initial_state=bool(states),
         **options,
@@ -239,4 +239,7 @@ def build(
         setattr(module, name + suffix, nn.Parameter(value.detach(), requires_grad=trainable))
     for name, value in states.items():
         setattr(module, name, nn.Parameter(value.detach(), requires_grad=requires_grad))
+    unset = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if unset:
+        raise RuntimeError(f"from_weights does not know how to fill {unset} of {cls.__name__}")
     return module

@@ -234,8 +234,8 @@ class _CellBase(nn.Module):
 
         Sizes are read from the shapes: ``weight_ih`` ``(G*H, H_in)``, ``weight_hh`` ``(G*H, H)``,
         biases ``(G*H,)`` (G = 1, 3, 4 for RNN, GRU, LSTM). With one bias given, the other is a
-        frozen zero. ``initial_state`` (``(H,)``; for LSTM a pair) becomes the learnable
-        ``initial_h`` / ``initial_c``. The tensors become the parameters without a copy;
+        frozen zero. ``initial_state`` (``(H,)`` or ``(1, H)``; for LSTM a pair) becomes the
+        learnable ``initial_h`` / ``initial_c``. The tensors become the parameters without a copy;
         ``requires_grad`` says whether they train. ``options`` go to the constructor:
         ``nonlinearity`` (RNNCell), ``reset_after`` (GRUCell), ``backend``. See
         :func:`rnnkit._from_weights.build` for the full rules.

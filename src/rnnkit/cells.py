@@ -9,6 +9,7 @@ calls these functions, and the tests hold every fused kernel equal to them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,9 @@ def step(
     return lstm_step(gates_x, state[0], state[1], weight_hh, bias_hh, weight_hr)
 
 
+_Cell = TypeVar("_Cell", bound="_CellBase")
+
+
 class _CellBase(nn.Module):
     """Shared parameters, checks and dispatch of the single-step cells."""
 
@@ -190,7 +194,9 @@ class _CellBase(nn.Module):
     def _run(self, input: Tensor, hx: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
         from rnnkit.ops import dispatch
 
-        _checks.input_tensor(input, self.weight_ih, self.input_size, ranks=(1, 2), what="input")
+        # Read each weight once: a parametrized weight is computed on every access.
+        weight_ih = self.weight_ih
+        _checks.input_tensor(input, weight_ih, self.input_size, ranks=(1, 2), what="input")
         batched = input.dim() == 2
         if hx is None:
             state = self._initial_state(input, batched)
@@ -198,12 +204,12 @@ class _CellBase(nn.Module):
             expected = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
             names = ("hx", "cx") if self.spec.num_states == 2 else ("hx",)
             for name, tensor in zip(names, hx):
-                _checks.state_tensor(name, tensor, expected, self.weight_ih)
+                _checks.state_tensor(name, tensor, expected, weight_ih)
             state = tuple(hx)
         if not batched:
             input = input.unsqueeze(0)
             state = tuple(s.unsqueeze(0) for s in state)
-        gates_x = F.linear(input, self.weight_ih, self.bias_ih).unsqueeze(0)
+        gates_x = F.linear(input, weight_ih, self.bias_ih).unsqueeze(0)
         _, state = dispatch.recurrence(
             self.spec, gates_x, state, self.weight_hh, self.bias_hh, None, None, False,
             backend=self.backend,
@@ -211,6 +217,39 @@ class _CellBase(nn.Module):
         if not batched:
             state = tuple(s.squeeze(0) for s in state)
         return state
+
+    @classmethod
+    def from_weights(
+        cls: type[_Cell],
+        weight_ih: Tensor,
+        weight_hh: Tensor,
+        bias_ih: Tensor | None = None,
+        bias_hh: Tensor | None = None,
+        *,
+        initial_state: Tensor | tuple[Tensor, Tensor] | None = None,
+        requires_grad: bool = True,
+        **options: Any,
+    ) -> _Cell:
+        r"""A cell whose parameters are the given tensors (Flux's ``RNNCell(σ, Wi, Wh, b, h0)``).
+
+        Sizes are read from the shapes: ``weight_ih`` ``(G*H, H_in)``, ``weight_hh`` ``(G*H, H)``,
+        biases ``(G*H,)`` (G = 1, 3, 4 for RNN, GRU, LSTM). With one bias given, the other is a
+        frozen zero. ``initial_state`` (``(H,)`` or ``(1, H)``; for LSTM a pair) becomes the
+        learnable ``initial_h`` / ``initial_c``. The tensors become the parameters without a copy;
+        ``requires_grad`` says whether they train. ``options`` go to the constructor:
+        ``nonlinearity`` (RNNCell), ``reset_after`` (GRUCell), ``backend``. See
+        :func:`rnnkit._from_weights.build` for the full rules.
+
+        Raises:
+            ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
+            and got.
+        """
+        from rnnkit import _from_weights
+
+        return _from_weights.build(
+            cls, weight_ih, weight_hh, bias_ih, bias_hh, None, initial_state, requires_grad,
+            options,
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"

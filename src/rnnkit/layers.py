@@ -8,6 +8,7 @@ The recurrence itself runs in :func:`rnnkit.ops.dispatch.recurrence`.
 from __future__ import annotations
 
 import warnings
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ def _pack_like(padded: Tensor, packed: PackedSequence) -> PackedSequence:
     slots = torch.arange(int(batch_sizes.sum())) - torch.repeat_interleave(starts, batch_sizes)
     data = padded[steps.to(padded.device), order[slots.to(order.device)]]
     return PackedSequence(data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
+_Layer = TypeVar("_Layer", bound="RecurrentLayer")
 
 
 class RecurrentLayer(nn.Module):
@@ -151,6 +155,41 @@ class RecurrentLayer(nn.Module):
             else:
                 nn.init.uniform_(param, -bound, bound)
 
+    @classmethod
+    def from_weights(
+        cls: type[_Layer],
+        weight_ih: Tensor,
+        weight_hh: Tensor,
+        bias_ih: Tensor | None = None,
+        bias_hh: Tensor | None = None,
+        *,
+        weight_hr: Tensor | None = None,
+        initial_state: Tensor | tuple[Tensor, Tensor] | None = None,
+        requires_grad: bool = True,
+        **options: Any,
+    ) -> _Layer:
+        r"""A single-layer, unidirectional layer whose ``*_l0`` parameters are the given tensors.
+
+        Sizes are read from the shapes: ``weight_ih`` ``(G*H, H_in)``, ``weight_hh``
+        ``(G*H, H_out)``, biases ``(G*H,)`` (G = 1, 3, 4 for RNN, GRU, LSTM), ``weight_hr``
+        ``(P, H)`` (LSTM projection). With one bias given, the other is a frozen zero.
+        ``initial_state`` (``(H_out,)`` or ``(1, H_out)``; for LSTM a pair) becomes the
+        learnable ``initial_h`` / ``initial_c``. The tensors become the parameters without a
+        copy; ``requires_grad`` says whether they train. ``options`` go to the constructor:
+        ``batch_first``, ``backend``, ``nonlinearity`` (RNN), ``reset_after`` (GRU). See
+        :func:`rnnkit._from_weights.build` for the full rules.
+
+        Raises:
+            ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
+            and got; ``num_layers``, ``bidirectional`` or ``dropout`` among ``options``.
+        """
+        from rnnkit import _from_weights
+
+        return _from_weights.build(
+            cls, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, initial_state,
+            requires_grad, options,
+        )
+
     # forward ------------------------------------------------------------------------------
 
     def _initial_states(
@@ -213,7 +252,9 @@ class RecurrentLayer(nn.Module):
         Raises:
             ValueError, TypeError: for input, state or lengths of the wrong kind or shape.
         """
-        reference = self.weight_ih_l0
+        # Checks need only a dtype and device. Reading weight_ih_l0 here would compute it twice
+        # when it is parametrized; forward computes each weight once, in _run_direction.
+        reference = next(self.parameters())
         packed = input if isinstance(input, PackedSequence) else None
         if packed is not None:
             if lengths is not None:

@@ -394,3 +394,19 @@ def test_keras_refusals(keras):
         to_keras(rnnkit.RNN(INPUT, HIDDEN, nonlinearity=torch.sin))
     with pytest.raises(ValueError, match=r"sets \['units'\] itself"):
         to_keras(rnnkit.GRU(INPUT, HIDDEN), units=3)
+
+
+# The "coming from" guide ------------------------------------------------------------------
+
+GUIDE = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "coming-from.md")
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_coming_from_examples_run(mlx, keras, index):
+    """Every Python example of docs/coming-from.md runs and its asserts hold."""
+    import re
+
+    with open(GUIDE, encoding="utf-8") as handle:
+        blocks = re.findall(r"```python\n(.*?)```", handle.read(), re.S)
+    assert len(blocks) == 3
+    exec(compile(blocks[index], f"coming-from.md example {index}", "exec"), {})

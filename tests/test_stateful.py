@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import rnnkit
@@ -300,3 +302,28 @@ def test_parameters_and_repr():
     stream(torch.randn(2, 3, INPUT))
     # The carried state is runtime data, not a saved tensor.
     assert set(stream.state_dict()) == {"module." + name for name in layer.state_dict()}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    kind=st.sampled_from(["rnn_relu", "gru_before", "lstm_proj"]),
+    cuts=st.lists(st.integers(1, STEPS - 1), max_size=4, unique=True),
+    lengths=st.lists(st.integers(1, STEPS), min_size=3, max_size=3),
+    batch_first=st.booleans(),
+)
+def test_any_chunking_equals_whole_sequence(kind, cuts, lengths, batch_first):
+    layer = make_layer(kind, batch_first=batch_first)
+    time_dim = 1 if batch_first else 0
+    x = torch.randn((3, STEPS, INPUT) if batch_first else (STEPS, 3, INPUT))
+    lengths = torch.tensor(lengths)
+    whole, final = layer(x, lengths=lengths)
+    bounds = [0, *sorted(cuts), STEPS]
+    stream = Stateful(layer)
+    outputs = [
+        stream(x.narrow(time_dim, start, stop - start),
+               lengths=(lengths - start).clamp(0, stop - start))
+        for start, stop in zip(bounds, bounds[1:])
+    ]
+    torch.testing.assert_close(torch.cat(outputs, dim=time_dim), whole)
+    for carried, expected in zip(as_tuple(stream.state), as_tuple(final)):
+        torch.testing.assert_close(carried, expected)

@@ -7,7 +7,11 @@ without sorting, learnable initial states, both GRU formulations and higher-orde
 from rnnkit.activations import ACTIVATIONS
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.stateful import Stateful
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "__version__"]
+__all__ = [
+    "ACTIVATIONS", "GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "Stateful",
+    "__version__",
+]

@@ -98,11 +98,12 @@ def state_pair(hx: object) -> tuple[Tensor, Tensor]:
 
 
 def lengths(
-    value: object, batch_size: int, seq_len: int, device: torch.device
+    value: object, batch_size: int, seq_len: int, device: torch.device, minimum: int = 1
 ) -> Tensor:
     """Validate ``lengths`` and return it as an int64 tensor on ``device``.
 
     Accepts a 1-D integer tensor on any device, or a list or tuple of ints, in any order.
+    ``minimum=0`` admits sequences with no step in this call (used by streaming).
     """
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
@@ -125,8 +126,9 @@ def lengths(
             f"lengths must have one entry per sequence: expected {batch_size}, "
             f"got {values.numel()}"
         )
-    if int(values.min()) <= 0:
-        raise ValueError(f"lengths must be positive, got {values.tolist()}")
+    if int(values.min()) < minimum:
+        kind = "positive" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"lengths must be {kind}, got {values.tolist()}")
     if int(values.max()) > seq_len:
         raise ValueError(
             f"lengths must not exceed the sequence length {seq_len}, got {values.tolist()}"

@@ -414,11 +414,10 @@ def test_removing_the_parametrization_leaves_a_plain_torch_compatible_layer():
 @pytest.mark.parametrize("case", ["gru-orthogonal", "lstm-proj-orthogonal"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_parametrized_stateful_stream_equals_whole_sequence(backend, case, caplog):
-    stateful = pytest.importorskip("rnnkit.stateful", reason="Stateful (issue 3) not merged yet")
     device = device_for(backend)
     layer, _ = make_pair(CASES, case, device, backend)
     x = torch.randn(8, BATCH, INPUT, device=device)
-    stream = stateful.Stateful(layer)
+    stream = rnnkit.Stateful(layer)
     with served_without_fallback(caplog), torch.no_grad():
         whole = layer(x)[0]
         chunks = [stream(x[start:stop]) for start, stop in ((0, 3), (3, 4), (4, 8))]

@@ -321,7 +321,7 @@ def forward_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for i in range(num_steps):
-        s = step_start + i
+        s = (step_start + i).to(tl.int64)  # 64-bit offsets for long, wide sequences
         for phase in tl.static_range(PHASE_FIRST, PHASE_LAST + 1):
             _forward_phase(
                 phase, s, pid, nprog,
@@ -469,7 +469,7 @@ def backward_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for i in range(num_steps):
-        s = step_start - i
+        s = (step_start - i).to(tl.int64)
         for phase in tl.static_range(PHASE_FIRST, PHASE_LAST + 1):
             _backward_phase(
                 phase, s, pid, nprog,

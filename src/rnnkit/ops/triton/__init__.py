@@ -26,6 +26,10 @@ gate gradients in the kernels into ``(T, B, G*H)`` buffers, then forms ``dW_hh``
 ``dW_hr`` as single matmuls over all steps, so there are no atomics. Double backward
 (``create_graph=True``) recomputes through the reference path.
 
+Matmuls accumulate in fp32. fp32 inputs use IEEE matmuls, or TF32 on CUDA when
+``torch.backends.cudnn.allow_tf32`` is set (torch's default, under which cuDNN's RNNs use TF32
+too).
+
 Serves: named RNN activations, both GRU formulations, LSTM with or without projection,
 ``lengths`` and ``reverse``; fp32, fp16, bf16 (bf16 not under the interpreter). CUDA tensors,
 or CPU tensors when ``TRITON_INTERPRET=1``. Everything else falls back to the reference path

@@ -59,11 +59,15 @@ def mode_code(spec: CellSpec, weight_hr: Tensor | None) -> int:
     return k.LSTM if weight_hr is None else k.LSTM_PROJ
 
 
-def _blocks(batch: int, device: torch.device) -> dict[str, int]:
+def _blocks(batch: int, hidden: int, device: torch.device) -> dict[str, int]:
     block_b = min(64, max(16, triton_next_power_of_2(batch)))
     if device.type == "cpu":  # the interpreter: small tiles, so tests cover several of them
         return {"BLOCK_B": block_b, "BLOCK_N": 16, "BLOCK_K": 16}
-    return {"BLOCK_B": block_b, "BLOCK_N": 32, "BLOCK_K": 64}
+    # Narrow column blocks while that still leaves SMs idle: the step's latency is set by the
+    # slowest program, and more programs split the weight reads.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles_wide = triton.cdiv(batch, block_b) * triton.cdiv(hidden, 32)
+    return {"BLOCK_B": block_b, "BLOCK_N": 16 if tiles_wide < sms else 32, "BLOCK_K": 64}
 
 
 def triton_next_power_of_2(n: int) -> int:
@@ -111,8 +115,10 @@ def _phase_columns(mode: int, hidden: int, hidden_out: int, backward: bool) -> l
     return [hidden] * (k.BACKWARD_PHASES[mode] - 1) + [hidden_out]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 stays IEEE so the kernels match the reference to ~1e-6; TF32 would not.
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 matmuls: IEEE, or TF32 on CUDA where torch lets cuDNN's RNNs use TF32 too."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
     return "ieee"
 
 
@@ -150,7 +156,8 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
         MODE=mode, ACT=k.ACTIVATION_CODES.get(spec.nonlinearity, 0)
         if isinstance(spec.nonlinearity, str) else 0,
         G=spec.num_gates, HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None,
-        REVERSE=reverse, PRECISION=_precision(dtype), **_blocks(batch, device),
+        REVERSE=reverse, PRECISION=_precision(dtype, device),
+        **_blocks(batch, hidden, device),
     )
     _launch(k.forward_kernel, args, (seq_len, batch, hidden, hidden_out), consts,
             k.FORWARD_PHASES[mode], _phase_columns(mode, hidden, hidden_out, False), seq_len,

@@ -60,7 +60,7 @@ def mode_code(spec: CellSpec, weight_hr: Tensor | None) -> int:
 
 
 def _blocks(batch: int, hidden: int, device: torch.device) -> dict[str, int]:
-    block_b = min(64, max(16, triton_next_power_of_2(batch)))
+    block_b = min(64, max(16, triton.next_power_of_2(batch)))
     if device.type == "cpu":  # the interpreter: small tiles, so tests cover several of them
         return {"BLOCK_B": block_b, "BLOCK_N": 16, "BLOCK_K": 16}
     # Narrow column blocks while that still leaves SMs idle: the step's latency is set by the
@@ -68,10 +68,6 @@ def _blocks(batch: int, hidden: int, device: torch.device) -> dict[str, int]:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles_wide = triton.cdiv(batch, block_b) * triton.cdiv(hidden, 32)
     return {"BLOCK_B": block_b, "BLOCK_N": 16 if tiles_wide < sms else 32, "BLOCK_K": 64}
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _launch(kernel, args: tuple, sizes: tuple, consts: dict, num_phases: int, phase_columns,

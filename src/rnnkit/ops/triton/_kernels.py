@@ -14,6 +14,10 @@ A *phase* is the part of a step that needs no other program's result of the same
 phase is a loop over ``(batch block, column block)`` tiles, ``for tile in range(pid, tiles,
 nprog)``, so the same code runs one tile per program (one launch per step and phase) or many
 tiles per program (one persistent launch for the whole sequence).
+
+Only triton.language *builtins* are used, never its own ``@triton.jit`` helpers (``tl.cdiv``,
+``tl.zeros``, ...): those are decorated when triton is imported, so if triton was imported
+before ``TRITON_INTERPRET=1`` was set, the interpreter could not call them.
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ def _mm(a_ptr, a_stride, offs_b, b_mask, K, w_ptr, w_stride_k, w_stride_n, offs_
     (``w_stride_k=1``) and ``dgates @ W_hh`` (``w_stride_n=1``). ``A`` is cast to ``W``'s dtype
     so fp16/bf16 weights use the tensor cores.
     """
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
@@ -216,8 +220,8 @@ def _forward_phase(
         N = H
     # Phase 0 of GRU_BEFORE and of LSTM_PROJ leaves h to the next phase.
     WRITE_H: tl.constexpr = not ((MODE == 2 or MODE == 4) and PHASE == 0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles = tl.cdiv(B, BLOCK_B) * tiles_n
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    tiles = (B + BLOCK_B - 1) // BLOCK_B * tiles_n
     h_prev = hseq_ptr + s * B * H_OUT
     h_next = hseq_ptr + (s + 1) * B * H_OUT
     gx = gx_ptr + t * B * GH
@@ -299,10 +303,11 @@ def _forward_phase(
             tl.store(h_next + offs_b[:, None] * H_OUT + offs_n[None, :],
                      tl.where(active, h_cast, h_keep), mask=mask)
             tl.store(out + offs_b[:, None] * H_OUT + offs_n[None, :],
-                     tl.where(active, h_cast, tl.zeros_like(h_cast)), mask=mask)
+                     tl.where(active, h_cast, 0.0).to(h_cast.dtype), mask=mask)
 
 
-@triton.jit
+# step_start changes every launch of the step schedule: one compiled variant serves all.
+@triton.jit(do_not_specialize=["step_start"])
 def forward_kernel(
     gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr,
     hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr, counter_ptr,
@@ -361,8 +366,8 @@ def _backward_phase(
         N = H_OUT
     else:
         N = H
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles = tl.cdiv(B, BLOCK_B) * tiles_n
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    tiles = (B + BLOCK_B - 1) // BLOCK_B * tiles_n
     dh_next = dhseq_ptr + (s + 1) * B * H_OUT
     dh_prev = dhseq_ptr + s * B * H_OUT
     dout = dout_ptr + t * B * H_OUT
@@ -453,7 +458,7 @@ def _backward_phase(
                        tl.where(active, dc * a_f, dc_carry))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step_start"])
 def backward_kernel(
     w_hh_ptr, w_hr_ptr, len_ptr,
     hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,

@@ -23,14 +23,18 @@ import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 import rnnkit  # noqa: E402
+from rnnkit.activations import ACTIVATIONS  # noqa: E402
 from rnnkit.cells import CellSpec  # noqa: E402
 from rnnkit.ops import dispatch, reference  # noqa: E402
+from rnnkit.ops import triton as triton_package  # noqa: E402
 from rnnkit.ops.triton import BACKEND  # noqa: E402
 from rnnkit.ops.triton import _autograd as host  # noqa: E402
 
@@ -114,6 +118,38 @@ def test_fp32_outputs_and_gradients_equal_reference(name, spec, options, reverse
     expected = run(reference.recurrence, spec, call, reverse)
     actual = run(BACKEND.recurrence, spec, call, reverse)
     assert_close_all(actual, expected, FP32_ATOL)
+
+
+@st.composite
+def configurations(draw):
+    mode = draw(st.sampled_from(["rnn", "gru", "lstm"]))
+    spec = CellSpec(mode, draw(st.sampled_from(sorted(ACTIVATIONS))), draw(st.booleans()))
+    hidden = draw(st.integers(1, 24))
+    batch = draw(st.integers(1, 5))
+    seq_len = draw(st.integers(1, 4))
+    proj = draw(st.integers(0, hidden - 1)) if mode == "lstm" else 0
+    lengths = draw(st.none() | st.lists(st.integers(1, seq_len), min_size=batch, max_size=batch))
+    options = dict(hidden=hidden, proj=proj, seq_len=seq_len, batch=batch, lengths=lengths,
+                   bias=draw(st.booleans()))
+    return spec, options, draw(st.booleans()), draw(st.sampled_from(host.SCHEDULES))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(configurations())
+def test_random_configurations_equal_reference(configuration):
+    spec, options, reverse, schedule = configuration
+    call = make_call(spec, **options)
+    # (hypothesis reruns the body, so a function-scoped monkeypatch would not reset between runs)
+    previous = os.environ.get("RNNKIT_TRITON_SCHEDULE")
+    os.environ["RNNKIT_TRITON_SCHEDULE"] = schedule
+    try:
+        actual = run(BACKEND.recurrence, spec, call, reverse)
+    finally:
+        if previous is None:
+            del os.environ["RNNKIT_TRITON_SCHEDULE"]
+        else:
+            os.environ["RNNKIT_TRITON_SCHEDULE"] = previous
+    assert_close_all(actual, run(reference.recurrence, spec, call, reverse), FP32_ATOL, 1e-5)
 
 
 @pytest.mark.parametrize("name,spec,options", [
@@ -263,6 +299,9 @@ def test_unsupported_calls_give_reasons(monkeypatch):
         gates_x=call["gates_x"].bfloat16(), state=(call["state"][0].bfloat16(),),
         weight_hh=call["weight_hh"].bfloat16(), bias_hh=call["bias_hh"].bfloat16())
     assert BACKEND.unavailable_reason() is None
+    monkeypatch.setattr(triton_package, "_IMPORT_ERROR", "triton is not installed (test)")
+    assert "not installed" in BACKEND.unavailable_reason()
+    monkeypatch.setattr(triton_package, "_IMPORT_ERROR", None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET" in reason()
     if not torch.cuda.is_available():

@@ -348,7 +348,7 @@ from rnnkit.ops.triton import _kernels as k
 def compile_for_hopper(kernel, mode, pointer_types, phases):
     consts = dict(MODE=mode, ACT=5, G=4 if mode >= k.LSTM else 3, HAS_BIAS=True,
                   HAS_LENGTHS=True, REVERSE=True, PHASE_FIRST=0, PHASE_LAST=phases - 1,
-                  SYNC=k.SYNC_GRID, BLOCK_B=16, BLOCK_N=32, BLOCK_K=64, PRECISION="ieee")
+                  SYNC=k.SYNC_GRID.value, BLOCK_B=16, BLOCK_N=32, BLOCK_K=64, PRECISION="ieee")
     pointers = iter(pointer_types)
     signature, constexprs = {}, {}
     for index, name in enumerate(kernel.arg_names):

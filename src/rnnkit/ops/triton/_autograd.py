@@ -83,14 +83,14 @@ def _launch(kernel, args: tuple, sizes: tuple, consts: dict, num_phases: int, ph
         for columns in phase_columns
     ]
     counter = torch.zeros(1, dtype=torch.int32, device=device)
+    k = kernels()
     if schedule() == "persistent":
-        k = kernels()
         if device.type == "cuda":
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             programs = max(1, min(max(tiles), sms))
         else:  # the interpreter runs programs one after another: one program, no barrier
             programs = 1
-        sync = k.SYNC_GRID if programs > 1 else k.SYNC_PROGRAM
+        sync = (k.SYNC_GRID if programs > 1 else k.SYNC_PROGRAM).value
         start = seq_len - 1 if backward else 0
         kernel[(programs,)](*args, counter, *sizes, start, seq_len, **consts,
                             PHASE_FIRST=0, PHASE_LAST=num_phases - 1, SYNC=sync)
@@ -99,7 +99,7 @@ def _launch(kernel, args: tuple, sizes: tuple, consts: dict, num_phases: int, ph
     for s in order:
         for phase in range(num_phases):
             kernel[(tiles[phase],)](*args, counter, *sizes, s, 1, **consts,
-                                    PHASE_FIRST=phase, PHASE_LAST=phase, SYNC=0)
+                                    PHASE_FIRST=phase, PHASE_LAST=phase, SYNC=k.SYNC_NONE.value)
 
 
 def _phase_columns(mode: int, hidden: int, hidden_out: int, backward: bool) -> list[int]:

@@ -32,6 +32,13 @@ GRU_BEFORE = 2  # reset_after=False: n = tanh(x_n + W_hn (r * h) + b_hn)
 LSTM = 3
 LSTM_PROJ = 4
 
+# The same codes as constexpr globals, for use inside @triton.jit code.
+MODE_RNN = tl.constexpr(RNN)
+MODE_GRU_AFTER = tl.constexpr(GRU_AFTER)
+MODE_GRU_BEFORE = tl.constexpr(GRU_BEFORE)
+MODE_LSTM = tl.constexpr(LSTM)
+MODE_LSTM_PROJ = tl.constexpr(LSTM_PROJ)
+
 FORWARD_PHASES = {RNN: 1, GRU_AFTER: 1, GRU_BEFORE: 2, LSTM: 1, LSTM_PROJ: 2}
 BACKWARD_PHASES = {RNN: 2, GRU_AFTER: 2, GRU_BEFORE: 3, LSTM: 2, LSTM_PROJ: 3}
 
@@ -42,9 +49,9 @@ ACTIVATION_CODES = {
 }
 
 # Synchronisation between phases (constexpr SYNC).
-SYNC_NONE = 0  # one launch per phase: the launch boundary is the barrier
-SYNC_PROGRAM = 1  # a single persistent program: only its own threads need to agree
-SYNC_GRID = 2  # several persistent programs: a grid-wide barrier (GPU only)
+SYNC_NONE = tl.constexpr(0)  # one launch per phase: the launch boundary is the barrier
+SYNC_PROGRAM = tl.constexpr(1)  # one persistent program: only its own threads need to agree
+SYNC_GRID = tl.constexpr(2)  # several persistent programs: a grid-wide barrier (GPU only)
 
 
 # --- elementwise math (exp-based, so the interpreter and the GPU run the same formulas) ---
@@ -188,9 +195,9 @@ def _grid_barrier(counter_ptr, target):
 
 @triton.jit
 def _sync(counter_ptr, nprog, count, SYNC: tl.constexpr):
-    if SYNC == 2:
+    if SYNC == SYNC_GRID:
         _grid_barrier(counter_ptr, nprog * count)
-    elif SYNC == 1:
+    elif SYNC == SYNC_PROGRAM:
         tl.debug_barrier()
 
 
@@ -214,12 +221,13 @@ def _forward_phase(
         t = s
     GH = G * H
     # LSTM_PROJ's second phase produces h (H_OUT columns); every other phase H columns.
-    if MODE == 4 and PHASE == 1:
+    if MODE == MODE_LSTM_PROJ and PHASE == 1:
         N = H_OUT
     else:
         N = H
     # Phase 0 of GRU_BEFORE and of LSTM_PROJ leaves h to the next phase.
-    WRITE_H: tl.constexpr = not ((MODE == 2 or MODE == 4) and PHASE == 0)
+    TWO_PHASES: tl.constexpr = MODE == MODE_GRU_BEFORE or MODE == MODE_LSTM_PROJ
+    WRITE_H: tl.constexpr = not (TWO_PHASES and PHASE == 0)
     tiles_n = (N + BLOCK_N - 1) // BLOCK_N
     tiles = (B + BLOCK_B - 1) // BLOCK_B * tiles_n
     h_prev = hseq_ptr + s * B * H_OUT
@@ -231,11 +239,11 @@ def _forward_phase(
     for tile in range(pid, tiles, nprog):
         offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
         active = _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS)
-        if MODE == 4 and PHASE == 1:
+        if MODE == MODE_LSTM_PROJ and PHASE == 1:
             # h = W_hr m, m = o * tanh(c) from phase 0.
             h_new = _mm(aux, H, offs_b, b_mask, H, w_hr_ptr, 1, H, offs_n, n_mask,
                         BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
-        elif MODE == 2 and PHASE == 1:
+        elif MODE == MODE_GRU_BEFORE and PHASE == 1:
             # n = tanh(x_n + W_hn (r * h) + b_hn), r * h from phase 0.
             n_pre = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + _mm(
                 aux, H, offs_b, b_mask, H, w_hh_ptr + 2 * H * H_OUT, 1, H_OUT, offs_n, n_mask,
@@ -253,7 +261,7 @@ def _forward_phase(
                 BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
             if HAS_BIAS:
                 a0 += tl.load(b_hh_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-            if MODE == 0:
+            if MODE == MODE_RNN:
                 _store(pre, GH, offs_b, offs_n, mask, a0)
                 h_new = _activate(a0, ACT)
             else:
@@ -264,7 +272,7 @@ def _forward_phase(
                     a1 += tl.load(b_hh_ptr + H + offs_n, mask=n_mask, other=0.0)[None, :]
                 _store(pre, GH, offs_b, offs_n, mask, a0)
                 _store(pre + H, GH, offs_b, offs_n, mask, a1)
-                if MODE == 2:
+                if MODE == MODE_GRU_BEFORE:
                     h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
                     _store(aux, H, offs_b, offs_n, mask, _sigmoid(a0) * h_old)
                 else:
@@ -272,7 +280,7 @@ def _forward_phase(
                              H_OUT, offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
                     if HAS_BIAS:
                         a2 += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
-                    if MODE == 1:
+                    if MODE == MODE_GRU_AFTER:
                         # a2 is W_hn h + b_hn, kept for the reset gate's gradient.
                         _store(aux, H, offs_b, offs_n, mask, a2)
                         n_pre = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + _sigmoid(a0) * a2
@@ -295,7 +303,7 @@ def _forward_phase(
                         _store(cseq_ptr + (s + 1) * B * H, H, offs_b, offs_n, mask,
                                tl.where(active, c_new, c_old))
                         h_new = _sigmoid(a3) * _tanh(c_new)
-                        if MODE == 4:
+                        if MODE == MODE_LSTM_PROJ:
                             _store(aux, H, offs_b, offs_n, mask, h_new)
         if WRITE_H:
             h_keep = tl.load(h_prev + offs_b[:, None] * H_OUT + offs_n[None, :], mask=mask)
@@ -360,9 +368,10 @@ def _backward_phase(
     else:
         t = s
     GH = G * H
-    LAST: tl.constexpr = PHASE == (2 if (MODE == 2 or MODE == 4) else 1)
+    THREE_PHASES: tl.constexpr = MODE == MODE_GRU_BEFORE or MODE == MODE_LSTM_PROJ
+    LAST: tl.constexpr = PHASE == (2 if THREE_PHASES else 1)
     # The last phase and LSTM_PROJ's first produce H_OUT columns; the others H columns.
-    if LAST or (MODE == 4 and PHASE == 0):
+    if LAST or (MODE == MODE_LSTM_PROJ and PHASE == 0):
         N = H_OUT
     else:
         N = H
@@ -382,23 +391,23 @@ def _backward_phase(
         if LAST:
             carry = _load(dh_next, H_OUT, offs_b, offs_n, mask)
             # dh_prev = dgates_hh @ W_hh (+ the direct terms of GRU), or the carry when idle.
-            if MODE == 2:
+            if MODE == MODE_GRU_BEFORE:
                 K = 2 * H
             else:
                 K = GH
             dh = _mm(dghh, GH, offs_b, b_mask, K, w_hh_ptr, H_OUT, 1, offs_n, n_mask,
                      BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
-            if MODE == 1 or MODE == 2:
+            if MODE == MODE_GRU_AFTER or MODE == MODE_GRU_BEFORE:
                 grad_h = carry + _load(dout, H_OUT, offs_b, offs_n, mask)
                 dh += grad_h * _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
-                if MODE == 2:
+                if MODE == MODE_GRU_BEFORE:
                     dh += _load(gaux, H_OUT, offs_b, offs_n, mask)
             _store(dh_prev, H_OUT, offs_b, offs_n, mask, tl.where(active, dh, carry))
-        elif MODE == 4 and PHASE == 0:
+        elif MODE == MODE_LSTM_PROJ and PHASE == 0:
             grad_h = _load(dh_next, H_OUT, offs_b, offs_n, mask) + _load(
                 dout, H_OUT, offs_b, offs_n, mask)
             _store(gaux, H_OUT, offs_b, offs_n, mask, tl.where(active, grad_h, 0.0))
-        elif MODE == 2 and PHASE == 1:
+        elif MODE == MODE_GRU_BEFORE and PHASE == 1:
             # d(r*h) = dn_pre @ W_hn; then the reset gate, and d(r*h) * r towards dh_prev.
             d_rh = _mm(dghh + 2 * H, GH, offs_b, b_mask, H, w_hh_ptr + 2 * H * H_OUT, H_OUT, 1,
                        offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
@@ -410,16 +419,16 @@ def _backward_phase(
             _store(gaux, H_OUT, offs_b, offs_n, mask, d_rh * reset)
         else:
             # The cell's own gradients: H columns, all elementwise.
-            if MODE == 4:
+            if MODE == MODE_LSTM_PROJ:
                 grad_h = _mm(gaux, H_OUT, offs_b, b_mask, H_OUT, w_hr_ptr, H, 1, offs_n, n_mask,
                              BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
             else:
                 grad_h = _load(dh_next, H_OUT, offs_b, offs_n, mask) + _load(
                     dout, H_OUT, offs_b, offs_n, mask)
-            if MODE == 0:
+            if MODE == MODE_RNN:
                 d_a = grad_h * _activate_grad(_load(pre, GH, offs_b, offs_n, mask), ACT)
                 _store(dgx, GH, offs_b, offs_n, mask, tl.where(active, d_a, 0.0))
-            elif MODE == 1 or MODE == 2:
+            elif MODE == MODE_GRU_AFTER or MODE == MODE_GRU_BEFORE:
                 reset = _sigmoid(_load(pre, GH, offs_b, offs_n, mask))
                 update = _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
                 cand = _tanh(_load(pre + 2 * H, GH, offs_b, offs_n, mask))
@@ -429,7 +438,7 @@ def _backward_phase(
                 _store(dgx + H, GH, offs_b, offs_n, mask, d_update)
                 _store(dgx + 2 * H, GH, offs_b, offs_n, mask, d_cand)
                 _store(dghh + H, GH, offs_b, offs_n, mask, d_update)
-                if MODE == 1:
+                if MODE == MODE_GRU_AFTER:
                     hn = _load(aux, H, offs_b, offs_n, mask)
                     d_reset = d_cand * hn * reset * (1.0 - reset)
                     _store(dgx, GH, offs_b, offs_n, mask, d_reset)

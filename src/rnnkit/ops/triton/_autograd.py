@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import os
 
@@ -59,13 +61,23 @@ def mode_code(spec: CellSpec, weight_hr: Tensor | None) -> int:
     return k.LSTM if weight_hr is None else k.LSTM_PROJ
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _multiprocessors(index)
+
+
 def _blocks(batch: int, hidden: int, device: torch.device) -> dict[str, int]:
     block_b = min(64, max(16, triton.next_power_of_2(batch)))
     if device.type == "cpu":  # the interpreter: small tiles, so tests cover several of them
         return {"BLOCK_B": block_b, "BLOCK_N": 16, "BLOCK_K": 16}
     # Narrow column blocks while that still leaves SMs idle: the step's latency is set by the
     # slowest program, and more programs split the weight reads.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     tiles_wide = triton.cdiv(batch, block_b) * triton.cdiv(hidden, 32)
     return {"BLOCK_B": block_b, "BLOCK_N": 16 if tiles_wide < sms else 32, "BLOCK_K": 64}
 
@@ -77,29 +89,31 @@ def _launch(kernel, args: tuple, sizes: tuple, consts: dict, num_phases: int, ph
     ``phase_columns[p]`` is the number of columns phase ``p`` produces; ``sizes`` is
     ``(T, B, H, H_OUT)``.
     """
+    k = kernels()
     batch = sizes[1]
     tiles = [
         triton.cdiv(batch, consts["BLOCK_B"]) * triton.cdiv(columns, consts["BLOCK_N"])
         for columns in phase_columns
     ]
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    k = kernels()
-    if schedule() == "persistent":
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            programs = max(1, min(max(tiles), sms))
-        else:  # the interpreter runs programs one after another: one program, no barrier
-            programs = 1
-        sync = (k.SYNC_GRID if programs > 1 else k.SYNC_PROGRAM).value
-        start = seq_len - 1 if backward else 0
-        kernel[(programs,)](*args, counter, *sizes, start, seq_len, **consts,
-                            PHASE_FIRST=0, PHASE_LAST=num_phases - 1, SYNC=sync)
-        return
-    order = range(seq_len - 1, -1, -1) if backward else range(seq_len)
-    for s in order:
-        for phase in range(num_phases):
-            kernel[(tiles[phase],)](*args, counter, *sizes, s, 1, **consts,
-                                    PHASE_FIRST=phase, PHASE_LAST=phase, SYNC=k.SYNC_NONE.value)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        if schedule() == "persistent":
+            if device.type == "cuda":
+                # At most one program per SM, so that all are resident and the barrier ends.
+                programs = max(1, min(max(tiles), _sm_count(device)))
+            else:  # the interpreter runs programs one after another: one program, no barrier
+                programs = 1
+            sync = (k.SYNC_GRID if programs > 1 else k.SYNC_PROGRAM).value
+            start = seq_len - 1 if backward else 0
+            kernel[(programs,)](*args, counter, *sizes, start, seq_len, **consts,
+                                PHASE_FIRST=0, PHASE_LAST=num_phases - 1, SYNC=sync)
+            return
+        for s in range(seq_len - 1, -1, -1) if backward else range(seq_len):
+            for phase in range(num_phases):
+                kernel[(tiles[phase],)](*args, counter, *sizes, s, 1, **consts,
+                                        PHASE_FIRST=phase, PHASE_LAST=phase,
+                                        SYNC=k.SYNC_NONE.value)
 
 
 def _phase_columns(mode: int, hidden: int, hidden_out: int, backward: bool) -> list[int]:

@@ -163,8 +163,7 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
         hseq, cseq, out, pre, aux,
     )
     consts = dict(
-        MODE=mode, ACT=k.ACTIVATION_CODES.get(spec.nonlinearity, 0)
-        if isinstance(spec.nonlinearity, str) else 0,
+        MODE=mode, ACT=k.ACTIVATION_CODES[spec.nonlinearity] if spec.mode == "rnn" else 0,
         G=spec.num_gates, HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None,
         REVERSE=reverse, PRECISION=_precision(dtype, device),
         **_blocks(batch, hidden, device),

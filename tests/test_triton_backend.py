@@ -396,3 +396,17 @@ def test_persistent_kernels_compile_for_the_gpu_with_their_grid_barrier():
         ptx = kernel["ptx"]
         assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
         assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
+
+
+def test_changing_the_outputs_in_place_keeps_backward_right():
+    grads = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(3)
+        layer = rnnkit.GRU(3, 8, backend=backend)
+        x = torch.randn(3, 2, 3, requires_grad=True)
+        output, h_n = layer(x)
+        output.mul_(2)
+        h_n.add_(1)
+        (output.sum() + (h_n**2).sum()).backward()
+        grads.append([x.grad, *(p.grad for p in layer.parameters())])
+    assert_close_all(grads[0], grads[1], FP32_ATOL, 1e-5)

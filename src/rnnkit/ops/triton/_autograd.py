@@ -182,7 +182,7 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
     k = kernels()
     mode = saved["mode"]
     hseq, aux = saved["hseq"], saved["aux"]
-    seq_len, batch, hidden_out = saved["out"].shape
+    seq_len, batch, hidden_out = hseq.shape[0] - 1, hseq.shape[1], hseq.shape[2]
     gate_size = saved["pre"].shape[-1]
     hidden = gate_size // spec.num_gates
     device = grad_out.device
@@ -248,8 +248,8 @@ class TritonRecurrence(torch.autograd.Function):
         ctx.buffers = {key: saved[key] for key in ("mode", "consts")}
         inputs = [x for x in (gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths)
                   if x is not None]
-        ctx.save_for_backward(*inputs, saved["out"], saved["hseq"], saved["cseq"],
-                              saved["pre"], saved["aux"])
+        # Not the output itself: changing it in place must not break backward.
+        ctx.save_for_backward(*inputs, saved["hseq"], saved["cseq"], saved["pre"], saved["aux"])
         seq_len = gates_x.shape[0]
         # Copies, so that changing h_n in place cannot corrupt what backward reads.
         h_n = saved["hseq"][seq_len].clone()
@@ -261,8 +261,8 @@ class TritonRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_h, grad_c=None):
         tensors = list(ctx.saved_tensors)
-        out, hseq, cseq, pre, aux = tensors[-5:]
-        inputs = iter(tensors[:-5])
+        hseq, cseq, pre, aux = tensors[-4:]
+        inputs = iter(tensors[:-4])
         has_c, has_bias, has_proj, has_lengths = ctx.has
         gates_x, h0 = next(inputs), next(inputs)
         c0 = next(inputs) if has_c else None
@@ -274,7 +274,7 @@ class TritonRecurrence(torch.autograd.Function):
         if torch.is_grad_enabled():
             grads = _reference_grads(ctx, differentiable, lengths, grad_out, grad_h, grad_c)
         else:
-            saved = {"out": out, "hseq": hseq, "cseq": cseq, "pre": pre, "aux": aux,
+            saved = {"hseq": hseq, "cseq": cseq, "pre": pre, "aux": aux,
                      **ctx.buffers}
             result = backward(ctx.spec, saved, weight_hh, weight_hr, lengths, ctx.reverse,
                               grad_out, grad_h, grad_c)

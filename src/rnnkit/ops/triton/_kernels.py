@@ -179,6 +179,49 @@ def _mm(a_ptr, a_stride, offs_b, b_mask, K, w_ptr, w_stride_k, w_stride_n, offs_
 
 
 @triton.jit
+def _recurrent_gates(h_ptr, offs_b, b_mask, H_OUT, w_hh_ptr, b_hh_ptr, H, offs_n, n_mask,
+                     NUM_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``h @ W_hh[g*H + n, :]^T + b_hh[g*H + n]`` for gates ``g < NUM_GATES`` (at most 4).
+
+    One pass over ``k`` loads each block of ``h`` once for all gates. Gates past
+    ``NUM_GATES`` come back as zeros.
+    """
+    acc0 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    acc1 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    acc2 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    acc3 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    gate_stride = H * H_OUT
+    for k0 in range(0, H_OUT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < H_OUT
+        w_ptrs = w_hh_ptr + offs_k[:, None] + offs_n[None, :] * H_OUT
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        h = tl.load(h_ptr + offs_b[:, None] * H_OUT + offs_k[None, :],
+                    mask=b_mask[:, None] & k_mask[None, :], other=0.0).to(w.dtype)
+        acc0 = tl.dot(h, w, acc0, input_precision=PRECISION)
+        if NUM_GATES > 1:
+            w = tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0)
+            acc1 = tl.dot(h, w, acc1, input_precision=PRECISION)
+        if NUM_GATES > 2:
+            w = tl.load(w_ptrs + 2 * gate_stride, mask=w_mask, other=0.0)
+            acc2 = tl.dot(h, w, acc2, input_precision=PRECISION)
+        if NUM_GATES > 3:
+            w = tl.load(w_ptrs + 3 * gate_stride, mask=w_mask, other=0.0)
+            acc3 = tl.dot(h, w, acc3, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc0 += tl.load(b_hh_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 1:
+            acc1 += tl.load(b_hh_ptr + H + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 2:
+            acc2 += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 3:
+            acc3 += tl.load(b_hh_ptr + 3 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _grid_barrier(counter_ptr, target):
     """Wait until every program has arrived; ``target`` grows by ``nprog`` at each barrier.
 
@@ -256,55 +299,40 @@ def _forward_phase(
             h_new = (1.0 - update) * _tanh(n_pre) + update * h_old
         else:
             # Phase 0: the recurrent matmul of every gate this tile owns, then the cell math.
-            a0 = _load(gx, GH, offs_b, offs_n, mask) + _mm(
-                h_prev, H_OUT, offs_b, b_mask, H_OUT, w_hh_ptr, 1, H_OUT, offs_n, n_mask,
-                BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
-            if HAS_BIAS:
-                a0 += tl.load(b_hh_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+            NUM_GATES: tl.constexpr = 2 if MODE == MODE_GRU_BEFORE else G
+            hh0, hh1, hh2, hh3 = _recurrent_gates(
+                h_prev, offs_b, b_mask, H_OUT, w_hh_ptr, b_hh_ptr, H, offs_n, n_mask,
+                NUM_GATES, HAS_BIAS, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            a0 = _load(gx, GH, offs_b, offs_n, mask) + hh0
+            _store(pre, GH, offs_b, offs_n, mask, a0)
             if MODE == MODE_RNN:
-                _store(pre, GH, offs_b, offs_n, mask, a0)
                 h_new = _activate(a0, ACT)
             else:
-                a1 = _load(gx + H, GH, offs_b, offs_n, mask) + _mm(
-                    h_prev, H_OUT, offs_b, b_mask, H_OUT, w_hh_ptr + H * H_OUT, 1, H_OUT,
-                    offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
-                if HAS_BIAS:
-                    a1 += tl.load(b_hh_ptr + H + offs_n, mask=n_mask, other=0.0)[None, :]
-                _store(pre, GH, offs_b, offs_n, mask, a0)
+                a1 = _load(gx + H, GH, offs_b, offs_n, mask) + hh1
                 _store(pre + H, GH, offs_b, offs_n, mask, a1)
                 if MODE == MODE_GRU_BEFORE:
                     h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
                     _store(aux, H, offs_b, offs_n, mask, _sigmoid(a0) * h_old)
+                elif MODE == MODE_GRU_AFTER:
+                    # hh2 is W_hn h + b_hn, kept for the reset gate's gradient.
+                    _store(aux, H, offs_b, offs_n, mask, hh2)
+                    n_pre = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + _sigmoid(a0) * hh2
+                    _store(pre + 2 * H, GH, offs_b, offs_n, mask, n_pre)
+                    update = _sigmoid(a1)
+                    h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
+                    h_new = (1.0 - update) * _tanh(n_pre) + update * h_old
                 else:
-                    a2 = _mm(h_prev, H_OUT, offs_b, b_mask, H_OUT, w_hh_ptr + 2 * H * H_OUT, 1,
-                             H_OUT, offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
-                    if HAS_BIAS:
-                        a2 += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
-                    if MODE == MODE_GRU_AFTER:
-                        # a2 is W_hn h + b_hn, kept for the reset gate's gradient.
-                        _store(aux, H, offs_b, offs_n, mask, a2)
-                        n_pre = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + _sigmoid(a0) * a2
-                        _store(pre + 2 * H, GH, offs_b, offs_n, mask, n_pre)
-                        update = _sigmoid(a1)
-                        h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
-                        h_new = (1.0 - update) * _tanh(n_pre) + update * h_old
-                    else:
-                        a2 += _load(gx + 2 * H, GH, offs_b, offs_n, mask)
-                        a3 = _load(gx + 3 * H, GH, offs_b, offs_n, mask) + _mm(
-                            h_prev, H_OUT, offs_b, b_mask, H_OUT, w_hh_ptr + 3 * H * H_OUT, 1,
-                            H_OUT, offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
-                        if HAS_BIAS:
-                            a3 += tl.load(b_hh_ptr + 3 * H + offs_n, mask=n_mask,
-                                          other=0.0)[None, :]
-                        _store(pre + 2 * H, GH, offs_b, offs_n, mask, a2)
-                        _store(pre + 3 * H, GH, offs_b, offs_n, mask, a3)
-                        c_old = _load(cseq_ptr + s * B * H, H, offs_b, offs_n, mask)
-                        c_new = _sigmoid(a1) * c_old + _sigmoid(a0) * _tanh(a2)
-                        _store(cseq_ptr + (s + 1) * B * H, H, offs_b, offs_n, mask,
-                               tl.where(active, c_new, c_old))
-                        h_new = _sigmoid(a3) * _tanh(c_new)
-                        if MODE == MODE_LSTM_PROJ:
-                            _store(aux, H, offs_b, offs_n, mask, h_new)
+                    a2 = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + hh2
+                    a3 = _load(gx + 3 * H, GH, offs_b, offs_n, mask) + hh3
+                    _store(pre + 2 * H, GH, offs_b, offs_n, mask, a2)
+                    _store(pre + 3 * H, GH, offs_b, offs_n, mask, a3)
+                    c_old = _load(cseq_ptr + s * B * H, H, offs_b, offs_n, mask)
+                    c_new = _sigmoid(a1) * c_old + _sigmoid(a0) * _tanh(a2)
+                    _store(cseq_ptr + (s + 1) * B * H, H, offs_b, offs_n, mask,
+                           tl.where(active, c_new, c_old))
+                    h_new = _sigmoid(a3) * _tanh(c_new)
+                    if MODE == MODE_LSTM_PROJ:
+                        _store(aux, H, offs_b, offs_n, mask, h_new)
         if WRITE_H:
             h_keep = tl.load(h_prev + offs_b[:, None] * H_OUT + offs_n[None, :], mask=mask)
             h_cast = h_new.to(h_keep.dtype)

@@ -296,6 +296,7 @@ def test_unsupported_calls_give_reasons(monkeypatch):
     assert "float64" in reason(gates_x=call["gates_x"].double())
     assert "mixed dtypes" in reason(weight_hh=call["weight_hh"].half())
     assert "callable" in reason(spec=CellSpec("rnn", torch.sin))
+    assert "'mish' has no triton kernel" in reason(spec=CellSpec("rnn", "mish"))
     assert "bfloat16" in reason(
         gates_x=call["gates_x"].bfloat16(), state=(call["state"][0].bfloat16(),),
         weight_hh=call["weight_hh"].bfloat16(), bias_hh=call["bias_hh"].bfloat16())

@@ -74,8 +74,15 @@ class TritonBackend:
 
     def unsupported_reason(self, call: dispatch.Call) -> str | None:
         spec = call.spec
-        if spec.mode == "rnn" and not isinstance(spec.nonlinearity, str):
-            return "the nonlinearity is a callable; triton kernels serve the named activations"
+        if spec.mode == "rnn":
+            if not isinstance(spec.nonlinearity, str):
+                return "the nonlinearity is a callable; triton kernels serve the named activations"
+            from rnnkit.ops.triton._autograd import kernels
+
+            served = kernels().ACTIVATION_CODES
+            if spec.nonlinearity not in served:
+                return (f"activation {spec.nonlinearity!r} has no triton kernel "
+                        f"(served: {sorted(served)})")
         tensors = [call.gates_x, *call.state, call.weight_hh, call.bias_hh, call.weight_hr]
         tensors = [tensor for tensor in tensors if tensor is not None]
         dtype = call.gates_x.dtype

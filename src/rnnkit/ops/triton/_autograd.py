@@ -1,0 +1,314 @@
+"""Host side of the triton backend: buffers, launch schedules and the autograd Function."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+from rnnkit.cells import CellSpec
+from rnnkit.ops import reference
+
+SCHEDULES = ("persistent", "step")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_kernels_module = None
+
+
+def kernels():
+    """The kernel module, decorated for the interpreter or the GPU as the environment says now.
+
+    ``triton.jit`` decides between the two when a function is decorated, so if the module was
+    first imported under the other setting (another import set ``TRITON_INTERPRET`` later), it
+    is imported again.
+    """
+    global _kernels_module
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if _kernels_module is None:
+        _kernels_module = importlib.import_module("rnnkit.ops.triton._kernels")
+    if isinstance(_kernels_module.forward_kernel, InterpretedFunction) != interpreting():
+        _kernels_module = importlib.reload(_kernels_module)
+    return _kernels_module
+
+
+def schedule() -> str:
+    """``RNNKIT_TRITON_SCHEDULE``, else ``persistent`` on GPU and ``step`` under the interpreter."""
+    value = os.environ.get("RNNKIT_TRITON_SCHEDULE", "")
+    if not value:
+        return "step" if interpreting() else "persistent"
+    if value not in SCHEDULES:
+        raise ValueError(f"RNNKIT_TRITON_SCHEDULE must be one of {SCHEDULES}, got {value!r}")
+    return value
+
+
+def mode_code(spec: CellSpec, weight_hr: Tensor | None) -> int:
+    k = kernels()
+    if spec.mode == "rnn":
+        return k.RNN
+    if spec.mode == "gru":
+        return k.GRU_AFTER if spec.reset_after else k.GRU_BEFORE
+    return k.LSTM if weight_hr is None else k.LSTM_PROJ
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _multiprocessors(index)
+
+
+def _blocks(batch: int, hidden: int, device: torch.device) -> dict[str, int]:
+    block_b = min(64, max(16, triton.next_power_of_2(batch)))
+    if device.type == "cpu":  # the interpreter: small tiles, so tests cover several of them
+        return {"BLOCK_B": block_b, "BLOCK_N": 16, "BLOCK_K": 16}
+    # Narrow column blocks while that still leaves SMs idle: the step's latency is set by the
+    # slowest program, and more programs split the weight reads.
+    sms = _sm_count(device)
+    tiles_wide = triton.cdiv(batch, block_b) * triton.cdiv(hidden, 32)
+    return {"BLOCK_B": block_b, "BLOCK_N": 16 if tiles_wide < sms else 32, "BLOCK_K": 64}
+
+
+def _launch(kernel, args: tuple, sizes: tuple, consts: dict, num_phases: int, phase_columns,
+            seq_len: int, backward: bool, device: torch.device) -> None:
+    """Run ``kernel`` over all steps, one launch per step and phase or one persistent launch.
+
+    ``phase_columns[p]`` is the number of columns phase ``p`` produces; ``sizes`` is
+    ``(T, B, H, H_OUT)``.
+    """
+    k = kernels()
+    batch = sizes[1]
+    tiles = [
+        triton.cdiv(batch, consts["BLOCK_B"]) * triton.cdiv(columns, consts["BLOCK_N"])
+        for columns in phase_columns
+    ]
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        if schedule() == "persistent":
+            if device.type == "cuda":
+                # At most one program per SM, so that all are resident and the barrier ends.
+                programs = max(1, min(max(tiles), _sm_count(device)))
+            else:  # the interpreter runs programs one after another: one program, no barrier
+                programs = 1
+            sync = (k.SYNC_GRID if programs > 1 else k.SYNC_PROGRAM).value
+            start = seq_len - 1 if backward else 0
+            kernel[(programs,)](*args, counter, *sizes, start, seq_len, **consts,
+                                PHASE_FIRST=0, PHASE_LAST=num_phases - 1, SYNC=sync)
+            return
+        for s in range(seq_len - 1, -1, -1) if backward else range(seq_len):
+            for phase in range(num_phases):
+                kernel[(tiles[phase],)](*args, counter, *sizes, s, 1, **consts,
+                                        PHASE_FIRST=phase, PHASE_LAST=phase,
+                                        SYNC=k.SYNC_NONE.value)
+
+
+def _phase_columns(mode: int, hidden: int, hidden_out: int, backward: bool) -> list[int]:
+    k = kernels()
+    if not backward:
+        return [hidden, hidden_out] if mode == k.LSTM_PROJ else [hidden] * k.FORWARD_PHASES[mode]
+    if mode == k.LSTM_PROJ:
+        return [hidden_out, hidden, hidden_out]
+    return [hidden] * (k.BACKWARD_PHASES[mode] - 1) + [hidden_out]
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 matmuls: IEEE, or TF32 on CUDA where torch lets cuDNN's RNNs use TF32 too."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
+            bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
+            reverse: bool) -> dict[str, Tensor]:
+    """Run the forward kernels; returns the output, the state sequences and saved buffers."""
+    k = kernels()
+    mode = mode_code(spec, weight_hr)
+    seq_len, batch, gate_size = gates_x.shape
+    hidden = gate_size // spec.num_gates
+    hidden_out = weight_hh.shape[1]
+    device, dtype = gates_x.device, gates_x.dtype
+    f32 = {"device": device, "dtype": torch.float32}
+    dummy = torch.zeros(1, **f32)
+    hseq = torch.empty(seq_len + 1, batch, hidden_out, device=device, dtype=dtype)
+    hseq[0] = h0
+    cseq = dummy
+    if spec.mode == "lstm":
+        cseq = torch.empty(seq_len + 1, batch, hidden, **f32)
+        cseq[0] = c0
+    out = torch.empty(seq_len, batch, hidden_out, device=device, dtype=dtype)
+    pre = torch.empty(seq_len, batch, gate_size, **f32)
+    aux = torch.empty(seq_len, batch, hidden, **f32) if mode in (
+        k.GRU_AFTER, k.GRU_BEFORE, k.LSTM_PROJ) else dummy
+    weight_hh = weight_hh.contiguous()
+    args = (
+        gates_x.contiguous(), weight_hh,
+        weight_hh if bias_hh is None else bias_hh.contiguous(),
+        weight_hh if weight_hr is None else weight_hr.contiguous(),
+        dummy if lengths is None else lengths.contiguous(),
+        hseq, cseq, out, pre, aux,
+    )
+    consts = dict(
+        MODE=mode, ACT=k.ACTIVATION_CODES[spec.nonlinearity] if spec.mode == "rnn" else 0,
+        G=spec.num_gates, HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None,
+        REVERSE=reverse, PRECISION=_precision(dtype, device),
+        **_blocks(batch, hidden, device),
+    )
+    _launch(k.forward_kernel, args, (seq_len, batch, hidden, hidden_out), consts,
+            k.FORWARD_PHASES[mode], _phase_columns(mode, hidden, hidden_out, False), seq_len,
+            False, device)
+    return {"out": out, "hseq": hseq, "cseq": cseq, "pre": pre, "aux": aux, "mode": mode,
+            "consts": consts}
+
+
+def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor | None,
+             lengths: Tensor | None, reverse: bool, grad_out: Tensor, grad_h: Tensor,
+             grad_c: Tensor | None) -> dict[str, Tensor]:
+    """Run the backward kernels, then the weight gradients as single matmuls over all steps."""
+    k = kernels()
+    mode = saved["mode"]
+    hseq, aux = saved["hseq"], saved["aux"]
+    seq_len, batch, hidden_out = hseq.shape[0] - 1, hseq.shape[1], hseq.shape[2]
+    gate_size = saved["pre"].shape[-1]
+    hidden = gate_size // spec.num_gates
+    device = grad_out.device
+    f32 = {"device": device, "dtype": torch.float32}
+    dummy = torch.zeros(1, **f32)
+    dhseq = torch.empty(seq_len + 1, batch, hidden_out, **f32)
+    dhseq[seq_len] = grad_h
+    dcseq = dummy
+    if spec.mode == "lstm":
+        dcseq = torch.empty(seq_len + 1, batch, hidden, **f32)
+        dcseq[seq_len] = grad_c
+    dgx = torch.empty(seq_len, batch, gate_size, **f32)
+    gru = mode in (k.GRU_AFTER, k.GRU_BEFORE)
+    dghh = torch.empty(seq_len, batch, gate_size, **f32) if gru else dgx
+    gaux = torch.empty(seq_len, batch, hidden_out, **f32) if mode in (
+        k.GRU_BEFORE, k.LSTM_PROJ) else dummy
+    weight_hh = weight_hh.contiguous()
+    args = (
+        weight_hh, weight_hh if weight_hr is None else weight_hr.contiguous(),
+        dummy if lengths is None else lengths.contiguous(),
+        hseq, saved["cseq"], saved["pre"], aux,
+        grad_out.float().contiguous(), dhseq, dcseq, dgx, dghh, gaux,
+    )
+    consts = {key: value for key, value in saved["consts"].items() if key != "HAS_BIAS"}
+    _launch(k.backward_kernel, args, (seq_len, batch, hidden, hidden_out), consts,
+            k.BACKWARD_PHASES[mode], _phase_columns(mode, hidden, hidden_out, True), seq_len,
+            True, device)
+    # Weight gradients: one matmul over all steps (masked steps hold zero gradients).
+    flat = dghh.reshape(-1, gate_size)
+    h_prev = hseq[:seq_len].reshape(-1, hidden_out).float()
+    if mode == k.GRU_BEFORE:
+        grad_w_hh = torch.cat([
+            flat[:, : 2 * hidden].T @ h_prev, flat[:, 2 * hidden:].T @ aux.reshape(-1, hidden)
+        ])
+    else:
+        grad_w_hh = flat.T @ h_prev
+    result = {
+        "gates_x": dgx.flip(0) if reverse else dgx,
+        "h0": dhseq[0],
+        "c0": dcseq[0] if spec.mode == "lstm" else None,
+        "weight_hh": grad_w_hh,
+        "bias_hh": flat.sum(0),
+        "weight_hr": None,
+    }
+    if mode == k.LSTM_PROJ:
+        result["weight_hr"] = gaux.reshape(-1, hidden_out).T @ aux.reshape(-1, hidden)
+    return result
+
+
+class TritonRecurrence(torch.autograd.Function):
+    """One layer-direction through the triton kernels, with a triton backward.
+
+    Outputs ``(output, h_n)`` or, for LSTM, ``(output, h_n, c_n)``. When the backward itself
+    is differentiated (``create_graph=True``) it recomputes through the reference path, so
+    higher-order gradients stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx, spec, reverse, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths):
+        saved = forward(spec, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, reverse)
+        ctx.spec, ctx.reverse = spec, reverse
+        ctx.has = [x is not None for x in (c0, bias_hh, weight_hr, lengths)]
+        ctx.buffers = {key: saved[key] for key in ("mode", "consts")}
+        inputs = [x for x in (gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths)
+                  if x is not None]
+        # Not the output itself: changing it in place must not break backward.
+        ctx.save_for_backward(*inputs, saved["hseq"], saved["cseq"], saved["pre"], saved["aux"])
+        seq_len = gates_x.shape[0]
+        # Copies, so that changing h_n in place cannot corrupt what backward reads.
+        h_n = saved["hseq"][seq_len].clone()
+        if spec.mode == "lstm":
+            c_n = saved["cseq"][seq_len].to(gates_x.dtype, copy=True)
+            return saved["out"], h_n, c_n
+        return saved["out"], h_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h, grad_c=None):
+        tensors = list(ctx.saved_tensors)
+        hseq, cseq, pre, aux = tensors[-4:]
+        inputs = iter(tensors[:-4])
+        has_c, has_bias, has_proj, has_lengths = ctx.has
+        gates_x, h0 = next(inputs), next(inputs)
+        c0 = next(inputs) if has_c else None
+        weight_hh = next(inputs)
+        bias_hh = next(inputs) if has_bias else None
+        weight_hr = next(inputs) if has_proj else None
+        lengths = next(inputs) if has_lengths else None
+        differentiable = (gates_x, h0, c0, weight_hh, bias_hh, weight_hr)
+        if torch.is_grad_enabled():
+            grads = _reference_grads(ctx, differentiable, lengths, grad_out, grad_h, grad_c)
+        else:
+            saved = {"hseq": hseq, "cseq": cseq, "pre": pre, "aux": aux,
+                     **ctx.buffers}
+            result = backward(ctx.spec, saved, weight_hh, weight_hr, lengths, ctx.reverse,
+                              grad_out, grad_h, grad_c)
+            names = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr")
+            grads = [
+                None if tensor is None or not need else result[name].to(tensor.dtype)
+                for name, tensor, need in zip(names, differentiable, ctx.needs_input_grad[2:8])
+            ]
+        return (None, None, *grads, None)
+
+
+def _reference_grads(ctx, inputs, lengths, grad_out, grad_h, grad_c):
+    """Gradients through the reference path, themselves differentiable (double backward)."""
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr = inputs
+    state = (h0,) if c0 is None else (h0, c0)
+    output, final = reference.recurrence(ctx.spec, gates_x, state, weight_hh, bias_hh,
+                                         weight_hr, lengths, ctx.reverse)
+    wanted = [i for i, (tensor, need) in enumerate(zip(inputs, ctx.needs_input_grad[2:8]))
+              if tensor is not None and need]
+    outputs = (output, *final)
+    grad_outputs = (grad_out, grad_h) if c0 is None else (grad_out, grad_h, grad_c)
+    found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs,
+                                create_graph=True, allow_unused=True)
+    grads: list[Tensor | None] = [None] * len(inputs)
+    for i, grad in zip(wanted, found):
+        grads[i] = grad
+    return grads
+
+
+def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weight_hh: Tensor,
+               bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
+               reverse: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`rnnkit.ops.reference.recurrence`'s contract, served by the triton kernels."""
+    c0 = state[1] if len(state) > 1 else None
+    results = TritonRecurrence.apply(spec, reverse, gates_x, state[0], c0, weight_hh, bias_hh,
+                                     weight_hr, lengths)
+    return results[0], tuple(results[1:])

@@ -1,0 +1,526 @@
+"""The @triton.jit code of the triton backend: step phases, and the kernels that schedule them.
+
+Layout of the buffers (all contiguous, ``GH = G * H``, ``s`` is the processing index, ``t``
+the time index: ``t = s``, or ``T - 1 - s`` when running in reverse):
+
+- ``gates_x`` ``(T, B, GH)`` and ``out`` ``(T, B, H_OUT)`` are indexed by ``t``;
+- ``hseq`` ``(T+1, B, H_OUT)`` and ``cseq`` ``(T+1, B, H)`` hold the state before step ``s``
+  at ``[s]`` and the final state at ``[T]``; ``pre`` ``(T, B, GH)`` and ``aux`` ``(T, B, H)``
+  hold what backward needs, by ``s``;
+- in backward, ``dhseq``/``dcseq`` mirror ``hseq``/``cseq``, and ``dgx``/``dghh``
+  ``(T, B, GH)`` receive the gradients of the input and recurrent pre-activations.
+
+A *phase* is the part of a step that needs no other program's result of the same step. Each
+phase is a loop over ``(batch block, column block)`` tiles, ``for tile in range(pid, tiles,
+nprog)``, so the same code runs one tile per program (one launch per step and phase) or many
+tiles per program (one persistent launch for the whole sequence).
+
+Only triton.language *builtins* are used, never its own ``@triton.jit`` helpers (``tl.cdiv``,
+``tl.zeros``, ...): those are decorated when triton is imported, so if triton was imported
+before ``TRITON_INTERPRET=1`` was set, the interpreter could not call them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Cell modes (constexpr MODE).
+RNN = 0
+GRU_AFTER = 1  # reset_after=True: n = tanh(x_n + r * (W_hn h + b_hn))
+GRU_BEFORE = 2  # reset_after=False: n = tanh(x_n + W_hn (r * h) + b_hn)
+LSTM = 3
+LSTM_PROJ = 4
+
+# The same codes as constexpr globals, for use inside @triton.jit code.
+MODE_RNN = tl.constexpr(RNN)
+MODE_GRU_AFTER = tl.constexpr(GRU_AFTER)
+MODE_GRU_BEFORE = tl.constexpr(GRU_BEFORE)
+MODE_LSTM = tl.constexpr(LSTM)
+MODE_LSTM_PROJ = tl.constexpr(LSTM_PROJ)
+
+FORWARD_PHASES = {RNN: 1, GRU_AFTER: 1, GRU_BEFORE: 2, LSTM: 1, LSTM_PROJ: 2}
+BACKWARD_PHASES = {RNN: 2, GRU_AFTER: 2, GRU_BEFORE: 3, LSTM: 2, LSTM_PROJ: 3}
+
+# Named RNN activations (constexpr ACT), in the order of rnnkit.activations.ACTIVATIONS.
+ACTIVATION_CODES = {
+    "tanh": 0, "relu": 1, "identity": 2, "sigmoid": 3,
+    "silu": 4, "gelu": 5, "softsign": 6, "hardtanh": 7,
+}
+
+# Synchronisation between phases (constexpr SYNC).
+SYNC_NONE = tl.constexpr(0)  # one launch per phase: the launch boundary is the barrier
+SYNC_PROGRAM = tl.constexpr(1)  # one persistent program: only its own threads need to agree
+SYNC_GRID = tl.constexpr(2)  # several persistent programs: a grid-wide barrier (GPU only)
+
+
+# --- elementwise math (exp-based, so the interpreter and the GPU run the same formulas) ---
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # Written with exp(-2|x|) so that it never overflows.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, y, -y)
+
+
+@triton.jit
+def _activate(x, ACT: tl.constexpr):
+    if ACT == 0:
+        y = _tanh(x)
+    elif ACT == 1:
+        y = tl.maximum(x, 0.0)
+    elif ACT == 2:
+        y = x
+    elif ACT == 3:
+        y = _sigmoid(x)
+    elif ACT == 4:
+        y = x * _sigmoid(x)
+    elif ACT == 5:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 6:
+        y = x / (1.0 + tl.abs(x))
+    else:
+        y = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    return y
+
+
+@triton.jit
+def _activate_grad(x, ACT: tl.constexpr):
+    """d activation / dx at the pre-activation ``x`` (torch's conventions at the kinks)."""
+    if ACT == 0:
+        y = _tanh(x)
+        d = 1.0 - y * y
+    elif ACT == 1:
+        d = tl.where(x > 0, 1.0, 0.0)
+    elif ACT == 2:
+        d = x * 0.0 + 1.0
+    elif ACT == 3:
+        y = _sigmoid(x)
+        d = y * (1.0 - y)
+    elif ACT == 4:
+        y = _sigmoid(x)
+        d = y * (1.0 + x * (1.0 - y))
+    elif ACT == 5:
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        d = cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACT == 6:
+        a = 1.0 + tl.abs(x)
+        d = 1.0 / (a * a)
+    else:
+        d = tl.where((x > -1.0) & (x < 1.0), 1.0, 0.0)
+    return d
+
+
+# --- tiles, loads and the one matmul helper ---
+
+
+@triton.jit
+def _tile(tile, tiles_n, B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_b = (tile // tiles_n) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_mask = offs_b < B
+    n_mask = offs_n < N
+    return offs_b, offs_n, b_mask, n_mask, b_mask[:, None] & n_mask[None, :]
+
+
+@triton.jit
+def _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS: tl.constexpr):
+    """``(BLOCK_B, 1)`` mask: step ``t`` lies inside sequence ``b``."""
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + offs_b, mask=b_mask, other=0)
+        active = t < lens
+    else:
+        active = offs_b >= 0
+    return active[:, None]
+
+
+@triton.jit
+def _load(ptr, row_stride, offs_b, offs_n, mask):
+    """A ``(BLOCK_B, BLOCK_N)`` tile of a row-major ``(B, row_stride)`` slab, as fp32."""
+    return tl.load(ptr + offs_b[:, None] * row_stride + offs_n[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+
+
+@triton.jit
+def _store(ptr, row_stride, offs_b, offs_n, mask, value):
+    tl.store(ptr + offs_b[:, None] * row_stride + offs_n[None, :],
+             value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mm(a_ptr, a_stride, offs_b, b_mask, K, w_ptr, w_stride_k, w_stride_n, offs_n, n_mask,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr):
+    """``acc[b, n] = sum_k A[b, k] W[k, n]`` over ``k < K``, accumulated in fp32 in a fixed order.
+
+    ``A`` is row-major with row stride ``a_stride``; ``W[k, n]`` lives at
+    ``w_ptr + k * w_stride_k + n * w_stride_n``, so one helper serves ``h @ W_hh^T``
+    (``w_stride_k=1``) and ``dgates @ W_hh`` (``w_stride_n=1``). ``A`` is cast to ``W``'s dtype
+    so fp16/bf16 weights use the tensor cores.
+    """
+    acc = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + offs_b[:, None] * a_stride + offs_k[None, :],
+                    mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_k[:, None] * w_stride_k + offs_n[None, :] * w_stride_n,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _recurrent_gates(h_ptr, offs_b, b_mask, H_OUT, w_hh_ptr, b_hh_ptr, H, offs_n, n_mask,
+                     NUM_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``h @ W_hh[g*H + n, :]^T + b_hh[g*H + n]`` for gates ``g < NUM_GATES`` (at most 4).
+
+    One pass over ``k`` loads each block of ``h`` once for all gates. Gates past
+    ``NUM_GATES`` come back as zeros.
+    """
+    acc0 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    acc1 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    acc2 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    acc3 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    gate_stride = H * H_OUT
+    for k0 in range(0, H_OUT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < H_OUT
+        w_ptrs = w_hh_ptr + offs_k[:, None] + offs_n[None, :] * H_OUT
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        h = tl.load(h_ptr + offs_b[:, None] * H_OUT + offs_k[None, :],
+                    mask=b_mask[:, None] & k_mask[None, :], other=0.0).to(w.dtype)
+        acc0 = tl.dot(h, w, acc0, input_precision=PRECISION)
+        if NUM_GATES > 1:
+            w = tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0)
+            acc1 = tl.dot(h, w, acc1, input_precision=PRECISION)
+        if NUM_GATES > 2:
+            w = tl.load(w_ptrs + 2 * gate_stride, mask=w_mask, other=0.0)
+            acc2 = tl.dot(h, w, acc2, input_precision=PRECISION)
+        if NUM_GATES > 3:
+            w = tl.load(w_ptrs + 3 * gate_stride, mask=w_mask, other=0.0)
+            acc3 = tl.dot(h, w, acc3, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc0 += tl.load(b_hh_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 1:
+            acc1 += tl.load(b_hh_ptr + H + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 2:
+            acc2 += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 3:
+            acc3 += tl.load(b_hh_ptr + 3 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _grid_barrier(counter_ptr, target):
+    """Wait until every program has arrived; ``target`` grows by ``nprog`` at each barrier.
+
+    The counter only ever increases, so it needs no reset between barriers. Only the value
+    reached matters, never the order of the additions, so results stay deterministic.
+    """
+    tl.debug_barrier()  # this program's stores happen before its arrival
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while arrived < target:
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _sync(counter_ptr, nprog, count, SYNC: tl.constexpr):
+    if SYNC == SYNC_GRID:
+        _grid_barrier(counter_ptr, nprog * count)
+    elif SYNC == SYNC_PROGRAM:
+        tl.debug_barrier()
+
+
+# --- forward ---
+
+
+@triton.jit
+def _forward_phase(
+    PHASE: tl.constexpr, s, pid, nprog,
+    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr,
+    hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
+    T, B, H, H_OUT,
+    MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    if REVERSE:
+        t = T - 1 - s
+    else:
+        t = s
+    GH = G * H
+    # LSTM_PROJ's second phase produces h (H_OUT columns); every other phase H columns.
+    if MODE == MODE_LSTM_PROJ and PHASE == 1:
+        N = H_OUT
+    else:
+        N = H
+    # Phase 0 of GRU_BEFORE and of LSTM_PROJ leaves h to the next phase.
+    TWO_PHASES: tl.constexpr = MODE == MODE_GRU_BEFORE or MODE == MODE_LSTM_PROJ
+    WRITE_H: tl.constexpr = not (TWO_PHASES and PHASE == 0)
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    tiles = (B + BLOCK_B - 1) // BLOCK_B * tiles_n
+    h_prev = hseq_ptr + s * B * H_OUT
+    h_next = hseq_ptr + (s + 1) * B * H_OUT
+    gx = gx_ptr + t * B * GH
+    pre = pre_ptr + s * B * GH
+    aux = aux_ptr + s * B * H
+    out = out_ptr + t * B * H_OUT
+    for tile in range(pid, tiles, nprog):
+        offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
+        active = _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS)
+        if MODE == MODE_LSTM_PROJ and PHASE == 1:
+            # h = W_hr m, m = o * tanh(c) from phase 0.
+            h_new = _mm(aux, H, offs_b, b_mask, H, w_hr_ptr, 1, H, offs_n, n_mask,
+                        BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+        elif MODE == MODE_GRU_BEFORE and PHASE == 1:
+            # n = tanh(x_n + W_hn (r * h) + b_hn), r * h from phase 0.
+            n_pre = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + _mm(
+                aux, H, offs_b, b_mask, H, w_hh_ptr + 2 * H * H_OUT, 1, H_OUT, offs_n, n_mask,
+                BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            if HAS_BIAS:
+                n_pre += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+            _store(pre + 2 * H, GH, offs_b, offs_n, mask, n_pre)
+            update = _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
+            h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
+            h_new = (1.0 - update) * _tanh(n_pre) + update * h_old
+        else:
+            # Phase 0: the recurrent matmul of every gate this tile owns, then the cell math.
+            NUM_GATES: tl.constexpr = 2 if MODE == MODE_GRU_BEFORE else G
+            hh0, hh1, hh2, hh3 = _recurrent_gates(
+                h_prev, offs_b, b_mask, H_OUT, w_hh_ptr, b_hh_ptr, H, offs_n, n_mask,
+                NUM_GATES, HAS_BIAS, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            a0 = _load(gx, GH, offs_b, offs_n, mask) + hh0
+            _store(pre, GH, offs_b, offs_n, mask, a0)
+            if MODE == MODE_RNN:
+                h_new = _activate(a0, ACT)
+            else:
+                a1 = _load(gx + H, GH, offs_b, offs_n, mask) + hh1
+                _store(pre + H, GH, offs_b, offs_n, mask, a1)
+                if MODE == MODE_GRU_BEFORE:
+                    h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
+                    _store(aux, H, offs_b, offs_n, mask, _sigmoid(a0) * h_old)
+                elif MODE == MODE_GRU_AFTER:
+                    # hh2 is W_hn h + b_hn, kept for the reset gate's gradient.
+                    _store(aux, H, offs_b, offs_n, mask, hh2)
+                    n_pre = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + _sigmoid(a0) * hh2
+                    _store(pre + 2 * H, GH, offs_b, offs_n, mask, n_pre)
+                    update = _sigmoid(a1)
+                    h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
+                    h_new = (1.0 - update) * _tanh(n_pre) + update * h_old
+                else:
+                    a2 = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + hh2
+                    a3 = _load(gx + 3 * H, GH, offs_b, offs_n, mask) + hh3
+                    _store(pre + 2 * H, GH, offs_b, offs_n, mask, a2)
+                    _store(pre + 3 * H, GH, offs_b, offs_n, mask, a3)
+                    c_old = _load(cseq_ptr + s * B * H, H, offs_b, offs_n, mask)
+                    c_new = _sigmoid(a1) * c_old + _sigmoid(a0) * _tanh(a2)
+                    _store(cseq_ptr + (s + 1) * B * H, H, offs_b, offs_n, mask,
+                           tl.where(active, c_new, c_old))
+                    h_new = _sigmoid(a3) * _tanh(c_new)
+                    if MODE == MODE_LSTM_PROJ:
+                        _store(aux, H, offs_b, offs_n, mask, h_new)
+        if WRITE_H:
+            h_keep = tl.load(h_prev + offs_b[:, None] * H_OUT + offs_n[None, :], mask=mask)
+            h_cast = h_new.to(h_keep.dtype)
+            tl.store(h_next + offs_b[:, None] * H_OUT + offs_n[None, :],
+                     tl.where(active, h_cast, h_keep), mask=mask)
+            tl.store(out + offs_b[:, None] * H_OUT + offs_n[None, :],
+                     tl.where(active, h_cast, 0.0).to(h_cast.dtype), mask=mask)
+
+
+# step_start changes every launch of the step schedule: one compiled variant serves all.
+@triton.jit(do_not_specialize=["step_start"])
+def forward_kernel(
+    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr,
+    hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr, counter_ptr,
+    T, B, H, H_OUT, step_start, num_steps,
+    MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Steps ``step_start .. step_start + num_steps - 1``, phases ``PHASE_FIRST..PHASE_LAST``.
+
+    One launch per step and phase: ``num_steps=1``, ``PHASE_FIRST == PHASE_LAST``,
+    ``SYNC_NONE``. Persistent: ``num_steps=T``, every phase, ``SYNC_PROGRAM`` or ``SYNC_GRID``.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    for i in range(num_steps):
+        s = (step_start + i).to(tl.int64)  # 64-bit offsets for long, wide sequences
+        for phase in tl.static_range(PHASE_FIRST, PHASE_LAST + 1):
+            _forward_phase(
+                phase, s, pid, nprog,
+                gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr,
+                hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
+                T, B, H, H_OUT,
+                MODE, ACT, G, HAS_BIAS, HAS_LENGTHS, REVERSE,
+                BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
+            )
+            _sync(counter_ptr, nprog, i * (PHASE_LAST - PHASE_FIRST + 1) + phase - PHASE_FIRST + 1,
+                  SYNC)
+
+
+# --- backward ---
+
+
+@triton.jit
+def _backward_phase(
+    PHASE: tl.constexpr, s, pid, nprog,
+    w_hh_ptr, w_hr_ptr, len_ptr,
+    hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
+    dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr,
+    T, B, H, H_OUT,
+    MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    if REVERSE:
+        t = T - 1 - s
+    else:
+        t = s
+    GH = G * H
+    THREE_PHASES: tl.constexpr = MODE == MODE_GRU_BEFORE or MODE == MODE_LSTM_PROJ
+    LAST: tl.constexpr = PHASE == (2 if THREE_PHASES else 1)
+    # The last phase and LSTM_PROJ's first produce H_OUT columns; the others H columns.
+    if LAST or (MODE == MODE_LSTM_PROJ and PHASE == 0):
+        N = H_OUT
+    else:
+        N = H
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    tiles = (B + BLOCK_B - 1) // BLOCK_B * tiles_n
+    dh_next = dhseq_ptr + (s + 1) * B * H_OUT
+    dh_prev = dhseq_ptr + s * B * H_OUT
+    dout = dout_ptr + t * B * H_OUT
+    pre = pre_ptr + s * B * GH
+    aux = aux_ptr + s * B * H
+    gaux = gaux_ptr + s * B * H_OUT
+    dgx = dgx_ptr + s * B * GH
+    dghh = dghh_ptr + s * B * GH
+    for tile in range(pid, tiles, nprog):
+        offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
+        active = _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS)
+        if LAST:
+            carry = _load(dh_next, H_OUT, offs_b, offs_n, mask)
+            # dh_prev = dgates_hh @ W_hh (+ the direct terms of GRU), or the carry when idle.
+            if MODE == MODE_GRU_BEFORE:
+                K = 2 * H
+            else:
+                K = GH
+            dh = _mm(dghh, GH, offs_b, b_mask, K, w_hh_ptr, H_OUT, 1, offs_n, n_mask,
+                     BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            if MODE == MODE_GRU_AFTER or MODE == MODE_GRU_BEFORE:
+                grad_h = carry + _load(dout, H_OUT, offs_b, offs_n, mask)
+                dh += grad_h * _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
+                if MODE == MODE_GRU_BEFORE:
+                    dh += _load(gaux, H_OUT, offs_b, offs_n, mask)
+            _store(dh_prev, H_OUT, offs_b, offs_n, mask, tl.where(active, dh, carry))
+        elif MODE == MODE_LSTM_PROJ and PHASE == 0:
+            grad_h = _load(dh_next, H_OUT, offs_b, offs_n, mask) + _load(
+                dout, H_OUT, offs_b, offs_n, mask)
+            _store(gaux, H_OUT, offs_b, offs_n, mask, tl.where(active, grad_h, 0.0))
+        elif MODE == MODE_GRU_BEFORE and PHASE == 1:
+            # d(r*h) = dn_pre @ W_hn; then the reset gate, and d(r*h) * r towards dh_prev.
+            d_rh = _mm(dghh + 2 * H, GH, offs_b, b_mask, H, w_hh_ptr + 2 * H * H_OUT, H_OUT, 1,
+                       offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            reset = _sigmoid(_load(pre, GH, offs_b, offs_n, mask))
+            h_old = _load(hseq_ptr + s * B * H_OUT, H_OUT, offs_b, offs_n, mask)
+            d_reset = tl.where(active, d_rh * h_old * reset * (1.0 - reset), 0.0)
+            _store(dgx, GH, offs_b, offs_n, mask, d_reset)
+            _store(dghh, GH, offs_b, offs_n, mask, d_reset)
+            _store(gaux, H_OUT, offs_b, offs_n, mask, d_rh * reset)
+        else:
+            # The cell's own gradients: H columns, all elementwise.
+            if MODE == MODE_LSTM_PROJ:
+                grad_h = _mm(gaux, H_OUT, offs_b, b_mask, H_OUT, w_hr_ptr, H, 1, offs_n, n_mask,
+                             BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            else:
+                grad_h = _load(dh_next, H_OUT, offs_b, offs_n, mask) + _load(
+                    dout, H_OUT, offs_b, offs_n, mask)
+            if MODE == MODE_RNN:
+                d_a = grad_h * _activate_grad(_load(pre, GH, offs_b, offs_n, mask), ACT)
+                _store(dgx, GH, offs_b, offs_n, mask, tl.where(active, d_a, 0.0))
+            elif MODE == MODE_GRU_AFTER or MODE == MODE_GRU_BEFORE:
+                reset = _sigmoid(_load(pre, GH, offs_b, offs_n, mask))
+                update = _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
+                cand = _tanh(_load(pre + 2 * H, GH, offs_b, offs_n, mask))
+                h_old = _load(hseq_ptr + s * B * H_OUT, H_OUT, offs_b, offs_n, mask)
+                d_update = tl.where(active, grad_h * (h_old - cand) * update * (1.0 - update), 0.0)
+                d_cand = tl.where(active, grad_h * (1.0 - update) * (1.0 - cand * cand), 0.0)
+                _store(dgx + H, GH, offs_b, offs_n, mask, d_update)
+                _store(dgx + 2 * H, GH, offs_b, offs_n, mask, d_cand)
+                _store(dghh + H, GH, offs_b, offs_n, mask, d_update)
+                if MODE == MODE_GRU_AFTER:
+                    hn = _load(aux, H, offs_b, offs_n, mask)
+                    d_reset = d_cand * hn * reset * (1.0 - reset)
+                    _store(dgx, GH, offs_b, offs_n, mask, d_reset)
+                    _store(dghh, GH, offs_b, offs_n, mask, d_reset)
+                    _store(dghh + 2 * H, GH, offs_b, offs_n, mask, d_cand * reset)
+                else:
+                    _store(dghh + 2 * H, GH, offs_b, offs_n, mask, d_cand)
+            else:
+                a_i = _sigmoid(_load(pre, GH, offs_b, offs_n, mask))
+                a_f = _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
+                a_g = _tanh(_load(pre + 2 * H, GH, offs_b, offs_n, mask))
+                a_o = _sigmoid(_load(pre + 3 * H, GH, offs_b, offs_n, mask))
+                c_old = _load(cseq_ptr + s * B * H, H, offs_b, offs_n, mask)
+                tanh_c = _tanh(a_f * c_old + a_i * a_g)
+                dc_carry = _load(dcseq_ptr + (s + 1) * B * H, H, offs_b, offs_n, mask)
+                dc = dc_carry + grad_h * a_o * (1.0 - tanh_c * tanh_c)
+                d_i = tl.where(active, dc * a_g * a_i * (1.0 - a_i), 0.0)
+                d_f = tl.where(active, dc * c_old * a_f * (1.0 - a_f), 0.0)
+                d_g = tl.where(active, dc * a_i * (1.0 - a_g * a_g), 0.0)
+                d_o = tl.where(active, grad_h * tanh_c * a_o * (1.0 - a_o), 0.0)
+                _store(dgx, GH, offs_b, offs_n, mask, d_i)
+                _store(dgx + H, GH, offs_b, offs_n, mask, d_f)
+                _store(dgx + 2 * H, GH, offs_b, offs_n, mask, d_g)
+                _store(dgx + 3 * H, GH, offs_b, offs_n, mask, d_o)
+                _store(dcseq_ptr + s * B * H, H, offs_b, offs_n, mask,
+                       tl.where(active, dc * a_f, dc_carry))
+
+
+@triton.jit(do_not_specialize=["step_start"])
+def backward_kernel(
+    w_hh_ptr, w_hr_ptr, len_ptr,
+    hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
+    dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, counter_ptr,
+    T, B, H, H_OUT, step_start, num_steps,
+    MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Backward through processing steps ``step_start`` down to ``step_start - num_steps + 1``."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    for i in range(num_steps):
+        s = (step_start - i).to(tl.int64)
+        for phase in tl.static_range(PHASE_FIRST, PHASE_LAST + 1):
+            _backward_phase(
+                phase, s, pid, nprog,
+                w_hh_ptr, w_hr_ptr, len_ptr,
+                hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
+                dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr,
+                T, B, H, H_OUT,
+                MODE, ACT, G, HAS_LENGTHS, REVERSE,
+                BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
+            )
+            _sync(counter_ptr, nprog, i * (PHASE_LAST - PHASE_FIRST + 1) + phase - PHASE_FIRST + 1,
+                  SYNC)

@@ -1,0 +1,413 @@
+"""The triton backend under the Triton CPU interpreter, held equal to the reference path.
+
+``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is decorated, so it is set
+here first. If another test module of the same pytest worker imported rnnkit's kernel module
+earlier without it, :func:`rnnkit.ops.triton._autograd.kernels` notices (its kernels are
+``JITFunction``s, not ``InterpretedFunction``s) and imports the module again, decorated for the
+interpreter; ``test_kernels_follow_the_interpreter_setting`` checks exactly that switch.
+Importing ``triton`` itself earlier is harmless too: the kernels call only triton.language
+builtins, never triton's own ``@triton.jit`` helpers, which are decorated at triton's import.
+
+Sizes are tiny (the interpreter runs every tile in numpy): H <= 24, T <= 5, B <= 5.
+Tolerances: fp32 to 2e-5 absolute; fp16 is compared, like the fp16 reference path, with an
+fp32 reference run on the same (fp16-rounded) inputs, to 2e-2 absolute.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+import rnnkit  # noqa: E402
+from rnnkit.activations import ACTIVATIONS  # noqa: E402
+from rnnkit.cells import CellSpec  # noqa: E402
+from rnnkit.ops import dispatch, reference  # noqa: E402
+from rnnkit.ops import triton as triton_package  # noqa: E402
+from rnnkit.ops.triton import BACKEND  # noqa: E402
+from rnnkit.ops.triton import _autograd as host  # noqa: E402
+
+FP32_ATOL = 2e-5
+FP16_ATOL = 2e-2
+
+
+def make_call(spec, *, hidden=20, proj=0, seq_len=4, batch=3, lengths=None, bias=True,
+              dtype=torch.float32, seed=0):
+    """Random inputs of one layer-direction; every floating tensor requires grad."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_()
+
+    hidden_out = proj or hidden
+    gate_size = spec.num_gates * hidden
+    state = (rand(batch, hidden_out),)
+    if spec.mode == "lstm":
+        state = state + (rand(batch, hidden),)
+    return dict(
+        gates_x=rand(seq_len, batch, gate_size),
+        state=state,
+        weight_hh=rand(gate_size, hidden_out, scale=0.3),
+        bias_hh=rand(gate_size, scale=0.3) if bias else None,
+        weight_hr=rand(proj, hidden, scale=0.3) if proj else None,
+        lengths=None if lengths is None else torch.tensor(lengths),
+    )
+
+
+def leaves(call):
+    tensors = [call["gates_x"], *call["state"], call["weight_hh"], call["bias_hh"],
+               call["weight_hr"]]
+    return [t for t in tensors if t is not None]
+
+
+def run(fn, spec, call, reverse):
+    """Outputs, final states and the gradients of every input of one layer-direction."""
+    output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"], call["bias_hh"],
+                       call["weight_hr"], call["lengths"], reverse)
+    results = [output, *final]
+    # A weighted sum, so every output position gets a different gradient.
+    loss = sum((r.float() * torch.linspace(-1, 1, r.numel()).view_as(r)).sum() for r in results)
+    grads = torch.autograd.grad(loss, leaves(call))
+    return [r.detach() for r in results] + list(grads)
+
+
+def assert_close_all(actual, expected, atol, rtol=1e-6):
+    """Max abs error <= ``atol + rtol * max|expected|`` for every tensor of the two lists."""
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape, index
+        error = (a.float() - e.float()).abs().max().item()
+        bound = atol + rtol * e.float().abs().max().item()
+        assert error <= bound, f"tensor {index}: max error {error} > {bound}"
+
+
+CASES = [  # (id, spec, make_call options, reverse): each cell kind runs both directions
+    ("rnn-tanh", CellSpec("rnn", "tanh"), {}, False),
+    ("rnn-relu-lengths-rev", CellSpec("rnn", "relu"), {"lengths": [4, 2, 3]}, True),
+    ("rnn-gelu", CellSpec("rnn", "gelu"), {}, False),
+    ("rnn-silu-nobias-rev", CellSpec("rnn", "silu"), {"bias": False}, True),
+    ("rnn-hardtanh", CellSpec("rnn", "hardtanh"), {"seq_len": 3}, False),
+    ("rnn-softsign", CellSpec("rnn", "softsign"), {"seq_len": 3}, False),
+    ("rnn-sigmoid", CellSpec("rnn", "sigmoid"), {"seq_len": 3}, False),
+    ("rnn-identity", CellSpec("rnn", "identity"), {"seq_len": 3}, False),
+    ("gru-after-lengths", CellSpec("gru", reset_after=True), {"lengths": [2, 4, 1]}, False),
+    ("gru-after-rev", CellSpec("gru", reset_after=True), {"bias": False}, True),
+    ("gru-before-lengths-rev", CellSpec("gru", reset_after=False), {"lengths": [1, 4, 3]}, True),
+    ("gru-before-nobias", CellSpec("gru", reset_after=False), {"bias": False}, False),
+    ("lstm-lengths-rev", CellSpec("lstm"), {"lengths": [3, 1, 4]}, True),
+    ("lstm-nobias", CellSpec("lstm"), {"bias": False}, False),
+    ("lstm-proj-lengths", CellSpec("lstm"), {"proj": 12, "lengths": [4, 2, 3]}, False),
+    ("lstm-proj-rev", CellSpec("lstm"), {"proj": 12}, True),
+]
+
+
+@pytest.mark.parametrize("name,spec,options,reverse", CASES, ids=[c[0] for c in CASES])
+def test_fp32_outputs_and_gradients_equal_reference(name, spec, options, reverse):
+    call = make_call(spec, **options)
+    expected = run(reference.recurrence, spec, call, reverse)
+    actual = run(BACKEND.recurrence, spec, call, reverse)
+    assert_close_all(actual, expected, FP32_ATOL)
+
+
+@st.composite
+def configurations(draw):
+    mode = draw(st.sampled_from(["rnn", "gru", "lstm"]))
+    spec = CellSpec(mode, draw(st.sampled_from(sorted(ACTIVATIONS))), draw(st.booleans()))
+    hidden = draw(st.integers(1, 24))
+    batch = draw(st.integers(1, 5))
+    seq_len = draw(st.integers(1, 4))
+    proj = draw(st.integers(0, hidden - 1)) if mode == "lstm" else 0
+    lengths = draw(st.none() | st.lists(st.integers(1, seq_len), min_size=batch, max_size=batch))
+    options = dict(hidden=hidden, proj=proj, seq_len=seq_len, batch=batch, lengths=lengths,
+                   bias=draw(st.booleans()))
+    return spec, options, draw(st.booleans()), draw(st.sampled_from(host.SCHEDULES))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(configurations())
+def test_random_configurations_equal_reference(configuration):
+    spec, options, reverse, schedule = configuration
+    call = make_call(spec, **options)
+    # (hypothesis reruns the body, so a function-scoped monkeypatch would not reset between runs)
+    previous = os.environ.get("RNNKIT_TRITON_SCHEDULE")
+    os.environ["RNNKIT_TRITON_SCHEDULE"] = schedule
+    try:
+        actual = run(BACKEND.recurrence, spec, call, reverse)
+    finally:
+        if previous is None:
+            del os.environ["RNNKIT_TRITON_SCHEDULE"]
+        else:
+            os.environ["RNNKIT_TRITON_SCHEDULE"] = previous
+    assert_close_all(actual, run(reference.recurrence, spec, call, reverse), FP32_ATOL, 1e-5)
+
+
+@pytest.mark.parametrize("name,spec,options", [
+    ("rnn", CellSpec("rnn"), {"lengths": [3, 4, 2]}),
+    ("gru-after", CellSpec("gru"), {}),
+    ("gru-before", CellSpec("gru", reset_after=False), {"lengths": [3, 4, 2]}),
+    ("lstm-proj", CellSpec("lstm"), {"proj": 12}),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_fp16_is_as_close_to_fp32_as_stated(name, spec, options):
+    call16 = make_call(spec, dtype=torch.float16, **options)
+    # The fp32 reference on exactly the fp16-rounded inputs.
+    call32 = {key: value for key, value in call16.items()}
+    for key in ("gates_x", "weight_hh", "bias_hh", "weight_hr"):
+        if call16[key] is not None:
+            call32[key] = call16[key].detach().float().requires_grad_()
+    call32["state"] = tuple(s.detach().float().requires_grad_() for s in call16["state"])
+    expected = run(reference.recurrence, spec, call32, True)
+    actual = run(BACKEND.recurrence, spec, call16, True)
+    assert all(a.dtype == torch.float16 for a in actual)
+    assert_close_all(actual, expected, FP16_ATOL)
+
+
+@pytest.mark.parametrize("spec,options", [
+    (CellSpec("gru", reset_after=False), {"lengths": [1, 3, 2], "seq_len": 3}),
+    (CellSpec("lstm"), {"proj": 12, "lengths": [3, 1, 2], "seq_len": 3}),
+], ids=["gru-before", "lstm-proj"])
+def test_persistent_schedule_matches_step_schedule_bitwise(spec, options, monkeypatch):
+    # The persistent kernel (one program owning every tile under the interpreter) runs the same
+    # phase code as one launch per step; the tiles are summed in the same order, so bitwise.
+    call = make_call(spec, **options)
+    monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", "step")
+    step = run(BACKEND.recurrence, spec, call, True)
+    monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", "persistent")
+    persistent = run(BACKEND.recurrence, spec, call, True)
+    for a, b in zip(step, persistent):
+        assert torch.equal(a, b)
+    assert_close_all(persistent, run(reference.recurrence, spec, call, True), FP32_ATOL)
+
+
+def packed_and_lengths(batch_first_input, lengths):
+    return pack_padded_sequence(batch_first_input, torch.tensor(lengths), batch_first=True,
+                                enforce_sorted=False)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_bidirectional_two_layer_with_unsorted_lengths_equals_torch_nn(kind):
+    options = dict(input_size=5, hidden_size=16, num_layers=2, bidirectional=True,
+                   batch_first=True)
+    if kind == "LSTM":
+        options["proj_size"] = 8
+    torch_layer = getattr(nn, kind)(**options)
+    ours = getattr(rnnkit, kind)(**options, backend="triton")
+    ours.load_state_dict(torch_layer.state_dict(), strict=True)
+    lengths = [3, 5, 2]
+    x = torch.randn(3, 5, 5)
+    results = []
+    for layer in (torch_layer, ours):
+        xi = x.clone().requires_grad_()
+        output, state = layer(packed_and_lengths(xi, lengths))
+        flat = [output.data, *(state if isinstance(state, tuple) else (state,))]
+        loss = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in flat)
+        params = list(layer.parameters())
+        grads = torch.autograd.grad(loss, [xi, *params])
+        results.append([t.detach() for t in flat] + list(grads))
+    assert ours.backend == "triton"
+    assert_close_all(results[1], results[0], 5e-5)
+
+
+def lstm_with_dropout_run(seed):
+    torch.manual_seed(seed)
+    layer = rnnkit.LSTM(4, 12, num_layers=2, dropout=0.5, backend="triton")
+    layer.train()
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    output, (h_n, c_n) = layer(x, lengths=torch.tensor([3, 2]))
+    loss = (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum()
+    loss = loss + h_n.sum() + (2 * c_n).sum()
+    grads = torch.autograd.grad(loss, [x, *layer.parameters()])
+    return [output.detach(), h_n.detach(), c_n.detach(), *grads]
+
+
+def test_two_runs_are_bitwise_identical_with_dropout_under_a_fixed_seed():
+    first = lstm_with_dropout_run(7)
+    second = lstm_with_dropout_run(7)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    # The dropout really acted: the same weights in eval mode (no dropout) give another output.
+    torch.manual_seed(7)
+    layer = rnnkit.LSTM(4, 12, num_layers=2, dropout=0.5, backend="triton").eval()
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        assert not torch.equal(layer(x, lengths=torch.tensor([3, 2]))[0], first[0])
+
+
+def test_backend_triton_is_really_used():
+    spec = CellSpec("gru")
+    call = make_call(spec, seq_len=2)
+    args = (spec, call["gates_x"], call["state"], call["weight_hh"], call["bias_hh"], None,
+            None, False)
+    assert dispatch.choose(dispatch.Call(*args), "triton") == ("triton", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        output, _ = dispatch.recurrence(*args, backend="triton")
+    assert type(output.grad_fn).__name__ == "TritonRecurrenceBackward"
+    # "auto" does not pick triton for CPU tensors: it claims only CUDA.
+    assert BACKEND.device_types == ("cuda",)
+    assert dispatch.choose(dispatch.Call(*args), "auto")[0] != "triton"
+
+
+def test_cells_run_on_triton_and_equal_torch_nn():
+    torch_cell = nn.GRUCell(6, 16)
+    ours = rnnkit.GRUCell(6, 16, backend="triton")
+    ours.load_state_dict(torch_cell.state_dict())
+    x, h = torch.randn(3, 6), torch.randn(3, 16)
+    assert torch.allclose(ours(x, h), torch_cell(x, h), atol=FP32_ATOL)
+
+
+def test_callable_nonlinearity_falls_back_with_a_reason(monkeypatch):
+    # dispatch warns once per message; start from a clean slate whatever ran before.
+    monkeypatch.setattr(dispatch, "_warned", set())
+    layer = rnnkit.RNN(3, 8, nonlinearity=torch.sin, backend="triton")
+    x = torch.randn(2, 2, 3)
+    with pytest.warns(UserWarning, match="callable"):
+        output, _ = layer(x)
+    assert output.grad_fn is not None
+    assert type(output.grad_fn).__name__ != "TritonRecurrenceBackward"
+    reference_layer = rnnkit.RNN(3, 8, nonlinearity=torch.sin, backend="reference")
+    reference_layer.load_state_dict(layer.state_dict())
+    assert torch.equal(output, reference_layer(x)[0])
+
+
+def test_unsupported_calls_give_reasons(monkeypatch):
+    spec = CellSpec("rnn")
+    call = make_call(spec, seq_len=2)
+
+    def reason(**changes):
+        fields = dict(spec=spec, gates_x=call["gates_x"], state=call["state"],
+                      weight_hh=call["weight_hh"], bias_hh=call["bias_hh"], weight_hr=None,
+                      lengths=None, reverse=False)
+        fields.update(changes)
+        return BACKEND.unsupported_reason(dispatch.Call(**fields))
+
+    assert reason() is None
+    assert "float64" in reason(gates_x=call["gates_x"].double())
+    assert "mixed dtypes" in reason(weight_hh=call["weight_hh"].half())
+    assert "callable" in reason(spec=CellSpec("rnn", torch.sin))
+    assert "'mish' has no triton kernel" in reason(spec=CellSpec("rnn", "mish"))
+    assert "bfloat16" in reason(
+        gates_x=call["gates_x"].bfloat16(), state=(call["state"][0].bfloat16(),),
+        weight_hh=call["weight_hh"].bfloat16(), bias_hh=call["bias_hh"].bfloat16())
+    assert BACKEND.unavailable_reason() is None
+    monkeypatch.setattr(triton_package, "_IMPORT_ERROR", "triton is not installed (test)")
+    assert "not installed" in BACKEND.unavailable_reason()
+    monkeypatch.setattr(triton_package, "_IMPORT_ERROR", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in reason()
+    if not torch.cuda.is_available():
+        assert "TRITON_INTERPRET" in BACKEND.unavailable_reason()
+
+
+def test_kernels_follow_the_interpreter_setting(monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not isinstance(host.kernels().forward_kernel, InterpretedFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(host.kernels().forward_kernel, InterpretedFunction)
+
+
+def test_bad_schedule_name_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", "fastest")
+    with pytest.raises(ValueError, match="RNNKIT_TRITON_SCHEDULE must be one of"):
+        host.schedule()
+
+
+@pytest.mark.parametrize("spec", [CellSpec("rnn", "silu"), CellSpec("lstm")], ids=["rnn", "lstm"])
+def test_double_backward_equals_reference(spec):
+    call = make_call(spec, hidden=8, seq_len=3, batch=2, lengths=[3, 2])
+    results = []
+    for fn in (reference.recurrence, BACKEND.recurrence):
+        output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"],
+                           call["bias_hh"], None, call["lengths"], False)
+        loss = (output**2).sum() + final[-1].sum()
+        grad_w, = torch.autograd.grad(loss, call["weight_hh"], create_graph=True)
+        second = torch.autograd.grad((grad_w**2).sum(), [call["gates_x"], call["weight_hh"]])
+        results.append([grad_w.detach(), *second])
+    assert_close_all(results[1], results[0], FP32_ATOL, rtol=1e-5)
+
+
+COMPILE_FOR_HOPPER = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rnnkit.ops.triton import _kernels as k
+
+
+def compile_for_hopper(kernel, mode, pointer_types, phases):
+    consts = dict(MODE=mode, ACT=5, G=4 if mode >= k.LSTM else 3, HAS_BIAS=True,
+                  HAS_LENGTHS=True, REVERSE=True, PHASE_FIRST=0, PHASE_LAST=phases - 1,
+                  SYNC=k.SYNC_GRID.value, BLOCK_B=16, BLOCK_N=32, BLOCK_K=64, PRECISION="ieee")
+    pointers = iter(pointer_types)
+    signature, constexprs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name.endswith("_ptr"):
+            signature[name] = next(pointers)
+        elif name in consts:
+            signature[name] = "constexpr"
+            constexprs[(index,)] = consts[name]
+        else:
+            signature[name] = "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    return {"cubin_bytes": len(compiled.asm["cubin"]), "ptx": compiled.asm["ptx"]}
+
+
+half, f32 = "*fp16", "*fp32"
+forward = [half, half, half, half, "*i64", half, f32, half, f32, f32, "*i32"]
+backward = [half, half, "*i64", half] + [f32] * 9 + ["*i32"]
+json.dump([
+    compile_for_hopper(k.forward_kernel, k.LSTM_PROJ, forward, k.FORWARD_PHASES[k.LSTM_PROJ]),
+    compile_for_hopper(k.backward_kernel, k.GRU_BEFORE, backward,
+                       k.BACKWARD_PHASES[k.GRU_BEFORE]),
+], sys.stdout)
+"""
+
+
+def test_persistent_kernels_compile_for_the_gpu_with_their_grid_barrier():
+    # The interpreter never runs the SYNC_GRID branch; compiling for sm_90 (Triton's bundled
+    # ptxas, no GPU needed) checks that the GPU path type-checks and lowers, and that the
+    # barrier is there (a release add, then an acquire spin). It runs in a fresh process: this
+    # one has triton's own jit functions decorated for the interpreter.
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"Triton's bundled ptxas is missing ({ptxas})")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for kernel in json.loads(done.stdout):
+        assert kernel["cubin_bytes"] > 0
+        ptx = kernel["ptx"]
+        assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
+        assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
+
+
+def test_changing_the_outputs_in_place_keeps_backward_right():
+    grads = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(3)
+        layer = rnnkit.GRU(3, 8, backend=backend)
+        x = torch.randn(3, 2, 3, requires_grad=True)
+        output, h_n = layer(x)
+        output.mul_(2)
+        h_n.add_(1)
+        (output.sum() + (h_n**2).sum()).backward()
+        grads.append([x.grad, *(p.grad for p in layer.parameters())])
+    assert_close_all(grads[0], grads[1], FP32_ATOL, 1e-5)

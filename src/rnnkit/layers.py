@@ -277,6 +277,13 @@ class RecurrentLayer(nn.Module):
             name: getattr(self, name + suffix, None)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         }
+        if torch.compiler.is_exporting():
+            # One op per layer-direction keeps the time axis dynamic; see rnnkit.export.
+            from rnnkit.ops import export_op
+
+            return export_op.layer_direction(
+                self.spec, layer_input, weight, state, lengths, bool(direction)
+            )
         gates_x = F.linear(layer_input, weight["weight_ih"], weight["bias_ih"])
         return dispatch.recurrence(
             self.spec,

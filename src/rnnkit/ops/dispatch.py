@@ -98,6 +98,9 @@ def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
     if requested == "reference" or torch.compiler.is_exporting():
         # Exported graphs hold only standard ops (layers export through rnnkit.export).
         return "reference", None
+    if torch._C._are_functorch_transforms_active():
+        # vmap/jacrev/jvp need batching and forward-AD rules that only plain torch ops have.
+        return "reference", "torch.func transforms run on the reference path"
     backends = registered()
     device_type = call.gates_x.device.type
     if requested == "auto":

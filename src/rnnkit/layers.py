@@ -82,6 +82,7 @@ class RecurrentLayer(nn.Module):
             )
         self.spec = spec
         self.backend = _checks.backend_name(backend)
+        dispatch.registered()  # import the backends now: torch.compile cannot trace imports
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers

@@ -72,7 +72,7 @@ def _load_builtin_backends() -> None:
     # Importing a backend module registers it; a missing optional dependency just leaves it out.
     global _builtins_loaded
     if _builtins_loaded or torch.compiler.is_compiling():
-        # Importing cannot be traced; the layers load the backends when they are built.
+        # Importing cannot be traced; layers and cells load the backends when they are built.
         return
     _builtins_loaded = True
     for module in ("rnnkit.ops.cpu", "rnnkit.ops.triton"):

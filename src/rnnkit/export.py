@@ -57,8 +57,12 @@ def export_onnx(
     """``torch.onnx.export(model, args, f, dynamo=True, ...)`` with rnnkit's translations.
 
     Args:
-        model, args, f, kwargs, dynamic_shapes: as for ``torch.onnx.export``; mark the batch
-            and time dimensions of the input with ``torch.export.Dim`` to keep them dynamic.
+        model: the module to export.
+        args: example positional inputs, as for ``torch.onnx.export``.
+        f: where to save the model, or ``None`` to only return the program.
+        kwargs: example keyword inputs.
+        dynamic_shapes: as for ``torch.onnx.export``; mark the batch and time dimensions of
+            the input with ``torch.export.Dim`` to keep them dynamic.
         options: further keyword arguments for ``torch.onnx.export``.
 
     Returns:

@@ -79,11 +79,9 @@ def _free_port() -> int:
 def test_ddp_two_processes_match_single_process(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
-    # fork starts in milliseconds where spawn re-imports torch in each child (20 s on 2 cores),
-    # as DataLoader workers do; spawn remains for platforms without fork.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: a fork after torch.compile or OpenMP work in this process can hang.
     context = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                                 join=False, start_method=method)
+                                 join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:

@@ -94,3 +94,19 @@ def test_torch_nn_lstm_agrees_on_dtype_and_values():
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), w.float(), atol=TOLERANCE, rtol=0)
+
+
+def test_autocast_inside_torch_compile_matches_eager_autocast():
+    torch.manual_seed(0)
+    model = rnnkit.LSTM(6, 8, num_layers=2)
+    x, lengths = torch.randn(5, 2, 6), torch.tensor([5, 2])
+
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, lengths=lengths)[0]
+
+    torch._dynamo.reset()
+    got = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
+    want = run(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -127,3 +127,33 @@ def test_callable_nonlinearity_cannot_be_exported():
     model = Wrapper(rnnkit.RNN(3, 4, nonlinearity=torch.sin))
     with pytest.raises(TypeError, match="callable"):
         torch.export.export(model, (torch.randn(5, 2, 3),))
+
+
+class WithState(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, h0, c0):
+        return torch.utils._pytree.tree_leaves(self.layer(x, (h0, c0)))
+
+
+def test_given_and_learned_initial_states_export():
+    torch.manual_seed(0)
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    given = WithState(rnnkit.LSTM(3, 4, num_layers=2)).eval()
+    program = export.export_onnx(
+        given, (torch.randn(5, 2, 3), torch.randn(2, 2, 4), torch.randn(2, 2, 4)),
+        dynamic_shapes=({0: steps, 1: batch}, {1: batch}, {1: batch}), verbose=False,
+    )
+    inputs = (torch.randn(7, 3, 3), torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    for g, w in zip(_run_onnx(program, *inputs), given(*inputs)):
+        torch.testing.assert_close(g, w.detach(), atol=1e-5, rtol=1e-5)
+
+    learned = Wrapper(rnnkit.GRU(3, 4, bidirectional=True, learn_initial_state=True)).eval()
+    with torch.no_grad():
+        learned.layer.initial_h.normal_()
+    program = _export(learned, _example(False, 5, 2), None, False)
+    x = _example(False, 7, 3)
+    for g, w in zip(_run_onnx(program, x), learned(x)):
+        torch.testing.assert_close(g, w.detach(), atol=1e-5, rtol=1e-5)

@@ -5,17 +5,15 @@ While ``torch.export`` traces a model, each layer-direction of an :class:`rnnkit
 ``rnnkit_export::recurrence`` (see :mod:`rnnkit.ops.export_op`). The translation below turns
 that op into ONNX:
 
-==============================================  ==============================================
-rnnkit layer-direction                          ONNX
-==============================================  ==============================================
-RNN, nonlinearity ``tanh``/``relu``/``sigmoid``  ``RNN`` (activations ``Tanh``/``Relu``/``Sigmoid``)
-GRU, ``reset_after=True``                       ``GRU`` with ``linear_before_reset=1``
-GRU, ``reset_after=False``                      ``GRU`` with ``linear_before_reset=0``
-LSTM without ``proj_size``                      ``LSTM``
-LSTM with ``proj_size``                         ``Scan`` over time (ONNX's LSTM has no projection)
-RNN with any other named nonlinearity           ``Scan`` over time
-RNN with a callable nonlinearity                ``TypeError`` (a Python callable has no ONNX form)
-==============================================  ==============================================
+| rnnkit layer-direction | ONNX |
+|---|---|
+| RNN with ``tanh``, ``relu`` or ``sigmoid`` | ``RNN`` (activation ``Tanh``/``Relu``/``Sigmoid``) |
+| GRU, ``reset_after=True`` | ``GRU`` with ``linear_before_reset=1`` |
+| GRU, ``reset_after=False`` | ``GRU`` with ``linear_before_reset=0`` |
+| LSTM without ``proj_size`` | ``LSTM`` |
+| LSTM with ``proj_size`` | ``Scan`` over time (ONNX's LSTM has no projection) |
+| RNN with any other named nonlinearity | ``Scan`` over time |
+| RNN with a callable nonlinearity | ``TypeError`` (a Python callable has no ONNX form) |
 
 ``lengths`` becomes ``sequence_lens`` of the native ops; the ``Scan`` path masks steps past
 each length and runs reverse directions through ``ReverseSequence``. Gates are reordered from

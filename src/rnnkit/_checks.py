@@ -104,12 +104,21 @@ def lengths(
 
     Accepts a 1-D integer tensor on any device, or a list or tuple of ints, in any order.
     ``minimum=0`` admits sequences with no step in this call (used by streaming).
+    Under torch.compile and torch.export the checks that read the values are skipped: they
+    are data-dependent and would break the graph.
     """
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             raise TypeError(f"lengths must hold integers, got a tensor of dtype {value.dtype}")
         if value.dim() != 1:
             raise ValueError(f"lengths must be 1-D, got shape {tuple(value.shape)}")
+        if torch.compiler.is_compiling():
+            if value.shape[0] != batch_size:
+                raise ValueError(
+                    f"lengths must have one entry per sequence: expected {batch_size}, "
+                    f"got {value.shape[0]}"
+                )
+            return value.detach().to(device=device, dtype=torch.int64)
         values = value.detach().to("cpu", torch.int64)
     elif isinstance(value, Sequence) and not isinstance(value, str):
         if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):

@@ -150,6 +150,9 @@ class _CellBase(nn.Module):
         _checks.boolean("bias", bias)
         _checks.boolean("learn_initial_state", learn_initial_state)
         self.backend = _checks.backend_name(backend)
+        from rnnkit.ops import dispatch
+
+        dispatch.registered()  # import the backends now: torch.compile cannot trace imports
         factory = {"device": device, "dtype": dtype}
         self.spec = spec
         self.input_size = input_size

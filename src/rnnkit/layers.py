@@ -87,6 +87,7 @@ class RecurrentLayer(nn.Module):
             )
         self.spec = spec
         self.backend = _checks.backend_name(backend)
+        dispatch.registered()  # import the backends now: torch.compile cannot trace imports
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -319,6 +320,13 @@ class RecurrentLayer(nn.Module):
             name: getattr(self, name + suffix, None)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         }
+        if torch.compiler.is_exporting():
+            # One op per layer-direction keeps the time axis dynamic; see rnnkit.export.
+            from rnnkit.ops import export_op
+
+            return export_op.layer_direction(
+                self.spec, layer_input, weight, state, lengths, bool(direction)
+            )
         gates_x = F.linear(layer_input, weight["weight_ih"], weight["bias_ih"])
         return dispatch.recurrence(
             self.spec,

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from rnnkit import _checks
@@ -70,7 +71,8 @@ def registered() -> dict[str, Backend]:
 def _load_builtin_backends() -> None:
     # Importing a backend module registers it; a missing optional dependency just leaves it out.
     global _builtins_loaded
-    if _builtins_loaded:
+    if _builtins_loaded or torch.compiler.is_compiling():
+        # Importing cannot be traced; layers and cells load the backends when they are built.
         return
     _builtins_loaded = True
     for module in ("rnnkit.ops.cpu", "rnnkit.ops.triton"):
@@ -93,8 +95,12 @@ def _note_fallback(requested: str, reason: str) -> None:
 def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
     """The backend name that will serve ``call``, and why others were passed over."""
     requested = requested or _checks.env_backend()
-    if requested == "reference":
+    if requested == "reference" or torch.compiler.is_exporting():
+        # Exported graphs hold only standard ops (layers export through rnnkit.export).
         return "reference", None
+    if torch._C._are_functorch_transforms_active():
+        # vmap/jacrev/jvp need batching and forward-AD rules that only plain torch ops have.
+        return "reference", "torch.func transforms run on the reference path"
     backends = registered()
     device_type = call.gates_x.device.type
     if requested == "auto":
@@ -126,10 +132,28 @@ def recurrence(
     *,
     backend: str | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Run one layer-direction on the chosen backend; see :func:`reference.recurrence`."""
+    """Run one layer-direction on the chosen backend; see :func:`reference.recurrence`.
+
+    Under ``torch.autocast`` every tensor is cast to the autocast dtype and the time loop runs
+    with autocast off, so the whole recurrence (state included) has one dtype, as
+    torch.nn.LSTM's does on CPU; output and final state come back in that dtype.
+    """
+    device_type = gates_x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(dtype)
+
+        with torch.autocast(device_type, enabled=False):
+            return recurrence(
+                spec, cast(gates_x), tuple(cast(s) for s in state), cast(weight_hh),
+                cast(bias_hh), cast(weight_hr), lengths, reverse, backend=backend,
+            )
     args = (spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse)
     name, reason = choose(Call(*args), backend)
-    if reason is not None:
+    if reason is not None and not torch.compiler.is_compiling():
+        # Logging and warnings cannot be traced; eager runs report the same choice.
         _note_fallback(backend or _checks.env_backend(), reason)
     if name == "reference":
         return reference.recurrence(*args)

@@ -1,0 +1,73 @@
+"""Build the C++ kernels on first use, with :func:`torch.utils.cpp_extension.load`, and cache them.
+
+The build lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and is reused by later processes; torch rebuilds it when the
+source changes. Loading the library adds CPU kernels to the ``rnnkit::cpu_recurrence_*`` ops
+declared in :mod:`rnnkit.ops.cpu._ops`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("recurrence.cpp")
+EXTENSION_NAME = "rnnkit_cpu_recurrence"
+CFLAGS = ["-O3", "-std=c++17"]
+
+_lock = threading.Lock()
+_loaded = False
+_error: str | None = None
+build_seconds: float | None = None  # how long the first load in this process took
+
+
+def status() -> str | None:
+    """``None`` when the kernels are loaded (building them if needed), else why not."""
+    global _loaded, _error, build_seconds
+    if _loaded or _error is not None:
+        return _error
+    with _lock:
+        if _loaded or _error is not None:
+            return _error
+        start = time.perf_counter()
+        _error = _build()
+        _loaded = _error is None
+        build_seconds = time.perf_counter() - start
+    if _error is not None:
+        warnings.warn(
+            f"rnnkit: the compiled CPU kernels are unavailable ({_error}); "
+            "CPU calls use the reference path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _error
+
+
+def cached_status() -> str | None:
+    """The outcome so far, without building: ``None`` when loaded or not yet tried."""
+    return _error
+
+
+def _build() -> str | None:
+    import torch.utils.cpp_extension as cpp_extension
+
+    compiler = cpp_extension.get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found (looked for {compiler!r}; set CXX to choose one)"
+    if not SOURCE.exists():
+        return f"the kernel source {SOURCE} is missing from the installation"
+    try:
+        cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # any build or load failure means: use the reference path
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"building {SOURCE.name} failed: {type(error).__name__}: {first_line}"
+    return None

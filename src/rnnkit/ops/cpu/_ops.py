@@ -24,6 +24,9 @@ from rnnkit.ops.cpu import _build
 MODES = ("rnn", "gru", "lstm")
 ACTIVATIONS = ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh")
 
+# RNN activations whose derivative the forward saves (the others read it off the output).
+KEEPS_DERIVATIVE = ("silu", "gelu")
+
 FORWARD = "rnnkit::cpu_recurrence_forward"
 BACKWARD = "rnnkit::cpu_recurrence_backward"
 
@@ -59,7 +62,10 @@ def _forward_fake(
     lstm = mode == MODES.index("lstm")
     new = gates_x.new_empty
     if training:
-        saved_width = hidden if mode == 0 else 4 * hidden
+        if mode == MODES.index("rnn"):
+            saved_width = hidden if ACTIVATIONS[activation] in KEEPS_DERIVATIVE else 0
+        else:
+            saved_width = 4 * hidden
         gates = new((seq_len, batch, saved_width))
         cells = new((seq_len if lstm else 0, batch, hidden))
         projected = new((seq_len if weight_hr is not None else 0, batch, hidden))

@@ -16,9 +16,24 @@
 // The ops are declared (schema, fake and autograd) in rnnkit/ops/cpu/_ops.py; this file only
 // adds their CPU kernels.
 
+// Pick ATen's widest vector code the compiler targets (the build uses -march=native), before
+// including it: Vectorized<T> then maps to AVX512 or AVX2 registers, with SLEEF's exp/tanh/erf.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -112,47 +127,79 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
 }
 
 // ---------------------------------------------------------------------------------------
-// Elementwise math. Each activation gives its value and its derivative at the same point,
-// with torch's conventions at the kinks (relu'(0) = 0, hardtanh'(+-1) = 0).
+// Elementwise math, on whole vectors. Each activation gives its value and its derivative at
+// the same point, with torch's conventions at the kinks (relu'(0) = 0, hardtanh'(+-1) = 0).
 
 template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  return Vec<T>(T(1)) / (Vec<T>(T(1)) + x.neg().exp());
+}
+
+// Activations whose derivative cannot be read off their output; only these save it.
+constexpr bool keeps_derivative(int64_t activation) {
+  return activation == kSilu || activation == kGelu;
 }
 
 template <int A, typename T>
-inline T activate(T x, T& derivative) {
+inline Vec<T> activate(const Vec<T>& x, Vec<T>& derivative) {
+  const Vec<T> one(T(1)), zero(T(0));
   if constexpr (A == kTanh) {
-    T y = std::tanh(x);
-    derivative = T(1) - y * y;
+    const Vec<T> y = x.tanh();
+    derivative = one - y * y;
     return y;
   } else if constexpr (A == kRelu) {
-    derivative = x > T(0) ? T(1) : T(0);
-    return x > T(0) ? x : T(0);
+    derivative = x.gt(zero);
+    return at::vec::maximum(x, zero);
   } else if constexpr (A == kIdentity) {
-    derivative = T(1);
+    derivative = one;
     return x;
   } else if constexpr (A == kSigmoid) {
-    T y = sigmoid(x);
-    derivative = y * (T(1) - y);
+    const Vec<T> y = sigmoid(x);
+    derivative = y * (one - y);
     return y;
   } else if constexpr (A == kSilu) {
-    T s = sigmoid(x);
-    derivative = s * (T(1) + x * (T(1) - s));
+    const Vec<T> s = sigmoid(x);
+    derivative = s * (one + x * (one - s));
     return x * s;
   } else if constexpr (A == kGelu) {
-    const T cdf = T(0.5) * (T(1) + std::erf(x * T(M_SQRT1_2)));
-    const T pdf = std::exp(T(-0.5) * x * x) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
+    const Vec<T> cdf = Vec<T>(T(0.5)) * (one + (x * Vec<T>(T(M_SQRT1_2))).erf());
+    const Vec<T> pdf = (Vec<T>(T(-0.5)) * x * x).exp() * Vec<T>(T(0.5 * M_2_SQRTPI * M_SQRT1_2));
     derivative = cdf + x * pdf;
     return x * cdf;
   } else if constexpr (A == kSoftsign) {
-    const T denominator = T(1) + std::abs(x);
-    derivative = T(1) / (denominator * denominator);
+    const Vec<T> denominator = one + x.abs();
+    derivative = one / (denominator * denominator);
     return x / denominator;
   } else {
     static_assert(A == kHardtanh);
-    derivative = (x > T(-1) && x < T(1)) ? T(1) : T(0);
-    return std::min(std::max(x, T(-1)), T(1));
+    derivative = x.gt(Vec<T>(T(-1))) * x.lt(one);
+    return at::vec::clamp(x, Vec<T>(T(-1)), one);
+  }
+}
+
+// The derivative at the point that produced output y (activations without a saved one).
+template <int A, typename T>
+inline Vec<T> derivative_from_output(const Vec<T>& y) {
+  const Vec<T> one(T(1));
+  if constexpr (A == kTanh) {
+    return one - y * y;
+  } else if constexpr (A == kRelu) {
+    return y.gt(Vec<T>(T(0)));
+  } else if constexpr (A == kIdentity) {
+    return one;
+  } else if constexpr (A == kSigmoid) {
+    return y * (one - y);
+  } else if constexpr (A == kSoftsign) {
+    const Vec<T> rest = one - y.abs();  // = 1 / (1 + |x|)
+    return rest * rest;
+  } else if constexpr (A == kHardtanh) {
+    return y.gt(Vec<T>(T(-1))) * y.lt(one);
+  } else {
+    static_assert(A == kSilu || A == kGelu, "this activation saves its derivative");
+    return one;
   }
 }
 
@@ -175,7 +222,7 @@ void dispatch_activation(int64_t activation, F&& body) {
 // enough to pay for waking them (a B=1, H=128 step is far below that).
 template <typename F>
 void for_rows(int64_t B, int64_t H, int64_t cost_per_element, const F& fn) {
-  const int64_t grain = std::max<int64_t>(1, 8192 / cost_per_element);
+  const int64_t grain = std::max<int64_t>(1, 16384 / cost_per_element);
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     while (begin < end) {
       const int64_t b = begin / H;
@@ -185,6 +232,71 @@ void for_rows(int64_t B, int64_t H, int64_t cost_per_element, const F& fn) {
       begin += j1 - j0;
     }
   });
+}
+
+// Calls fn(j, count) over [j0, j1) in whole vectors, then one partial vector.
+template <typename T, typename F>
+inline void for_vectors(int64_t j0, int64_t j1, const F& fn) {
+  constexpr int64_t width = Vec<T>::size();
+  int64_t j = j0;
+  for (; j + width <= j1; j += width) fn(j, width);
+  if (j < j1) fn(j, j1 - j);
+}
+
+// A (K x N) matrix operand: element (k, n) is p[k * ld + n], or p[n * ld + k] when `trans`
+// (that is, the row-major storage of its transpose, as W_hh is for h W_hh^T).
+template <typename T>
+struct Operand {
+  const T* p;
+  int64_t ld;
+  bool trans;
+  Operand columns_from(int64_t n) const { return {trans ? p + n * ld : p + n, ld, trans}; }
+};
+
+// Up to this batch size a step's product is a few vector-matrix products: hand-vectorized,
+// with no BLAS call overhead, reading the k-major weights once per row.
+constexpr int64_t kSmallBatch = 4;
+
+// y (N) = x (K) M (K x N, k-major, leading dimension ldm) [+ y]: broadcast x[k] and FMA
+// into eight vector accumulators per block of columns.
+template <typename T>
+void vector_matrix(int64_t K, int64_t N, const T* x, const T* M, int64_t ldm, bool accumulate,
+                   T* y) {
+  using V = Vec<T>;
+  constexpr int64_t width = V::size();
+  constexpr int64_t block = 8 * width;
+  int64_t n0 = 0;
+  for (; n0 + block <= N; n0 += block) {
+    V acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = accumulate ? V::loadu(y + n0 + i * width) : V(T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const V xk(x[k]);
+      const T* row = M + k * ldm + n0;
+      for (int i = 0; i < 8; ++i) acc[i] = at::vec::fmadd(xk, V::loadu(row + i * width), acc[i]);
+    }
+    for (int i = 0; i < 8; ++i) acc[i].store(y + n0 + i * width);
+  }
+  for (; n0 < N; n0 += width) {
+    const int64_t count = std::min(width, N - n0);
+    V acc = accumulate ? V::loadu(y + n0, count) : V(T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      acc = at::vec::fmadd(V(x[k]), V::loadu(M + k * ldm + n0, count), acc);
+    }
+    acc.store(y + n0, count);
+  }
+}
+
+// One step's product: y (B x N) = x (B x K) M [+ y].
+template <typename T>
+void step_mm(int64_t B, int64_t K, int64_t N, const T* x, int64_t ldx, const Operand<T>& M,
+             bool accumulate, T* y, int64_t ldy) {
+  if (!M.trans && B <= kSmallBatch) {
+    for (int64_t b = 0; b < B; ++b) {
+      vector_matrix<T>(K, N, x + b * ldx, M.p, M.ld, accumulate, y + b * ldy);
+    }
+    return;
+  }
+  gemm<T>(false, M.trans, B, N, K, T(1), x, ldx, M.p, M.ld, accumulate ? T(1) : T(0), y, ldy);
 }
 
 struct Shape {
@@ -211,115 +323,124 @@ struct Steps {
 
 template <typename T>
 void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
-                    bool reset_after, const T* gates_x, T* h, T* c, const T* w_hh,
-                    const T* b_hh, const T* w_hr, T* output, T* gates, int64_t gates_stride,
+                    bool reset_after, const T* gates_x, T* h, T* c, Operand<T> w_rec,
+                    const T* bias, Operand<T> w_proj, bool project, T* output, T* gates, int64_t gates_stride,
                     T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
                     T* hh, T* proj_out) {
+  using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
+  const V zero(T(0)), one(T(1));
   for (int64_t step = 0; step < T_; ++step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
     const T* gx = gates_x + t * B * GH;
     T* out = output + t * B * Hout;
     T* saved = gates + t * gates_stride;
     if (mode == kRNN) {
-      gemm<T>(false, true, B, GH, Hout, T(1), h, Hout, w_hh, Hout, T(0), hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, w_rec, false, hh, GH);
       dispatch_activation(activation, [&](auto a) {
         constexpr int A = decltype(a)::value;
         for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
           const bool on = steps.active(t, b);
-          for (int64_t j = j0; j < j1; ++j) {
-            T pre = gx[b * GH + j] + hh[b * GH + j] + (b_hh ? b_hh[j] : T(0));
-            T derivative;
-            const T y = activate<A>(pre, derivative);
-            saved[b * H + j] = derivative;
-            if (on) h[b * H + j] = y;
-            out[b * H + j] = on ? y : T(0);
-          }
+          const T *x = gx + b * GH, *r = hh + b * GH;
+          T *hb = h + b * H, *ob = out + b * H, *db = saved + b * H;
+          for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+            V derivative;
+            const V y = activate<A, T>(
+                V::loadu(x + j, n) + V::loadu(r + j, n) + V::loadu(bias + j, n), derivative);
+            if constexpr (keeps_derivative(A)) derivative.store(db + j, n);
+            if (on) y.store(hb + j, n);
+            (on ? y : zero).store(ob + j, n);
+          });
         });
       });
     } else if (mode == kGRU && reset_after) {
-      gemm<T>(false, true, B, GH, Hout, T(1), h, Hout, w_hh, Hout, T(0), hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, w_rec, false, hh, GH);
       for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
-        const T* x = gx + b * GH;
-        const T* r_ = hh + b * GH;
-        T* g = saved + b * 4 * H;
-        for (int64_t j = j0; j < j1; ++j) {
-          const T br = b_hh ? b_hh[j] : T(0), bz = b_hh ? b_hh[H + j] : T(0);
-          const T bn = b_hh ? b_hh[2 * H + j] : T(0);
-          const T r = sigmoid(x[j] + r_[j] + br);
-          const T z = sigmoid(x[H + j] + r_[H + j] + bz);
-          const T hn = r_[2 * H + j] + bn;
-          const T n = std::tanh(x[2 * H + j] + r * hn);
-          const T y = (T(1) - z) * n + z * h[b * H + j];
-          g[j] = r, g[H + j] = z, g[2 * H + j] = n, g[3 * H + j] = hn;
-          if (on) h[b * H + j] = y;
-          out[b * H + j] = on ? y : T(0);
-        }
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          auto pre = [&](int64_t k) {
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
+          };
+          const V r = sigmoid(pre(0)), z = sigmoid(pre(1));
+          const V hn = V::loadu(rec + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
+          const V cand = (V::loadu(x + 2 * H + j, n) + r * hn).tanh();
+          const V y = (one - z) * cand + z * V::loadu(hb + j, n);
+          r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
+          hn.store(g + 3 * H + j, n);
+          if (on) y.store(hb + j, n);
+          (on ? y : zero).store(ob + j, n);
+        });
       });
     } else if (mode == kGRU) {
-      // reset before the matmul: the candidate needs W_hn (r * h), a second GEMM.
-      gemm<T>(false, true, B, 2 * H, Hout, T(1), h, Hout, w_hh, Hout, T(0), hh, GH);
+      // The reset comes before the matmul: the candidate needs W_hn (r * h), a second GEMM.
+      step_mm<T>(B, Hout, 2 * H, h, Hout, w_rec, false, hh, GH);
       for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
-        const T* x = gx + b * GH;
-        const T* r_ = hh + b * GH;
+        const T *x = gx + b * GH, *rec = hh + b * GH, *hb = h + b * H;
         T* g = saved + b * 4 * H;
-        for (int64_t j = j0; j < j1; ++j) {
-          const T br = b_hh ? b_hh[j] : T(0), bz = b_hh ? b_hh[H + j] : T(0);
-          const T r = sigmoid(x[j] + r_[j] + br);
-          g[j] = r;
-          g[H + j] = sigmoid(x[H + j] + r_[H + j] + bz);
-          g[3 * H + j] = r * h[b * H + j];
-        }
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          auto pre = [&](int64_t k) {
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
+          };
+          const V r = sigmoid(pre(0));
+          r.store(g + j, n);
+          sigmoid(pre(1)).store(g + H + j, n);
+          (r * V::loadu(hb + j, n)).store(g + 3 * H + j, n);
+        });
       });
-      gemm<T>(false, true, B, H, H, T(1), saved + 3 * H, 4 * H, w_hh + 2 * H * Hout, Hout,
-              T(0), hh + 2 * H, GH);
+      step_mm<T>(B, H, H, saved + 3 * H, 4 * H, w_rec.columns_from(2 * H), false, hh + 2 * H,
+                 GH);
       for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
-        const T* x = gx + b * GH;
-        const T* r_ = hh + b * GH;
-        T* g = saved + b * 4 * H;
-        for (int64_t j = j0; j < j1; ++j) {
-          const T bn = b_hh ? b_hh[2 * H + j] : T(0);
-          const T n = std::tanh(x[2 * H + j] + r_[2 * H + j] + bn);
-          const T z = g[H + j];
-          const T y = (T(1) - z) * n + z * h[b * H + j];
-          g[2 * H + j] = n;
-          if (on) h[b * H + j] = y;
-          out[b * H + j] = on ? y : T(0);
-        }
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          const V cand = (V::loadu(x + 2 * H + j, n) + V::loadu(rec + 2 * H + j, n) +
+                          V::loadu(bias + 2 * H + j, n))
+                             .tanh();
+          const V z = V::loadu(g + H + j, n);
+          const V y = (one - z) * cand + z * V::loadu(hb + j, n);
+          cand.store(g + 2 * H + j, n);
+          if (on) y.store(hb + j, n);
+          (on ? y : zero).store(ob + j, n);
+        });
       });
     } else {
-      gemm<T>(false, true, B, GH, Hout, T(1), h, Hout, w_hh, Hout, T(0), hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, w_rec, false, hh, GH);
       T* cell_out = cells + t * cells_stride;
       T* m = projected + t * projected_stride;
-      const bool project = w_hr != nullptr;
       for_rows(B, H, 40, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
-        const T* x = gx + b * GH;
-        const T* r_ = hh + b * GH;
-        T* g = saved + b * 4 * H;
-        for (int64_t j = j0; j < j1; ++j) {
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *cb = c + b * H, *co = cell_out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           auto pre = [&](int64_t k) {
-            return x[k * H + j] + r_[k * H + j] + (b_hh ? b_hh[k * H + j] : T(0));
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
           };
-          const T i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = std::tanh(pre(2));
-          const T o = sigmoid(pre(3));
-          const T c_new = f * c[b * H + j] + i * gg;
-          const T y = o * std::tanh(c_new);
-          g[j] = i, g[H + j] = f, g[2 * H + j] = gg, g[3 * H + j] = o;
-          if (on) c[b * H + j] = c_new;
-          cell_out[b * H + j] = c[b * H + j];
+          const V i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = pre(2).tanh();
+          const V o = sigmoid(pre(3));
+          const V c_old = V::loadu(cb + j, n);
+          const V c_new = f * c_old + i * gg;
+          const V y = o * c_new.tanh();
+          i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n);
+          o.store(g + 3 * H + j, n);
+          const V c_kept = on ? c_new : c_old;
+          c_kept.store(cb + j, n);
+          c_kept.store(co + j, n);
           if (project) {
-            m[b * H + j] = y;
+            y.store(m + b * H + j, n);
           } else {
-            if (on) h[b * H + j] = y;
-            out[b * H + j] = on ? y : T(0);
+            if (on) y.store(h + b * H + j, n);
+            (on ? y : zero).store(out + b * H + j, n);
           }
-        }
+        });
       });
       if (project) {
-        gemm<T>(false, true, B, Hout, H, T(1), m, H, w_hr, H, T(0), proj_out, Hout);
+        step_mm<T>(B, H, Hout, m, H, w_proj, false, proj_out, Hout);
         for (int64_t b = 0; b < B; ++b) {
           const bool on = steps.active(t, b);
           for (int64_t j = 0; j < Hout; ++j) {
@@ -344,9 +465,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   TORCH_CHECK(gates_x_in.dim() == 3, "rnnkit: gates_x must be (T, B, G*H)");
   const Tensor gates_x = gates_x_in.contiguous();
   const Tensor weight_hh = weight_hh_in.contiguous();
-  const Tensor bias_hh = optional_or_empty(bias_hh_in);
   const Tensor weight_hr = optional_or_empty(weight_hr_in);
   const Tensor lengths = optional_or_empty(lengths_in);
+  // Without bias_hh the kernels add zeros: one branch less in every elementwise loop.
+  const Tensor bias_hh = bias_hh_in.has_value() ? bias_hh_in->contiguous()
+                                                : at::zeros({weight_hh.size(0)}, gates_x.options());
   const int64_t G = mode == kRNN ? 1 : (mode == kGRU ? 3 : 4);
   Shape s{gates_x.size(0), gates_x.size(1), gates_x.size(2) / G, h0.size(1), G};
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
@@ -355,7 +478,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor h = h0.contiguous().clone();
   Tensor c = mode == kLSTM ? c0->contiguous().clone() : at::empty({0}, opts);
   Tensor output = at::empty({T_, B, Hout}, opts);
-  const int64_t saved_width = mode == kRNN ? H : 4 * H;
+  const int64_t saved_width = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
   // When no backward will follow, the per-step buffers are one step deep and reused.
   const int64_t depth = training ? T_ : 1;
   Tensor gates = at::empty({depth, B, saved_width}, opts);
@@ -367,17 +490,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  // Small batches multiply by k-major copies of the weights (see step_mm); large ones hand
+  // the row-major weights to BLAS as transposed operands.
+  const bool small = B <= kSmallBatch;
+  const Tensor w_rec = small ? weight_hh.t().contiguous() : weight_hh;
+  const Tensor w_proj = project ? (small ? weight_hr.t().contiguous() : weight_hr) : weight_hr;
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
-    forward_kernel<scalar_t>(
-        s, steps, mode, activation, reset_after, gates_x.data_ptr<scalar_t>(),
-        h.data_ptr<scalar_t>(), lstm ? c.data_ptr<scalar_t>() : nullptr,
-        weight_hh.data_ptr<scalar_t>(),
-        bias_hh.defined() ? bias_hh.data_ptr<scalar_t>() : nullptr,
-        project ? weight_hr.data_ptr<scalar_t>() : nullptr, output.data_ptr<scalar_t>(),
-        gates.data_ptr<scalar_t>(), stride * saved_width,
-        lstm ? cells.data_ptr<scalar_t>() : nullptr, stride * H,
-        project ? projected.data_ptr<scalar_t>() : nullptr, stride * H,
-        hh.data_ptr<scalar_t>(), project ? proj_out.data_ptr<scalar_t>() : nullptr);
+    using T = scalar_t;
+    const Operand<T> rec{w_rec.data_ptr<T>(), small ? G * H : Hout, !small};
+    const Operand<T> proj{project ? w_proj.data_ptr<T>() : nullptr, small ? Hout : H, !small};
+    forward_kernel<T>(s, steps, mode, activation, reset_after, gates_x.data_ptr<T>(),
+                      h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, rec,
+                      bias_hh.data_ptr<T>(), proj, project, output.data_ptr<T>(),
+                      gates.data_ptr<T>(), stride * saved_width,
+                      lstm ? cells.data_ptr<T>() : nullptr, stride * H,
+                      project ? projected.data_ptr<T>() : nullptr, stride * H,
+                      hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr);
   });
   if (!training) {
     gates = at::empty({0}, opts);
@@ -391,12 +519,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
 // Backward
 
 template <typename T>
-void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, bool reset_after,
-                     const T* grad_output, T* dh, T* dc, const T* h0, const T* c0,
-                     const T* w_hh, const T* w_hr, const T* output, const T* gates,
-                     const T* cells, T* dgx, T* dhh, T* carry, T* dhs, T* dm) {
+void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
+                     bool reset_after, const T* grad_output, T* dh, T* dc, const T* h0,
+                     const T* c0, const T* w_hh, const T* w_hr, const T* output,
+                     const T* gates, const T* cells, T* dgx, T* dhh, T* carry, T* dhs, T* dm) {
+  using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
-  const int64_t W = mode == kRNN ? H : 4 * H;  // saved gate width
+  const int64_t W = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
+  const V zero(T(0)), one(T(1));
   auto previous_h = [&](int64_t t, int64_t b) {
     return steps.first(t, b) ? h0 + b * Hout : output + (steps.previous(t) * B + b) * Hout;
   };
@@ -406,83 +536,97 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, bool rese
   for (int64_t step = T_ - 1; step >= 0; --step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
     const T* gout = grad_output + t * B * Hout;
+    const T* out_t = output + t * B * Hout;
     const T* g_t = gates + t * B * W;
     T* dg = dgx + t * B * GH;
     T* dr = dhh + t * B * GH;
     if (mode == kRNN) {
-      for_rows(B, H, 2, [&](int64_t b, int64_t j0, int64_t j1) {
-        const bool on = steps.active(t, b);
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t k = b * H + j;
-          dg[k] = on ? (dh[k] + gout[k]) * g_t[k] : T(0);
-          carry[k] = on ? T(0) : dh[k];
-        }
+      dispatch_activation(activation, [&](auto a) {
+        constexpr int A = decltype(a)::value;
+        for_rows(B, H, 2, [&](int64_t b, int64_t j0, int64_t j1) {
+          const bool on = steps.active(t, b);
+          const int64_t row = b * H;
+          for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+            const V d = V::loadu(dh + row + j, n);
+            if (!on) {
+              zero.store(dg + row + j, n);
+              d.store(carry + row + j, n);
+              return;
+            }
+            V derivative;
+            if constexpr (keeps_derivative(A)) {
+              derivative = V::loadu(g_t + row + j, n);
+            } else {
+              derivative = derivative_from_output<A, T>(V::loadu(out_t + row + j, n));
+            }
+            ((d + V::loadu(gout + row + j, n)) * derivative).store(dg + row + j, n);
+            zero.store(carry + row + j, n);
+          });
+        });
       });
-      gemm<T>(false, false, B, Hout, GH, T(1), dg, GH, w_hh, Hout, T(1), carry, Hout);
+      step_mm<T>(B, GH, Hout, dg, GH, {w_hh, Hout, false}, true, carry, Hout);
     } else if (mode == kGRU && reset_after) {
       for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
-        const T* g = g_t + b * W;
-        const T* hp = previous_h(t, b);
-        T* dgb = dg + b * GH;
-        T* drb = dr + b * GH;
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t k = b * H + j;
+        const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
+        T *dgb = dg + b * GH, *drb = dr + b * GH;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           if (!on) {
-            dgb[j] = dgb[H + j] = dgb[2 * H + j] = T(0);
-            drb[j] = drb[H + j] = drb[2 * H + j] = T(0);
-            carry[k] = dh[k];
-            continue;
+            for (int64_t k = 0; k < 3; ++k) {
+              zero.store(dgb + k * H + j, n);
+              zero.store(drb + k * H + j, n);
+            }
+            V::loadu(dh + row + j, n).store(carry + row + j, n);
+            return;
           }
-          const T r = g[j], z = g[H + j], n = g[2 * H + j], hn = g[3 * H + j];
-          const T d = dh[k] + gout[k];
-          const T dn = d * (T(1) - z) * (T(1) - n * n);
-          const T dz = d * (hp[j] - n) * z * (T(1) - z);
-          const T dr_ = dn * hn * r * (T(1) - r);
-          dgb[j] = drb[j] = dr_;
-          dgb[H + j] = drb[H + j] = dz;
-          dgb[2 * H + j] = dn;
-          drb[2 * H + j] = dn * r;
-          carry[k] = d * z;
-        }
+          const V r = V::loadu(g + j, n), z = V::loadu(g + H + j, n);
+          const V cand = V::loadu(g + 2 * H + j, n), hn = V::loadu(g + 3 * H + j, n);
+          const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+          const V dn = d * (one - z) * (one - cand * cand);
+          const V dz = d * (V::loadu(hp + j, n) - cand) * z * (one - z);
+          const V dr_ = dn * hn * r * (one - r);
+          dr_.store(dgb + j, n), dr_.store(drb + j, n);
+          dz.store(dgb + H + j, n), dz.store(drb + H + j, n);
+          dn.store(dgb + 2 * H + j, n);
+          (dn * r).store(drb + 2 * H + j, n);
+          (d * z).store(carry + row + j, n);
+        });
       });
-      gemm<T>(false, false, B, Hout, GH, T(1), dr, GH, w_hh, Hout, T(1), carry, Hout);
+      step_mm<T>(B, GH, Hout, dr, GH, {w_hh, Hout, false}, true, carry, Hout);
     } else if (mode == kGRU) {
       for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
-        const T* g = g_t + b * W;
-        const T* hp = previous_h(t, b);
+        const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
         T* dgb = dg + b * GH;
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t k = b * H + j;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           if (!on) {
-            dgb[j] = dgb[H + j] = dgb[2 * H + j] = T(0);
-            carry[k] = dh[k];
-            continue;
+            for (int64_t k = 0; k < 3; ++k) zero.store(dgb + k * H + j, n);
+            V::loadu(dh + row + j, n).store(carry + row + j, n);
+            return;
           }
-          const T z = g[H + j], n = g[2 * H + j];
-          const T d = dh[k] + gout[k];
-          dgb[2 * H + j] = d * (T(1) - z) * (T(1) - n * n);
-          dgb[H + j] = d * (hp[j] - n) * z * (T(1) - z);
-          carry[k] = d * z;
-        }
+          const V z = V::loadu(g + H + j, n), cand = V::loadu(g + 2 * H + j, n);
+          const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+          (d * (one - z) * (one - cand * cand)).store(dgb + 2 * H + j, n);
+          (d * (V::loadu(hp + j, n) - cand) * z * (one - z)).store(dgb + H + j, n);
+          (d * z).store(carry + row + j, n);
+        });
       });
       // d(r * h) = dn W_hn, into dm (B, H).
-      gemm<T>(false, false, B, H, H, T(1), dg + 2 * H, GH, w_hh + 2 * H * Hout, Hout, T(0), dm,
-              H);
+      step_mm<T>(B, H, H, dg + 2 * H, GH, {w_hh + 2 * H * Hout, Hout, false}, false, dm, H);
       for_rows(B, H, 4, [&](int64_t b, int64_t j0, int64_t j1) {
         if (!steps.active(t, b)) return;
-        const T* g = g_t + b * W;
-        const T* hp = previous_h(t, b);
+        const T *g = g_t + b * W, *hp = previous_h(t, b);
         T* dgb = dg + b * GH;
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t k = b * H + j;
-          const T r = g[j];
-          dgb[j] = dm[k] * hp[j] * r * (T(1) - r);
-          carry[k] += dm[k] * r;
-        }
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          const V r = V::loadu(g + j, n), drh = V::loadu(dm + row + j, n);
+          (drh * V::loadu(hp + j, n) * r * (one - r)).store(dgb + j, n);
+          (V::loadu(carry + row + j, n) + drh * r).store(carry + row + j, n);
+        });
       });
-      gemm<T>(false, false, B, Hout, 2 * H, T(1), dg, GH, w_hh, Hout, T(1), carry, Hout);
+      step_mm<T>(B, 2 * H, Hout, dg, GH, {w_hh, Hout, false}, true, carry, Hout);
     } else {
       const bool project = w_hr != nullptr;
       if (project) {
@@ -492,42 +636,38 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, bool rese
           for (int64_t j = 0; j < Hout; ++j) {
             const int64_t k = b * Hout + j;
             dh_t[k] = on ? dh[k] + gout[k] : T(0);
+            carry[k] = on ? T(0) : dh[k];
           }
         }
-        gemm<T>(false, false, B, H, Hout, T(1), dh_t, Hout, w_hr, H, T(0), dm, H);
+        step_mm<T>(B, Hout, H, dh_t, Hout, {w_hr, H, false}, false, dm, H);
       }
       const T* c_t = cells + t * B * H;
       for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
-        const T* g = g_t + b * W;
-        const T* cp = on ? previous_c(t, b) : nullptr;
+        const T *g = g_t + b * W, *cp = on ? previous_c(t, b) : nullptr;
         T* dgb = dg + b * GH;
-        for (int64_t j = j0; j < j1; ++j) {
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           if (!on) {
-            dgb[j] = dgb[H + j] = dgb[2 * H + j] = dgb[3 * H + j] = T(0);
-            if (!project) carry[b * Hout + j] = dh[b * Hout + j];
-            continue;
+            for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
+            if (!project) V::loadu(dh + row + j, n).store(carry + row + j, n);
+            return;
           }
-          const int64_t k = b * H + j;
-          const T i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
-          const T d = project ? dm[k] : dh[k] + gout[k];
-          const T tc = std::tanh(c_t[k]);
-          const T dcell = dc[k] + d * o * (T(1) - tc * tc);
-          dgb[j] = dcell * gg * i * (T(1) - i);
-          dgb[H + j] = dcell * cp[j] * f * (T(1) - f);
-          dgb[2 * H + j] = dcell * i * (T(1) - gg * gg);
-          dgb[3 * H + j] = d * tc * o * (T(1) - o);
-          dc[k] = dcell * f;
-          if (!project) carry[k] = T(0);
-        }
+          const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
+          const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
+          const V d = project ? V::loadu(dm + row + j, n)
+                              : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+          const V tc = V::loadu(c_t + row + j, n).tanh();
+          const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
+          (dcell * gg * i * (one - i)).store(dgb + j, n);
+          (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);
+          (dcell * i * (one - gg * gg)).store(dgb + 2 * H + j, n);
+          (d * tc * o * (one - o)).store(dgb + 3 * H + j, n);
+          (dcell * f).store(dc + row + j, n);
+          if (!project) zero.store(carry + row + j, n);
+        });
       });
-      if (project) {
-        for (int64_t b = 0; b < B; ++b) {
-          const bool on = steps.active(t, b);
-          for (int64_t j = 0; j < Hout; ++j) carry[b * Hout + j] = on ? T(0) : dh[b * Hout + j];
-        }
-      }
-      gemm<T>(false, false, B, Hout, GH, T(1), dg, GH, w_hh, Hout, T(1), carry, Hout);
+      step_mm<T>(B, GH, Hout, dg, GH, {w_hh, Hout, false}, true, carry, Hout);
     }
     std::copy(carry, carry + B * Hout, dh);
   }
@@ -571,7 +711,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnkit_cpu_recurrence_backward", [&] {
     using T = scalar_t;
-    backward_kernel<T>(s, steps, mode, reset_after, grad_output.data_ptr<T>(),
+    backward_kernel<T>(s, steps, mode, activation, reset_after, grad_output.data_ptr<T>(),
                        dh.data_ptr<T>(), lstm ? dc.data_ptr<T>() : nullptr,
                        h0.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr,
                        weight_hh.data_ptr<T>(), project ? weight_hr.data_ptr<T>() : nullptr,

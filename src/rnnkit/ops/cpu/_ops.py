@@ -185,7 +185,8 @@ def recurrence(
     Raises:
         RuntimeError: the kernels could not be built (dispatch checks this first).
     """
-    error = _build.status()
+    # While tracing, the fake rule builds the kernels instead (no locks or I/O in the graph).
+    error = None if torch.compiler.is_compiling() else _build.status()
     if error is not None:
         raise RuntimeError(f"rnnkit: the cpu backend is unavailable: {error}")
     tensors = (gates_x, *state, weight_hh, bias_hh, weight_hr)

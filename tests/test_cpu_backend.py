@@ -326,3 +326,42 @@ def test_reference_twin_matches_op_directly():
     want = reference.recurrence(spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, True)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(got[1][0], want[1][0], rtol=0, atol=1e-12)
+
+
+WIDE_SPECS = [
+    (CellSpec("rnn", "silu"), False), (CellSpec("rnn", "hardtanh"), False),
+    (CellSpec("gru", reset_after=True), False), (CellSpec("gru", reset_after=False), False),
+    (CellSpec("lstm"), False), (CellSpec("lstm"), True),
+]
+
+
+@pytest.mark.parametrize("spec, project", WIDE_SPECS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype, hidden", [(torch.float64, 40), (torch.float32, 70)], ids=str)
+def test_wide_layers_use_register_blocked_products(spec, project, dtype, hidden):
+    """Widths past one column panel (32 doubles, 64 floats) and batches past one row block (4),
+    with column and row remainders, reverse with lengths: the panel kernels and their tails."""
+    generator = torch.Generator().manual_seed(5)
+    batch, seq_len, out_size = 7, 4, (33 if project else hidden)
+    gates = spec.num_gates * hidden
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, dtype=dtype, generator=generator) * scale
+        return t.requires_grad_()
+
+    state = (rand(batch, out_size),) + ((rand(batch, hidden),) if spec.mode == "lstm" else ())
+    args = (
+        rand(seq_len, batch, gates), state, rand(gates, out_size, scale=0.1), rand(gates),
+        rand(out_size, hidden, scale=0.1) if project else None,
+        torch.tensor([4, 2, 4, 1, 3, 4, 2]), True,
+    )
+    results = []
+    for fn in (reference.recurrence, _ops.recurrence):
+        output, final = fn(spec, *args)
+        outs = (output, *final)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum()
+                   for o in outs)
+        leaves = [args[0], *state, args[2], args[3]] + ([args[4]] if project else [])
+        results.append([*outs, *torch.autograd.grad(loss, leaves)])
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)

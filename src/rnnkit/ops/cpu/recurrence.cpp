@@ -34,31 +34,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <optional>
 #include <tuple>
 
 using at::Tensor;
-
-// BLAS from the MKL inside libtorch when it exports it; otherwise ATen's addmm (slower per
-// call, same results). Weak, so a torch built without these symbols still loads this file.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
 
 namespace {
 
@@ -73,58 +59,6 @@ enum Activation : int64_t {
   kSoftsign = 6,
   kHardtanh = 7,
 };
-
-// ---------------------------------------------------------------------------------------
-// GEMM on row-major matrices: C (M x N) = alpha * op(A) op(B) + beta * C.
-
-template <typename T>
-void blas_gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
-               int ldb, T beta, T* c, int ldc);
-
-template <>
-void blas_gemm<float>(char ta, char tb, int m, int n, int k, float alpha, const float* a,
-                      int lda, const float* b, int ldb, float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-template <>
-void blas_gemm<double>(char ta, char tb, int m, int n, int k, double alpha, const double* a,
-                       int lda, const double* b, int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-template <typename T>
-bool have_blas() {
-  if constexpr (std::is_same_v<T, float>) {
-    return sgemm_ != nullptr;
-  } else {
-    return dgemm_ != nullptr;
-  }
-}
-
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  const bool fits = std::max({M, N, K, lda, ldb, ldc}) < INT_MAX;
-  if (have_blas<T>() && fits && K > 0) {
-    // Column-major BLAS sees each row-major matrix transposed: C^T = op(B)^T op(A)^T.
-    blas_gemm<T>(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', N, M, K, alpha, B, ldb, A, lda,
-                 beta, C, ldc);
-    return;
-  }
-  auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    Tensor t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols},
-                             {ld, 1}, options);
-    return trans ? t.t() : t;
-  };
-  Tensor a = view(A, M, K, lda, trans_a);
-  Tensor b = view(B, K, N, ldb, trans_b);
-  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
-  if (beta == T(0)) c.zero_();
-  at::addmm_out(c, c, a, b, beta == T(0) ? T(1) : beta, alpha);
-}
 
 // ---------------------------------------------------------------------------------------
 // Elementwise math, on whole vectors. Each activation gives its value and its derivative at
@@ -243,25 +177,11 @@ inline void for_vectors(int64_t j0, int64_t j1, const F& fn) {
   if (j < j1) fn(j, j1 - j);
 }
 
-// A (K x N) matrix operand: element (k, n) is p[k * ld + n], or p[n * ld + k] when `trans`
-// (that is, the row-major storage of its transpose, as W_hh is for h W_hh^T).
+// y (N) = x (K, stride xs) M (K x N, k-major, leading dimension ldm) [+ y]: broadcast x[k]
+// and FMA into eight vector accumulators per block of columns (eight hide the FMA latency).
 template <typename T>
-struct Operand {
-  const T* p;
-  int64_t ld;
-  bool trans;
-  Operand columns_from(int64_t n) const { return {trans ? p + n * ld : p + n, ld, trans}; }
-};
-
-// Up to this batch size a step's product is a few vector-matrix products: hand-vectorized,
-// with no BLAS call overhead, reading the k-major weights once per row.
-constexpr int64_t kSmallBatch = 4;
-
-// y (N) = x (K) M (K x N, k-major, leading dimension ldm) [+ y]: broadcast x[k] and FMA
-// into eight vector accumulators per block of columns.
-template <typename T>
-void vector_matrix(int64_t K, int64_t N, const T* x, const T* M, int64_t ldm, bool accumulate,
-                   T* y) {
+void vector_matrix(int64_t K, int64_t N, const T* x, int64_t xs, const T* M, int64_t ldm,
+                   bool accumulate, T* y) {
   using V = Vec<T>;
   constexpr int64_t width = V::size();
   constexpr int64_t block = 8 * width;
@@ -270,7 +190,7 @@ void vector_matrix(int64_t K, int64_t N, const T* x, const T* M, int64_t ldm, bo
     V acc[8];
     for (int i = 0; i < 8; ++i) acc[i] = accumulate ? V::loadu(y + n0 + i * width) : V(T(0));
     for (int64_t k = 0; k < K; ++k) {
-      const V xk(x[k]);
+      const V xk(x[k * xs]);
       const T* row = M + k * ldm + n0;
       for (int i = 0; i < 8; ++i) acc[i] = at::vec::fmadd(xk, V::loadu(row + i * width), acc[i]);
     }
@@ -280,23 +200,107 @@ void vector_matrix(int64_t K, int64_t N, const T* x, const T* M, int64_t ldm, bo
     const int64_t count = std::min(width, N - n0);
     V acc = accumulate ? V::loadu(y + n0, count) : V(T(0));
     for (int64_t k = 0; k < K; ++k) {
-      acc = at::vec::fmadd(V(x[k]), V::loadu(M + k * ldm + n0, count), acc);
+      acc = at::vec::fmadd(V(x[k * xs]), V::loadu(M + k * ldm + n0, count), acc);
     }
     acc.store(y + n0, count);
   }
 }
 
-// One step's product: y (B x N) = x (B x K) M [+ y].
+// Vectors per column panel of the register-blocked kernel: 4 x 4 accumulators fit the 32
+// AVX512 registers; with 16 registers (AVX2 and narrower) 4 x 2 do.
 template <typename T>
-void step_mm(int64_t B, int64_t K, int64_t N, const T* x, int64_t ldx, const Operand<T>& M,
-             bool accumulate, T* y, int64_t ldy) {
-  if (!M.trans && B <= kSmallBatch) {
-    for (int64_t b = 0; b < B; ++b) {
-      vector_matrix<T>(K, N, x + b * ldx, M.p, M.ld, accumulate, y + b * ldy);
+constexpr int panel_vectors() {
+  return Vec<T>::size() * sizeof(T) >= 64 ? 4 : 2;
+}
+
+// C (R x NV vectors) = A (R x K; element (r, k) at A[r * ars + k * aks]) M (K x NV vectors,
+// k-major) [+ C], with every accumulator in a register.
+template <typename T, int R>
+inline void panel_kernel(int64_t K, const T* A, int64_t ars, int64_t aks, const T* M,
+                         int64_t ldm, bool accumulate, T* C, int64_t ldc) {
+  using V = Vec<T>;
+  constexpr int NV = panel_vectors<T>();
+  constexpr int64_t width = V::size();
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = accumulate ? V::loadu(C + r * ldc + v * width) : V(T(0));
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V m[NV];
+    for (int v = 0; v < NV; ++v) m[v] = V::loadu(M + k * ldm + v * width);
+    for (int r = 0; r < R; ++r) {
+      const V a(A[r * ars + k * aks]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, m[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * width);
+  }
+}
+
+// C (R x N) = A (R x K, strided as in panel_kernel) M (K x N, k-major) [+ C], on ATen's
+// vector registers: no BLAS call overhead per step, and full-width FMAs also where the
+// bundled BLAS runs a narrower code path. Column panels are shared between threads when the
+// product is large enough; K is cut into chunks whose panel stays in cache across row blocks.
+template <typename T>
+void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t aks, const T* M,
+            int64_t ldm, bool accumulate, T* C, int64_t ldc) {
+  if (R == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t r = 0; r < R; ++r) std::fill(C + r * ldc, C + r * ldc + N, T(0));
     }
     return;
   }
-  gemm<T>(false, M.trans, B, N, K, T(1), x, ldx, M.p, M.ld, accumulate ? T(1) : T(0), y, ldy);
+  constexpr int64_t panel = panel_vectors<T>() * Vec<T>::size();
+  constexpr int64_t chunk = 256;
+  const int64_t panels = N / panel;
+  const int64_t work = std::max<int64_t>(1, R * K * panel);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * panel;
+      for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        const int64_t kc = std::min(chunk, K - k0);
+        const bool acc = accumulate || k0 > 0;
+        const T* Mk = M + k0 * ldm + n0;
+        int64_t r = 0;
+        for (; r + 4 <= R; r += 4) {
+          panel_kernel<T, 4>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldm, acc,
+                             C + r * ldc + n0, ldc);
+        }
+        const T* Ar = A + r * ars + k0 * aks;
+        T* Cr = C + r * ldc + n0;
+        switch (R - r) {
+          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldm, acc, Cr, ldc); break;
+          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldm, acc, Cr, ldc); break;
+          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldm, acc, Cr, ldc); break;
+          default: break;
+        }
+      }
+    }
+  });
+  if (panels * panel < N) {
+    const int64_t n0 = panels * panel;
+    at::parallel_for(0, R, std::max<int64_t>(1, grain * 4), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        vector_matrix<T>(K, N - n0, A + r * ars, aks, M + n0, ldm, accumulate, C + r * ldc + n0);
+      }
+    });
+  }
+}
+
+// One step's product, y (B x N) = x (B x K) M (K x N, k-major) [+ y].
+template <typename T>
+void step_mm(int64_t B, int64_t K, int64_t N, const T* x, int64_t ldx, const T* M, int64_t ldm,
+             bool accumulate, T* y, int64_t ldy) {
+  if (B == 1) {
+    vector_matrix<T>(K, N, x, 1, M, ldm, accumulate, y);
+    return;
+  }
+  matmul<T>(B, K, N, x, ldx, 1, M, ldm, accumulate, y, ldy);
 }
 
 struct Shape {
@@ -323,8 +327,8 @@ struct Steps {
 
 template <typename T>
 void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
-                    bool reset_after, const T* gates_x, T* h, T* c, Operand<T> w_rec,
-                    const T* bias, Operand<T> w_proj, bool project, T* output, T* gates, int64_t gates_stride,
+                    bool reset_after, const T* gates_x, T* h, T* c, const T* w_t,
+                    const T* bias, const T* w_hr_t, bool project, T* output, T* gates, int64_t gates_stride,
                     T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
                     T* hh, T* proj_out) {
   using V = Vec<T>;
@@ -336,7 +340,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
     T* out = output + t * B * Hout;
     T* saved = gates + t * gates_stride;
     if (mode == kRNN) {
-      step_mm<T>(B, Hout, GH, h, Hout, w_rec, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, w_t, GH, false, hh, GH);
       dispatch_activation(activation, [&](auto a) {
         constexpr int A = decltype(a)::value;
         for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -354,7 +358,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
         });
       });
     } else if (mode == kGRU && reset_after) {
-      step_mm<T>(B, Hout, GH, h, Hout, w_rec, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, w_t, GH, false, hh, GH);
       for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
         const T *x = gx + b * GH, *rec = hh + b * GH;
@@ -376,7 +380,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
       });
     } else if (mode == kGRU) {
       // The reset comes before the matmul: the candidate needs W_hn (r * h), a second GEMM.
-      step_mm<T>(B, Hout, 2 * H, h, Hout, w_rec, false, hh, GH);
+      step_mm<T>(B, Hout, 2 * H, h, Hout, w_t, GH, false, hh, GH);
       for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
         const T *x = gx + b * GH, *rec = hh + b * GH, *hb = h + b * H;
         T* g = saved + b * 4 * H;
@@ -391,8 +395,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
           (r * V::loadu(hb + j, n)).store(g + 3 * H + j, n);
         });
       });
-      step_mm<T>(B, H, H, saved + 3 * H, 4 * H, w_rec.columns_from(2 * H), false, hh + 2 * H,
-                 GH);
+      step_mm<T>(B, H, H, saved + 3 * H, 4 * H, w_t + 2 * H, GH, false, hh + 2 * H, GH);
       for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
         const T *x = gx + b * GH, *rec = hh + b * GH;
@@ -409,7 +412,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
         });
       });
     } else {
-      step_mm<T>(B, Hout, GH, h, Hout, w_rec, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, w_t, GH, false, hh, GH);
       T* cell_out = cells + t * cells_stride;
       T* m = projected + t * projected_stride;
       for_rows(B, H, 40, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -440,7 +443,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
         });
       });
       if (project) {
-        step_mm<T>(B, H, Hout, m, H, w_proj, false, proj_out, Hout);
+        step_mm<T>(B, H, Hout, m, H, w_hr_t, Hout, false, proj_out, Hout);
         for (int64_t b = 0; b < B; ++b) {
           const bool on = steps.active(t, b);
           for (int64_t j = 0; j < Hout; ++j) {
@@ -490,19 +493,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
-  // Small batches multiply by k-major copies of the weights (see step_mm); large ones hand
-  // the row-major weights to BLAS as transposed operands.
-  const bool small = B <= kSmallBatch;
-  const Tensor w_rec = small ? weight_hh.t().contiguous() : weight_hh;
-  const Tensor w_proj = project ? (small ? weight_hr.t().contiguous() : weight_hr) : weight_hr;
+  // The step kernels read weights k-major: W_hh^T and W_hr^T, copied once per call.
+  const Tensor w_t = weight_hh.t().contiguous();
+  const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
     using T = scalar_t;
-    const Operand<T> rec{w_rec.data_ptr<T>(), small ? G * H : Hout, !small};
-    const Operand<T> proj{project ? w_proj.data_ptr<T>() : nullptr, small ? Hout : H, !small};
     forward_kernel<T>(s, steps, mode, activation, reset_after, gates_x.data_ptr<T>(),
-                      h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, rec,
-                      bias_hh.data_ptr<T>(), proj, project, output.data_ptr<T>(),
-                      gates.data_ptr<T>(), stride * saved_width,
+                      h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, w_t.data_ptr<T>(),
+                      bias_hh.data_ptr<T>(), project ? w_hr_t.data_ptr<T>() : nullptr, project,
+                      output.data_ptr<T>(), gates.data_ptr<T>(), stride * saved_width,
                       lstm ? cells.data_ptr<T>() : nullptr, stride * H,
                       project ? projected.data_ptr<T>() : nullptr, stride * H,
                       hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr);
@@ -564,7 +563,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           });
         });
       });
-      step_mm<T>(B, GH, Hout, dg, GH, {w_hh, Hout, false}, true, carry, Hout);
+      step_mm<T>(B, GH, Hout, dg, GH, w_hh, Hout, true, carry, Hout);
     } else if (mode == kGRU && reset_after) {
       for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
@@ -593,7 +592,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           (d * z).store(carry + row + j, n);
         });
       });
-      step_mm<T>(B, GH, Hout, dr, GH, {w_hh, Hout, false}, true, carry, Hout);
+      step_mm<T>(B, GH, Hout, dr, GH, w_hh, Hout, true, carry, Hout);
     } else if (mode == kGRU) {
       for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
@@ -614,7 +613,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
         });
       });
       // d(r * h) = dn W_hn, into dm (B, H).
-      step_mm<T>(B, H, H, dg + 2 * H, GH, {w_hh + 2 * H * Hout, Hout, false}, false, dm, H);
+      step_mm<T>(B, H, H, dg + 2 * H, GH, w_hh + 2 * H * Hout, Hout, false, dm, H);
       for_rows(B, H, 4, [&](int64_t b, int64_t j0, int64_t j1) {
         if (!steps.active(t, b)) return;
         const T *g = g_t + b * W, *hp = previous_h(t, b);
@@ -626,7 +625,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           (V::loadu(carry + row + j, n) + drh * r).store(carry + row + j, n);
         });
       });
-      step_mm<T>(B, 2 * H, Hout, dg, GH, {w_hh, Hout, false}, true, carry, Hout);
+      step_mm<T>(B, 2 * H, Hout, dg, GH, w_hh, Hout, true, carry, Hout);
     } else {
       const bool project = w_hr != nullptr;
       if (project) {
@@ -639,7 +638,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
             carry[k] = on ? T(0) : dh[k];
           }
         }
-        step_mm<T>(B, Hout, H, dh_t, Hout, {w_hr, H, false}, false, dm, H);
+        step_mm<T>(B, Hout, H, dh_t, Hout, w_hr, H, false, dm, H);
       }
       const T* c_t = cells + t * B * H;
       for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -667,7 +666,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           if (!project) zero.store(carry + row + j, n);
         });
       });
-      step_mm<T>(B, GH, Hout, dg, GH, {w_hh, Hout, false}, true, carry, Hout);
+      step_mm<T>(B, GH, Hout, dg, GH, w_hh, Hout, true, carry, Hout);
     }
     std::copy(carry, carry + B * Hout, dh);
   }
@@ -730,23 +729,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     const int64_t rows = (T_ - 1) * B;
     const T* dg_main = reverse ? dg : dg + B * GH;
     const T* out_main = reverse ? out + B * Hout : out;
-    gemm<T>(true, false, rz, Hout, rows, T(1), dg_main, GH, out_main, Hout, T(0), gw, Hout);
+    matmul<T>(rz, rows, Hout, dg_main, 1, GH, out_main, Hout, false, gw, Hout);
     Tensor first = at::empty({B, GH}, opts);
     T* fp = first.data_ptr<T>();
     for (int64_t b = 0; b < B; ++b) {
       const int64_t t0 = reverse ? (steps.lengths ? steps.lengths[b] : T_) - 1 : 0;
       std::copy(dg + (t0 * B + b) * GH, dg + (t0 * B + b + 1) * GH, fp + b * GH);
     }
-    gemm<T>(true, false, rz, Hout, B, T(1), fp, GH, h0.data_ptr<T>(), Hout,
-            rows > 0 ? T(1) : T(0), gw, Hout);
+    matmul<T>(rz, B, Hout, fp, 1, GH, h0.data_ptr<T>(), Hout, rows > 0, gw, Hout);
     if (rz != GH) {
       // GRU with the reset before the matmul: W_hn meets r * h_{t-1}, saved in the gates.
-      gemm<T>(true, false, H, Hout, T_ * B, T(1), dg + 2 * H, GH, gates.data_ptr<T>() + 3 * H,
-              4 * H, T(0), gw + 2 * H * Hout, Hout);
+      matmul<T>(H, T_ * B, Hout, dg + 2 * H, 1, GH, gates.data_ptr<T>() + 3 * H, 4 * H, false,
+                gw + 2 * H * Hout, Hout);
     }
     if (project) {
-      gemm<T>(true, false, Hout, H, T_ * B, T(1), dhs.data_ptr<T>(), Hout,
-              projected.data_ptr<T>(), H, T(0), grad_w_hr.data_ptr<T>(), H);
+      matmul<T>(Hout, T_ * B, H, dhs.data_ptr<T>(), 1, Hout, projected.data_ptr<T>(), H, false,
+                grad_w_hr.data_ptr<T>(), H);
     }
   });
   Tensor grad_b_hh = has_bias ? at::sum(dhh.view({T_ * B, GH}), {0}) : at::empty({0}, opts);

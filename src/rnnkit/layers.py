@@ -277,7 +277,9 @@ class RecurrentLayer(nn.Module):
             name: getattr(self, name + suffix, None)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         }
-        gates_x = F.linear(layer_input, weight["weight_ih"], weight["bias_ih"])
+        gates_x = dispatch.linear(
+            layer_input, weight["weight_ih"], weight["bias_ih"], backend=self.backend
+        )
         return dispatch.recurrence(
             self.spec,
             gates_x,

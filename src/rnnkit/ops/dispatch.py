@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit import _checks
@@ -112,6 +113,29 @@ def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
         return "reference", f"backend {requested!r} is not installed"
     reason = backend.unavailable_reason() or backend.unsupported_reason(call)
     return (requested, None) if reason is None else ("reference", reason)
+
+
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None, *, backend: str | None = None
+) -> Tensor:
+    """A layer's input projection ``input @ weight.T + bias``, by a backend that has a faster one.
+
+    A backend may offer ``linear(input, weight, bias)`` with ``linear_unsupported_reason``;
+    otherwise, and for ``backend="reference"``, this is :func:`torch.nn.functional.linear`.
+    """
+    requested = backend or _checks.env_backend()
+    if requested != "reference":
+        names = list(registered()) if requested == "auto" else [requested]
+        for name in names:
+            chosen = _BACKENDS.get(name)
+            offer = getattr(chosen, "linear", None)
+            if offer is None or input.device.type not in chosen.device_types:
+                continue
+            if chosen.unavailable_reason() is None and (
+                chosen.linear_unsupported_reason(input, weight, bias) is None
+            ):
+                return offer(input, weight, bias)
+    return F.linear(input, weight, bias)
 
 
 def recurrence(

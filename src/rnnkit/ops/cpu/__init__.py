@@ -48,6 +48,18 @@ class CpuBackend:
                 return f"a tensor is on {tensor.device}, not the CPU"
         return None
 
+    def linear_unsupported_reason(self, input, weight, bias) -> str | None:
+        """Why :meth:`linear` cannot compute this input projection, or ``None``."""
+        tensors = [input, weight] + ([] if bias is None else [bias])
+        if input.dtype not in DTYPES:
+            return f"dtype {input.dtype} is not supported (float32, float64 are)"
+        if any(t.dtype != input.dtype or t.device.type != "cpu" for t in tensors):
+            return "mixed dtypes or devices"
+        return None
+
+    def linear(self, input, weight, bias):
+        return _ops.linear(input, weight, bias)
+
     def recurrence(self, *args):
         return _ops.recurrence(*args)
 

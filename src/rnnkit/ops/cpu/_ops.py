@@ -45,6 +45,17 @@ torch.library.define(
 )
 
 
+LINEAR = "rnnkit::cpu_linear"
+LINEAR_BACKWARD = "rnnkit::cpu_linear_backward"
+
+torch.library.define(LINEAR, "(Tensor input, Tensor weight, Tensor? bias) -> Tensor")
+torch.library.define(
+    LINEAR_BACKWARD,
+    "(Tensor grad, Tensor input, Tensor weight, bool input_grad, bool weight_grad, "
+    "bool has_bias) -> (Tensor, Tensor, Tensor)",
+)
+
+
 def _num_gates(mode: int) -> int:
     return (1, 3, 4)[mode]
 
@@ -168,6 +179,58 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | N
 
 
 torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake(LINEAR)
+def _linear_fake(input, weight, bias):
+    _build.status()
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake(LINEAR_BACKWARD)
+def _linear_backward_fake(grad, input, weight, input_grad, weight_grad, has_bias):
+    new = grad.new_empty
+    return (
+        new(input.shape) if input_grad else new((0,)),
+        new(weight.shape) if weight_grad else new((0,)),
+        new((weight.shape[0],)) if has_bias else new((0,)),
+    )
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    input, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight)
+
+
+def _linear_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph: differentiable torch formulas
+        grad_input = grad @ weight if need_input else None
+        flat_grad = grad.reshape(-1, weight.shape[0])
+        grad_weight = flat_grad.t() @ input.reshape(-1, weight.shape[1]) if need_weight else None
+        grad_bias = flat_grad.sum(0) if need_bias and ctx.has_bias else None
+        return grad_input, grad_weight, grad_bias
+    grad_input, grad_weight, grad_bias = torch.ops.rnnkit.cpu_linear_backward(
+        grad, input, weight, need_input, need_weight, ctx.has_bias and need_bias
+    )
+    return (
+        grad_input if need_input else None,
+        grad_weight if need_weight else None,
+        grad_bias if ctx.has_bias and need_bias else None,
+    )
+
+
+torch.library.register_autograd(LINEAR, _linear_backward, setup_context=_linear_setup_context)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(input, weight, bias)`` on the compiled kernels (float32/float64, CPU)."""
+    error = None if torch.compiler.is_compiling() else _build.status()
+    if error is not None:
+        raise RuntimeError(f"rnnkit: the cpu backend is unavailable: {error}")
+    return torch.ops.rnnkit.cpu_linear(input, weight, bias)
 
 
 def recurrence(

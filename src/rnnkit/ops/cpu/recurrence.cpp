@@ -206,11 +206,17 @@ void vector_matrix(int64_t K, int64_t N, const T* x, int64_t xs, const T* M, int
   }
 }
 
-// Vectors per column panel of the register-blocked kernel: 4 x 4 accumulators fit the 32
-// AVX512 registers; with 16 registers (AVX2 and narrower) 4 x 2 do.
+// Vectors per column panel of the register-blocked kernel.
 template <typename T>
 constexpr int panel_vectors() {
   return Vec<T>::size() * sizeof(T) >= 64 ? 4 : 2;
+}
+
+// Rows per register block: 6 x 4 accumulators (plus 4 panel vectors and a broadcast) fit the
+// 32 AVX512 registers; with 16 registers 4 x 2 do.
+template <typename T>
+constexpr int panel_rows() {
+  return Vec<T>::size() * sizeof(T) >= 64 ? 6 : 4;
 }
 
 // C (R x NV vectors) = A (R x K; element (r, k) at A[r * ars + k * aks]) M (K x NV vectors,
@@ -245,8 +251,11 @@ inline void panel_kernel(int64_t K, const T* A, int64_t ars, int64_t aks, const 
 // bundled BLAS runs a narrower code path. Column panels are shared between threads when the
 // product is large enough; K is cut into chunks whose panel stays in cache across row blocks.
 template <typename T>
+struct Packed;
+
+template <typename T>
 void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t aks, const T* M,
-            int64_t ldm, bool accumulate, T* C, int64_t ldc) {
+            int64_t ldm, bool accumulate, T* C, int64_t ldc, const Packed<T>* packed = nullptr) {
   if (R == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate) {
@@ -255,29 +264,38 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
     return;
   }
   constexpr int64_t panel = panel_vectors<T>() * Vec<T>::size();
-  constexpr int64_t chunk = 256;
+  constexpr int64_t k_chunk = 256;  // a panel's slice of M, k_chunk x panel, stays in L1/L2
+  constexpr int64_t r_chunk = 120;  // rows of A kept in L2 while the panels pass over them
   const int64_t panels = N / panel;
   const int64_t work = std::max<int64_t>(1, R * K * panel);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * panel;
-      for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-        const int64_t kc = std::min(chunk, K - k0);
-        const bool acc = accumulate || k0 > 0;
-        const T* Mk = M + k0 * ldm + n0;
-        int64_t r = 0;
-        for (; r + 4 <= R; r += 4) {
-          panel_kernel<T, 4>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldm, acc,
-                             C + r * ldc + n0, ldc);
-        }
-        const T* Ar = A + r * ars + k0 * aks;
-        T* Cr = C + r * ldc + n0;
-        switch (R - r) {
-          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldm, acc, Cr, ldc); break;
-          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldm, acc, Cr, ldc); break;
-          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldm, acc, Cr, ldc); break;
-          default: break;
+    for (int64_t r0 = 0; r0 < R; r0 += r_chunk) {
+      const int64_t r_end = std::min(R, r0 + r_chunk);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * panel;
+        for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
+          const int64_t kc = std::min(k_chunk, K - k0);
+          const bool acc = accumulate || k0 > 0;
+          // A packed panel is contiguous (stride `panel`), which the prefetchers stream.
+          const T* Mk = packed ? packed->panel(p, k0) : M + k0 * ldm + n0;
+          const int64_t ldk = packed ? panel : ldm;
+          constexpr int rows = panel_rows<T>();
+          int64_t r = r0;
+          for (; r + rows <= r_end; r += rows) {
+            panel_kernel<T, rows>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldk, acc,
+                                  C + r * ldc + n0, ldc);
+          }
+          const T* Ar = A + r * ars + k0 * aks;
+          T* Cr = C + r * ldc + n0;
+          switch (r_end - r) {
+            case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+            case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+            case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+            case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+            case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+            default: break;
+          }
         }
       }
     }
@@ -292,15 +310,49 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
   }
 }
 
-// One step's product, y (B x N) = x (B x K) M (K x N, k-major) [+ y].
+// A k-major weight matrix (K x N) used at every step, with a panel-major copy of its full
+// column panels ([panel][k][column], made once per call) for the register-blocked kernel.
 template <typename T>
-void step_mm(int64_t B, int64_t K, int64_t N, const T* x, int64_t ldx, const T* M, int64_t ldm,
+struct Packed {
+  const T* M = nullptr;
+  int64_t ldm = 0;
+  const T* panels = nullptr;  // nullptr: not packed
+  int64_t K = 0;              // rows per packed panel
+
+  static constexpr int64_t width = panel_vectors<T>() * Vec<T>::size();
+  const T* panel(int64_t p, int64_t k) const { return panels + (p * K + k) * width; }
+  // The same matrix without its first k rows.
+  Packed rows_from(int64_t k) const {
+    return {M + k * ldm, ldm, panels ? panels + k * width : nullptr, K};
+  }
+};
+
+template <typename T>
+Packed<T> pack(int64_t K, int64_t N, const T* M, int64_t ldm, bool wanted, Tensor& storage) {
+  constexpr int64_t width = Packed<T>::width;
+  const int64_t count = N / width;
+  if (!wanted || count == 0) return {M, ldm, nullptr, K};
+  storage = at::empty({count * K * width}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = storage.data_ptr<T>();
+  at::parallel_for(0, count, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t k = 0; k < K; ++k) {
+        std::copy(M + k * ldm + p * width, M + k * ldm + (p + 1) * width, out + (p * K + k) * width);
+      }
+    }
+  });
+  return {M, ldm, out, K};
+}
+
+// One step's product, y (B x N) = x (B x K) W (K x N) [+ y].
+template <typename T>
+void step_mm(int64_t B, int64_t K, int64_t N, const T* x, int64_t ldx, const Packed<T>& w,
              bool accumulate, T* y, int64_t ldy) {
   if (B == 1) {
-    vector_matrix<T>(K, N, x, 1, M, ldm, accumulate, y);
+    vector_matrix<T>(K, N, x, 1, w.M, w.ldm, accumulate, y);
     return;
   }
-  matmul<T>(B, K, N, x, ldx, 1, M, ldm, accumulate, y, ldy);
+  matmul<T>(B, K, N, x, ldx, 1, w.M, w.ldm, accumulate, y, ldy, w.panels ? &w : nullptr);
 }
 
 struct Shape {
@@ -327,8 +379,9 @@ struct Steps {
 
 template <typename T>
 void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
-                    bool reset_after, const T* gates_x, T* h, T* c, const T* w_t,
-                    const T* bias, const T* w_hr_t, bool project, T* output, T* gates, int64_t gates_stride,
+                    bool reset_after, const T* gates_x, T* h, T* c, const Packed<T>& rec,
+                    const Packed<T>& rec_n, const T* bias, const Packed<T>& proj, bool project,
+                    T* output, T* gates, int64_t gates_stride,
                     T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
                     T* hh, T* proj_out) {
   using V = Vec<T>;
@@ -340,7 +393,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
     T* out = output + t * B * Hout;
     T* saved = gates + t * gates_stride;
     if (mode == kRNN) {
-      step_mm<T>(B, Hout, GH, h, Hout, w_t, GH, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
       dispatch_activation(activation, [&](auto a) {
         constexpr int A = decltype(a)::value;
         for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -358,7 +411,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
         });
       });
     } else if (mode == kGRU && reset_after) {
-      step_mm<T>(B, Hout, GH, h, Hout, w_t, GH, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
       for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
         const T *x = gx + b * GH, *rec = hh + b * GH;
@@ -380,7 +433,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
       });
     } else if (mode == kGRU) {
       // The reset comes before the matmul: the candidate needs W_hn (r * h), a second GEMM.
-      step_mm<T>(B, Hout, 2 * H, h, Hout, w_t, GH, false, hh, GH);
+      step_mm<T>(B, Hout, 2 * H, h, Hout, rec, false, hh, GH);
       for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
         const T *x = gx + b * GH, *rec = hh + b * GH, *hb = h + b * H;
         T* g = saved + b * 4 * H;
@@ -395,7 +448,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
           (r * V::loadu(hb + j, n)).store(g + 3 * H + j, n);
         });
       });
-      step_mm<T>(B, H, H, saved + 3 * H, 4 * H, w_t + 2 * H, GH, false, hh + 2 * H, GH);
+      step_mm<T>(B, H, H, saved + 3 * H, 4 * H, rec_n, false, hh + 2 * H, GH);
       for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
         const T *x = gx + b * GH, *rec = hh + b * GH;
@@ -412,7 +465,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
         });
       });
     } else {
-      step_mm<T>(B, Hout, GH, h, Hout, w_t, GH, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
       T* cell_out = cells + t * cells_stride;
       T* m = projected + t * projected_stride;
       for_rows(B, H, 40, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -443,7 +496,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
         });
       });
       if (project) {
-        step_mm<T>(B, H, Hout, m, H, w_hr_t, Hout, false, proj_out, Hout);
+        step_mm<T>(B, H, Hout, m, H, proj, false, proj_out, Hout);
         for (int64_t b = 0; b < B; ++b) {
           const bool on = steps.active(t, b);
           for (int64_t j = 0; j < Hout; ++j) {
@@ -498,10 +551,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
     using T = scalar_t;
+    const bool blocked = B > 1;
+    Tensor packed_rec, packed_rec_n, packed_proj;
+    const T* wt = w_t.data_ptr<T>();
+    const Packed<T> rec = pack<T>(Hout, G * H, wt, G * H, blocked, packed_rec);
+    const Packed<T> rec_n = mode == kGRU && !reset_after
+                                ? pack<T>(H, H, wt + 2 * H, G * H, blocked, packed_rec_n)
+                                : Packed<T>{};
+    const Packed<T> proj = project ? pack<T>(H, Hout, w_hr_t.data_ptr<T>(), Hout, blocked,
+                                             packed_proj)
+                                   : Packed<T>{};
     forward_kernel<T>(s, steps, mode, activation, reset_after, gates_x.data_ptr<T>(),
-                      h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, w_t.data_ptr<T>(),
-                      bias_hh.data_ptr<T>(), project ? w_hr_t.data_ptr<T>() : nullptr, project,
-                      output.data_ptr<T>(), gates.data_ptr<T>(), stride * saved_width,
+                      h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, rec, rec_n,
+                      bias_hh.data_ptr<T>(), proj, project, output.data_ptr<T>(),
+                      gates.data_ptr<T>(), stride * saved_width,
                       lstm ? cells.data_ptr<T>() : nullptr, stride * H,
                       project ? projected.data_ptr<T>() : nullptr, stride * H,
                       hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr);
@@ -520,8 +583,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
 template <typename T>
 void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
                      bool reset_after, const T* grad_output, T* dh, T* dc, const T* h0,
-                     const T* c0, const T* w_hh, const T* w_hr, const T* output,
-                     const T* gates, const T* cells, T* dgx, T* dhh, T* carry, T* dhs, T* dm) {
+                     const T* c0, const Packed<T>& rec, const Packed<T>& proj, bool project,
+                     const T* output, const T* gates, const T* cells, T* dgx, T* dhh, T* carry,
+                     T* dhs, T* dm) {
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const int64_t W = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
@@ -563,7 +627,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           });
         });
       });
-      step_mm<T>(B, GH, Hout, dg, GH, w_hh, Hout, true, carry, Hout);
+      step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
     } else if (mode == kGRU && reset_after) {
       for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
@@ -592,7 +656,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           (d * z).store(carry + row + j, n);
         });
       });
-      step_mm<T>(B, GH, Hout, dr, GH, w_hh, Hout, true, carry, Hout);
+      step_mm<T>(B, GH, Hout, dr, GH, rec, true, carry, Hout);
     } else if (mode == kGRU) {
       for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
@@ -613,7 +677,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
         });
       });
       // d(r * h) = dn W_hn, into dm (B, H).
-      step_mm<T>(B, H, H, dg + 2 * H, GH, w_hh + 2 * H * Hout, Hout, false, dm, H);
+      step_mm<T>(B, H, H, dg + 2 * H, GH, rec.rows_from(2 * H), false, dm, H);
       for_rows(B, H, 4, [&](int64_t b, int64_t j0, int64_t j1) {
         if (!steps.active(t, b)) return;
         const T *g = g_t + b * W, *hp = previous_h(t, b);
@@ -625,9 +689,8 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           (V::loadu(carry + row + j, n) + drh * r).store(carry + row + j, n);
         });
       });
-      step_mm<T>(B, 2 * H, Hout, dg, GH, w_hh, Hout, true, carry, Hout);
+      step_mm<T>(B, 2 * H, Hout, dg, GH, rec, true, carry, Hout);
     } else {
-      const bool project = w_hr != nullptr;
       if (project) {
         T* dh_t = dhs + t * B * Hout;
         for (int64_t b = 0; b < B; ++b) {
@@ -638,7 +701,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
             carry[k] = on ? T(0) : dh[k];
           }
         }
-        step_mm<T>(B, Hout, H, dh_t, Hout, w_hr, H, false, dm, H);
+        step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
       }
       const T* c_t = cells + t * B * H;
       for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -666,7 +729,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           if (!project) zero.store(carry + row + j, n);
         });
       });
-      step_mm<T>(B, GH, Hout, dg, GH, w_hh, Hout, true, carry, Hout);
+      step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
     }
     std::copy(carry, carry + B * Hout, dh);
   }
@@ -710,10 +773,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnkit_cpu_recurrence_backward", [&] {
     using T = scalar_t;
+    const bool blocked = B > 1;
+    Tensor packed_rec, packed_proj;
+    const Packed<T> rec = pack<T>(GH, Hout, weight_hh.data_ptr<T>(), Hout, blocked, packed_rec);
+    const Packed<T> proj = project ? pack<T>(Hout, H, weight_hr.data_ptr<T>(), H, blocked,
+                                             packed_proj)
+                                   : Packed<T>{};
     backward_kernel<T>(s, steps, mode, activation, reset_after, grad_output.data_ptr<T>(),
                        dh.data_ptr<T>(), lstm ? dc.data_ptr<T>() : nullptr,
-                       h0.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr,
-                       weight_hh.data_ptr<T>(), project ? weight_hr.data_ptr<T>() : nullptr,
+                       h0.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr, rec, proj, project,
                        output.data_ptr<T>(), gates.data_ptr<T>(),
                        lstm ? cells.data_ptr<T>() : nullptr, dgx.data_ptr<T>(),
                        dhh.data_ptr<T>(), carry.data_ptr<T>(),
@@ -751,9 +819,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   return {dgx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr};
 }
 
+// ---------------------------------------------------------------------------------------
+// The layers' input projection, W_ih x + b_ih for all steps at once, on the same kernels.
+
+Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
+                      const std::optional<Tensor>& bias_in) {
+  const Tensor x = input.contiguous();
+  const Tensor weight_t = weight_in.t().contiguous();  // (I, G), k-major
+  const int64_t in_features = weight_in.size(1), out_features = weight_in.size(0);
+  const int64_t rows = in_features == 0 ? 0 : x.numel() / in_features;
+  auto sizes = input.sizes().vec();
+  sizes.back() = out_features;
+  Tensor out = at::empty(sizes, x.options());
+  const bool has_bias = bias_in.has_value();
+  const Tensor bias = has_bias ? bias_in->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_cpu_linear", [&] {
+    using T = scalar_t;
+    T* o = out.data_ptr<T>();
+    if (has_bias) {
+      const T* b = bias.data_ptr<T>();
+      at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) std::copy(b, b + out_features, o + r * out_features);
+      });
+    }
+    Tensor storage;
+    const Packed<T> w = pack<T>(in_features, out_features, weight_t.data_ptr<T>(), out_features,
+                                rows > 1, storage);
+    matmul<T>(rows, in_features, out_features, x.data_ptr<T>(), in_features, 1, w.M, w.ldm,
+              has_bias, o, out_features, w.panels ? &w : nullptr);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& input,
+                                                   const Tensor& weight_in, bool input_grad,
+                                                   bool weight_grad, bool has_bias) {
+  const Tensor grad = grad_in.contiguous();
+  const Tensor x = input.contiguous();
+  const Tensor weight = weight_in.contiguous();
+  const int64_t in_features = weight.size(1), out_features = weight.size(0);
+  const int64_t rows = out_features == 0 ? 0 : grad.numel() / out_features;
+  const auto opts = grad.options();
+  Tensor grad_input = input_grad ? at::empty(input.sizes(), opts) : at::empty({0}, opts);
+  Tensor grad_weight =
+      weight_grad ? at::empty({out_features, in_features}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rnnkit_cpu_linear_backward", [&] {
+    using T = scalar_t;
+    const T* g = grad.data_ptr<T>();
+    if (input_grad) {  // dx = dy W
+      Tensor storage;
+      const Packed<T> w = pack<T>(out_features, in_features, weight.data_ptr<T>(), in_features,
+                                  rows > 1, storage);
+      matmul<T>(rows, out_features, in_features, g, out_features, 1, w.M, w.ldm, false,
+                grad_input.data_ptr<T>(), in_features, w.panels ? &w : nullptr);
+    }
+    if (weight_grad) {  // dW = dy^T x, reading dy column-wise
+      matmul<T>(out_features, rows, in_features, g, 1, out_features, x.data_ptr<T>(),
+                in_features, false, grad_weight.data_ptr<T>(), in_features);
+    }
+  });
+  Tensor grad_bias = has_bias ? at::sum(grad.view({rows, out_features}), {0})
+                              : at::empty({0}, opts);
+  return {grad_input, grad_weight, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnnkit, CPU, m) {
   m.impl("cpu_recurrence_forward", &recurrence_forward);
   m.impl("cpu_recurrence_backward", &recurrence_backward);
+  m.impl("cpu_linear", &linear_forward);
+  m.impl("cpu_linear_backward", &linear_backward);
 }

@@ -365,3 +365,45 @@ def test_wide_layers_use_register_blocked_products(spec, project, dtype, hidden)
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_input_projection_runs_on_the_backend_and_matches_linear(monkeypatch):
+    calls = []
+    original = cpu_backend.linear
+
+    def linear(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(cpu_backend, "linear", linear)
+    layer = rnnkit.GRU(70, 9, num_layers=2, backend="auto", dtype=torch.float64)
+    x = torch.randn(4, 6, 70, dtype=torch.float64)
+    layer(x)
+    assert calls == [(4, 6, 70), (4, 6, 9)]
+    calls.clear()
+    rnnkit.GRU(70, 9, backend="reference", dtype=torch.float64)(x)
+    assert calls == []
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, features, outputs in [(1, 3, 5), (9, 70, 130), (300, 8, 66)]:
+        x = torch.randn(rows, features, dtype=torch.float64, generator=generator)
+        w = torch.randn(outputs, features, dtype=torch.float64, generator=generator)
+        b = torch.randn(outputs, dtype=torch.float64, generator=generator)
+        torch.testing.assert_close(
+            _ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), rtol=0, atol=1e-12
+        )
+        torch.testing.assert_close(
+            _ops.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=0, atol=1e-12
+        )
+
+
+def test_input_projection_gradcheck_and_gradgradcheck():
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
+
+    for args in [(rand(1, 2, 2), rand(33, 2), rand(33)), (rand(5, 2), rand(3, 2), None)]:
+        assert torch.autograd.gradcheck(_ops.linear, args)
+        assert torch.autograd.gradgradcheck(_ops.linear, args)
+    torch.library.opcheck(torch.ops.rnnkit.cpu_linear.default, (rand(9, 4), rand(66, 4), rand(66)))

@@ -16,8 +16,10 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("recurrence.cpp")
 EXTENSION_NAME = "rnnkit_cpu_recurrence"
-# -march=native: the build is made on, and cached for, the machine that runs it.
-CFLAGS = ["-O3", "-march=native", "-std=c++17"]
+# -march=native: the build is made on, and cached for, the machine that runs it. -fopenmp:
+# at::parallel_for is a header template, serial unless this file is built with OpenMP too.
+CFLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _loaded = False
@@ -65,6 +67,7 @@ def _build() -> str | None:
             name=EXTENSION_NAME,
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             is_python_module=False,
             verbose=False,
         )

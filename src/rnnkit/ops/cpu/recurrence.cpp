@@ -269,37 +269,48 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
   const int64_t panels = N / panel;
   const int64_t work = std::max<int64_t>(1, R * K * panel);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t r0 = 0; r0 < R; r0 += r_chunk) {
-      const int64_t r_end = std::min(R, r0 + r_chunk);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * panel;
-        for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
-          const int64_t kc = std::min(k_chunk, K - k0);
-          const bool acc = accumulate || k0 > 0;
-          // A packed panel is contiguous (stride `panel`), which the prefetchers stream.
-          const T* Mk = packed ? packed->panel(p, k0) : M + k0 * ldm + n0;
-          const int64_t ldk = packed ? panel : ldm;
-          constexpr int rows = panel_rows<T>();
-          int64_t r = r0;
-          for (; r + rows <= r_end; r += rows) {
-            panel_kernel<T, rows>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldk, acc,
-                                  C + r * ldc + n0, ldc);
-          }
-          const T* Ar = A + r * ars + k0 * aks;
-          T* Cr = C + r * ldc + n0;
-          switch (r_end - r) {
-            case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-            case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-            case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-            case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-            case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-            default: break;
-          }
+  // One tile: rows [r0, r_end) of C against panels [p0, p1).
+  auto tile = [&](int64_t r0, int64_t r_end, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * panel;
+      for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
+        const int64_t kc = std::min(k_chunk, K - k0);
+        const bool acc = accumulate || k0 > 0;
+        // A packed panel is contiguous (stride `panel`), which the prefetchers stream.
+        const T* Mk = packed ? packed->panel(p, k0) : M + k0 * ldm + n0;
+        const int64_t ldk = packed ? panel : ldm;
+        constexpr int rows = panel_rows<T>();
+        int64_t r = r0;
+        for (; r + rows <= r_end; r += rows) {
+          panel_kernel<T, rows>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldk, acc,
+                                C + r * ldc + n0, ldc);
+        }
+        const T* Ar = A + r * ars + k0 * aks;
+        T* Cr = C + r * ldc + n0;
+        switch (r_end - r) {
+          case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          default: break;
         }
       }
     }
-  });
+  };
+  const int64_t row_chunks = (R + r_chunk - 1) / r_chunk;
+  if (row_chunks >= 2 * at::get_num_threads()) {
+    // Tall products (input projection, its gradients): threads take rows, so each streams
+    // only its share of A while the packed panels are shared.
+    at::parallel_for(0, row_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) tile(c * r_chunk, std::min(R, (c + 1) * r_chunk), 0, panels);
+    });
+  } else {
+    // One step's product: few rows, so threads take column panels.
+    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t r0 = 0; r0 < R; r0 += r_chunk) tile(r0, std::min(R, r0 + r_chunk), p0, p1);
+    });
+  }
   if (panels * panel < N) {
     const int64_t n0 = panels * panel;
     at::parallel_for(0, R, std::max<int64_t>(1, grain * 4), [&](int64_t r0, int64_t r1) {

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -124,7 +125,12 @@ def linear(
     otherwise, and for ``backend="reference"``, this is :func:`torch.nn.functional.linear`.
     """
     requested = backend or _checks.env_backend()
-    if requested != "reference":
+    plain = (
+        torch.compiler.is_exporting()  # exported graphs hold only standard ops
+        or torch._C._are_functorch_transforms_active()  # vmap etc. need torch's own rules
+        or torch.is_autocast_enabled(input.device.type)  # F.linear knows the autocast dtype
+    )
+    if requested != "reference" and not plain:
         names = list(registered()) if requested == "auto" else [requested]
         for name in names:
             chosen = _BACKENDS.get(name)

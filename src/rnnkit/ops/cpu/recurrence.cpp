@@ -72,6 +72,18 @@ inline Vec<T> sigmoid(const Vec<T>& x) {
   return Vec<T>(T(1)) / (Vec<T>(T(1)) + x.neg().exp());
 }
 
+// tanh. In float32, 1 - 2 / (exp(2x) + 1): one SLEEF exp instead of its slower tanh, within
+// 1e-7 of tanh (float64 keeps SLEEF's 1-ulp tanh).
+template <typename T>
+inline Vec<T> tanh(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec<T> one(T(1));
+    return one - Vec<T>(T(2)) / ((x + x).exp() + one);
+  } else {
+    return x.tanh();
+  }
+}
+
 // Activations whose derivative cannot be read off their output; only these save it.
 constexpr bool keeps_derivative(int64_t activation) {
   return activation == kSilu || activation == kGelu;
@@ -81,7 +93,7 @@ template <int A, typename T>
 inline Vec<T> activate(const Vec<T>& x, Vec<T>& derivative) {
   const Vec<T> one(T(1)), zero(T(0));
   if constexpr (A == kTanh) {
-    const Vec<T> y = x.tanh();
+    const Vec<T> y = tanh(x);
     derivative = one - y * y;
     return y;
   } else if constexpr (A == kRelu) {
@@ -434,7 +446,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
           };
           const V r = sigmoid(pre(0)), z = sigmoid(pre(1));
           const V hn = V::loadu(rec + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
-          const V cand = (V::loadu(x + 2 * H + j, n) + r * hn).tanh();
+          const V cand = tanh<T>(V::loadu(x + 2 * H + j, n) + r * hn);
           const V y = (one - z) * cand + z * V::loadu(hb + j, n);
           r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
           hn.store(g + 3 * H + j, n);
@@ -465,9 +477,8 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
         const T *x = gx + b * GH, *rec = hh + b * GH;
         T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          const V cand = (V::loadu(x + 2 * H + j, n) + V::loadu(rec + 2 * H + j, n) +
-                          V::loadu(bias + 2 * H + j, n))
-                             .tanh();
+          const V cand = tanh<T>(V::loadu(x + 2 * H + j, n) + V::loadu(rec + 2 * H + j, n) +
+                                 V::loadu(bias + 2 * H + j, n));
           const V z = V::loadu(g + H + j, n);
           const V y = (one - z) * cand + z * V::loadu(hb + j, n);
           cand.store(g + 2 * H + j, n);
@@ -488,11 +499,11 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
             return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
                    V::loadu(bias + k * H + j, n);
           };
-          const V i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = pre(2).tanh();
+          const V i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = tanh<T>(pre(2));
           const V o = sigmoid(pre(3));
           const V c_old = V::loadu(cb + j, n);
           const V c_new = f * c_old + i * gg;
-          const V y = o * c_new.tanh();
+          const V y = o * tanh<T>(c_new);
           i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n);
           o.store(g + 3 * H + j, n);
           const V c_kept = on ? c_new : c_old;
@@ -730,7 +741,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
           const V d = project ? V::loadu(dm + row + j, n)
                               : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-          const V tc = V::loadu(c_t + row + j, n).tanh();
+          const V tc = tanh<T>(V::loadu(c_t + row + j, n));
           const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
           (dcell * gg * i * (one - i)).store(dgb + j, n);
           (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);

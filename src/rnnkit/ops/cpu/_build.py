@@ -8,6 +8,8 @@ declared in :mod:`rnnkit.ops.cpu._ops`.
 
 from __future__ import annotations
 
+import hashlib
+import platform
 import shutil
 import threading
 import time
@@ -15,7 +17,21 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("recurrence.cpp")
-EXTENSION_NAME = "rnnkit_cpu_recurrence"
+
+
+def _cpu_tag() -> str:
+    """A short fingerprint of this CPU's instruction sets: a -march=native build cached in a
+    shared home directory must not be loaded on a CPU that lacks them."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            text += next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+EXTENSION_NAME = f"rnnkit_cpu_recurrence_{_cpu_tag()}"
 # -march=native: the build is made on, and cached for, the machine that runs it. -fopenmp:
 # at::parallel_for is a header template, serial unless this file is built with OpenMP too.
 CFLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp"]

@@ -1,12 +1,14 @@
 // rnnkit's compiled CPU recurrence: the whole time loop of one layer in one direction,
 // forward and backward (BPTT), for RNN (named activations), GRU (both formulations) and
-// LSTM (optionally projected), in float32 and float64.
+// LSTM (optionally projected), in float32 and float64; and the layers' input projection.
 //
 // The math is exactly rnnkit.cells' step functions; rnnkit.ops.reference is the twin the
-// tests hold this file equal to. Per step there is one GEMM against W_hh (two for GRU with
+// tests hold this file equal to. Per step there is one product with W_hh (two for GRU with
 // reset_after=False, one more for the LSTM projection) into preallocated buffers, then one
-// fused elementwise pass. Backward computes the per-step gate gradients and leaves the
-// weight gradients to one big GEMM after the loop.
+// fused elementwise pass. Backward computes the per-step gate gradients and leaves dW_hh to
+// one big product after the loop. All products run on the register-blocked kernels below
+// (matmul, vector_matrix), not on BLAS: they skip the per-call overhead that dominates small
+// steps, and use the full vector width where the bundled MKL does not (AMD CPUs).
 //
 // Layout (row-major, as the Python side passes it): gates_x (T, B, G*H), h0 (B, Hout),
 // c0 (B, H), weight_hh (G*H, Hout), bias_hh (G*H), weight_hr (Hout, H), lengths (B,) int64.

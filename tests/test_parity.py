@@ -154,7 +154,8 @@ def test_callable_nonlinearity_equals_named():
     torch.manual_seed(0)
     custom = rnnkit.RNN(3, 4, nonlinearity=lambda t: torch.tanh(t), dtype=torch.float64)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    torch.testing.assert_close(custom(x)[0], named(x)[0], atol=0, rtol=0)
+    # The callable runs on the reference path, the name may run on a compiled kernel.
+    torch.testing.assert_close(custom(x)[0], named(x)[0], atol=1e-12, rtol=0)
 
 
 def test_any_callable_nonlinearity_follows_the_elman_equation():

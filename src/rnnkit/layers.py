@@ -327,7 +327,9 @@ class RecurrentLayer(nn.Module):
             return export_op.layer_direction(
                 self.spec, layer_input, weight, state, lengths, bool(direction)
             )
-        gates_x = F.linear(layer_input, weight["weight_ih"], weight["bias_ih"])
+        gates_x = dispatch.linear(
+            layer_input, weight["weight_ih"], weight["bias_ih"], backend=self.backend
+        )
         return dispatch.recurrence(
             self.spec,
             gates_x,

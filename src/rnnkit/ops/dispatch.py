@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit import _checks
@@ -118,6 +119,34 @@ def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
         return "reference", f"backend {requested!r} is not installed"
     reason = backend.unavailable_reason() or backend.unsupported_reason(call)
     return (requested, None) if reason is None else ("reference", reason)
+
+
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None, *, backend: str | None = None
+) -> Tensor:
+    """A layer's input projection ``input @ weight.T + bias``, by a backend that has a faster one.
+
+    A backend may offer ``linear(input, weight, bias)`` with ``linear_unsupported_reason``;
+    otherwise, and for ``backend="reference"``, this is :func:`torch.nn.functional.linear`.
+    """
+    requested = backend or _checks.env_backend()
+    plain = (
+        torch.compiler.is_exporting()  # exported graphs hold only standard ops
+        or torch._C._are_functorch_transforms_active()  # vmap etc. need torch's own rules
+        or torch.is_autocast_enabled(input.device.type)  # F.linear knows the autocast dtype
+    )
+    if requested != "reference" and not plain:
+        names = list(registered()) if requested == "auto" else [requested]
+        for name in names:
+            chosen = _BACKENDS.get(name)
+            offer = getattr(chosen, "linear", None)
+            if offer is None or input.device.type not in chosen.device_types:
+                continue
+            if chosen.unavailable_reason() is None and (
+                chosen.linear_unsupported_reason(input, weight, bias) is None
+            ):
+                return offer(input, weight, bias)
+    return F.linear(input, weight, bias)
 
 
 def recurrence(

@@ -1,0 +1,245 @@
+"""``python -m rnnkit bench``: rnnkit's layers against torch.nn's, in one process.
+
+For every cell (RNN, GRU, LSTM) and grid point ``(B, H, T)`` (input size ``H``), the two
+layers get the same weights and input. Each repeat times torch.nn forward (no grad),
+rnnkit forward, torch.nn forward+backward and rnnkit forward+backward back to back, so
+load changes on the machine hit both sides alike; each figure is the median over the repeats.
+The table shows ``torch.nn time / rnnkit time`` (above 1: rnnkit is faster).
+
+Training peak memory (forward+backward, parameters and input excluded) is measured with
+``torch.profiler``'s ``profile_memory``: every allocation and free the CPU allocator sees,
+in time order, summed to a running total whose maximum is the peak. On CUDA it is
+``torch.cuda.max_memory_allocated`` above the memory in use before the step.
+
+Results go to ``DIR/bench-<device>.json`` and ``DIR/bench-<device>.png`` with ``--out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import rnnkit
+
+CELLS = ("RNN", "GRU", "LSTM")
+GRID = ((1, 128, 500), (16, 256, 200), (64, 512, 100), (32, 1024, 50))
+QUICK_GRID = ((1, 16, 20), (4, 32, 10))
+TARGETS = {  # the issue's goals, per cell and grid point, (forward, forward+backward)
+    "RNN": ((4.0, 4.0), (2.0, 2.0), (1.2, 1.2), (1.0, 1.0)),
+    "GRU": ((4.0, 4.0), (2.0, 2.0), (1.2, 1.2), (1.0, 1.0)),
+    "LSTM": ((1.5, 1.5), (1.0, 1.5), (1.0, 1.5), (1.0, 1.5)),
+}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m rnnkit bench",
+        description="Time rnnkit's RNN/GRU/LSTM against torch.nn (ratio torch.nn / rnnkit).",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure (>= 5)")
+    parser.add_argument("--quick", action="store_true", help="a tiny grid, for smoke tests")
+    parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
+    parser.add_argument("--out", type=Path, default=None, help="write JSON and PNG here")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the training peak memory comparison"
+    )
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error(f"--repeats must be at least 5, got {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA build of torch and a GPU; none found")
+    return args
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], None], device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _peak_memory(fn: Callable[[], None], device: str) -> int:
+    """Bytes allocated at the peak of ``fn`` above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def _pair(cell: str, size: int, device: str, dtype: torch.dtype):
+    reference = getattr(torch.nn, cell)(size, size, device=device, dtype=dtype)
+    ours = getattr(rnnkit, cell)(size, size, device=device, dtype=dtype, backend="auto")
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def _steps(module: torch.nn.Module, x: Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    def forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    def train() -> None:
+        module.zero_grad(set_to_none=True)
+        output, _ = module(x.requires_grad_(True))
+        output.sum().backward()
+
+    return forward, train
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the grid and return the results (times in seconds, memory in bytes)."""
+    dtype = getattr(torch, args.dtype)
+    grid = QUICK_GRID if args.quick else GRID
+    rows = []
+    for cell in args.cells:
+        for index, (batch, size, seq_len) in enumerate(grid):
+            torch.manual_seed(0)
+            reference, ours = _pair(cell, size, args.device, dtype)
+            x = torch.randn(seq_len, batch, size, device=args.device, dtype=dtype)
+            ref_fwd, ref_train = _steps(reference, x)
+            our_fwd, our_train = _steps(ours, x)
+            for fn in (ref_fwd, our_fwd, ref_train, our_train):  # warm-up (and first build)
+                fn()
+            keys = ("ref_fwd", "ours_fwd", "ref_fb", "ours_fb")
+            times: dict[str, list[float]] = {k: [] for k in keys}
+            for _ in range(args.repeats):
+                times["ref_fwd"].append(_timed(ref_fwd, args.device))
+                times["ours_fwd"].append(_timed(our_fwd, args.device))
+                times["ref_fb"].append(_timed(ref_train, args.device))
+                times["ours_fb"].append(_timed(our_train, args.device))
+            median = {k: statistics.median(v) for k, v in times.items()}
+            row = {
+                "cell": cell,
+                "batch": batch,
+                "hidden": size,
+                "input": size,
+                "seq_len": seq_len,
+                "median_s": median,
+                "all_s": times,
+                "ratio_fwd": median["ref_fwd"] / median["ours_fwd"],
+                "ratio_fb": median["ref_fb"] / median["ours_fb"],
+            }
+            if not args.quick:
+                row["target_fwd"], row["target_fb"] = TARGETS[cell][index]
+            if not args.no_memory:
+                row["peak_bytes_torch"] = _peak_memory(ref_train, args.device)
+                row["peak_bytes_rnnkit"] = _peak_memory(our_train, args.device)
+            rows.append(row)
+            _print_row(row)
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "rnnkit": rnnkit.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": rows,
+    }
+
+
+def _header() -> str:
+    return (
+        f"{'cell':5} {'B':>4} {'H':>5} {'T':>4} | {'torch fwd':>10} {'rnnkit':>9} {'ratio':>6}"
+        f" | {'torch f+b':>10} {'rnnkit':>9} {'ratio':>6} | {'peak MiB torch/rnnkit':>21}"
+    )
+
+
+def _print_row(row: dict) -> None:
+    m = row["median_s"]
+    memory = ""
+    if "peak_bytes_torch" in row:
+        memory = f"{row['peak_bytes_torch'] / 2**20:9.1f} /{row['peak_bytes_rnnkit'] / 2**20:8.1f}"
+    print(
+        f"{row['cell']:5} {row['batch']:>4} {row['hidden']:>5} {row['seq_len']:>4} | "
+        f"{m['ref_fwd'] * 1e3:8.2f}ms {m['ours_fwd'] * 1e3:7.2f}ms {row['ratio_fwd']:5.2f}x | "
+        f"{m['ref_fb'] * 1e3:8.2f}ms {m['ours_fb'] * 1e3:7.2f}ms {row['ratio_fb']:5.2f}x | "
+        f"{memory}",
+        flush=True,
+    )
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["results"]
+    labels = [f"{r['cell']}\n{r['batch']},{r['hidden']},{r['seq_len']}" for r in rows]
+    positions = range(len(rows))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 4.0))
+    width = 0.4
+    axis.bar([p - width / 2 for p in positions], [r["ratio_fwd"] for r in rows], width,
+             label="forward (no grad)")
+    axis.bar([p + width / 2 for p in positions], [r["ratio_fb"] for r in rows], width,
+             label="forward+backward")
+    for p, r in zip(positions, rows):
+        for offset, key in ((-width / 2, "target_fwd"), (width / 2, "target_fb")):
+            if key in r:
+                axis.plot([p + offset - width / 2, p + offset + width / 2], [r[key]] * 2, "k-")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xticks(list(positions), labels, fontsize=7)
+    axis.set_ylabel("torch.nn time / rnnkit time")
+    axis.set_title(
+        f"rnnkit vs torch.nn, {results['device']} {results['dtype']}, "
+        f"{results['threads']} threads (black: targets)"
+    )
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the process exit status."""
+    args = _parse(argv)
+    print(
+        f"rnnkit bench: {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}; ratio = torch.nn time / rnnkit time (input size = H)"
+    )
+    print(_header())
+    results = run(args)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path = args.out / f"bench-{args.device}.json"
+        json_path.write_text(json.dumps(results, indent=2))
+        png_path = args.out / f"bench-{args.device}.png"
+        _plot(results, png_path)
+        print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The ``"cpu"`` backend: compiled C++ time loops, forward and backward, for CPU tensors.
+
+Importing this package declares the ``rnnkit::cpu_recurrence_forward`` and
+``rnnkit::cpu_recurrence_backward`` custom ops and registers the backend with
+:mod:`rnnkit.ops.dispatch`. The C++ source is built on first use and cached; without a
+compiler, or when the build fails, the backend reports itself unavailable (one warning) and
+calls fall back to the reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rnnkit.ops import dispatch
+from rnnkit.ops.cpu import _build, _ops
+
+DTYPES = (torch.float32, torch.float64)
+
+
+class CpuBackend:
+    """Serves named-activation RNN, GRU and LSTM recurrences on float32/float64 CPU tensors."""
+
+    name = "cpu"
+    device_types = ("cpu",)
+
+    def unavailable_reason(self) -> str | None:
+        if torch.compiler.is_compiling():
+            # No build while tracing; the op's fake rule builds before the graph first runs.
+            return _build.cached_status()
+        return _build.status()
+
+    def unsupported_reason(self, call: dispatch.Call) -> str | None:
+        spec = call.spec
+        if spec.mode == "rnn" and not isinstance(spec.nonlinearity, str):
+            return "a callable nonlinearity runs only on the reference path"
+        if spec.mode == "rnn" and spec.nonlinearity not in _ops.ACTIVATIONS:
+            return f"no compiled kernel for the nonlinearity {spec.nonlinearity!r}"
+        dtype = call.gates_x.dtype
+        if dtype not in DTYPES:
+            return f"dtype {dtype} is not supported (float32, float64 are)"
+        tensors = [*call.state, call.weight_hh, call.bias_hh, call.weight_hr]
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            if tensor.dtype != dtype:
+                return f"mixed dtypes ({dtype} and {tensor.dtype})"
+            if tensor.device.type != "cpu":
+                return f"a tensor is on {tensor.device}, not the CPU"
+        return None
+
+    def linear_unsupported_reason(self, input, weight, bias) -> str | None:
+        """Why :meth:`linear` cannot compute this input projection, or ``None``."""
+        tensors = [input, weight] + ([] if bias is None else [bias])
+        if input.dtype not in DTYPES:
+            return f"dtype {input.dtype} is not supported (float32, float64 are)"
+        if any(t.dtype != input.dtype or t.device.type != "cpu" for t in tensors):
+            return "mixed dtypes or devices"
+        return None
+
+    def linear(self, input, weight, bias):
+        return _ops.linear(input, weight, bias)
+
+    def recurrence(self, *args):
+        return _ops.recurrence(*args)
+
+
+backend = CpuBackend()
+dispatch.register(backend)
+
+__all__ = ["CpuBackend", "backend"]

@@ -1,0 +1,93 @@
+"""Build the C++ kernels on first use, with :func:`torch.utils.cpp_extension.load`, and cache them.
+
+The build lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and is reused by later processes; torch rebuilds it when the
+source changes. Loading the library adds CPU kernels to the ``rnnkit::cpu_recurrence_*`` ops
+declared in :mod:`rnnkit.ops.cpu._ops`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("recurrence.cpp")
+
+
+def _cpu_tag() -> str:
+    """A short fingerprint of this CPU's instruction sets: a -march=native build cached in a
+    shared home directory must not be loaded on a CPU that lacks them."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            text += next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+EXTENSION_NAME = f"rnnkit_cpu_recurrence_{_cpu_tag()}"
+# -march=native: the build is made on, and cached for, the machine that runs it. -fopenmp:
+# at::parallel_for is a header template, serial unless this file is built with OpenMP too.
+CFLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_loaded = False
+_error: str | None = None
+build_seconds: float | None = None  # how long the first load in this process took
+
+
+def status() -> str | None:
+    """``None`` when the kernels are loaded (building them if needed), else why not."""
+    global _loaded, _error, build_seconds
+    if _loaded or _error is not None:
+        return _error
+    with _lock:
+        if _loaded or _error is not None:
+            return _error
+        start = time.perf_counter()
+        _error = _build()
+        _loaded = _error is None
+        build_seconds = time.perf_counter() - start
+    if _error is not None:
+        warnings.warn(
+            f"rnnkit: the compiled CPU kernels are unavailable ({_error}); "
+            "CPU calls use the reference path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _error
+
+
+def cached_status() -> str | None:
+    """The outcome so far, without building: ``None`` when loaded or not yet tried."""
+    return _error
+
+
+def _build() -> str | None:
+    import torch.utils.cpp_extension as cpp_extension
+
+    compiler = cpp_extension.get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found (looked for {compiler!r}; set CXX to choose one)"
+    if not SOURCE.exists():
+        return f"the kernel source {SOURCE} is missing from the installation"
+    try:
+        cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # any build or load failure means: use the reference path
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"building {SOURCE.name} failed: {type(error).__name__}: {first_line}"
+    return None

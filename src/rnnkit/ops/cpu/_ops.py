@@ -1,0 +1,266 @@
+"""The compiled recurrence as ``torch.library`` custom ops, with fake and autograd rules.
+
+Two ops, declared here and given CPU kernels by ``recurrence.cpp``:
+
+- ``rnnkit::cpu_recurrence_forward`` runs the whole time loop and, when ``training``, also
+  returns what backward needs (gate activations, LSTM cells, projection inputs).
+- ``rnnkit::cpu_recurrence_backward`` runs backpropagation through time and returns the
+  gradients of ``gates_x``, the initial state(s), ``weight_hh``, ``bias_hh`` and ``weight_hr``.
+
+The fake rules give torch.compile and torch.export the output shapes without running
+anything. When backward itself is differentiated (``create_graph=True``), the segment is
+recomputed on the reference path under autograd, so higher-order gradients stay exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rnnkit.cells import CellSpec
+from rnnkit.ops import reference
+from rnnkit.ops.cpu import _build
+
+MODES = ("rnn", "gru", "lstm")
+ACTIVATIONS = ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh")
+
+# RNN activations whose derivative the forward saves (the others read it off the output).
+KEEPS_DERIVATIVE = ("silu", "gelu")
+
+FORWARD = "rnnkit::cpu_recurrence_forward"
+BACKWARD = "rnnkit::cpu_recurrence_backward"
+
+torch.library.define(
+    FORWARD,
+    "(Tensor gates_x, Tensor h0, Tensor? c0, Tensor weight_hh, Tensor? bias_hh, "
+    "Tensor? weight_hr, Tensor? lengths, int mode, int activation, bool reset_after, "
+    "bool reverse, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+torch.library.define(
+    BACKWARD,
+    "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, Tensor? c0, "
+    "Tensor weight_hh, Tensor? weight_hr, Tensor? lengths, Tensor output, Tensor gates, "
+    "Tensor cells, Tensor projected, int mode, int activation, bool reset_after, "
+    "bool reverse, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+LINEAR = "rnnkit::cpu_linear"
+LINEAR_BACKWARD = "rnnkit::cpu_linear_backward"
+
+torch.library.define(LINEAR, "(Tensor input, Tensor weight, Tensor? bias) -> Tensor")
+torch.library.define(
+    LINEAR_BACKWARD,
+    "(Tensor grad, Tensor input, Tensor weight, bool input_grad, bool weight_grad, "
+    "bool has_bias) -> (Tensor, Tensor, Tensor)",
+)
+
+
+def _num_gates(mode: int) -> int:
+    return (1, 3, 4)[mode]
+
+
+@torch.library.register_fake(FORWARD)
+def _forward_fake(
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, mode, activation, reset_after,
+    reverse, training,
+):
+    # Tracing is the last moment before a compiled graph may call the kernel: build it now.
+    _build.status()
+    seq_len, batch, gate_size = gates_x.shape
+    hidden = gate_size // _num_gates(mode)
+    out_size = h0.shape[1]
+    lstm = mode == MODES.index("lstm")
+    new = gates_x.new_empty
+    if training:
+        if mode == MODES.index("rnn"):
+            saved_width = hidden if ACTIVATIONS[activation] in KEEPS_DERIVATIVE else 0
+        else:
+            saved_width = 4 * hidden
+        gates = new((seq_len, batch, saved_width))
+        cells = new((seq_len if lstm else 0, batch, hidden))
+        projected = new((seq_len if weight_hr is not None else 0, batch, hidden))
+    else:
+        gates, cells, projected = new((0,)), new((0,)), new((0,))
+    c_n = new((batch, hidden)) if lstm else new((0,))
+    return new((seq_len, batch, out_size)), new((batch, out_size)), c_n, gates, cells, projected
+
+
+@torch.library.register_fake(BACKWARD)
+def _backward_fake(
+    grad_output, grad_h_n, grad_c_n, h0, c0, weight_hh, weight_hr, lengths, output, gates,
+    cells, projected, mode, activation, reset_after, reverse, has_bias,
+):
+    seq_len, batch, out_size = output.shape
+    gate_size = weight_hh.shape[0]
+    hidden = gate_size // _num_gates(mode)
+    new = output.new_empty
+    return (
+        new((seq_len, batch, gate_size)),
+        new((batch, out_size)),
+        new((batch, hidden)) if mode == MODES.index("lstm") else new((0,)),
+        new((gate_size, out_size)),
+        new((gate_size,)) if has_bias else new((0,)),
+        new((out_size, hidden)) if weight_hr is not None else new((0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths = inputs[:7]
+    ctx.codes = inputs[7:11]  # mode, activation, reset_after, reverse
+    ctx.training = inputs[11]
+    out, _, _, gates, cells, projected = output
+    ctx.mark_non_differentiable(gates, cells, projected)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(
+        gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, out, gates, cells, projected
+    )
+
+
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, out, gates, cells, projected = (
+        ctx.saved_tensors
+    )
+    mode, activation, reset_after, reverse = ctx.codes
+    if torch.is_grad_enabled():
+        grads = _reference_backward(ctx, grad_output, grad_h_n, grad_c_n)
+    else:
+        if not ctx.training:
+            raise RuntimeError(
+                "rnnkit: cpu_recurrence_forward ran with training=False, so it saved nothing "
+                "for backward; call it with training=True when gradients are needed"
+            )
+        lstm = mode == MODES.index("lstm")
+        grad_output = torch.zeros_like(out) if grad_output is None else grad_output
+        grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+        if grad_c_n is None:
+            grad_c_n = torch.zeros_like(c0) if lstm else out.new_empty((0,))
+        grads = torch.ops.rnnkit.cpu_recurrence_backward(
+            grad_output, grad_h_n, grad_c_n, h0, c0, weight_hh, weight_hr, lengths, out, gates,
+            cells, projected, mode, activation, reset_after, reverse, bias_hh is not None,
+        )
+        grads = [
+            g if t is not None and needed else None
+            for g, t, needed in zip(
+                grads,
+                (gates_x, h0, c0, weight_hh, bias_hh, weight_hr),
+                ctx.needs_input_grad[:6],
+            )
+        ]
+    return (*grads, None, None, None, None, None, None)
+
+
+def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | None]:
+    """Differentiable gradients for create_graph=True: rerun the segment on the reference path."""
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths = ctx.saved_tensors[:7]
+    mode, activation, reset_after, reverse = ctx.codes
+    spec = CellSpec(MODES[mode], ACTIVATIONS[activation], reset_after)
+    state = (h0,) if c0 is None else (h0, c0)
+    output, final = reference.recurrence(
+        spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse
+    )
+    pairs = [(o, g) for o, g in zip((output, *final), (grad_output, grad_h_n, grad_c_n))]
+    pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
+    inputs = (gates_x, h0, c0, weight_hh, bias_hh, weight_hr)
+    wanted = [
+        i for i, t in enumerate(inputs)
+        if t is not None and ctx.needs_input_grad[i] and t.requires_grad
+    ]
+    grads: list[Tensor | None] = [None] * 6
+    if not pairs or not wanted:
+        return grads
+    found = torch.autograd.grad(
+        [o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+        create_graph=True, allow_unused=True,
+    )
+    for i, g in zip(wanted, found):
+        grads[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return grads
+
+
+torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake(LINEAR)
+def _linear_fake(input, weight, bias):
+    _build.status()
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake(LINEAR_BACKWARD)
+def _linear_backward_fake(grad, input, weight, input_grad, weight_grad, has_bias):
+    new = grad.new_empty
+    return (
+        new(input.shape) if input_grad else new((0,)),
+        new(weight.shape) if weight_grad else new((0,)),
+        new((weight.shape[0],)) if has_bias else new((0,)),
+    )
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    input, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight)
+
+
+def _linear_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph: differentiable torch formulas
+        grad_input = grad @ weight if need_input else None
+        flat_grad = grad.reshape(-1, weight.shape[0])
+        grad_weight = flat_grad.t() @ input.reshape(-1, weight.shape[1]) if need_weight else None
+        grad_bias = flat_grad.sum(0) if need_bias and ctx.has_bias else None
+        return grad_input, grad_weight, grad_bias
+    grad_input, grad_weight, grad_bias = torch.ops.rnnkit.cpu_linear_backward(
+        grad, input, weight, need_input, need_weight, ctx.has_bias and need_bias
+    )
+    return (
+        grad_input if need_input else None,
+        grad_weight if need_weight else None,
+        grad_bias if ctx.has_bias and need_bias else None,
+    )
+
+
+torch.library.register_autograd(LINEAR, _linear_backward, setup_context=_linear_setup_context)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(input, weight, bias)`` on the compiled kernels (float32/float64, CPU)."""
+    error = None if torch.compiler.is_compiling() else _build.status()
+    if error is not None:
+        raise RuntimeError(f"rnnkit: the cpu backend is unavailable: {error}")
+    return torch.ops.rnnkit.cpu_linear(input, weight, bias)
+
+
+def recurrence(
+    spec: CellSpec,
+    gates_x: Tensor,
+    state: tuple[Tensor, ...],
+    weight_hh: Tensor,
+    bias_hh: Tensor | None,
+    weight_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The compiled twin of :func:`rnnkit.ops.reference.recurrence` (same arguments, results).
+
+    Raises:
+        RuntimeError: the kernels could not be built (dispatch checks this first).
+    """
+    # While tracing, the fake rule builds the kernels instead (no locks or I/O in the graph).
+    error = None if torch.compiler.is_compiling() else _build.status()
+    if error is not None:
+        raise RuntimeError(f"rnnkit: the cpu backend is unavailable: {error}")
+    tensors = (gates_x, *state, weight_hh, bias_hh, weight_hr)
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors
+    )
+    c0 = state[1] if spec.mode == "lstm" else None
+    output, h_n, c_n, *_ = torch.ops.rnnkit.cpu_recurrence_forward(
+        gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths,
+        MODES.index(spec.mode),
+        ACTIVATIONS.index(spec.nonlinearity) if spec.mode == "rnn" else 0,
+        spec.reset_after, reverse, training,
+    )
+    return output, ((h_n, c_n) if spec.mode == "lstm" else (h_n,))

@@ -1,0 +1,917 @@
+// rnnkit's compiled CPU recurrence: the whole time loop of one layer in one direction,
+// forward and backward (BPTT), for RNN (named activations), GRU (both formulations) and
+// LSTM (optionally projected), in float32 and float64; and the layers' input projection.
+//
+// The math is exactly rnnkit.cells' step functions; rnnkit.ops.reference is the twin the
+// tests hold this file equal to. Per step there is one product with W_hh (two for GRU with
+// reset_after=False, one more for the LSTM projection) into preallocated buffers, then one
+// fused elementwise pass. Backward computes the per-step gate gradients and leaves dW_hh to
+// one big product after the loop. All products run on the register-blocked kernels below
+// (matmul, vector_matrix), not on BLAS: they skip the per-call overhead that dominates small
+// steps, and use the full vector width where the bundled MKL does not (AMD CPUs).
+//
+// Layout (row-major, as the Python side passes it): gates_x (T, B, G*H), h0 (B, Hout),
+// c0 (B, H), weight_hh (G*H, Hout), bias_hh (G*H), weight_hr (Hout, H), lengths (B,) int64.
+// A row b is "active" at time t when t < lengths[b]; inactive rows hold their state and
+// write zero output, so a reverse pass starts at each sequence's own last step.
+//
+// The ops are declared (schema, fake and autograd) in rnnkit/ops/cpu/_ops.py; this file only
+// adds their CPU kernels.
+
+// Pick ATen's widest vector code the compiler targets (the build uses -march=native), before
+// including it: Vectorized<T> then maps to AVX512 or AVX2 registers, with SLEEF's exp/tanh/erf.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+using at::Tensor;
+
+namespace {
+
+enum Mode : int64_t { kRNN = 0, kGRU = 1, kLSTM = 2 };
+enum Activation : int64_t {
+  kTanh = 0,
+  kRelu = 1,
+  kIdentity = 2,
+  kSigmoid = 3,
+  kSilu = 4,
+  kGelu = 5,
+  kSoftsign = 6,
+  kHardtanh = 7,
+};
+
+// ---------------------------------------------------------------------------------------
+// Elementwise math, on whole vectors. Each activation gives its value and its derivative at
+// the same point, with torch's conventions at the kinks (relu'(0) = 0, hardtanh'(+-1) = 0).
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  return Vec<T>(T(1)) / (Vec<T>(T(1)) + x.neg().exp());
+}
+
+// tanh. In float32, 1 - 2 / (exp(2x) + 1): one SLEEF exp instead of its slower tanh, within
+// 1e-7 of tanh (float64 keeps SLEEF's 1-ulp tanh).
+template <typename T>
+inline Vec<T> tanh(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec<T> one(T(1));
+    return one - Vec<T>(T(2)) / ((x + x).exp() + one);
+  } else {
+    return x.tanh();
+  }
+}
+
+// Activations whose derivative cannot be read off their output; only these save it.
+constexpr bool keeps_derivative(int64_t activation) {
+  return activation == kSilu || activation == kGelu;
+}
+
+template <int A, typename T>
+inline Vec<T> activate(const Vec<T>& x, Vec<T>& derivative) {
+  const Vec<T> one(T(1)), zero(T(0));
+  if constexpr (A == kTanh) {
+    const Vec<T> y = tanh(x);
+    derivative = one - y * y;
+    return y;
+  } else if constexpr (A == kRelu) {
+    derivative = x.gt(zero);
+    return at::vec::maximum(x, zero);
+  } else if constexpr (A == kIdentity) {
+    derivative = one;
+    return x;
+  } else if constexpr (A == kSigmoid) {
+    const Vec<T> y = sigmoid(x);
+    derivative = y * (one - y);
+    return y;
+  } else if constexpr (A == kSilu) {
+    const Vec<T> s = sigmoid(x);
+    derivative = s * (one + x * (one - s));
+    return x * s;
+  } else if constexpr (A == kGelu) {
+    const Vec<T> cdf = Vec<T>(T(0.5)) * (one + (x * Vec<T>(T(M_SQRT1_2))).erf());
+    const Vec<T> pdf = (Vec<T>(T(-0.5)) * x * x).exp() * Vec<T>(T(0.5 * M_2_SQRTPI * M_SQRT1_2));
+    derivative = cdf + x * pdf;
+    return x * cdf;
+  } else if constexpr (A == kSoftsign) {
+    const Vec<T> denominator = one + x.abs();
+    derivative = one / (denominator * denominator);
+    return x / denominator;
+  } else {
+    static_assert(A == kHardtanh);
+    derivative = x.gt(Vec<T>(T(-1))) * x.lt(one);
+    return at::vec::clamp(x, Vec<T>(T(-1)), one);
+  }
+}
+
+// The derivative at the point that produced output y (activations without a saved one).
+template <int A, typename T>
+inline Vec<T> derivative_from_output(const Vec<T>& y) {
+  const Vec<T> one(T(1));
+  if constexpr (A == kTanh) {
+    return one - y * y;
+  } else if constexpr (A == kRelu) {
+    return y.gt(Vec<T>(T(0)));
+  } else if constexpr (A == kIdentity) {
+    return one;
+  } else if constexpr (A == kSigmoid) {
+    return y * (one - y);
+  } else if constexpr (A == kSoftsign) {
+    const Vec<T> rest = one - y.abs();  // = 1 / (1 + |x|)
+    return rest * rest;
+  } else if constexpr (A == kHardtanh) {
+    return y.gt(Vec<T>(T(-1))) * y.lt(one);
+  } else {
+    static_assert(A == kSilu || A == kGelu, "this activation saves its derivative");
+    return one;
+  }
+}
+
+template <typename F>
+void dispatch_activation(int64_t activation, F&& body) {
+  switch (activation) {
+    case kTanh: return body(std::integral_constant<int, kTanh>{});
+    case kRelu: return body(std::integral_constant<int, kRelu>{});
+    case kIdentity: return body(std::integral_constant<int, kIdentity>{});
+    case kSigmoid: return body(std::integral_constant<int, kSigmoid>{});
+    case kSilu: return body(std::integral_constant<int, kSilu>{});
+    case kGelu: return body(std::integral_constant<int, kGelu>{});
+    case kSoftsign: return body(std::integral_constant<int, kSoftsign>{});
+    case kHardtanh: return body(std::integral_constant<int, kHardtanh>{});
+    default: TORCH_CHECK(false, "rnnkit: unknown activation code ", activation);
+  }
+}
+
+// Runs fn(b, j0, j1) over the (B, H) grid, split across threads only when the step is big
+// enough to pay for waking them (a B=1, H=128 step is far below that).
+template <typename F>
+void for_rows(int64_t B, int64_t H, int64_t cost_per_element, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / cost_per_element);
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t b = begin / H;
+      const int64_t j0 = begin % H;
+      const int64_t j1 = std::min(H, j0 + (end - begin));
+      fn(b, j0, j1);
+      begin += j1 - j0;
+    }
+  });
+}
+
+// Calls fn(j, count) over [j0, j1) in whole vectors, then one partial vector.
+template <typename T, typename F>
+inline void for_vectors(int64_t j0, int64_t j1, const F& fn) {
+  constexpr int64_t width = Vec<T>::size();
+  int64_t j = j0;
+  for (; j + width <= j1; j += width) fn(j, width);
+  if (j < j1) fn(j, j1 - j);
+}
+
+// y (N) = x (K, stride xs) M (K x N, k-major, leading dimension ldm) [+ y]: broadcast x[k]
+// and FMA into eight vector accumulators per block of columns (eight hide the FMA latency).
+template <typename T>
+void vector_matrix(int64_t K, int64_t N, const T* x, int64_t xs, const T* M, int64_t ldm,
+                   bool accumulate, T* y) {
+  using V = Vec<T>;
+  constexpr int64_t width = V::size();
+  constexpr int64_t block = 8 * width;
+  int64_t n0 = 0;
+  for (; n0 + block <= N; n0 += block) {
+    V acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = accumulate ? V::loadu(y + n0 + i * width) : V(T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const V xk(x[k * xs]);
+      const T* row = M + k * ldm + n0;
+      for (int i = 0; i < 8; ++i) acc[i] = at::vec::fmadd(xk, V::loadu(row + i * width), acc[i]);
+    }
+    for (int i = 0; i < 8; ++i) acc[i].store(y + n0 + i * width);
+  }
+  for (; n0 < N; n0 += width) {
+    const int64_t count = std::min(width, N - n0);
+    V acc = accumulate ? V::loadu(y + n0, count) : V(T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      acc = at::vec::fmadd(V(x[k * xs]), V::loadu(M + k * ldm + n0, count), acc);
+    }
+    acc.store(y + n0, count);
+  }
+}
+
+// Vectors per column panel of the register-blocked kernel.
+template <typename T>
+constexpr int panel_vectors() {
+  return Vec<T>::size() * sizeof(T) >= 64 ? 4 : 2;
+}
+
+// Rows per register block: 6 x 4 accumulators (plus 4 panel vectors and a broadcast) fit the
+// 32 AVX512 registers; with 16 registers 4 x 2 do.
+template <typename T>
+constexpr int panel_rows() {
+  return Vec<T>::size() * sizeof(T) >= 64 ? 6 : 4;
+}
+
+// C (R x NV vectors) = A (R x K; element (r, k) at A[r * ars + k * aks]) M (K x NV vectors,
+// k-major) [+ C], with every accumulator in a register.
+template <typename T, int R>
+inline void panel_kernel(int64_t K, const T* A, int64_t ars, int64_t aks, const T* M,
+                         int64_t ldm, bool accumulate, T* C, int64_t ldc) {
+  using V = Vec<T>;
+  constexpr int NV = panel_vectors<T>();
+  constexpr int64_t width = V::size();
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = accumulate ? V::loadu(C + r * ldc + v * width) : V(T(0));
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V m[NV];
+    for (int v = 0; v < NV; ++v) m[v] = V::loadu(M + k * ldm + v * width);
+    for (int r = 0; r < R; ++r) {
+      const V a(A[r * ars + k * aks]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, m[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * width);
+  }
+}
+
+// C (R x N) = A (R x K, strided as in panel_kernel) M (K x N, k-major) [+ C], on ATen's
+// vector registers: no BLAS call overhead per step, and full-width FMAs also where the
+// bundled BLAS runs a narrower code path. Column panels are shared between threads when the
+// product is large enough; K is cut into chunks whose panel stays in cache across row blocks.
+template <typename T>
+struct Packed;
+
+template <typename T>
+void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t aks, const T* M,
+            int64_t ldm, bool accumulate, T* C, int64_t ldc, const Packed<T>* packed = nullptr) {
+  if (R == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t r = 0; r < R; ++r) std::fill(C + r * ldc, C + r * ldc + N, T(0));
+    }
+    return;
+  }
+  constexpr int64_t panel = panel_vectors<T>() * Vec<T>::size();
+  constexpr int64_t k_chunk = 256;  // a panel's slice of M, k_chunk x panel, stays in L1/L2
+  constexpr int64_t r_chunk = 120;  // rows of A kept in L2 while the panels pass over them
+  const int64_t panels = N / panel;
+  const int64_t work = std::max<int64_t>(1, R * K * panel);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
+  // One tile: rows [r0, r_end) of C against panels [p0, p1).
+  auto tile = [&](int64_t r0, int64_t r_end, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * panel;
+      for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
+        const int64_t kc = std::min(k_chunk, K - k0);
+        const bool acc = accumulate || k0 > 0;
+        // A packed panel is contiguous (stride `panel`), which the prefetchers stream.
+        const T* Mk = packed ? packed->panel(p, k0) : M + k0 * ldm + n0;
+        const int64_t ldk = packed ? panel : ldm;
+        constexpr int rows = panel_rows<T>();
+        int64_t r = r0;
+        for (; r + rows <= r_end; r += rows) {
+          panel_kernel<T, rows>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldk, acc,
+                                C + r * ldc + n0, ldc);
+        }
+        const T* Ar = A + r * ars + k0 * aks;
+        T* Cr = C + r * ldc + n0;
+        switch (r_end - r) {
+          case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          default: break;
+        }
+      }
+    }
+  };
+  const int64_t row_chunks = (R + r_chunk - 1) / r_chunk;
+  if (row_chunks >= 2 * at::get_num_threads()) {
+    // Tall products (input projection, its gradients): threads take rows, so each streams
+    // only its share of A while the packed panels are shared.
+    at::parallel_for(0, row_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) tile(c * r_chunk, std::min(R, (c + 1) * r_chunk), 0, panels);
+    });
+  } else {
+    // One step's product: few rows, so threads take column panels.
+    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t r0 = 0; r0 < R; r0 += r_chunk) tile(r0, std::min(R, r0 + r_chunk), p0, p1);
+    });
+  }
+  if (panels * panel < N) {
+    const int64_t n0 = panels * panel;
+    at::parallel_for(0, R, std::max<int64_t>(1, grain * 4), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        vector_matrix<T>(K, N - n0, A + r * ars, aks, M + n0, ldm, accumulate, C + r * ldc + n0);
+      }
+    });
+  }
+}
+
+// A k-major weight matrix (K x N) used at every step, with a panel-major copy of its full
+// column panels ([panel][k][column], made once per call) for the register-blocked kernel.
+template <typename T>
+struct Packed {
+  const T* M = nullptr;
+  int64_t ldm = 0;
+  const T* panels = nullptr;  // nullptr: not packed
+  int64_t K = 0;              // rows per packed panel
+
+  static constexpr int64_t width = panel_vectors<T>() * Vec<T>::size();
+  const T* panel(int64_t p, int64_t k) const { return panels + (p * K + k) * width; }
+  // The same matrix without its first k rows.
+  Packed rows_from(int64_t k) const {
+    return {M + k * ldm, ldm, panels ? panels + k * width : nullptr, K};
+  }
+};
+
+template <typename T>
+Packed<T> pack(int64_t K, int64_t N, const T* M, int64_t ldm, bool wanted, Tensor& storage) {
+  constexpr int64_t width = Packed<T>::width;
+  const int64_t count = N / width;
+  if (!wanted || count == 0) return {M, ldm, nullptr, K};
+  storage = at::empty({count * K * width}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = storage.data_ptr<T>();
+  at::parallel_for(0, count, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t k = 0; k < K; ++k) {
+        std::copy(M + k * ldm + p * width, M + k * ldm + (p + 1) * width, out + (p * K + k) * width);
+      }
+    }
+  });
+  return {M, ldm, out, K};
+}
+
+// One step's product, y (B x N) = x (B x K) W (K x N) [+ y].
+template <typename T>
+void step_mm(int64_t B, int64_t K, int64_t N, const T* x, int64_t ldx, const Packed<T>& w,
+             bool accumulate, T* y, int64_t ldy) {
+  if (B == 1) {
+    vector_matrix<T>(K, N, x, 1, w.M, w.ldm, accumulate, y);
+    return;
+  }
+  matmul<T>(B, K, N, x, ldx, 1, w.M, w.ldm, accumulate, y, ldy, w.panels ? &w : nullptr);
+}
+
+struct Shape {
+  int64_t T, B, H, Hout, G;
+};
+
+// Where a step's previous state lives: the initial state at a sequence's first step, else
+// the output (or saved cell) of the neighbouring time step.
+struct Steps {
+  int64_t T;
+  bool reverse;
+  const int64_t* lengths;  // nullptr: every sequence is T long
+
+  bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }
+  bool first(int64_t t, int64_t b) const {
+    if (!reverse) return t == 0;
+    return t == (lengths == nullptr ? T : lengths[b]) - 1;
+  }
+  int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
+};
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
+                    bool reset_after, const T* gates_x, T* h, T* c, const Packed<T>& rec,
+                    const Packed<T>& rec_n, const T* bias, const Packed<T>& proj, bool project,
+                    T* output, T* gates, int64_t gates_stride,
+                    T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
+                    T* hh, T* proj_out) {
+  using V = Vec<T>;
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
+  const V zero(T(0)), one(T(1));
+  for (int64_t step = 0; step < T_; ++step) {
+    const int64_t t = steps.reverse ? T_ - 1 - step : step;
+    const T* gx = gates_x + t * B * GH;
+    T* out = output + t * B * Hout;
+    T* saved = gates + t * gates_stride;
+    if (mode == kRNN) {
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      dispatch_activation(activation, [&](auto a) {
+        constexpr int A = decltype(a)::value;
+        for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
+          const bool on = steps.active(t, b);
+          const T *x = gx + b * GH, *r = hh + b * GH;
+          T *hb = h + b * H, *ob = out + b * H, *db = saved + b * H;
+          for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+            V derivative;
+            const V y = activate<A, T>(
+                V::loadu(x + j, n) + V::loadu(r + j, n) + V::loadu(bias + j, n), derivative);
+            if constexpr (keeps_derivative(A)) derivative.store(db + j, n);
+            if (on) y.store(hb + j, n);
+            (on ? y : zero).store(ob + j, n);
+          });
+        });
+      });
+    } else if (mode == kGRU && reset_after) {
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          auto pre = [&](int64_t k) {
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
+          };
+          const V r = sigmoid(pre(0)), z = sigmoid(pre(1));
+          const V hn = V::loadu(rec + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
+          const V cand = tanh<T>(V::loadu(x + 2 * H + j, n) + r * hn);
+          const V y = (one - z) * cand + z * V::loadu(hb + j, n);
+          r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
+          hn.store(g + 3 * H + j, n);
+          if (on) y.store(hb + j, n);
+          (on ? y : zero).store(ob + j, n);
+        });
+      });
+    } else if (mode == kGRU) {
+      // The reset comes before the matmul: the candidate needs W_hn (r * h), a second GEMM.
+      step_mm<T>(B, Hout, 2 * H, h, Hout, rec, false, hh, GH);
+      for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
+        const T *x = gx + b * GH, *rec = hh + b * GH, *hb = h + b * H;
+        T* g = saved + b * 4 * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          auto pre = [&](int64_t k) {
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
+          };
+          const V r = sigmoid(pre(0));
+          r.store(g + j, n);
+          sigmoid(pre(1)).store(g + H + j, n);
+          (r * V::loadu(hb + j, n)).store(g + 3 * H + j, n);
+        });
+      });
+      step_mm<T>(B, H, H, saved + 3 * H, 4 * H, rec_n, false, hh + 2 * H, GH);
+      for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          const V cand = tanh<T>(V::loadu(x + 2 * H + j, n) + V::loadu(rec + 2 * H + j, n) +
+                                 V::loadu(bias + 2 * H + j, n));
+          const V z = V::loadu(g + H + j, n);
+          const V y = (one - z) * cand + z * V::loadu(hb + j, n);
+          cand.store(g + 2 * H + j, n);
+          if (on) y.store(hb + j, n);
+          (on ? y : zero).store(ob + j, n);
+        });
+      });
+    } else {
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      T* cell_out = cells + t * cells_stride;
+      T* m = projected + t * projected_stride;
+      for_rows(B, H, 40, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *cb = c + b * H, *co = cell_out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          auto pre = [&](int64_t k) {
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
+          };
+          const V i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = tanh<T>(pre(2));
+          const V o = sigmoid(pre(3));
+          const V c_old = V::loadu(cb + j, n);
+          const V c_new = f * c_old + i * gg;
+          const V y = o * tanh<T>(c_new);
+          i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n);
+          o.store(g + 3 * H + j, n);
+          const V c_kept = on ? c_new : c_old;
+          c_kept.store(cb + j, n);
+          c_kept.store(co + j, n);
+          if (project) {
+            y.store(m + b * H + j, n);
+          } else {
+            if (on) y.store(h + b * H + j, n);
+            (on ? y : zero).store(out + b * H + j, n);
+          }
+        });
+      });
+      if (project) {
+        step_mm<T>(B, H, Hout, m, H, proj, false, proj_out, Hout);
+        for (int64_t b = 0; b < B; ++b) {
+          const bool on = steps.active(t, b);
+          for (int64_t j = 0; j < Hout; ++j) {
+            if (on) h[b * Hout + j] = proj_out[b * Hout + j];
+            out[b * Hout + j] = on ? proj_out[b * Hout + j] : T(0);
+          }
+        }
+      }
+    }
+  }
+}
+
+Tensor optional_or_empty(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->contiguous() : Tensor();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+    const Tensor& gates_x_in, const Tensor& h0, const std::optional<Tensor>& c0,
+    const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
+    const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
+    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool training) {
+  TORCH_CHECK(gates_x_in.dim() == 3, "rnnkit: gates_x must be (T, B, G*H)");
+  const Tensor gates_x = gates_x_in.contiguous();
+  const Tensor weight_hh = weight_hh_in.contiguous();
+  const Tensor weight_hr = optional_or_empty(weight_hr_in);
+  const Tensor lengths = optional_or_empty(lengths_in);
+  // Without bias_hh the kernels add zeros: one branch less in every elementwise loop.
+  const Tensor bias_hh = bias_hh_in.has_value() ? bias_hh_in->contiguous()
+                                                : at::zeros({weight_hh.size(0)}, gates_x.options());
+  const int64_t G = mode == kRNN ? 1 : (mode == kGRU ? 3 : 4);
+  Shape s{gates_x.size(0), gates_x.size(1), gates_x.size(2) / G, h0.size(1), G};
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
+  const auto opts = gates_x.options();
+
+  Tensor h = h0.contiguous().clone();
+  Tensor c = mode == kLSTM ? c0->contiguous().clone() : at::empty({0}, opts);
+  Tensor output = at::empty({T_, B, Hout}, opts);
+  const int64_t saved_width = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
+  // When no backward will follow, the per-step buffers are one step deep and reused.
+  const int64_t depth = training ? T_ : 1;
+  Tensor gates = at::empty({depth, B, saved_width}, opts);
+  const bool lstm = mode == kLSTM, project = weight_hr.defined();
+  Tensor cells = at::empty({lstm ? depth : 0, B, H}, opts);
+  Tensor projected = at::empty({project ? depth : 0, B, H}, opts);
+  Tensor hh = at::empty({B, G * H}, opts);
+  Tensor proj_out = at::empty({project ? B : 0, Hout}, opts);
+  const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
+
+  Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  // The step kernels read weights k-major: W_hh^T and W_hr^T, copied once per call.
+  const Tensor w_t = weight_hh.t().contiguous();
+  const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
+  AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
+    using T = scalar_t;
+    const bool blocked = B > 1;
+    Tensor packed_rec, packed_rec_n, packed_proj;
+    const T* wt = w_t.data_ptr<T>();
+    const Packed<T> rec = pack<T>(Hout, G * H, wt, G * H, blocked, packed_rec);
+    const Packed<T> rec_n = mode == kGRU && !reset_after
+                                ? pack<T>(H, H, wt + 2 * H, G * H, blocked, packed_rec_n)
+                                : Packed<T>{};
+    const Packed<T> proj = project ? pack<T>(H, Hout, w_hr_t.data_ptr<T>(), Hout, blocked,
+                                             packed_proj)
+                                   : Packed<T>{};
+    forward_kernel<T>(s, steps, mode, activation, reset_after, gates_x.data_ptr<T>(),
+                      h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, rec, rec_n,
+                      bias_hh.data_ptr<T>(), proj, project, output.data_ptr<T>(),
+                      gates.data_ptr<T>(), stride * saved_width,
+                      lstm ? cells.data_ptr<T>() : nullptr, stride * H,
+                      project ? projected.data_ptr<T>() : nullptr, stride * H,
+                      hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr);
+  });
+  if (!training) {
+    gates = at::empty({0}, opts);
+    cells = at::empty({0}, opts);
+    projected = at::empty({0}, opts);
+  }
+  return {output, h, c, gates, cells, projected};
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
+                     bool reset_after, const T* grad_output, T* dh, T* dc, const T* h0,
+                     const T* c0, const Packed<T>& rec, const Packed<T>& proj, bool project,
+                     const T* output, const T* gates, const T* cells, T* dgx, T* dhh, T* carry,
+                     T* dhs, T* dm) {
+  using V = Vec<T>;
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
+  const int64_t W = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
+  const V zero(T(0)), one(T(1));
+  auto previous_h = [&](int64_t t, int64_t b) {
+    return steps.first(t, b) ? h0 + b * Hout : output + (steps.previous(t) * B + b) * Hout;
+  };
+  auto previous_c = [&](int64_t t, int64_t b) {
+    return steps.first(t, b) ? c0 + b * H : cells + (steps.previous(t) * B + b) * H;
+  };
+  for (int64_t step = T_ - 1; step >= 0; --step) {
+    const int64_t t = steps.reverse ? T_ - 1 - step : step;
+    const T* gout = grad_output + t * B * Hout;
+    const T* out_t = output + t * B * Hout;
+    const T* g_t = gates + t * B * W;
+    T* dg = dgx + t * B * GH;
+    T* dr = dhh + t * B * GH;
+    if (mode == kRNN) {
+      dispatch_activation(activation, [&](auto a) {
+        constexpr int A = decltype(a)::value;
+        for_rows(B, H, 2, [&](int64_t b, int64_t j0, int64_t j1) {
+          const bool on = steps.active(t, b);
+          const int64_t row = b * H;
+          for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+            const V d = V::loadu(dh + row + j, n);
+            if (!on) {
+              zero.store(dg + row + j, n);
+              d.store(carry + row + j, n);
+              return;
+            }
+            V derivative;
+            if constexpr (keeps_derivative(A)) {
+              derivative = V::loadu(g_t + row + j, n);
+            } else {
+              derivative = derivative_from_output<A, T>(V::loadu(out_t + row + j, n));
+            }
+            ((d + V::loadu(gout + row + j, n)) * derivative).store(dg + row + j, n);
+            zero.store(carry + row + j, n);
+          });
+        });
+      });
+      step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
+    } else if (mode == kGRU && reset_after) {
+      for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
+        T *dgb = dg + b * GH, *drb = dr + b * GH;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          if (!on) {
+            for (int64_t k = 0; k < 3; ++k) {
+              zero.store(dgb + k * H + j, n);
+              zero.store(drb + k * H + j, n);
+            }
+            V::loadu(dh + row + j, n).store(carry + row + j, n);
+            return;
+          }
+          const V r = V::loadu(g + j, n), z = V::loadu(g + H + j, n);
+          const V cand = V::loadu(g + 2 * H + j, n), hn = V::loadu(g + 3 * H + j, n);
+          const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+          const V dn = d * (one - z) * (one - cand * cand);
+          const V dz = d * (V::loadu(hp + j, n) - cand) * z * (one - z);
+          const V dr_ = dn * hn * r * (one - r);
+          dr_.store(dgb + j, n), dr_.store(drb + j, n);
+          dz.store(dgb + H + j, n), dz.store(drb + H + j, n);
+          dn.store(dgb + 2 * H + j, n);
+          (dn * r).store(drb + 2 * H + j, n);
+          (d * z).store(carry + row + j, n);
+        });
+      });
+      step_mm<T>(B, GH, Hout, dr, GH, rec, true, carry, Hout);
+    } else if (mode == kGRU) {
+      for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
+        T* dgb = dg + b * GH;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          if (!on) {
+            for (int64_t k = 0; k < 3; ++k) zero.store(dgb + k * H + j, n);
+            V::loadu(dh + row + j, n).store(carry + row + j, n);
+            return;
+          }
+          const V z = V::loadu(g + H + j, n), cand = V::loadu(g + 2 * H + j, n);
+          const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+          (d * (one - z) * (one - cand * cand)).store(dgb + 2 * H + j, n);
+          (d * (V::loadu(hp + j, n) - cand) * z * (one - z)).store(dgb + H + j, n);
+          (d * z).store(carry + row + j, n);
+        });
+      });
+      // d(r * h) = dn W_hn, into dm (B, H).
+      step_mm<T>(B, H, H, dg + 2 * H, GH, rec.rows_from(2 * H), false, dm, H);
+      for_rows(B, H, 4, [&](int64_t b, int64_t j0, int64_t j1) {
+        if (!steps.active(t, b)) return;
+        const T *g = g_t + b * W, *hp = previous_h(t, b);
+        T* dgb = dg + b * GH;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          const V r = V::loadu(g + j, n), drh = V::loadu(dm + row + j, n);
+          (drh * V::loadu(hp + j, n) * r * (one - r)).store(dgb + j, n);
+          (V::loadu(carry + row + j, n) + drh * r).store(carry + row + j, n);
+        });
+      });
+      step_mm<T>(B, 2 * H, Hout, dg, GH, rec, true, carry, Hout);
+    } else {
+      if (project) {
+        T* dh_t = dhs + t * B * Hout;
+        for (int64_t b = 0; b < B; ++b) {
+          const bool on = steps.active(t, b);
+          for (int64_t j = 0; j < Hout; ++j) {
+            const int64_t k = b * Hout + j;
+            dh_t[k] = on ? dh[k] + gout[k] : T(0);
+            carry[k] = on ? T(0) : dh[k];
+          }
+        }
+        step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
+      }
+      const T* c_t = cells + t * B * H;
+      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *g = g_t + b * W, *cp = on ? previous_c(t, b) : nullptr;
+        T* dgb = dg + b * GH;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          if (!on) {
+            for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
+            if (!project) V::loadu(dh + row + j, n).store(carry + row + j, n);
+            return;
+          }
+          const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
+          const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
+          const V d = project ? V::loadu(dm + row + j, n)
+                              : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+          const V tc = tanh<T>(V::loadu(c_t + row + j, n));
+          const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
+          (dcell * gg * i * (one - i)).store(dgb + j, n);
+          (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);
+          (dcell * i * (one - gg * gg)).store(dgb + 2 * H + j, n);
+          (d * tc * o * (one - o)).store(dgb + 3 * H + j, n);
+          (dcell * f).store(dc + row + j, n);
+          if (!project) zero.store(carry + row + j, n);
+        });
+      });
+      step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
+    }
+    std::copy(carry, carry + B * Hout, dh);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+    const Tensor& grad_output_in, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
+    const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
+    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
+    const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
+    bool reverse, bool has_bias) {
+  const Tensor grad_output = grad_output_in.contiguous();
+  const Tensor h0 = h0_in.contiguous();
+  const Tensor c0 = optional_or_empty(c0_in);
+  const Tensor weight_hh = weight_hh_in.contiguous();
+  const Tensor weight_hr = optional_or_empty(weight_hr_in);
+  const Tensor lengths = optional_or_empty(lengths_in);
+  const Tensor output = output_in.contiguous();
+  const Tensor gates = gates_in.contiguous();
+  const Tensor cells = cells_in.contiguous();
+  const Tensor projected = projected_in.contiguous();
+  const int64_t G = mode == kRNN ? 1 : (mode == kGRU ? 3 : 4);
+  const int64_t GH = weight_hh.size(0);
+  Shape s{output.size(0), output.size(1), GH / G, output.size(2), G};
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
+  const auto opts = output.options();
+  const bool lstm = mode == kLSTM, project = weight_hr.defined();
+  const bool separate_dhh = mode == kGRU && reset_after;
+
+  Tensor dh = grad_h_n.contiguous().clone();
+  Tensor dc = lstm ? grad_c_n.contiguous().clone() : at::empty({0}, opts);
+  Tensor dgx = at::empty({T_, B, GH}, opts);
+  Tensor dhh = separate_dhh ? at::empty({T_, B, GH}, opts) : dgx;
+  Tensor carry = at::empty({B, Hout}, opts);
+  Tensor dhs = at::empty({project ? T_ : 0, B, Hout}, opts);
+  Tensor dm = at::empty({B, H}, opts);
+  Tensor grad_w_hh = at::empty({GH, Hout}, opts);
+  Tensor grad_w_hr = project ? at::empty({Hout, H}, opts) : at::empty({0}, opts);
+
+  Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnkit_cpu_recurrence_backward", [&] {
+    using T = scalar_t;
+    const bool blocked = B > 1;
+    Tensor packed_rec, packed_proj;
+    const Packed<T> rec = pack<T>(GH, Hout, weight_hh.data_ptr<T>(), Hout, blocked, packed_rec);
+    const Packed<T> proj = project ? pack<T>(Hout, H, weight_hr.data_ptr<T>(), H, blocked,
+                                             packed_proj)
+                                   : Packed<T>{};
+    backward_kernel<T>(s, steps, mode, activation, reset_after, grad_output.data_ptr<T>(),
+                       dh.data_ptr<T>(), lstm ? dc.data_ptr<T>() : nullptr,
+                       h0.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr, rec, proj, project,
+                       output.data_ptr<T>(), gates.data_ptr<T>(),
+                       lstm ? cells.data_ptr<T>() : nullptr, dgx.data_ptr<T>(),
+                       dhh.data_ptr<T>(), carry.data_ptr<T>(),
+                       project ? dhs.data_ptr<T>() : nullptr, dm.data_ptr<T>());
+
+    // dW_hh = sum_t dgates_t^T h_{t-1}. Every step but each sequence's first takes h_{t-1}
+    // from the neighbouring output, so that part is one GEMM over the shifted output (its
+    // rows at a first step meet a zero output or a zero gradient); the first steps meet h0.
+    const T* dg = dhh.data_ptr<T>();
+    const T* out = output.data_ptr<T>();
+    T* gw = grad_w_hh.data_ptr<T>();
+    const int64_t rz = (mode == kGRU && !reset_after) ? 2 * H : GH;  // rows that see h_{t-1}
+    const int64_t rows = (T_ - 1) * B;
+    const T* dg_main = reverse ? dg : dg + B * GH;
+    const T* out_main = reverse ? out + B * Hout : out;
+    matmul<T>(rz, rows, Hout, dg_main, 1, GH, out_main, Hout, false, gw, Hout);
+    Tensor first = at::empty({B, GH}, opts);
+    T* fp = first.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t t0 = reverse ? (steps.lengths ? steps.lengths[b] : T_) - 1 : 0;
+      std::copy(dg + (t0 * B + b) * GH, dg + (t0 * B + b + 1) * GH, fp + b * GH);
+    }
+    matmul<T>(rz, B, Hout, fp, 1, GH, h0.data_ptr<T>(), Hout, rows > 0, gw, Hout);
+    if (rz != GH) {
+      // GRU with the reset before the matmul: W_hn meets r * h_{t-1}, saved in the gates.
+      matmul<T>(H, T_ * B, Hout, dg + 2 * H, 1, GH, gates.data_ptr<T>() + 3 * H, 4 * H, false,
+                gw + 2 * H * Hout, Hout);
+    }
+    if (project) {
+      matmul<T>(Hout, T_ * B, H, dhs.data_ptr<T>(), 1, Hout, projected.data_ptr<T>(), H, false,
+                grad_w_hr.data_ptr<T>(), H);
+    }
+  });
+  Tensor grad_b_hh = has_bias ? at::sum(dhh.view({T_ * B, GH}), {0}) : at::empty({0}, opts);
+  return {dgx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr};
+}
+
+// ---------------------------------------------------------------------------------------
+// The layers' input projection, W_ih x + b_ih for all steps at once, on the same kernels.
+
+Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
+                      const std::optional<Tensor>& bias_in) {
+  const Tensor x = input.contiguous();
+  const Tensor weight_t = weight_in.t().contiguous();  // (I, G), k-major
+  const int64_t in_features = weight_in.size(1), out_features = weight_in.size(0);
+  const int64_t rows = in_features == 0 ? 0 : x.numel() / in_features;
+  auto sizes = input.sizes().vec();
+  sizes.back() = out_features;
+  Tensor out = at::empty(sizes, x.options());
+  const bool has_bias = bias_in.has_value();
+  const Tensor bias = has_bias ? bias_in->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_cpu_linear", [&] {
+    using T = scalar_t;
+    T* o = out.data_ptr<T>();
+    if (has_bias) {
+      const T* b = bias.data_ptr<T>();
+      at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) std::copy(b, b + out_features, o + r * out_features);
+      });
+    }
+    Tensor storage;
+    const Packed<T> w = pack<T>(in_features, out_features, weight_t.data_ptr<T>(), out_features,
+                                rows > 1, storage);
+    matmul<T>(rows, in_features, out_features, x.data_ptr<T>(), in_features, 1, w.M, w.ldm,
+              has_bias, o, out_features, w.panels ? &w : nullptr);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& input,
+                                                   const Tensor& weight_in, bool input_grad,
+                                                   bool weight_grad, bool has_bias) {
+  const Tensor grad = grad_in.contiguous();
+  const Tensor x = input.contiguous();
+  const Tensor weight = weight_in.contiguous();
+  const int64_t in_features = weight.size(1), out_features = weight.size(0);
+  const int64_t rows = out_features == 0 ? 0 : grad.numel() / out_features;
+  const auto opts = grad.options();
+  Tensor grad_input = input_grad ? at::empty(input.sizes(), opts) : at::empty({0}, opts);
+  Tensor grad_weight =
+      weight_grad ? at::empty({out_features, in_features}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rnnkit_cpu_linear_backward", [&] {
+    using T = scalar_t;
+    const T* g = grad.data_ptr<T>();
+    if (input_grad) {  // dx = dy W
+      Tensor storage;
+      const Packed<T> w = pack<T>(out_features, in_features, weight.data_ptr<T>(), in_features,
+                                  rows > 1, storage);
+      matmul<T>(rows, out_features, in_features, g, out_features, 1, w.M, w.ldm, false,
+                grad_input.data_ptr<T>(), in_features, w.panels ? &w : nullptr);
+    }
+    if (weight_grad) {  // dW = dy^T x, reading dy column-wise
+      matmul<T>(out_features, rows, in_features, g, 1, out_features, x.data_ptr<T>(),
+                in_features, false, grad_weight.data_ptr<T>(), in_features);
+    }
+  });
+  Tensor grad_bias = has_bias ? at::sum(grad.view({rows, out_features}), {0})
+                              : at::empty({0}, opts);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnkit, CPU, m) {
+  m.impl("cpu_recurrence_forward", &recurrence_forward);
+  m.impl("cpu_recurrence_backward", &recurrence_backward);
+  m.impl("cpu_linear", &linear_forward);
+  m.impl("cpu_linear_backward", &linear_backward);
+}

@@ -1,0 +1,35 @@
+"""Smoke test of ``python -m rnnkit bench --quick``: it runs, and writes its JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rnnkit import bench
+
+
+def test_quick_bench_writes_json_and_png(tmp_path, capsys):
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "GRU" in printed
+
+    results = json.loads((tmp_path / "bench-cpu.json").read_text())
+    assert results["device"] == "cpu" and results["dtype"] == "float32"
+    assert results["repeats"] == 5 and results["threads"] >= 1
+    rows = results["results"]
+    assert {r["cell"] for r in rows} == {"RNN", "GRU", "LSTM"}
+    assert len(rows) == 3 * len(bench.QUICK_GRID)
+    for row in rows:
+        assert len(row["all_s"]["ours_fb"]) == 5
+        assert row["ratio_fwd"] > 0 and row["ratio_fb"] > 0
+        assert row["peak_bytes_torch"] > 0 and row["peak_bytes_rnnkit"] > 0
+
+    png = (tmp_path / "bench-cpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_bench_rejects_fewer_than_five_repeats():
+    with pytest.raises(SystemExit) as error:
+        bench.main(["--quick", "--repeats", "3"])
+    assert error.value.code == 2

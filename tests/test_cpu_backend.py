@@ -1,0 +1,409 @@
+"""The compiled CPU backend: equal to the reference path, really used, and falling back cleanly.
+
+The first test to touch the backend builds the C++ kernels (about 15-25 s on two cores, once
+per machine; later runs load the cached build).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.cells import CellSpec
+from rnnkit.ops import dispatch, reference
+from rnnkit.ops.cpu import _build, _ops
+from rnnkit.ops.cpu import backend as cpu_backend
+
+ACTIVATIONS = _ops.ACTIVATIONS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    reason = cpu_backend.unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the cpu backend could not be built here: {reason}")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the calls that reach the compiled backend."""
+    calls = []
+    original = cpu_backend.recurrence
+
+    def recurrence(*args):
+        calls.append(args[0])
+        return original(*args)
+
+    monkeypatch.setattr(cpu_backend, "recurrence", recurrence)
+    return calls
+
+
+def _configs(count: int, seed: int):
+    """A seeded random walk over the parity grid; every cell variant appears at least once."""
+    rng = random.Random(seed)
+    variants = [("RNN", {"nonlinearity": a}) for a in ACTIVATIONS]
+    variants += [("GRU", {"reset_after": True}), ("GRU", {"reset_after": False})]
+    variants += [("LSTM", {}), ("LSTM", {"proj_size": 2})]
+    configs = []
+    for i in range(count):
+        cell, extra = variants[i % len(variants)]
+        configs.append(
+            dict(
+                cell=cell,
+                extra=extra,
+                num_layers=rng.choice([1, 2]),
+                bidirectional=rng.random() < 0.5,
+                bias=rng.random() < 0.7,
+                batch_first=rng.random() < 0.5,
+                # batches of up to 4 rows take the vector-matrix path, larger ones BLAS
+                batch=rng.choice([1, 3, 6]),
+                lengths=rng.random() < 0.5,
+                hx=rng.random() < 0.5,
+                seq_len=rng.choice([1, 4, 6]),
+            )
+        )
+    return configs
+
+
+def _layers(config, dtype):
+    torch.manual_seed(0)
+    kwargs = dict(
+        num_layers=config["num_layers"], bias=config["bias"], batch_first=config["batch_first"],
+        bidirectional=config["bidirectional"], dtype=dtype, **config["extra"],
+    )
+    cls = getattr(rnnkit, config["cell"])
+    ours = cls(3, 5, backend="cpu", **kwargs)
+    twin = cls(3, 5, backend="reference", **kwargs)
+    twin.load_state_dict(ours.state_dict())
+    return ours, twin
+
+
+def _inputs(config, dtype):
+    generator = torch.Generator().manual_seed(1)
+    batch, seq_len = config["batch"], config["seq_len"]
+    shape = (batch, seq_len, 3) if config["batch_first"] else (seq_len, batch, 3)
+    x = torch.randn(shape, dtype=dtype, generator=generator)
+    lengths = None
+    if config["lengths"]:
+        lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
+        lengths[0] = seq_len  # unsorted, and one sequence at full length
+    hx = None
+    if config["hx"]:
+        directions = 2 if config["bidirectional"] else 1
+        count = config["num_layers"] * directions
+        out_size = config["extra"].get("proj_size", 0) or 5
+        h0 = torch.randn(count, batch, out_size, dtype=dtype, generator=generator)
+        if config["cell"] == "LSTM":
+            hx = (h0, torch.randn(count, batch, 5, dtype=dtype, generator=generator))
+        else:
+            hx = h0
+    return x, lengths, hx
+
+
+def _run(module, x, lengths, hx):
+    """Output, final state(s) and the gradients of input, given state and every parameter."""
+    x = x.clone().requires_grad_(True)
+    states = [] if hx is None else list(hx if isinstance(hx, tuple) else (hx,))
+    states = [s.clone().requires_grad_(True) for s in states]
+    given = None if hx is None else (tuple(states) if isinstance(hx, tuple) else states[0])
+    output, final = module(x, given, lengths=lengths)
+    finals = list(final) if isinstance(final, tuple) else [final]
+    weights = [torch.randn_like(t) for t in (output, *finals)]
+    loss = sum((t * w).sum() for t, w in zip((output, *finals), weights))
+    params = list(module.parameters())
+    grads = torch.autograd.grad(loss, [x, *states, *params])
+    return [output, *finals, *grads]
+
+
+@pytest.mark.parametrize("config", _configs(26, seed=4), ids=lambda c: c["cell"])
+def test_cpu_equals_reference_float64(config, counted):
+    ours, twin = _layers(config, torch.float64)
+    x, lengths, hx = _inputs(config, torch.float64)
+    torch.manual_seed(2)
+    expected = _run(twin, x, lengths, hx)
+    torch.manual_seed(2)
+    got = _run(ours, x, lengths, hx)
+    assert counted, "the compiled backend was never called"
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "cell, extra", [("RNN", {"nonlinearity": "relu"}), ("GRU", {}), ("LSTM", {"proj_size": 3})]
+)
+def test_cpu_equals_torch_nn(cell, extra):
+    """Parity with torch.nn itself (float64), forward and every gradient, batch above and below
+    the vector-matrix threshold, with a bidirectional two-layer stack."""
+    for batch in (2, 7):
+        torch.manual_seed(0)
+        peer = getattr(torch.nn, cell)(4, 6, 2, bidirectional=True, dtype=torch.float64, **extra)
+        ours = getattr(rnnkit, cell)(
+            4, 6, 2, bidirectional=True, dtype=torch.float64, backend="cpu", **extra
+        )
+        ours.load_state_dict(peer.state_dict())
+        x = torch.randn(5, batch, 4, dtype=torch.float64)
+        results = []
+        for module in (peer, ours):
+            xi = x.clone().requires_grad_(True)
+            output, final = module(xi)
+            finals = final if isinstance(final, tuple) else (final,)
+            loss = output.sin().sum() + sum(f.cos().sum() for f in finals)
+            grads = torch.autograd.grad(loss, [xi, *module.parameters()])
+            results.append([output, *finals, *grads])
+        for p, o in zip(*results):
+            torch.testing.assert_close(o, p, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", _configs(11, seed=9), ids=lambda c: c["cell"])
+def test_cpu_equals_reference_float32(config):
+    ours, twin = _layers(config, torch.float32)
+    x, lengths, hx = _inputs(config, torch.float32)
+    torch.manual_seed(2)
+    expected = _run(twin, x, lengths, hx)
+    torch.manual_seed(2)
+    got = _run(ours, x, lengths, hx)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_forward_matches_training_forward(counted):
+    layer = rnnkit.LSTM(3, 6, backend="cpu", proj_size=2)
+    x = torch.randn(7, 5, 3)
+    with torch.no_grad():
+        inference = layer(x, lengths=[7, 3, 5, 1, 2])
+    training = layer(x, lengths=[7, 3, 5, 1, 2])
+    assert training[0].requires_grad and not inference[0].requires_grad
+    torch.testing.assert_close(inference[0], training[0], rtol=0, atol=0)
+    torch.testing.assert_close(inference[1], training[1], rtol=0, atol=0)
+    assert len(counted) == 2
+
+
+def _call(spec, dtype=torch.float32, batch=2, hidden=4, weight_hr=False):
+    gates = spec.num_gates * hidden
+    out_size = 2 if weight_hr else hidden
+    state = tuple(
+        torch.zeros(batch, size, dtype=dtype) for size in (out_size, hidden)[: spec.num_states]
+    )
+    return dispatch.Call(
+        spec, torch.zeros(3, batch, gates, dtype=dtype), state,
+        torch.zeros(gates, out_size, dtype=dtype), torch.zeros(gates, dtype=dtype),
+        torch.zeros(out_size, hidden, dtype=dtype) if weight_hr else None, None, False,
+    )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [CellSpec("rnn", a) for a in ACTIVATIONS]
+    + [CellSpec("gru", reset_after=True), CellSpec("gru", reset_after=False), CellSpec("lstm")],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_auto_chooses_cpu(spec, dtype, monkeypatch):
+    monkeypatch.delenv("RNNKIT_BACKEND", raising=False)
+    assert dispatch.choose(_call(spec, dtype), "auto") == ("cpu", None)
+    assert dispatch.choose(_call(spec, dtype), None) == ("cpu", None)
+
+
+def test_projection_is_served():
+    assert dispatch.choose(_call(CellSpec("lstm"), weight_hr=True), "auto") == ("cpu", None)
+
+
+def test_callable_nonlinearity_falls_back_with_visible_reason(monkeypatch, capsys, counted):
+    monkeypatch.setenv("RNNKIT_DEBUG", "1")
+    layer = rnnkit.RNN(3, 4, nonlinearity=lambda t: torch.tanh(t) * 0.5)
+    peer = rnnkit.RNN(3, 4, nonlinearity=lambda t: torch.tanh(t) * 0.5, backend="reference")
+    peer.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(layer(x)[0], peer(x)[0])
+    printed = capsys.readouterr().out
+    assert "callable nonlinearity" in printed and "'reference'" in printed
+    assert counted == []
+    # Asked for by name, the fallback also warns.
+    named = rnnkit.RNN(3, 4, nonlinearity=lambda t: t.sin(), backend="cpu")
+    with pytest.warns(UserWarning, match="callable nonlinearity"):
+        named(x)
+
+
+def test_unsupported_dtype_falls_back():
+    name, reason = dispatch.choose(_call(CellSpec("gru"), dtype=torch.bfloat16), "auto")
+    assert name == "reference"
+    assert "dtype torch.bfloat16" in reason
+
+
+def test_failed_build_warns_once_and_reports(monkeypatch):
+    monkeypatch.setattr(_build, "_loaded", False)
+    monkeypatch.setattr(_build, "_error", None)
+    monkeypatch.setattr(_build, "_build", lambda: "no C++ compiler found (looked for 'c++')")
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernels are unavailable"):
+        assert cpu_backend.unavailable_reason().startswith("no C++ compiler found")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_backend.unavailable_reason().startswith("no C++ compiler found")
+    name, reason = dispatch.choose(_call(CellSpec("lstm")), "auto")
+    assert name == "reference" and "cpu: no C++ compiler found" in reason
+
+
+def test_missing_compiler_is_detected(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "get_cxx_compiler", lambda: "/nonexistent/c++")
+    assert _build._build().startswith("no C++ compiler found")
+
+
+def _op_inputs(spec, project=False, lengths=True, bias=True, batch=3, hidden=3, seq_len=4):
+    generator = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
+
+    out_size = 2 if project else hidden
+    gates = spec.num_gates * hidden
+    state = (rand(batch, out_size),) + ((rand(batch, hidden),) if spec.mode == "lstm" else ())
+    return (
+        rand(seq_len, batch, gates), state, rand(gates, out_size) * 0.5,
+        rand(gates) if bias else None, rand(out_size, hidden) if project else None,
+        torch.tensor([4, 2, 3][:batch]) if lengths else None,
+    )
+
+
+GRAD_SPECS = [
+    (CellSpec("rnn", "tanh"), False), (CellSpec("rnn", "gelu"), False),
+    (CellSpec("rnn", "softsign"), False), (CellSpec("gru", reset_after=True), False),
+    (CellSpec("gru", reset_after=False), False), (CellSpec("lstm"), True),
+]
+
+
+@pytest.mark.parametrize("spec, project", GRAD_SPECS, ids=lambda v: str(v))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_and_gradgradcheck(spec, project, reverse):
+    gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(spec, project)
+    tensors = [gates_x, *state, weight_hh, bias_hh] + ([weight_hr] if project else [])
+    count = len(state)
+
+    def fn(gx, *rest):
+        w_hr = rest[count + 2] if project else None
+        output, final = _ops.recurrence(
+            spec, gx, tuple(rest[:count]), rest[count], rest[count + 1], w_hr, lengths, reverse
+        )
+        return (output, *final)
+
+    assert torch.autograd.gradcheck(fn, tensors)
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+def test_layer_gradgradcheck_on_cpu_backend(counted):
+    torch.manual_seed(0)
+    layer = rnnkit.GRU(2, 3, backend="cpu", dtype=torch.float64, bidirectional=True)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: layer(t, lengths=[3, 2])[0], (x,))
+    assert counted
+
+
+@pytest.mark.parametrize("spec, project", [GRAD_SPECS[1], GRAD_SPECS[4], GRAD_SPECS[5]])
+def test_opcheck(spec, project):
+    """torch.library's own checks of the schema, fake (meta) rule and autograd registration."""
+    gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(spec, project)
+    c0 = state[1] if spec.mode == "lstm" else None
+    args = (
+        gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths,
+        _ops.MODES.index(spec.mode), ACTIVATIONS.index(spec.nonlinearity), spec.reset_after,
+        True, True,
+    )
+    torch.library.opcheck(torch.ops.rnnkit.cpu_recurrence_forward.default, args)
+
+
+def test_reference_twin_matches_op_directly():
+    """The op equals reference.recurrence on the raw interface, reverse with lengths."""
+    spec = CellSpec("gru", reset_after=False)
+    args = _op_inputs(spec, batch=3, seq_len=4)
+    gates_x, state, weight_hh, bias_hh, weight_hr, lengths = args
+    got = _ops.recurrence(spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, True)
+    want = reference.recurrence(spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, True)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1][0], want[1][0], rtol=0, atol=1e-12)
+
+
+WIDE_SPECS = [
+    (CellSpec("rnn", "silu"), False), (CellSpec("rnn", "hardtanh"), False),
+    (CellSpec("gru", reset_after=True), False), (CellSpec("gru", reset_after=False), False),
+    (CellSpec("lstm"), False), (CellSpec("lstm"), True),
+]
+
+
+@pytest.mark.parametrize("spec, project", WIDE_SPECS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype, hidden", [(torch.float64, 40), (torch.float32, 70)], ids=str)
+def test_wide_layers_use_register_blocked_products(spec, project, dtype, hidden):
+    """Widths past one column panel (32 doubles, 64 floats) and batches past one row block (4),
+    with column and row remainders, reverse with lengths: the panel kernels and their tails."""
+    generator = torch.Generator().manual_seed(5)
+    batch, seq_len, out_size = 7, 4, (33 if project else hidden)
+    gates = spec.num_gates * hidden
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, dtype=dtype, generator=generator) * scale
+        return t.requires_grad_()
+
+    state = (rand(batch, out_size),) + ((rand(batch, hidden),) if spec.mode == "lstm" else ())
+    args = (
+        rand(seq_len, batch, gates), state, rand(gates, out_size, scale=0.1), rand(gates),
+        rand(out_size, hidden, scale=0.1) if project else None,
+        torch.tensor([4, 2, 4, 1, 3, 4, 2]), True,
+    )
+    results = []
+    for fn in (reference.recurrence, _ops.recurrence):
+        output, final = fn(spec, *args)
+        outs = (output, *final)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum()
+                   for o in outs)
+        leaves = [args[0], *state, args[2], args[3]] + ([args[4]] if project else [])
+        results.append([*outs, *torch.autograd.grad(loss, leaves)])
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_input_projection_runs_on_the_backend_and_matches_linear(monkeypatch):
+    calls = []
+    original = cpu_backend.linear
+
+    def linear(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(cpu_backend, "linear", linear)
+    layer = rnnkit.GRU(70, 9, num_layers=2, backend="auto", dtype=torch.float64)
+    x = torch.randn(4, 6, 70, dtype=torch.float64)
+    layer(x)
+    assert calls == [(4, 6, 70), (4, 6, 9)]
+    calls.clear()
+    rnnkit.GRU(70, 9, backend="reference", dtype=torch.float64)(x)
+    assert calls == []
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, features, outputs in [(1, 3, 5), (9, 70, 130), (300, 8, 66)]:
+        x = torch.randn(rows, features, dtype=torch.float64, generator=generator)
+        w = torch.randn(outputs, features, dtype=torch.float64, generator=generator)
+        b = torch.randn(outputs, dtype=torch.float64, generator=generator)
+        torch.testing.assert_close(
+            _ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), rtol=0, atol=1e-12
+        )
+        torch.testing.assert_close(
+            _ops.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=0, atol=1e-12
+        )
+
+
+def test_input_projection_gradcheck_and_gradgradcheck():
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
+
+    for args in [(rand(1, 2, 2), rand(33, 2), rand(33)), (rand(5, 2), rand(3, 2), None)]:
+        assert torch.autograd.gradcheck(_ops.linear, args)
+        assert torch.autograd.gradgradcheck(_ops.linear, args)
+    torch.library.opcheck(torch.ops.rnnkit.cpu_linear.default, (rand(9, 4), rand(66, 4), rand(66)))

@@ -1,0 +1,102 @@
+"""The command line: demo end to end on a tiny setting, info, bench forwarding, bad options."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rnnkit import cli, demo
+
+TINY = ["--epochs", "1", "--limit", "100", "--hidden-size", "16", "--no-progress"]
+
+
+def test_demo_end_to_end_writes_files_and_reloads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["demo", "--cell", "lstm", "--out", str(out), "--seed", "3", *TINY]) == 0
+    printed = capsys.readouterr().out
+    line = next(text for text in printed.splitlines() if text.startswith("test accuracy: "))
+    accuracy = float(line.split()[2])
+    for name in ("curves.png", "predictions.png", "model.pt", "demo.json"):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["test_accuracy"] == pytest.approx(accuracy, abs=5e-5)
+    # Reloading the saved state_dict reproduces the accuracy exactly.
+    assert demo.evaluate_saved(out) == summary["test_accuracy"]
+
+
+def test_demo_is_reproducible_with_a_seed(tmp_path):
+    config = demo.DemoConfig(cell="rnn", epochs=1, limit=100, hidden_size=8, seed=5)
+    first = demo.run(config, tmp_path / "a", progress=False, stream=open(os.devnull, "w"))
+    second = demo.run(config, tmp_path / "b", progress=False, stream=open(os.devnull, "w"))
+    assert first.history == second.history
+    assert first.test_accuracy == second.test_accuracy
+
+
+def test_demo_variable_length_columns_use_lengths(tmp_path):
+    train, _ = demo.load_data("digits-columns", seed=0, limit=100)
+    assert train.lengths is not None
+    assert int(train.lengths.min()) < int(train.lengths.max()) <= 8
+    status = cli.main(["demo", "--data", "digits-columns", "--out", str(tmp_path), *TINY])
+    assert status == 0
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--cell", "transformer"], "invalid choice: 'transformer'"),
+        (["--epochs", "0"], "expected a whole number > 0, got 0"),
+        (["--epochs", "-3"], "expected a whole number > 0, got -3"),
+    ],
+)
+def test_bad_options_exit_non_zero_with_a_message(options, message, capsys):
+    assert cli.main(["demo", *options]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_out_exits_non_zero(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["demo", "--out", str(blocker / "sub"), *TINY]) != 0
+    assert "cannot write to --out" in capsys.readouterr().err
+
+
+def test_info_prints_versions_and_backends(capsys):
+    import torch
+
+    import rnnkit
+
+    assert cli.main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert f"rnnkit {rnnkit.__version__}" in printed
+    assert f"torch {torch.__version__}" in printed
+    assert "python " in printed
+    assert "reference: available" in printed
+    assert "cpu tensors: " in printed and "cuda tensors: " in printed
+
+
+def test_python_dash_m_matches_console_script_entry(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    result = subprocess.run(
+        [sys.executable, "-m", "rnnkit", "info"], capture_output=True, text=True, env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backend='auto' picks" in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "rnnkit", "demo", "--cell", "nope"], capture_output=True,
+        text=True, env=env, timeout=120,
+    )
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_bench_subcommand_forwards_to_the_benchmark(tmp_path, capsys):
+    status = cli.main(["bench", "--quick", "--repeats", "5", "--no-memory", "--out", str(tmp_path)])
+    assert status == 0
+    assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))

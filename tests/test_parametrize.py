@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -37,6 +38,8 @@ def device_for(name: str) -> torch.device:
     for device_type in backend.device_types:
         if device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_available()):
             return torch.device(device_type)
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")  # the Triton interpreter runs the same kernels on the CPU
     pytest.skip(f"backend {name!r} runs on {backend.device_types}; no such device here")
 
 

@@ -37,6 +37,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -234,17 +235,20 @@ constexpr int panel_rows() {
 }
 
 // C (R x NV vectors) = A (R x K; element (r, k) at A[r * ars + k * aks]) M (K x NV vectors,
-// k-major) [+ C], with every accumulator in a register.
+// k-major) [+ C, else + init (NV vectors, one row broadcast to all rows), else + 0], with
+// every accumulator in a register.
 template <typename T, int R>
 inline void panel_kernel(int64_t K, const T* A, int64_t ars, int64_t aks, const T* M,
-                         int64_t ldm, bool accumulate, T* C, int64_t ldc) {
+                         int64_t ldm, bool accumulate, T* C, int64_t ldc,
+                         const T* init = nullptr) {
   using V = Vec<T>;
   constexpr int NV = panel_vectors<T>();
   constexpr int64_t width = V::size();
   V acc[R][NV];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NV; ++v) {
-      acc[r][v] = accumulate ? V::loadu(C + r * ldc + v * width) : V(T(0));
+      acc[r][v] = accumulate ? V::loadu(C + r * ldc + v * width)
+                             : (init ? V::loadu(init + v * width) : V(T(0)));
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -269,16 +273,26 @@ struct Packed;
 
 template <typename T>
 void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t aks, const T* M,
-            int64_t ldm, bool accumulate, T* C, int64_t ldc, const Packed<T>* packed = nullptr) {
+            int64_t ldm, bool accumulate, T* C, int64_t ldc, const Packed<T>* packed = nullptr,
+            const T* bias = nullptr) {
   if (R == 0 || N == 0) return;
+  if (accumulate) bias = nullptr;
   if (K == 0) {
     if (!accumulate) {
-      for (int64_t r = 0; r < R; ++r) std::fill(C + r * ldc, C + r * ldc + N, T(0));
+      for (int64_t r = 0; r < R; ++r) {
+        if (bias) {
+          std::copy(bias, bias + N, C + r * ldc);
+        } else {
+          std::fill(C + r * ldc, C + r * ldc + N, T(0));
+        }
+      }
     }
     return;
   }
   constexpr int64_t panel = panel_vectors<T>() * Vec<T>::size();
-  constexpr int64_t k_chunk = 256;  // a panel's slice of M, k_chunk x panel, stays in L1/L2
+  // A panel's slice of M, k_chunk x panel, stays in L1/L2. C is written once per chunk, so a
+  // K up to 1024 (a 256 KiB float32 slice, still in L2) is left whole.
+  const int64_t k_chunk = K <= 1024 ? K : 256;
   constexpr int64_t r_chunk = 120;  // rows of A kept in L2 while the panels pass over them
   const int64_t panels = N / panel;
   const int64_t work = std::max<int64_t>(1, R * K * panel);
@@ -290,6 +304,7 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
       for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
         const int64_t kc = std::min(k_chunk, K - k0);
         const bool acc = accumulate || k0 > 0;
+        const T* init = (!acc && bias) ? bias + n0 : nullptr;
         // A packed panel is contiguous (stride `panel`), which the prefetchers stream.
         const T* Mk = packed ? packed->panel(p, k0) : M + k0 * ldm + n0;
         const int64_t ldk = packed ? panel : ldm;
@@ -297,16 +312,16 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
         int64_t r = r0;
         for (; r + rows <= r_end; r += rows) {
           panel_kernel<T, rows>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldk, acc,
-                                C + r * ldc + n0, ldc);
+                                C + r * ldc + n0, ldc, init);
         }
         const T* Ar = A + r * ars + k0 * aks;
         T* Cr = C + r * ldc + n0;
         switch (r_end - r) {
-          case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-          case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
+          case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
+          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
+          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
+          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
           default: break;
         }
       }
@@ -329,7 +344,9 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
     const int64_t n0 = panels * panel;
     at::parallel_for(0, R, std::max<int64_t>(1, grain * 4), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        vector_matrix<T>(K, N - n0, A + r * ars, aks, M + n0, ldm, accumulate, C + r * ldc + n0);
+        if (bias) std::copy(bias + n0, bias + N, C + r * ldc + n0);
+        vector_matrix<T>(K, N - n0, A + r * ars, aks, M + n0, ldm, accumulate || bias,
+                         C + r * ldc + n0);
       }
     });
   }
@@ -400,6 +417,151 @@ struct Steps {
 };
 
 // ---------------------------------------------------------------------------------------
+// The LSTM step fused into its product. W_hh is packed once per call gate-interleaved: panel
+// p holds, for each k, the four gates' columns of hidden units [p*U, (p+1)*U) (U = one
+// vector), so a register block of R batch rows x 4 vectors ends holding all four
+// pre-activations of U units, seeded with gates_x + b_hh. The cell math runs on the
+// registers and writes h, c, the output and the saved gates directly: one pass, one parallel
+// region per step, no (B, 4H) product buffer. Threads take panels (hidden units), so every
+// thread reads the whole previous h: it is double-buffered.
+
+template <typename T>
+struct LstmStep {
+  int64_t H, Hout, GH;
+  const T* gx;     // this step's gates_x, (B, 4H)
+  const T* bias;   // (4H)
+  const T* h_in;   // previous state, (B, Hout)
+  T* h_out;        // next state (B, H); nullptr with a projection (h is set after it)
+  T* out;          // this step's output rows (B, H); unused with a projection
+  T* m;            // with a projection: o * tanh(c), (B, H); else nullptr
+  T* c;            // cell state (B, H), updated in place (each unit has one owner)
+  T* cells;        // saved cell (B, H) or nullptr
+  T* gates;        // saved activations (B, 4H) or nullptr
+  const Steps* steps;
+  int64_t t;
+};
+
+template <typename T>
+constexpr int64_t lstm_unit() {
+  return Vec<T>::size();
+}
+
+// Rows b0 .. b0+R of units u0 .. u0+U; panel is (Hout, 4, U).
+template <typename T, int R>
+inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
+  using V = Vec<T>;
+  constexpr int64_t U = lstm_unit<T>();
+  // One row has only four accumulator chains: split k in two to hide the FMA latency.
+  constexpr int S = R == 1 ? 2 : 1;
+  const int64_t H = s.H, Hout = s.Hout;
+  V acc[S][R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < 4; ++g) {
+      acc[0][r][g] = V::loadu(s.gx + (b0 + r) * s.GH + g * H + u0) + V::loadu(s.bias + g * H + u0);
+      if constexpr (S == 2) acc[1][r][g] = V(T(0));
+    }
+  }
+  const T* hr = s.h_in + b0 * Hout;
+  int64_t k = 0;
+  if constexpr (S == 2) {
+    for (; k + 2 <= Hout; k += 2) {
+      for (int q = 0; q < 2; ++q) {
+        const T* w = panel + (k + q) * 4 * U;
+        V m[4];
+        for (int g = 0; g < 4; ++g) m[g] = V::loadu(w + g * U);
+        for (int r = 0; r < R; ++r) {
+          const V a(hr[r * Hout + k + q]);
+          for (int g = 0; g < 4; ++g) acc[q][r][g] = at::vec::fmadd(a, m[g], acc[q][r][g]);
+        }
+      }
+    }
+  }
+  for (; k < Hout; ++k) {
+    const T* w = panel + k * 4 * U;
+    V m[4];
+    for (int g = 0; g < 4; ++g) m[g] = V::loadu(w + g * U);
+    for (int r = 0; r < R; ++r) {
+      const V a(hr[r * Hout + k]);
+      for (int g = 0; g < 4; ++g) acc[0][r][g] = at::vec::fmadd(a, m[g], acc[0][r][g]);
+    }
+  }
+  const V zero(T(0));
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r;
+    if constexpr (S == 2) {
+      for (int g = 0; g < 4; ++g) acc[0][r][g] = acc[0][r][g] + acc[1][r][g];
+    }
+    const bool on = s.steps->active(s.t, b);
+    const V i = sigmoid(acc[0][r][0]), f = sigmoid(acc[0][r][1]);
+    const V gg = tanh<T>(acc[0][r][2]), o = sigmoid(acc[0][r][3]);
+    const int64_t at = b * H + u0;
+    const V c_old = V::loadu(s.c + at);
+    const V c_new = f * c_old + i * gg;
+    const V y = o * tanh<T>(c_new);
+    if (s.gates) {
+      T* g = s.gates + b * 4 * H + u0;
+      i.store(g), f.store(g + H), gg.store(g + 2 * H), o.store(g + 3 * H);
+    }
+    const V c_kept = on ? c_new : c_old;
+    c_kept.store(s.c + at);
+    if (s.cells) c_kept.store(s.cells + at);
+    if (s.m) {
+      y.store(s.m + at);
+    } else {
+      (on ? y : V::loadu(s.h_in + b * Hout + u0)).store(s.h_out + at);
+      (on ? y : zero).store(s.out + at);
+    }
+  }
+}
+
+// One fused LSTM step over all B rows; packed is (H / U panels, Hout, 4, U).
+template <typename T>
+void lstm_step(const LstmStep<T>& s, int64_t B, const T* packed) {
+  constexpr int64_t U = lstm_unit<T>();
+  constexpr int rows = panel_rows<T>();
+  const int64_t panels = s.H / U;
+  const int64_t work = std::max<int64_t>(1, B * s.Hout * 4 * U);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* panel = packed + p * s.Hout * 4 * U;
+      const int64_t u0 = p * U;
+      int64_t b = 0;
+      for (; b + rows <= B; b += rows) lstm_block<T, rows>(s, panel, b, u0);
+      switch (B - b) {
+        case 5: lstm_block<T, 5>(s, panel, b, u0); break;
+        case 4: lstm_block<T, 4>(s, panel, b, u0); break;
+        case 3: lstm_block<T, 3>(s, panel, b, u0); break;
+        case 2: lstm_block<T, 2>(s, panel, b, u0); break;
+        case 1: lstm_block<T, 1>(s, panel, b, u0); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// W_hh^T (Hout x 4H, k-major) into the gate-interleaved panels lstm_step reads.
+template <typename T>
+const T* pack_lstm(int64_t H, int64_t Hout, const T* wt, Tensor& storage) {
+  constexpr int64_t U = lstm_unit<T>();
+  const int64_t panels = H / U, GH = 4 * H;
+  storage = at::empty({panels * Hout * 4 * U},
+                      at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = storage.data_ptr<T>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t k = 0; k < Hout; ++k) {
+        for (int64_t g = 0; g < 4; ++g) {
+          const T* from = wt + k * GH + g * H + p * U;
+          std::copy(from, from + U, out + ((p * Hout + k) * 4 + g) * U);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward
 
 template <typename T>
@@ -408,10 +570,11 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
                     const Packed<T>& rec_n, const T* bias, const Packed<T>& proj, bool project,
                     T* output, T* gates, int64_t gates_stride,
                     T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
-                    T* hh, T* proj_out) {
+                    T* hh, T* proj_out, const T* lstm_packed, T* h_spare) {
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const V zero(T(0)), one(T(1));
+  T* h_now = h;  // the fused LSTM step alternates h between h and h_spare
   for (int64_t step = 0; step < T_; ++step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
     const T* gx = gates_x + t * B * GH;
@@ -488,6 +651,26 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
           (on ? y : zero).store(ob + j, n);
         });
       });
+    } else if (lstm_packed) {
+      const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
+      T* h_next = project ? nullptr : (h_now == h ? h_spare : h);
+      T* m = project ? projected + t * projected_stride : nullptr;
+      const LstmStep<T> st{H, Hout, GH, gx, bias, h_now, h_next, out, m, c,
+                           save ? cells + t * cells_stride : nullptr, save ? saved : nullptr,
+                           &steps, t};
+      lstm_step<T>(st, B, lstm_packed);
+      if (project) {
+        step_mm<T>(B, H, Hout, m, H, proj, false, proj_out, Hout);
+        for (int64_t b = 0; b < B; ++b) {
+          const bool on = steps.active(t, b);
+          for (int64_t j = 0; j < Hout; ++j) {
+            if (on) h[b * Hout + j] = proj_out[b * Hout + j];
+            out[b * Hout + j] = on ? proj_out[b * Hout + j] : T(0);
+          }
+        }
+      } else {
+        h_now = h_next;
+      }
     } else {
       step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
       T* cell_out = cells + t * cells_stride;
@@ -531,6 +714,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
       }
     }
   }
+  if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
 }
 
 Tensor optional_or_empty(const std::optional<Tensor>& t) {
@@ -578,20 +762,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const bool blocked = B > 1;
     Tensor packed_rec, packed_rec_n, packed_proj;
     const T* wt = w_t.data_ptr<T>();
-    const Packed<T> rec = pack<T>(Hout, G * H, wt, G * H, blocked, packed_rec);
+    // LSTM with whole vectors of hidden units: the fused step (else the general path).
+    const bool fused = lstm && H > 0 && Hout > 0 && H % lstm_unit<T>() == 0;
+    const Packed<T> rec = pack<T>(Hout, G * H, wt, G * H, blocked && !fused, packed_rec);
     const Packed<T> rec_n = mode == kGRU && !reset_after
                                 ? pack<T>(H, H, wt + 2 * H, G * H, blocked, packed_rec_n)
                                 : Packed<T>{};
     const Packed<T> proj = project ? pack<T>(H, Hout, w_hr_t.data_ptr<T>(), Hout, blocked,
                                              packed_proj)
                                    : Packed<T>{};
+    Tensor packed_lstm;
+    const T* lstm_panels = fused ? pack_lstm<T>(H, Hout, wt, packed_lstm) : nullptr;
+    Tensor h_spare = fused && !project ? at::empty_like(h) : Tensor();
     forward_kernel<T>(s, steps, mode, activation, reset_after, gates_x.data_ptr<T>(),
                       h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, rec, rec_n,
                       bias_hh.data_ptr<T>(), proj, project, output.data_ptr<T>(),
                       gates.data_ptr<T>(), stride * saved_width,
                       lstm ? cells.data_ptr<T>() : nullptr, stride * H,
                       project ? projected.data_ptr<T>() : nullptr, stride * H,
-                      hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr);
+                      hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr, lstm_panels,
+                      h_spare.defined() ? h_spare.data_ptr<T>() : nullptr);
   });
   if (!training) {
     gates = at::empty({0}, opts);
@@ -860,17 +1050,13 @@ Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_cpu_linear", [&] {
     using T = scalar_t;
     T* o = out.data_ptr<T>();
-    if (has_bias) {
-      const T* b = bias.data_ptr<T>();
-      at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) std::copy(b, b + out_features, o + r * out_features);
-      });
-    }
     Tensor storage;
     const Packed<T> w = pack<T>(in_features, out_features, weight_t.data_ptr<T>(), out_features,
                                 rows > 1, storage);
+    // The bias seeds the accumulators: the output is written once, never read back.
     matmul<T>(rows, in_features, out_features, x.data_ptr<T>(), in_features, 1, w.M, w.ldm,
-              has_bias, o, out_features, w.panels ? &w : nullptr);
+              false, o, out_features, w.panels ? &w : nullptr,
+              has_bias ? bias.data_ptr<T>() : nullptr);
   });
   return out;
 }

@@ -451,21 +451,21 @@ template <typename T, int R>
 inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
   using V = Vec<T>;
   constexpr int64_t U = lstm_unit<T>();
-  // One row has only four accumulator chains: split k in two to hide the FMA latency.
-  constexpr int S = R == 1 ? 2 : 1;
+  // Few rows have few accumulator chains: split k S ways to hide the FMA latency.
+  constexpr int S = R == 1 ? 4 : (R == 2 ? 2 : 1);
   const int64_t H = s.H, Hout = s.Hout;
   V acc[S][R][4];
   for (int r = 0; r < R; ++r) {
     for (int g = 0; g < 4; ++g) {
       acc[0][r][g] = V::loadu(s.gx + (b0 + r) * s.GH + g * H + u0) + V::loadu(s.bias + g * H + u0);
-      if constexpr (S == 2) acc[1][r][g] = V(T(0));
+      for (int q = 1; q < S; ++q) acc[q][r][g] = V(T(0));
     }
   }
   const T* hr = s.h_in + b0 * Hout;
   int64_t k = 0;
-  if constexpr (S == 2) {
-    for (; k + 2 <= Hout; k += 2) {
-      for (int q = 0; q < 2; ++q) {
+  if constexpr (S > 1) {
+    for (; k + S <= Hout; k += S) {
+      for (int q = 0; q < S; ++q) {
         const T* w = panel + (k + q) * 4 * U;
         V m[4];
         for (int g = 0; g < 4; ++g) m[g] = V::loadu(w + g * U);
@@ -488,8 +488,8 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
   const V zero(T(0));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r;
-    if constexpr (S == 2) {
-      for (int g = 0; g < 4; ++g) acc[0][r][g] = acc[0][r][g] + acc[1][r][g];
+    for (int q = 1; q < S; ++q) {
+      for (int g = 0; g < 4; ++g) acc[0][r][g] = acc[0][r][g] + acc[q][r][g];
     }
     const bool on = s.steps->active(s.t, b);
     const V i = sigmoid(acc[0][r][0]), f = sigmoid(acc[0][r][1]);
@@ -514,29 +514,42 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
   }
 }
 
-// One fused LSTM step over all B rows; packed is (H / U panels, Hout, 4, U).
+// Panels [p0, p1) of one fused LSTM step, all B rows; packed is (H / U panels, Hout, 4, U).
 template <typename T>
-void lstm_step(const LstmStep<T>& s, int64_t B, const T* packed) {
+void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
   constexpr int64_t U = lstm_unit<T>();
   constexpr int rows = panel_rows<T>();
-  const int64_t panels = s.H / U;
-  const int64_t work = std::max<int64_t>(1, B * s.Hout * 4 * U);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* panel = packed + p * s.Hout * 4 * U;
-      const int64_t u0 = p * U;
-      int64_t b = 0;
-      for (; b + rows <= B; b += rows) lstm_block<T, rows>(s, panel, b, u0);
-      switch (B - b) {
-        case 5: lstm_block<T, 5>(s, panel, b, u0); break;
-        case 4: lstm_block<T, 4>(s, panel, b, u0); break;
-        case 3: lstm_block<T, 3>(s, panel, b, u0); break;
-        case 2: lstm_block<T, 2>(s, panel, b, u0); break;
-        case 1: lstm_block<T, 1>(s, panel, b, u0); break;
-        default: break;
-      }
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* panel = packed + p * s.Hout * 4 * U;
+    const int64_t u0 = p * U;
+    int64_t b = 0;
+    for (; b + rows <= B; b += rows) lstm_block<T, rows>(s, panel, b, u0);
+    switch (B - b) {
+      case 5: lstm_block<T, 5>(s, panel, b, u0); break;
+      case 4: lstm_block<T, 4>(s, panel, b, u0); break;
+      case 3: lstm_block<T, 3>(s, panel, b, u0); break;
+      case 2: lstm_block<T, 2>(s, panel, b, u0); break;
+      case 1: lstm_block<T, 1>(s, panel, b, u0); break;
+      default: break;
     }
+  }
+}
+
+// Threads worth waking for one step of B x Hout x 4H multiply-adds: a 256 KiB W_hh (B=1,
+// H=128) streams from L2 at about 1.8 us per core, so splitting it pays even with a barrier
+// per step; a step far smaller than that runs on one thread.
+inline int64_t lstm_threads(int64_t B, int64_t Hout, int64_t H, int64_t panels) {
+  if (at::in_parallel_region() || B * Hout * 4 * H < (int64_t(1) << 15)) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+}
+
+// One fused LSTM step over all B rows.
+template <typename T>
+void lstm_step(const LstmStep<T>& s, int64_t B, const T* packed) {
+  const int64_t panels = s.H / lstm_unit<T>();
+  const int64_t threads = lstm_threads(B, s.Hout, s.H, panels);
+  at::parallel_for(0, panels, (panels + threads - 1) / threads, [&](int64_t p0, int64_t p1) {
+    lstm_panels<T>(s, B, packed, p0, p1);
   });
 }
 
@@ -575,6 +588,50 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const V zero(T(0)), one(T(1));
   T* h_now = h;  // the fused LSTM step alternates h between h and h_spare
+  if (lstm_packed && !project) {
+    // The whole loop in one parallel region: each thread owns a fixed share of the hidden
+    // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
+    // per step, instead of a fork and join per step.
+    const int64_t panels = H / lstm_unit<T>();
+    const int64_t threads = lstm_threads(B, Hout, H, panels);
+    const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
+    auto run = [&](int64_t thread) {
+      const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
+      T* from = h;
+      for (int64_t step = 0; step < T_; ++step) {
+        const int64_t t = steps.reverse ? T_ - 1 - step : step;
+        T* to = from == h ? h_spare : h;
+        const LstmStep<T> st{H, Hout, GH, gates_x + t * B * GH, bias, from, to,
+                             output + t * B * Hout, nullptr, c,
+                             save ? cells + t * cells_stride : nullptr,
+                             save ? gates + t * gates_stride : nullptr, &steps, t};
+        lstm_panels<T>(st, B, lstm_packed, p0, p1);
+        from = to;
+#ifdef _OPENMP
+        if (threads > 1) {
+#pragma omp barrier
+        }
+#endif
+      }
+      if (thread == 0) h_now = from;
+    };
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+      {
+        // Keep ATen's notion of "inside a parallel region" (nested parallel_for runs serial).
+        at::internal::ThreadIdGuard guard(omp_get_thread_num());
+        run(omp_get_thread_num());
+      }
+    } else {
+      run(0);
+    }
+#else
+    run(0);
+#endif
+    if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
+    return;
+  }
   for (int64_t step = 0; step < T_; ++step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
     const T* gx = gates_x + t * B * GH;

@@ -211,6 +211,31 @@ void vector_matrix(int64_t K, int64_t N, const T* x, int64_t xs, const T* M, int
     }
     for (int i = 0; i < 8; ++i) acc[i].store(y + n0 + i * width);
   }
+  // Four vectors: even and odd k in separate accumulators, still eight chains.
+  for (; n0 + 4 * width <= N; n0 += 4 * width) {
+    V acc[2][4];
+    for (int i = 0; i < 4; ++i) {
+      acc[0][i] = accumulate ? V::loadu(y + n0 + i * width) : V(T(0));
+      acc[1][i] = V(T(0));
+    }
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      for (int q = 0; q < 2; ++q) {
+        const V xk(x[(k + q) * xs]);
+        const T* row = M + (k + q) * ldm + n0;
+        for (int i = 0; i < 4; ++i) {
+          acc[q][i] = at::vec::fmadd(xk, V::loadu(row + i * width), acc[q][i]);
+        }
+      }
+    }
+    for (; k < K; ++k) {
+      const V xk(x[k * xs]);
+      for (int i = 0; i < 4; ++i) {
+        acc[0][i] = at::vec::fmadd(xk, V::loadu(M + k * ldm + n0 + i * width), acc[0][i]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) (acc[0][i] + acc[1][i]).store(y + n0 + i * width);
+  }
   for (; n0 < N; n0 += width) {
     const int64_t count = std::min(width, N - n0);
     V acc = accumulate ? V::loadu(y + n0, count) : V(T(0));
@@ -366,6 +391,10 @@ struct Packed {
   // The same matrix without its first k rows.
   Packed rows_from(int64_t k) const {
     return {M + k * ldm, ldm, panels ? panels + k * width : nullptr, K};
+  }
+  // The same matrix from column panel p on.
+  Packed cols_from(int64_t p) const {
+    return {M + p * width, ldm, panels ? panels + p * K * width : nullptr, K};
   }
 };
 
@@ -867,6 +896,82 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
   auto previous_c = [&](int64_t t, int64_t b) {
     return steps.first(t, b) ? c0 + b * H : cells + (steps.previous(t) * B + b) * H;
   };
+  // LSTM: the gate gradients of units [j0, j1) in row b at time t, into dgx, and the cell's
+  // gradient carried to t - 1; without a projection also carry, the part of dh_{t-1} that
+  // does not come from the product with W_hh (dh itself for a row past its length, else 0).
+  auto lstm_units = [&](int64_t t, int64_t b, int64_t j0, int64_t j1) {
+    const T* gout = grad_output + t * B * Hout;
+    const T* c_t = cells + t * B * H;
+    const bool on = steps.active(t, b);
+    const T *g = gates + t * B * W + b * W, *cp = on ? previous_c(t, b) : nullptr;
+    T* dgb = dgx + t * B * GH + b * GH;
+    const int64_t row = b * H;
+    for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+      if (!on) {
+        for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
+        if (!project) V::loadu(dh + row + j, n).store(carry + row + j, n);
+        return;
+      }
+      const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
+      const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
+      const V d = project ? V::loadu(dm + row + j, n)
+                          : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+      const V tc = tanh<T>(V::loadu(c_t + row + j, n));
+      const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
+      (dcell * gg * i * (one - i)).store(dgb + j, n);
+      (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);
+      (dcell * i * (one - gg * gg)).store(dgb + 2 * H + j, n);
+      (d * tc * o * (one - o)).store(dgb + 3 * H + j, n);
+      (dcell * f).store(dc + row + j, n);
+      if (!project) zero.store(carry + row + j, n);
+    });
+  };
+  if (mode == kLSTM && !project) {
+    // The whole loop in one parallel region: each thread owns a share of the hidden units,
+    // which are both its elementwise work and its columns of dh_{t-1} = dgates W_hh, so one
+    // barrier per step (all of dgates_t must be written before any product reads it) suffices.
+    const int64_t unit = rec.panels || B > 1 ? Packed<T>::width : Vec<T>::size();
+    const int64_t pieces = Hout / unit;
+    const int64_t threads = std::min(pieces, lstm_threads(B, Hout, H, pieces));
+    if (threads > 1 && Hout % unit == 0) {
+      auto run = [&](int64_t thread) {
+        const int64_t c0 = pieces * thread / threads * unit;
+        const int64_t c1 = pieces * (thread + 1) / threads * unit;
+        const Packed<T> cols = rec.cols_from(c0 / unit);
+        for (int64_t step = T_ - 1; step >= 0; --step) {
+          const int64_t t = steps.reverse ? T_ - 1 - step : step;
+          for (int64_t b = 0; b < B; ++b) lstm_units(t, b, c0, c1);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+          const T* dg = dgx + t * B * GH;
+          if (B == 1 && cols.panels) {
+            // Each packed panel streams contiguously.
+            for (int64_t p = 0; p < (c1 - c0) / unit; ++p) {
+              vector_matrix<T>(GH, unit, dg, 1, cols.panel(p, 0), unit, true,
+                               carry + c0 + p * unit);
+            }
+          } else if (B == 1) {
+            vector_matrix<T>(GH, c1 - c0, dg, 1, cols.M, cols.ldm, true, carry + c0);
+          } else {
+            matmul<T>(B, GH, c1 - c0, dg, GH, 1, cols.M, cols.ldm, true, carry + c0, Hout,
+                      cols.panels ? &cols : nullptr);
+          }
+          for (int64_t b = 0; b < B; ++b) {
+            std::copy(carry + b * Hout + c0, carry + b * Hout + c1, dh + b * Hout + c0);
+          }
+        }
+      };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+      {
+        at::internal::ThreadIdGuard guard(omp_get_thread_num());
+        run(omp_get_thread_num());
+      }
+      return;
+#endif
+    }
+  }
   for (int64_t step = T_ - 1; step >= 0; --step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
     const T* gout = grad_output + t * B * Hout;
@@ -974,32 +1079,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
         }
         step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
       }
-      const T* c_t = cells + t * B * H;
-      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
-        const bool on = steps.active(t, b);
-        const T *g = g_t + b * W, *cp = on ? previous_c(t, b) : nullptr;
-        T* dgb = dg + b * GH;
-        const int64_t row = b * H;
-        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          if (!on) {
-            for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
-            if (!project) V::loadu(dh + row + j, n).store(carry + row + j, n);
-            return;
-          }
-          const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
-          const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
-          const V d = project ? V::loadu(dm + row + j, n)
-                              : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-          const V tc = tanh<T>(V::loadu(c_t + row + j, n));
-          const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
-          (dcell * gg * i * (one - i)).store(dgb + j, n);
-          (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);
-          (dcell * i * (one - gg * gg)).store(dgb + 2 * H + j, n);
-          (d * tc * o * (one - o)).store(dgb + 3 * H + j, n);
-          (dcell * f).store(dc + row + j, n);
-          if (!project) zero.store(carry + row + j, n);
-        });
-      });
+      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) { lstm_units(t, b, j0, j1); });
       step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
     }
     std::copy(carry, carry + B * Hout, dh);
@@ -1046,7 +1126,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     using T = scalar_t;
     const bool blocked = B > 1;
     Tensor packed_rec, packed_proj;
-    const Packed<T> rec = pack<T>(GH, Hout, weight_hh.data_ptr<T>(), Hout, blocked, packed_rec);
+    // The LSTM's one-row steps also read W_hh in packed panels (see backward_kernel).
+    const Packed<T> rec = pack<T>(GH, Hout, weight_hh.data_ptr<T>(), Hout,
+                                  blocked || (lstm && !project), packed_rec);
     const Packed<T> proj = project ? pack<T>(Hout, H, weight_hr.data_ptr<T>(), H, blocked,
                                              packed_proj)
                                    : Packed<T>{};

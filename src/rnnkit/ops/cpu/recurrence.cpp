@@ -582,25 +582,48 @@ void lstm_step(const LstmStep<T>& s, int64_t B, const T* packed) {
   });
 }
 
-// W_hh^T (Hout x 4H, k-major) into the gate-interleaved panels lstm_step reads.
+// W_hh (4H x Hout, as stored) into the gate-interleaved panels lstm_step reads, transposing
+// it on the way: panel p, row k, gate g, lane i holds W_hh[g * H + p * U + i, k].
 template <typename T>
-const T* pack_lstm(int64_t H, int64_t Hout, const T* wt, Tensor& storage) {
+const T* pack_lstm(int64_t H, int64_t Hout, const T* w, Tensor& storage) {
   constexpr int64_t U = lstm_unit<T>();
-  const int64_t panels = H / U, GH = 4 * H;
+  const int64_t panels = H / U;
   storage = at::empty({panels * Hout * 4 * U},
                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* out = storage.data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t k = 0; k < Hout; ++k) {
-        for (int64_t g = 0; g < 4; ++g) {
-          const T* from = wt + k * GH + g * H + p * U;
-          std::copy(from, from + U, out + ((p * Hout + k) * 4 + g) * U);
+      T* panel = out + p * Hout * 4 * U;
+      for (int64_t g = 0; g < 4; ++g) {
+        for (int64_t i = 0; i < U; ++i) {
+          const T* row = w + (g * H + p * U + i) * Hout;
+          for (int64_t k = 0; k < Hout; ++k) panel[(k * 4 + g) * U + i] = row[k];
         }
       }
     }
   });
   return out;
+}
+
+// A weight as stored, N x K row-major, straight into the panels of its transpose (K x N,
+// k-major) that matmul reads; N must be whole panels.
+template <typename T>
+Packed<T> pack_transposed(int64_t K, int64_t N, const T* w, Tensor& storage) {
+  constexpr int64_t width = Packed<T>::width;
+  const int64_t panels = N / width;
+  storage = at::empty({panels * K * width},
+                      at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = storage.data_ptr<T>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* panel = out + p * K * width;
+      for (int64_t c = 0; c < width; ++c) {
+        const T* row = w + (p * width + c) * K;
+        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = row[k];
+      }
+    }
+  });
+  return {nullptr, width, out, K};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -840,17 +863,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
-  // The step kernels read weights k-major: W_hh^T and W_hr^T, copied once per call.
-  const Tensor w_t = weight_hh.t().contiguous();
+  // LSTM with whole vectors of hidden units runs the fused step (else the general path),
+  // which packs W_hh itself; the other step kernels read W_hh^T, W_hr^T (k-major copies).
+  const int64_t unit = gates_x.scalar_type() == at::kFloat ? Vec<float>::size()
+                                                           : Vec<double>::size();
+  const bool fused = lstm && H > 0 && Hout > 0 && H % unit == 0;
+  const Tensor w_t = fused ? Tensor() : weight_hh.t().contiguous();
   const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
     using T = scalar_t;
     const bool blocked = B > 1;
     Tensor packed_rec, packed_rec_n, packed_proj;
-    const T* wt = w_t.data_ptr<T>();
-    // LSTM with whole vectors of hidden units: the fused step (else the general path).
-    const bool fused = lstm && H > 0 && Hout > 0 && H % lstm_unit<T>() == 0;
-    const Packed<T> rec = pack<T>(Hout, G * H, wt, G * H, blocked && !fused, packed_rec);
+    const T* wt = fused ? nullptr : w_t.data_ptr<T>();
+    const Packed<T> rec = fused ? Packed<T>{} : pack<T>(Hout, G * H, wt, G * H, blocked, packed_rec);
     const Packed<T> rec_n = mode == kGRU && !reset_after
                                 ? pack<T>(H, H, wt + 2 * H, G * H, blocked, packed_rec_n)
                                 : Packed<T>{};
@@ -858,7 +883,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
                                              packed_proj)
                                    : Packed<T>{};
     Tensor packed_lstm;
-    const T* lstm_panels = fused ? pack_lstm<T>(H, Hout, wt, packed_lstm) : nullptr;
+    const T* lstm_panels =
+        fused ? pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_lstm) : nullptr;
     Tensor h_spare = fused && !project ? at::empty_like(h) : Tensor();
     forward_kernel<T>(s, steps, mode, activation, reset_after, gates_x.data_ptr<T>(),
                       h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, rec, rec_n,
@@ -1178,9 +1204,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
 Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
                       const std::optional<Tensor>& bias_in) {
   const Tensor x = input.contiguous();
-  const Tensor weight_t = weight_in.t().contiguous();  // (I, G), k-major
   const int64_t in_features = weight_in.size(1), out_features = weight_in.size(0);
   const int64_t rows = in_features == 0 ? 0 : x.numel() / in_features;
+  const int64_t panel = x.scalar_type() == at::kFloat ? Packed<float>::width
+                                                      : Packed<double>::width;
+  // Whole panels of outputs: pack the weight as stored; else read a k-major copy.
+  const bool direct = rows > 1 && in_features > 0 && out_features > 0 &&
+                      out_features % panel == 0;
+  const Tensor weight = weight_in.contiguous();
+  const Tensor weight_t = direct ? Tensor() : weight_in.t().contiguous();  // (I, G)
   auto sizes = input.sizes().vec();
   sizes.back() = out_features;
   Tensor out = at::empty(sizes, x.options());
@@ -1190,8 +1222,10 @@ Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
     using T = scalar_t;
     T* o = out.data_ptr<T>();
     Tensor storage;
-    const Packed<T> w = pack<T>(in_features, out_features, weight_t.data_ptr<T>(), out_features,
-                                rows > 1, storage);
+    const Packed<T> w =
+        direct ? pack_transposed<T>(in_features, out_features, weight.data_ptr<T>(), storage)
+               : pack<T>(in_features, out_features, weight_t.data_ptr<T>(), out_features,
+                         rows > 1, storage);
     // The bias seeds the accumulators: the output is written once, never read back.
     matmul<T>(rows, in_features, out_features, x.data_ptr<T>(), in_features, 1, w.M, w.ldm,
               false, o, out_features, w.panels ? &w : nullptr,

@@ -353,11 +353,14 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
     }
   };
   const int64_t row_chunks = (R + r_chunk - 1) / r_chunk;
-  if (row_chunks >= 2 * at::get_num_threads()) {
+  const int64_t threads = at::get_num_threads();
+  if (row_chunks >= 2 * threads) {
     // Tall products (input projection, its gradients): threads take rows, so each streams
-    // only its share of A while the packed panels are shared.
-    at::parallel_for(0, row_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) tile(c * r_chunk, std::min(R, (c + 1) * r_chunk), 0, panels);
+    // only its share of A while the packed panels are shared. Equal chunks, a multiple of
+    // the threads in number, so none waits on a last odd chunk.
+    const int64_t chunks = (row_chunks + threads - 1) / threads * threads;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) tile(R * c / chunks, R * (c + 1) / chunks, 0, panels);
     });
   } else {
     // One step's product: few rows, so threads take column panels.

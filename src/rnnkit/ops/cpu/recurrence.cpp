@@ -570,9 +570,14 @@ void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, i
 // Threads worth waking for one step of B x Hout x 4H multiply-adds: a 256 KiB W_hh (B=1,
 // H=128) streams from L2 at about 1.8 us per core, so splitting it pays even with a barrier
 // per step; a step far smaller than that runs on one thread.
+// The split loops need OpenMP (the build passes -fopenmp); without it, one thread.
 inline int64_t lstm_threads(int64_t B, int64_t Hout, int64_t H, int64_t panels) {
+#ifdef _OPENMP
   if (at::in_parallel_region() || B * Hout * 4 * H < (int64_t(1) << 15)) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+#else
+  return 1;
+#endif
 }
 
 // One fused LSTM step over all B rows.

@@ -407,3 +407,79 @@ def test_input_projection_gradcheck_and_gradgradcheck():
         assert torch.autograd.gradcheck(_ops.linear, args)
         assert torch.autograd.gradgradcheck(_ops.linear, args)
     torch.library.opcheck(torch.ops.rnnkit.cpu_linear.default, (rand(9, 4), rand(66, 4), rand(66)))
+
+
+@pytest.fixture
+def two_threads():
+    """The fused LSTM kernels split hidden units between threads only with two or more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# (dtype, hidden, batch, proj): hidden a multiple of one vector (8 doubles, 16 floats) takes the
+# fused LSTM step; these sizes reach its one-row, row-block and remainder cases, and, with
+# B * H * 4H >= 2**15, the loops that split the units between two threads (uneven at 96).
+FUSED_CASES = [
+    (torch.float64, 8, 1, 0), (torch.float64, 16, 13, 0), (torch.float64, 16, 7, 5),
+    (torch.float64, 96, 1, 0), (torch.float64, 64, 7, 0), (torch.float64, 32, 40, 0),
+    (torch.float32, 32, 6, 0), (torch.float32, 128, 1, 0),
+]
+
+
+@pytest.mark.parametrize("dtype, hidden, batch, proj", FUSED_CASES, ids=str)
+def test_fused_lstm_equals_reference(dtype, hidden, batch, proj, two_threads, counted):
+    """The fused LSTM forward and the split backward equal the reference path: outputs, final
+    states and every gradient, bidirectional (reverse) with unsorted lengths and given state."""
+    torch.manual_seed(0)
+    kwargs = dict(bidirectional=True, proj_size=proj, dtype=dtype)
+    ours = rnnkit.LSTM(5, hidden, backend="cpu", **kwargs)
+    twin = rnnkit.LSTM(5, hidden, backend="reference", **kwargs)
+    twin.load_state_dict(ours.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    seq_len, out_size = 5, proj or hidden
+    x = torch.randn(seq_len, batch, 5, dtype=dtype, generator=generator)
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
+    lengths[-1] = seq_len
+    hx = (torch.randn(2, batch, out_size, dtype=dtype, generator=generator),
+          torch.randn(2, batch, hidden, dtype=dtype, generator=generator))
+    torch.manual_seed(2)
+    expected = _run(twin, x, lengths, hx)
+    torch.manual_seed(2)
+    got = _run(ours, x, lengths, hx)
+    assert counted
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance)
+    with torch.no_grad():  # the inference path keeps no per-step buffers
+        torch.testing.assert_close(ours(x, hx)[0], twin(x, hx)[0], rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_fused_lstm_gradcheck(project, two_threads):
+    spec = CellSpec("lstm")
+    gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(
+        spec, project, hidden=8, batch=3
+    )
+    tensors = [gates_x, *state, weight_hh, bias_hh] + ([weight_hr] if project else [])
+
+    def fn(gx, h0, c0, w_hh, b_hh, *rest):
+        output, final = _ops.recurrence(
+            spec, gx, (h0, c0), w_hh, b_hh, rest[0] if project else None, lengths, True
+        )
+        return (output, *final)
+
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+def test_input_projection_packs_whole_panels_directly():
+    """Output widths of whole panels (32 doubles) pack the weight as stored."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, features, outputs in [(7, 5, 32), (300, 70, 96)]:
+        x = torch.randn(rows, features, dtype=torch.float64, generator=generator)
+        w = torch.randn(outputs, features, dtype=torch.float64, generator=generator)
+        b = torch.randn(outputs, dtype=torch.float64, generator=generator)
+        torch.testing.assert_close(
+            _ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), rtol=0, atol=1e-12
+        )

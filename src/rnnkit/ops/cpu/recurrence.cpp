@@ -37,6 +37,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -210,6 +211,31 @@ void vector_matrix(int64_t K, int64_t N, const T* x, int64_t xs, const T* M, int
     }
     for (int i = 0; i < 8; ++i) acc[i].store(y + n0 + i * width);
   }
+  // Four vectors: even and odd k in separate accumulators, still eight chains.
+  for (; n0 + 4 * width <= N; n0 += 4 * width) {
+    V acc[2][4];
+    for (int i = 0; i < 4; ++i) {
+      acc[0][i] = accumulate ? V::loadu(y + n0 + i * width) : V(T(0));
+      acc[1][i] = V(T(0));
+    }
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      for (int q = 0; q < 2; ++q) {
+        const V xk(x[(k + q) * xs]);
+        const T* row = M + (k + q) * ldm + n0;
+        for (int i = 0; i < 4; ++i) {
+          acc[q][i] = at::vec::fmadd(xk, V::loadu(row + i * width), acc[q][i]);
+        }
+      }
+    }
+    for (; k < K; ++k) {
+      const V xk(x[k * xs]);
+      for (int i = 0; i < 4; ++i) {
+        acc[0][i] = at::vec::fmadd(xk, V::loadu(M + k * ldm + n0 + i * width), acc[0][i]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) (acc[0][i] + acc[1][i]).store(y + n0 + i * width);
+  }
   for (; n0 < N; n0 += width) {
     const int64_t count = std::min(width, N - n0);
     V acc = accumulate ? V::loadu(y + n0, count) : V(T(0));
@@ -234,17 +260,20 @@ constexpr int panel_rows() {
 }
 
 // C (R x NV vectors) = A (R x K; element (r, k) at A[r * ars + k * aks]) M (K x NV vectors,
-// k-major) [+ C], with every accumulator in a register.
+// k-major) [+ C, else + init (NV vectors, one row broadcast to all rows), else + 0], with
+// every accumulator in a register.
 template <typename T, int R>
 inline void panel_kernel(int64_t K, const T* A, int64_t ars, int64_t aks, const T* M,
-                         int64_t ldm, bool accumulate, T* C, int64_t ldc) {
+                         int64_t ldm, bool accumulate, T* C, int64_t ldc,
+                         const T* init = nullptr) {
   using V = Vec<T>;
   constexpr int NV = panel_vectors<T>();
   constexpr int64_t width = V::size();
   V acc[R][NV];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NV; ++v) {
-      acc[r][v] = accumulate ? V::loadu(C + r * ldc + v * width) : V(T(0));
+      acc[r][v] = accumulate ? V::loadu(C + r * ldc + v * width)
+                             : (init ? V::loadu(init + v * width) : V(T(0)));
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -269,16 +298,26 @@ struct Packed;
 
 template <typename T>
 void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t aks, const T* M,
-            int64_t ldm, bool accumulate, T* C, int64_t ldc, const Packed<T>* packed = nullptr) {
+            int64_t ldm, bool accumulate, T* C, int64_t ldc, const Packed<T>* packed = nullptr,
+            const T* bias = nullptr) {
   if (R == 0 || N == 0) return;
+  if (accumulate) bias = nullptr;
   if (K == 0) {
     if (!accumulate) {
-      for (int64_t r = 0; r < R; ++r) std::fill(C + r * ldc, C + r * ldc + N, T(0));
+      for (int64_t r = 0; r < R; ++r) {
+        if (bias) {
+          std::copy(bias, bias + N, C + r * ldc);
+        } else {
+          std::fill(C + r * ldc, C + r * ldc + N, T(0));
+        }
+      }
     }
     return;
   }
   constexpr int64_t panel = panel_vectors<T>() * Vec<T>::size();
-  constexpr int64_t k_chunk = 256;  // a panel's slice of M, k_chunk x panel, stays in L1/L2
+  // A panel's slice of M, k_chunk x panel, stays in L1/L2. C is written once per chunk, so a
+  // K up to 1024 (a 256 KiB float32 slice, still in L2) is left whole.
+  const int64_t k_chunk = K <= 1024 ? K : 256;
   constexpr int64_t r_chunk = 120;  // rows of A kept in L2 while the panels pass over them
   const int64_t panels = N / panel;
   const int64_t work = std::max<int64_t>(1, R * K * panel);
@@ -290,6 +329,7 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
       for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
         const int64_t kc = std::min(k_chunk, K - k0);
         const bool acc = accumulate || k0 > 0;
+        const T* init = (!acc && bias) ? bias + n0 : nullptr;
         // A packed panel is contiguous (stride `panel`), which the prefetchers stream.
         const T* Mk = packed ? packed->panel(p, k0) : M + k0 * ldm + n0;
         const int64_t ldk = packed ? panel : ldm;
@@ -297,27 +337,30 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
         int64_t r = r0;
         for (; r + rows <= r_end; r += rows) {
           panel_kernel<T, rows>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldk, acc,
-                                C + r * ldc + n0, ldc);
+                                C + r * ldc + n0, ldc, init);
         }
         const T* Ar = A + r * ars + k0 * aks;
         T* Cr = C + r * ldc + n0;
         switch (r_end - r) {
-          case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-          case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
-          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc); break;
+          case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
+          case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
+          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
+          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
+          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
           default: break;
         }
       }
     }
   };
   const int64_t row_chunks = (R + r_chunk - 1) / r_chunk;
-  if (row_chunks >= 2 * at::get_num_threads()) {
+  const int64_t threads = at::get_num_threads();
+  if (row_chunks >= 2 * threads) {
     // Tall products (input projection, its gradients): threads take rows, so each streams
-    // only its share of A while the packed panels are shared.
-    at::parallel_for(0, row_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) tile(c * r_chunk, std::min(R, (c + 1) * r_chunk), 0, panels);
+    // only its share of A while the packed panels are shared. Equal chunks, a multiple of
+    // the threads in number, so none waits on a last odd chunk.
+    const int64_t chunks = (row_chunks + threads - 1) / threads * threads;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) tile(R * c / chunks, R * (c + 1) / chunks, 0, panels);
     });
   } else {
     // One step's product: few rows, so threads take column panels.
@@ -329,7 +372,9 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
     const int64_t n0 = panels * panel;
     at::parallel_for(0, R, std::max<int64_t>(1, grain * 4), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        vector_matrix<T>(K, N - n0, A + r * ars, aks, M + n0, ldm, accumulate, C + r * ldc + n0);
+        if (bias) std::copy(bias + n0, bias + N, C + r * ldc + n0);
+        vector_matrix<T>(K, N - n0, A + r * ars, aks, M + n0, ldm, accumulate || bias,
+                         C + r * ldc + n0);
       }
     });
   }
@@ -349,6 +394,10 @@ struct Packed {
   // The same matrix without its first k rows.
   Packed rows_from(int64_t k) const {
     return {M + k * ldm, ldm, panels ? panels + k * width : nullptr, K};
+  }
+  // The same matrix from column panel p on.
+  Packed cols_from(int64_t p) const {
+    return {M + p * width, ldm, panels ? panels + p * K * width : nullptr, K};
   }
 };
 
@@ -400,6 +449,192 @@ struct Steps {
 };
 
 // ---------------------------------------------------------------------------------------
+// The LSTM step fused into its product. W_hh is packed once per call gate-interleaved: panel
+// p holds, for each k, the four gates' columns of hidden units [p*U, (p+1)*U) (U = one
+// vector), so a register block of R batch rows x 4 vectors ends holding all four
+// pre-activations of U units, seeded with gates_x + b_hh. The cell math runs on the
+// registers and writes h, c, the output and the saved gates directly: one pass, one parallel
+// region per step, no (B, 4H) product buffer. Threads take panels (hidden units), so every
+// thread reads the whole previous h: it is double-buffered.
+
+template <typename T>
+struct LstmStep {
+  int64_t H, Hout, GH;
+  const T* gx;     // this step's gates_x, (B, 4H)
+  const T* bias;   // (4H)
+  const T* h_in;   // previous state, (B, Hout)
+  T* h_out;        // next state (B, H); nullptr with a projection (h is set after it)
+  T* out;          // this step's output rows (B, H); unused with a projection
+  T* m;            // with a projection: o * tanh(c), (B, H); else nullptr
+  T* c;            // cell state (B, H), updated in place (each unit has one owner)
+  T* cells;        // saved cell (B, H) or nullptr
+  T* gates;        // saved activations (B, 4H) or nullptr
+  const Steps* steps;
+  int64_t t;
+};
+
+template <typename T>
+constexpr int64_t lstm_unit() {
+  return Vec<T>::size();
+}
+
+// Rows b0 .. b0+R of units u0 .. u0+U; panel is (Hout, 4, U).
+template <typename T, int R>
+inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
+  using V = Vec<T>;
+  constexpr int64_t U = lstm_unit<T>();
+  // Few rows have few accumulator chains: split k S ways to hide the FMA latency.
+  constexpr int S = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  const int64_t H = s.H, Hout = s.Hout;
+  V acc[S][R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < 4; ++g) {
+      acc[0][r][g] = V::loadu(s.gx + (b0 + r) * s.GH + g * H + u0) + V::loadu(s.bias + g * H + u0);
+      for (int q = 1; q < S; ++q) acc[q][r][g] = V(T(0));
+    }
+  }
+  const T* hr = s.h_in + b0 * Hout;
+  int64_t k = 0;
+  if constexpr (S > 1) {
+    for (; k + S <= Hout; k += S) {
+      for (int q = 0; q < S; ++q) {
+        const T* w = panel + (k + q) * 4 * U;
+        V m[4];
+        for (int g = 0; g < 4; ++g) m[g] = V::loadu(w + g * U);
+        for (int r = 0; r < R; ++r) {
+          const V a(hr[r * Hout + k + q]);
+          for (int g = 0; g < 4; ++g) acc[q][r][g] = at::vec::fmadd(a, m[g], acc[q][r][g]);
+        }
+      }
+    }
+  }
+  for (; k < Hout; ++k) {
+    const T* w = panel + k * 4 * U;
+    V m[4];
+    for (int g = 0; g < 4; ++g) m[g] = V::loadu(w + g * U);
+    for (int r = 0; r < R; ++r) {
+      const V a(hr[r * Hout + k]);
+      for (int g = 0; g < 4; ++g) acc[0][r][g] = at::vec::fmadd(a, m[g], acc[0][r][g]);
+    }
+  }
+  const V zero(T(0));
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r;
+    for (int q = 1; q < S; ++q) {
+      for (int g = 0; g < 4; ++g) acc[0][r][g] = acc[0][r][g] + acc[q][r][g];
+    }
+    const bool on = s.steps->active(s.t, b);
+    const V i = sigmoid(acc[0][r][0]), f = sigmoid(acc[0][r][1]);
+    const V gg = tanh<T>(acc[0][r][2]), o = sigmoid(acc[0][r][3]);
+    const int64_t at = b * H + u0;
+    const V c_old = V::loadu(s.c + at);
+    const V c_new = f * c_old + i * gg;
+    const V y = o * tanh<T>(c_new);
+    if (s.gates) {
+      T* g = s.gates + b * 4 * H + u0;
+      i.store(g), f.store(g + H), gg.store(g + 2 * H), o.store(g + 3 * H);
+    }
+    const V c_kept = on ? c_new : c_old;
+    c_kept.store(s.c + at);
+    if (s.cells) c_kept.store(s.cells + at);
+    if (s.m) {
+      y.store(s.m + at);
+    } else {
+      (on ? y : V::loadu(s.h_in + b * Hout + u0)).store(s.h_out + at);
+      (on ? y : zero).store(s.out + at);
+    }
+  }
+}
+
+// Panels [p0, p1) of one fused LSTM step, all B rows; packed is (H / U panels, Hout, 4, U).
+template <typename T>
+void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
+  constexpr int64_t U = lstm_unit<T>();
+  constexpr int rows = panel_rows<T>();
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* panel = packed + p * s.Hout * 4 * U;
+    const int64_t u0 = p * U;
+    int64_t b = 0;
+    for (; b + rows <= B; b += rows) lstm_block<T, rows>(s, panel, b, u0);
+    switch (B - b) {
+      case 5: lstm_block<T, 5>(s, panel, b, u0); break;
+      case 4: lstm_block<T, 4>(s, panel, b, u0); break;
+      case 3: lstm_block<T, 3>(s, panel, b, u0); break;
+      case 2: lstm_block<T, 2>(s, panel, b, u0); break;
+      case 1: lstm_block<T, 1>(s, panel, b, u0); break;
+      default: break;
+    }
+  }
+}
+
+// Threads worth waking for one step of B x Hout x 4H multiply-adds: a 256 KiB W_hh (B=1,
+// H=128) streams from L2 at about 1.8 us per core, so splitting it pays even with a barrier
+// per step; a step far smaller than that runs on one thread.
+// The split loops need OpenMP (the build passes -fopenmp); without it, one thread.
+inline int64_t lstm_threads(int64_t B, int64_t Hout, int64_t H, int64_t panels) {
+#ifdef _OPENMP
+  if (at::in_parallel_region() || B * Hout * 4 * H < (int64_t(1) << 15)) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+#else
+  return 1;
+#endif
+}
+
+// One fused LSTM step over all B rows.
+template <typename T>
+void lstm_step(const LstmStep<T>& s, int64_t B, const T* packed) {
+  const int64_t panels = s.H / lstm_unit<T>();
+  const int64_t threads = lstm_threads(B, s.Hout, s.H, panels);
+  at::parallel_for(0, panels, (panels + threads - 1) / threads, [&](int64_t p0, int64_t p1) {
+    lstm_panels<T>(s, B, packed, p0, p1);
+  });
+}
+
+// W_hh (4H x Hout, as stored) into the gate-interleaved panels lstm_step reads, transposing
+// it on the way: panel p, row k, gate g, lane i holds W_hh[g * H + p * U + i, k].
+template <typename T>
+const T* pack_lstm(int64_t H, int64_t Hout, const T* w, Tensor& storage) {
+  constexpr int64_t U = lstm_unit<T>();
+  const int64_t panels = H / U;
+  storage = at::empty({panels * Hout * 4 * U},
+                      at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = storage.data_ptr<T>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* panel = out + p * Hout * 4 * U;
+      for (int64_t g = 0; g < 4; ++g) {
+        for (int64_t i = 0; i < U; ++i) {
+          const T* row = w + (g * H + p * U + i) * Hout;
+          for (int64_t k = 0; k < Hout; ++k) panel[(k * 4 + g) * U + i] = row[k];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// A weight as stored, N x K row-major, straight into the panels of its transpose (K x N,
+// k-major) that matmul reads; N must be whole panels.
+template <typename T>
+Packed<T> pack_transposed(int64_t K, int64_t N, const T* w, Tensor& storage) {
+  constexpr int64_t width = Packed<T>::width;
+  const int64_t panels = N / width;
+  storage = at::empty({panels * K * width},
+                      at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = storage.data_ptr<T>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* panel = out + p * K * width;
+      for (int64_t c = 0; c < width; ++c) {
+        const T* row = w + (p * width + c) * K;
+        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = row[k];
+      }
+    }
+  });
+  return {nullptr, width, out, K};
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward
 
 template <typename T>
@@ -408,10 +643,55 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
                     const Packed<T>& rec_n, const T* bias, const Packed<T>& proj, bool project,
                     T* output, T* gates, int64_t gates_stride,
                     T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
-                    T* hh, T* proj_out) {
+                    T* hh, T* proj_out, const T* lstm_packed, T* h_spare) {
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const V zero(T(0)), one(T(1));
+  T* h_now = h;  // the fused LSTM step alternates h between h and h_spare
+  if (lstm_packed && !project) {
+    // The whole loop in one parallel region: each thread owns a fixed share of the hidden
+    // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
+    // per step, instead of a fork and join per step.
+    const int64_t panels = H / lstm_unit<T>();
+    const int64_t threads = lstm_threads(B, Hout, H, panels);
+    const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
+    auto run = [&](int64_t thread) {
+      const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
+      T* from = h;
+      for (int64_t step = 0; step < T_; ++step) {
+        const int64_t t = steps.reverse ? T_ - 1 - step : step;
+        T* to = from == h ? h_spare : h;
+        const LstmStep<T> st{H, Hout, GH, gates_x + t * B * GH, bias, from, to,
+                             output + t * B * Hout, nullptr, c,
+                             save ? cells + t * cells_stride : nullptr,
+                             save ? gates + t * gates_stride : nullptr, &steps, t};
+        lstm_panels<T>(st, B, lstm_packed, p0, p1);
+        from = to;
+#ifdef _OPENMP
+        if (threads > 1) {
+#pragma omp barrier
+        }
+#endif
+      }
+      if (thread == 0) h_now = from;
+    };
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+      {
+        // Keep ATen's notion of "inside a parallel region" (nested parallel_for runs serial).
+        at::internal::ThreadIdGuard guard(omp_get_thread_num());
+        run(omp_get_thread_num());
+      }
+    } else {
+      run(0);
+    }
+#else
+    run(0);
+#endif
+    if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
+    return;
+  }
   for (int64_t step = 0; step < T_; ++step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
     const T* gx = gates_x + t * B * GH;
@@ -488,6 +768,26 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
           (on ? y : zero).store(ob + j, n);
         });
       });
+    } else if (lstm_packed) {
+      const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
+      T* h_next = project ? nullptr : (h_now == h ? h_spare : h);
+      T* m = project ? projected + t * projected_stride : nullptr;
+      const LstmStep<T> st{H, Hout, GH, gx, bias, h_now, h_next, out, m, c,
+                           save ? cells + t * cells_stride : nullptr, save ? saved : nullptr,
+                           &steps, t};
+      lstm_step<T>(st, B, lstm_packed);
+      if (project) {
+        step_mm<T>(B, H, Hout, m, H, proj, false, proj_out, Hout);
+        for (int64_t b = 0; b < B; ++b) {
+          const bool on = steps.active(t, b);
+          for (int64_t j = 0; j < Hout; ++j) {
+            if (on) h[b * Hout + j] = proj_out[b * Hout + j];
+            out[b * Hout + j] = on ? proj_out[b * Hout + j] : T(0);
+          }
+        }
+      } else {
+        h_now = h_next;
+      }
     } else {
       step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
       T* cell_out = cells + t * cells_stride;
@@ -531,6 +831,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
       }
     }
   }
+  if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
 }
 
 Tensor optional_or_empty(const std::optional<Tensor>& t) {
@@ -570,28 +871,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
-  // The step kernels read weights k-major: W_hh^T and W_hr^T, copied once per call.
-  const Tensor w_t = weight_hh.t().contiguous();
+  // LSTM with whole vectors of hidden units runs the fused step (else the general path),
+  // which packs W_hh itself; the other step kernels read W_hh^T, W_hr^T (k-major copies).
+  const int64_t unit = gates_x.scalar_type() == at::kFloat ? Vec<float>::size()
+                                                           : Vec<double>::size();
+  const bool fused = lstm && H > 0 && Hout > 0 && H % unit == 0;
+  const Tensor w_t = fused ? Tensor() : weight_hh.t().contiguous();
   const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
     using T = scalar_t;
     const bool blocked = B > 1;
     Tensor packed_rec, packed_rec_n, packed_proj;
-    const T* wt = w_t.data_ptr<T>();
-    const Packed<T> rec = pack<T>(Hout, G * H, wt, G * H, blocked, packed_rec);
+    const T* wt = fused ? nullptr : w_t.data_ptr<T>();
+    const Packed<T> rec = fused ? Packed<T>{} : pack<T>(Hout, G * H, wt, G * H, blocked, packed_rec);
     const Packed<T> rec_n = mode == kGRU && !reset_after
                                 ? pack<T>(H, H, wt + 2 * H, G * H, blocked, packed_rec_n)
                                 : Packed<T>{};
     const Packed<T> proj = project ? pack<T>(H, Hout, w_hr_t.data_ptr<T>(), Hout, blocked,
                                              packed_proj)
                                    : Packed<T>{};
+    Tensor packed_lstm;
+    const T* lstm_panels =
+        fused ? pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_lstm) : nullptr;
+    Tensor h_spare = fused && !project ? at::empty_like(h) : Tensor();
     forward_kernel<T>(s, steps, mode, activation, reset_after, gates_x.data_ptr<T>(),
                       h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, rec, rec_n,
                       bias_hh.data_ptr<T>(), proj, project, output.data_ptr<T>(),
                       gates.data_ptr<T>(), stride * saved_width,
                       lstm ? cells.data_ptr<T>() : nullptr, stride * H,
                       project ? projected.data_ptr<T>() : nullptr, stride * H,
-                      hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr);
+                      hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr, lstm_panels,
+                      h_spare.defined() ? h_spare.data_ptr<T>() : nullptr);
   });
   if (!training) {
     gates = at::empty({0}, opts);
@@ -620,6 +930,82 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
   auto previous_c = [&](int64_t t, int64_t b) {
     return steps.first(t, b) ? c0 + b * H : cells + (steps.previous(t) * B + b) * H;
   };
+  // LSTM: the gate gradients of units [j0, j1) in row b at time t, into dgx, and the cell's
+  // gradient carried to t - 1; without a projection also carry, the part of dh_{t-1} that
+  // does not come from the product with W_hh (dh itself for a row past its length, else 0).
+  auto lstm_units = [&](int64_t t, int64_t b, int64_t j0, int64_t j1) {
+    const T* gout = grad_output + t * B * Hout;
+    const T* c_t = cells + t * B * H;
+    const bool on = steps.active(t, b);
+    const T *g = gates + t * B * W + b * W, *cp = on ? previous_c(t, b) : nullptr;
+    T* dgb = dgx + t * B * GH + b * GH;
+    const int64_t row = b * H;
+    for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+      if (!on) {
+        for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
+        if (!project) V::loadu(dh + row + j, n).store(carry + row + j, n);
+        return;
+      }
+      const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
+      const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
+      const V d = project ? V::loadu(dm + row + j, n)
+                          : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+      const V tc = tanh<T>(V::loadu(c_t + row + j, n));
+      const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
+      (dcell * gg * i * (one - i)).store(dgb + j, n);
+      (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);
+      (dcell * i * (one - gg * gg)).store(dgb + 2 * H + j, n);
+      (d * tc * o * (one - o)).store(dgb + 3 * H + j, n);
+      (dcell * f).store(dc + row + j, n);
+      if (!project) zero.store(carry + row + j, n);
+    });
+  };
+  if (mode == kLSTM && !project) {
+    // The whole loop in one parallel region: each thread owns a share of the hidden units,
+    // which are both its elementwise work and its columns of dh_{t-1} = dgates W_hh, so one
+    // barrier per step (all of dgates_t must be written before any product reads it) suffices.
+    const int64_t unit = rec.panels || B > 1 ? Packed<T>::width : Vec<T>::size();
+    const int64_t pieces = Hout / unit;
+    const int64_t threads = std::min(pieces, lstm_threads(B, Hout, H, pieces));
+    if (threads > 1 && Hout % unit == 0) {
+      auto run = [&](int64_t thread) {
+        const int64_t c0 = pieces * thread / threads * unit;
+        const int64_t c1 = pieces * (thread + 1) / threads * unit;
+        const Packed<T> cols = rec.cols_from(c0 / unit);
+        for (int64_t step = T_ - 1; step >= 0; --step) {
+          const int64_t t = steps.reverse ? T_ - 1 - step : step;
+          for (int64_t b = 0; b < B; ++b) lstm_units(t, b, c0, c1);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+          const T* dg = dgx + t * B * GH;
+          if (B == 1 && cols.panels) {
+            // Each packed panel streams contiguously.
+            for (int64_t p = 0; p < (c1 - c0) / unit; ++p) {
+              vector_matrix<T>(GH, unit, dg, 1, cols.panel(p, 0), unit, true,
+                               carry + c0 + p * unit);
+            }
+          } else if (B == 1) {
+            vector_matrix<T>(GH, c1 - c0, dg, 1, cols.M, cols.ldm, true, carry + c0);
+          } else {
+            matmul<T>(B, GH, c1 - c0, dg, GH, 1, cols.M, cols.ldm, true, carry + c0, Hout,
+                      cols.panels ? &cols : nullptr);
+          }
+          for (int64_t b = 0; b < B; ++b) {
+            std::copy(carry + b * Hout + c0, carry + b * Hout + c1, dh + b * Hout + c0);
+          }
+        }
+      };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+      {
+        at::internal::ThreadIdGuard guard(omp_get_thread_num());
+        run(omp_get_thread_num());
+      }
+      return;
+#endif
+    }
+  }
   for (int64_t step = T_ - 1; step >= 0; --step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
     const T* gout = grad_output + t * B * Hout;
@@ -727,32 +1113,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
         }
         step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
       }
-      const T* c_t = cells + t * B * H;
-      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
-        const bool on = steps.active(t, b);
-        const T *g = g_t + b * W, *cp = on ? previous_c(t, b) : nullptr;
-        T* dgb = dg + b * GH;
-        const int64_t row = b * H;
-        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          if (!on) {
-            for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
-            if (!project) V::loadu(dh + row + j, n).store(carry + row + j, n);
-            return;
-          }
-          const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
-          const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
-          const V d = project ? V::loadu(dm + row + j, n)
-                              : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-          const V tc = tanh<T>(V::loadu(c_t + row + j, n));
-          const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
-          (dcell * gg * i * (one - i)).store(dgb + j, n);
-          (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);
-          (dcell * i * (one - gg * gg)).store(dgb + 2 * H + j, n);
-          (d * tc * o * (one - o)).store(dgb + 3 * H + j, n);
-          (dcell * f).store(dc + row + j, n);
-          if (!project) zero.store(carry + row + j, n);
-        });
-      });
+      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) { lstm_units(t, b, j0, j1); });
       step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
     }
     std::copy(carry, carry + B * Hout, dh);
@@ -799,7 +1160,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     using T = scalar_t;
     const bool blocked = B > 1;
     Tensor packed_rec, packed_proj;
-    const Packed<T> rec = pack<T>(GH, Hout, weight_hh.data_ptr<T>(), Hout, blocked, packed_rec);
+    // The LSTM's one-row steps also read W_hh in packed panels (see backward_kernel).
+    const Packed<T> rec = pack<T>(GH, Hout, weight_hh.data_ptr<T>(), Hout,
+                                  blocked || (lstm && !project), packed_rec);
     const Packed<T> proj = project ? pack<T>(Hout, H, weight_hr.data_ptr<T>(), H, blocked,
                                              packed_proj)
                                    : Packed<T>{};
@@ -849,9 +1212,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
 Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
                       const std::optional<Tensor>& bias_in) {
   const Tensor x = input.contiguous();
-  const Tensor weight_t = weight_in.t().contiguous();  // (I, G), k-major
   const int64_t in_features = weight_in.size(1), out_features = weight_in.size(0);
   const int64_t rows = in_features == 0 ? 0 : x.numel() / in_features;
+  const int64_t panel = x.scalar_type() == at::kFloat ? Packed<float>::width
+                                                      : Packed<double>::width;
+  // Whole panels of outputs: pack the weight as stored; else read a k-major copy.
+  const bool direct = rows > 1 && in_features > 0 && out_features > 0 &&
+                      out_features % panel == 0;
+  const Tensor weight = weight_in.contiguous();
+  const Tensor weight_t = direct ? Tensor() : weight_in.t().contiguous();  // (I, G)
   auto sizes = input.sizes().vec();
   sizes.back() = out_features;
   Tensor out = at::empty(sizes, x.options());
@@ -860,17 +1229,15 @@ Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_cpu_linear", [&] {
     using T = scalar_t;
     T* o = out.data_ptr<T>();
-    if (has_bias) {
-      const T* b = bias.data_ptr<T>();
-      at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) std::copy(b, b + out_features, o + r * out_features);
-      });
-    }
     Tensor storage;
-    const Packed<T> w = pack<T>(in_features, out_features, weight_t.data_ptr<T>(), out_features,
-                                rows > 1, storage);
+    const Packed<T> w =
+        direct ? pack_transposed<T>(in_features, out_features, weight.data_ptr<T>(), storage)
+               : pack<T>(in_features, out_features, weight_t.data_ptr<T>(), out_features,
+                         rows > 1, storage);
+    // The bias seeds the accumulators: the output is written once, never read back.
     matmul<T>(rows, in_features, out_features, x.data_ptr<T>(), in_features, 1, w.M, w.ldm,
-              has_bias, o, out_features, w.panels ? &w : nullptr);
+              false, o, out_features, w.panels ? &w : nullptr,
+              has_bias ? bias.data_ptr<T>() : nullptr);
   });
   return out;
 }

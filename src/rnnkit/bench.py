@@ -38,6 +38,14 @@ TARGETS = {  # the issue's goals, per cell and grid point, (forward, forward+bac
     "GRU": ((4.0, 4.0), (2.0, 2.0), (1.2, 1.2), (1.0, 1.0)),
     "LSTM": ((1.5, 1.5), (1.0, 1.5), (1.0, 1.5), (1.0, 1.5)),
 }
+# On CUDA the peer is cuDNN; the grid holds the GPU issue's cases: FlashRNN's anchor size, small
+# batches at H 256-1024, and a large batch.
+GPU_GRID = ((16, 768, 1024), (4, 256, 1024), (8, 1024, 512), (256, 512, 256))
+GPU_TARGETS = {
+    "RNN": ((2.0, 2.0), (2.0, 2.0), (2.0, 2.0), (0.9, 0.9)),
+    "GRU": ((2.0, 1.5), (2.0, 2.0), (2.0, 2.0), (0.9, 0.9)),
+    "LSTM": ((1.0, 1.0), (2.0, 2.0), (2.0, 2.0), (0.9, 0.9)),
+}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +54,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         description="Time rnnkit's RNN/GRU/LSTM against torch.nn (ratio torch.nn / rnnkit).",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=None,
+        help="default: float32 on cpu, bfloat16 on cuda (half precision needs cuda)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (>= 5)")
     parser.add_argument("--quick", action="store_true", help="a tiny grid, for smoke tests")
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
@@ -59,6 +70,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--repeats must be at least 5, got {args.repeats}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA build of torch and a GPU; none found")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.device == "cpu" and args.dtype in ("bfloat16", "float16"):
+        parser.error(f"--dtype {args.dtype} is for --device cuda; the cpu kernels are fp32/fp64")
     return args
 
 
@@ -118,7 +133,8 @@ def _steps(module: torch.nn.Module, x: Tensor) -> tuple[Callable[[], None], Call
 def run(args: argparse.Namespace) -> dict:
     """Run the grid and return the results (times in seconds, memory in bytes)."""
     dtype = getattr(torch, args.dtype)
-    grid = QUICK_GRID if args.quick else GRID
+    full_grid, targets = (GPU_GRID, GPU_TARGETS) if args.device == "cuda" else (GRID, TARGETS)
+    grid = QUICK_GRID if args.quick else full_grid
     rows = []
     for cell in args.cells:
         for index, (batch, size, seq_len) in enumerate(grid):
@@ -149,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
                 "ratio_fb": median["ref_fb"] / median["ours_fb"],
             }
             if not args.quick:
-                row["target_fwd"], row["target_fb"] = TARGETS[cell][index]
+                row["target_fwd"], row["target_fb"] = targets[cell][index]
             if not args.no_memory:
                 row["peak_bytes_torch"] = _peak_memory(ref_train, args.device)
                 row["peak_bytes_rnnkit"] = _peak_memory(our_train, args.device)

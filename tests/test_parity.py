@@ -37,13 +37,14 @@ def _configs(count: int, seed: int):
         yield config
 
 
-def _build_and_run(config, dtype):
+def _build_and_run(config, dtype, backend="auto"):
     kwargs = {k: config[k] for k in ("num_layers", "bias", "batch_first", "bidirectional")}
     for optional in ("nonlinearity", "proj_size"):
         if optional in config:
             kwargs[optional] = config[optional]
     torch_layer, ours = twin_layers(
-        config["kind"], config["input_size"], config["hidden_size"], dtype=dtype, **kwargs
+        config["kind"], config["input_size"], config["hidden_size"], dtype=dtype,
+        ours_kwargs={"backend": backend}, **kwargs,
     )
     seq, batch = config["seq_len"], config["batch"]
     if not config["batched"]:
@@ -73,16 +74,22 @@ def _config_id(config: dict) -> str:
     return "-".join(f"{k}={v}" for k, v in sorted(config.items()))
 
 
+# "auto" runs the compiled CPU kernels where they serve the call; "reference" is the torch loop.
+BACKENDS = ["auto", "reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", list(_configs(60, seed=1234)), ids=_config_id)
-def test_float64_parity(config):
-    (out_t, grad_t), (out_r, grad_r) = _build_and_run(config, torch.float64)
+def test_float64_parity(config, backend):
+    (out_t, grad_t), (out_r, grad_r) = _build_and_run(config, torch.float64, backend)
     assert_close_all(out_r, out_t, atol=1e-10)
     assert_close_all(grad_r, grad_t, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", list(_configs(12, seed=99)), ids=_config_id)
-def test_float32_parity(config):
-    (out_t, grad_t), (out_r, grad_r) = _build_and_run(config, torch.float32)
+def test_float32_parity(config, backend):
+    (out_t, grad_t), (out_r, grad_r) = _build_and_run(config, torch.float32, backend)
     assert_close_all(out_r, out_t, atol=1e-5, rtol=1e-5)
     assert_close_all(grad_r, grad_t, atol=1e-5, rtol=1e-5)
 

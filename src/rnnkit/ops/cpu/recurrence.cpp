@@ -31,6 +31,8 @@
 #define CPU_CAPABILITY DEFAULT
 #endif
 
+#include <cstdlib>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -643,7 +645,11 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
                     const Packed<T>& rec_n, const T* bias, const Packed<T>& proj, bool project,
                     T* output, T* gates, int64_t gates_stride,
                     T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
-                    T* hh, T* proj_out, const T* lstm_packed, T* h_spare) {
+                    T* hh, T* proj_out, const T* lstm_packed, T* h_spare,
+                    int64_t step0 = 0, int64_t step1 = -1, int64_t gx_t0 = 0) {
+  // Steps [step0, step1) of the loop (all by default); gates_x holds times from gx_t0 on
+  // (the chunked inference path computes it a few steps at a time).
+  if (step1 < 0) step1 = s.T;
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const V zero(T(0)), one(T(1));
@@ -658,10 +664,10 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
     auto run = [&](int64_t thread) {
       const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
       T* from = h;
-      for (int64_t step = 0; step < T_; ++step) {
+      for (int64_t step = step0; step < step1; ++step) {
         const int64_t t = steps.reverse ? T_ - 1 - step : step;
         T* to = from == h ? h_spare : h;
-        const LstmStep<T> st{H, Hout, GH, gates_x + t * B * GH, bias, from, to,
+        const LstmStep<T> st{H, Hout, GH, gates_x + (t - gx_t0) * B * GH, bias, from, to,
                              output + t * B * Hout, nullptr, c,
                              save ? cells + t * cells_stride : nullptr,
                              save ? gates + t * gates_stride : nullptr, &steps, t};
@@ -692,9 +698,9 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
     if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
     return;
   }
-  for (int64_t step = 0; step < T_; ++step) {
+  for (int64_t step = step0; step < step1; ++step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
-    const T* gx = gates_x + t * B * GH;
+    const T* gx = gates_x + (t - gx_t0) * B * GH;
     T* out = output + t * B * Hout;
     T* saved = gates + t * gates_stride;
     if (mode == kRNN) {
@@ -1276,9 +1282,102 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const 
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// LSTM inference with the input projection inside the loop: W_ih x + b_ih is computed a
+// chunk of steps at a time into one small reused buffer, just before those steps run, so the
+// (T, B, 4H) gates_x never exists in full: no freshly mapped pages to fault in (a big buffer
+// is mmapped anew on every call) and the chunk is still in cache when the steps read it.
+// Nothing is saved for backward; the Python side calls this only when no gradient is needed.
+
+// Steps per chunk: enough rows (steps x B) that the chunk's product splits by rows across the
+// threads (two row blocks of 120 each), with the buffer kept to about 2 MiB.
+inline int64_t lstm_chunk_steps(int64_t T_, int64_t B, int64_t GH, int64_t element) {
+  const int64_t rows = 240 * std::max<int64_t>(1, at::get_num_threads() / 2);
+  int64_t steps = std::max<int64_t>(1, (rows + B - 1) / B);
+  const int64_t cap = std::max<int64_t>(1, (int64_t(2) << 20) / std::max<int64_t>(1, B * GH * element));
+  steps = std::min(steps, cap);
+  if (const char* env = std::getenv("RNNKIT_LSTM_CHUNK")) steps = std::max<int64_t>(1, std::atoll(env));
+  return std::min(steps, T_);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& input, const Tensor& weight_ih_in, const std::optional<Tensor>& bias_ih_in,
+    const Tensor& h0, const Tensor& c0, const Tensor& weight_hh_in,
+    const std::optional<Tensor>& bias_hh_in, const std::optional<Tensor>& weight_hr_in,
+    const std::optional<Tensor>& lengths_in, bool reverse) {
+  TORCH_CHECK(input.dim() == 3, "rnnkit: input must be (T, B, I)");
+  const Tensor x = input.contiguous();
+  const Tensor weight_ih = weight_ih_in.contiguous();
+  const Tensor weight_hh = weight_hh_in.contiguous();
+  const Tensor weight_hr = optional_or_empty(weight_hr_in);
+  const Tensor lengths = optional_or_empty(lengths_in);
+  const auto opts = x.options();
+  const Tensor bias_hh = bias_hh_in.has_value() ? bias_hh_in->contiguous()
+                                                : at::zeros({weight_hh.size(0)}, opts);
+  const bool has_bias_ih = bias_ih_in.has_value();
+  const Tensor bias_ih = has_bias_ih ? bias_ih_in->contiguous() : Tensor();
+  const int64_t GH = weight_ih.size(0), I = weight_ih.size(1);
+  Shape s{x.size(0), x.size(1), GH / 4, h0.size(1), 4};
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
+  Tensor h = h0.contiguous().clone();
+  Tensor c = c0.contiguous().clone();
+  Tensor output = at::empty({T_, B, Hout}, opts);
+  const bool project = weight_hr.defined();
+  Tensor projected = at::empty({project ? 1 : 0, B, H}, opts);
+  Tensor hh = at::empty({B, GH}, opts);
+  Tensor proj_out = at::empty({project ? B : 0, Hout}, opts);
+  Tensor gates = at::empty({1, B, 4 * H}, opts);
+  Tensor cells = at::empty({1, B, H}, opts);
+  Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  const int64_t unit = x.scalar_type() == at::kFloat ? Vec<float>::size() : Vec<double>::size();
+  const bool fused = H > 0 && Hout > 0 && H % unit == 0;
+  const Tensor w_t = fused ? Tensor() : weight_hh.t().contiguous();
+  const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
+  const int64_t panel = x.scalar_type() == at::kFloat ? Packed<float>::width
+                                                      : Packed<double>::width;
+  const bool direct = I > 0 && GH > 0 && GH % panel == 0;
+  const Tensor w_ih_t = direct ? Tensor() : weight_ih.t().contiguous();  // (I, 4H)
+  const int64_t chunk = lstm_chunk_steps(T_, B, GH, x.element_size());
+  Tensor buffer = at::empty({chunk, B, GH}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_cpu_lstm_layer_forward", [&] {
+    using T = scalar_t;
+    const bool blocked = B > 1;
+    Tensor packed_ih, packed_rec, packed_proj, packed_lstm;
+    const Packed<T> w_ih =
+        direct ? pack_transposed<T>(I, GH, weight_ih.data_ptr<T>(), packed_ih)
+               : pack<T>(I, GH, w_ih_t.data_ptr<T>(), GH, true, packed_ih);
+    const Packed<T> rec =
+        fused ? Packed<T>{} : pack<T>(Hout, GH, w_t.data_ptr<T>(), GH, blocked, packed_rec);
+    const Packed<T> proj = project ? pack<T>(H, Hout, w_hr_t.data_ptr<T>(), Hout, blocked,
+                                             packed_proj)
+                                   : Packed<T>{};
+    const T* lstm_panels =
+        fused ? pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_lstm) : nullptr;
+    Tensor h_spare = fused && !project ? at::empty_like(h) : Tensor();
+    const T* xs = x.data_ptr<T>();
+    T* gx = buffer.data_ptr<T>();
+    for (int64_t step0 = 0; step0 < T_; step0 += chunk) {
+      const int64_t step1 = std::min(T_, step0 + chunk);
+      // The chunk's times: [step0, step1) forward, their mirror image in reverse.
+      const int64_t t0 = reverse ? T_ - step1 : step0;
+      const int64_t rows = (step1 - step0) * B;
+      matmul<T>(rows, I, GH, xs + t0 * B * I, I, 1, w_ih.M, w_ih.ldm, false, gx, GH,
+                w_ih.panels ? &w_ih : nullptr, has_bias_ih ? bias_ih.data_ptr<T>() : nullptr);
+      forward_kernel<T>(s, steps, kLSTM, 0, false, gx, h.data_ptr<T>(), c.data_ptr<T>(), rec,
+                        Packed<T>{}, bias_hh.data_ptr<T>(), proj, project,
+                        output.data_ptr<T>(), gates.data_ptr<T>(), 0, cells.data_ptr<T>(), 0,
+                        project ? projected.data_ptr<T>() : nullptr, 0, hh.data_ptr<T>(),
+                        project ? proj_out.data_ptr<T>() : nullptr, lstm_panels,
+                        h_spare.defined() ? h_spare.data_ptr<T>() : nullptr, step0, step1, t0);
+    }
+  });
+  return {output, h, c};
+}
+
 TORCH_LIBRARY_IMPL(rnnkit, CPU, m) {
   m.impl("cpu_recurrence_forward", &recurrence_forward);
   m.impl("cpu_recurrence_backward", &recurrence_backward);
   m.impl("cpu_linear", &linear_forward);
   m.impl("cpu_linear_backward", &linear_backward);
+  m.impl("cpu_lstm_layer_forward", &lstm_layer_forward);
 }

@@ -500,11 +500,13 @@ def counted_layers(monkeypatch):
 
 
 # (dtype, hidden, proj, bias): hidden 16 (a vector of floats, two of doubles) runs the fused
-# step, 6 the general LSTM step; the steps per chunk (1, 3, all) put the chunk edges
-# everywhere, a ragged last chunk included.
+# step, with the projection inside its parallel region when there is no proj_size (else a
+# separate product per chunk), 6 the general LSTM step; the steps per chunk (1, 3, all) put
+# the chunk edges everywhere, a ragged last chunk included.
 CHUNK_CASES = [
     (torch.float64, 16, 0, True), (torch.float64, 6, 0, False), (torch.float64, 16, 5, True),
-    (torch.float64, 6, 4, False), (torch.float32, 16, 0, True), (torch.float32, 32, 7, False),
+    (torch.float64, 6, 4, False), (torch.float32, 16, 0, False), (torch.float32, 32, 7, False),
+    (torch.float32, 32, 0, True),
     (torch.float64, 64, 0, True),  # B * H * 4H >= 2**15: the units split between two threads
 ]
 

@@ -473,6 +473,8 @@ struct LstmStep {
   T* gates;        // saved activations (B, 4H) or nullptr
   const Steps* steps;
   int64_t t;
+  // gx laid out per panel, (B, H / U, 4, U), as the in-loop projection writes it; else (B, 4H).
+  bool interleaved = false;
 };
 
 template <typename T>
@@ -491,7 +493,8 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
   V acc[S][R][4];
   for (int r = 0; r < R; ++r) {
     for (int g = 0; g < 4; ++g) {
-      acc[0][r][g] = V::loadu(s.gx + (b0 + r) * s.GH + g * H + u0) + V::loadu(s.bias + g * H + u0);
+      const int64_t gx_at = s.interleaved ? 4 * u0 + g * U : g * H + u0;
+      acc[0][r][g] = V::loadu(s.gx + (b0 + r) * s.GH + gx_at) + V::loadu(s.bias + g * H + u0);
       for (int q = 1; q < S; ++q) acc[q][r][g] = V(T(0));
     }
   }
@@ -1289,15 +1292,109 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const 
 // is mmapped anew on every call) and the chunk is still in cache when the steps read it.
 // Nothing is saved for backward; the Python side calls this only when no gradient is needed.
 
-// Steps per chunk: enough rows (steps x B) that the chunk's product splits by rows across the
-// threads (two row blocks of 120 each), with the buffer kept to about 2 MiB.
-inline int64_t lstm_chunk_steps(int64_t T_, int64_t B, int64_t GH, int64_t element) {
-  const int64_t rows = 240 * std::max<int64_t>(1, at::get_num_threads() / 2);
-  int64_t steps = std::max<int64_t>(1, (rows + B - 1) / B);
-  const int64_t cap = std::max<int64_t>(1, (int64_t(2) << 20) / std::max<int64_t>(1, B * GH * element));
-  steps = std::min(steps, cap);
-  if (const char* env = std::getenv("RNNKIT_LSTM_CHUNK")) steps = std::max<int64_t>(1, std::atoll(env));
+// Steps per chunk (RNNKIT_LSTM_CHUNK overrides it). In the loop, each thread projects its own
+// units over all the chunk's rows (steps x B); rows reuse each W_ih panel (I x 4 vectors) from
+// cache, so a wider input wants more of them: I / 2 rows, within [64, 512], measured best at
+// (B, H, T) = (16, 256, 200), (64, 512, 100), (32, 1024, 50). A separate product wants enough
+// rows to split between threads (two row blocks of 120 each), in a buffer of about 2 MiB.
+inline int64_t lstm_chunk_steps(int64_t T_, int64_t B, int64_t I, int64_t GH, int64_t element,
+                                bool in_loop) {
+  int64_t steps;
+  if (in_loop) {
+    const int64_t rows = std::min<int64_t>(512, std::max<int64_t>(64, I / 2));
+    steps = std::max<int64_t>(1, (rows + B - 1) / B);
+  } else {
+    const int64_t rows = 240 * std::max<int64_t>(1, at::get_num_threads() / 2);
+    const int64_t cap =
+        std::max<int64_t>(1, (int64_t(2) << 20) / std::max<int64_t>(1, B * GH * element));
+    steps = std::min(std::max<int64_t>(1, (rows + B - 1) / B), cap);
+  }
+  if (const char* env = std::getenv("RNNKIT_LSTM_CHUNK")) {
+    steps = std::max<int64_t>(1, std::atoll(env));
+  }
   return std::min(steps, T_);
+}
+
+// Rows [0, rows) of x (rows x I) times panels [p0, p1) of the gate-interleaved W_ih (packed
+// as pack_lstm packs W_hh) into gx (rows, H / U, 4, U), seeded with init (same layout).
+template <typename T>
+void lstm_project_panels(int64_t rows, int64_t I, const T* x, const T* ih, const T* init,
+                         int64_t GH, T* gx, int64_t p0, int64_t p1) {
+  constexpr int64_t U = lstm_unit<T>();
+  constexpr int NV = panel_vectors<T>();
+  constexpr int R = panel_rows<T>();
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t v0 = 0; v0 < 4; v0 += NV) {  // a panel_kernel call covers NV of the 4 gates
+      const T* M = ih + p * I * 4 * U + v0 * U;
+      const T* in = init + p * 4 * U + v0 * U;
+      T* C = gx + p * 4 * U + v0 * U;
+      int64_t r = 0;
+      for (; r + R <= rows; r += R) {
+        panel_kernel<T, R>(I, x + r * I, I, 1, M, 4 * U, false, C + r * GH, GH, in);
+      }
+      const T* Ar = x + r * I;
+      T* Cr = C + r * GH;
+      switch (rows - r) {
+        case 5: panel_kernel<T, 5>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        case 4: panel_kernel<T, 4>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        case 3: panel_kernel<T, 3>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        case 2: panel_kernel<T, 2>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        case 1: panel_kernel<T, 1>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// The fused LSTM loop (no projection) with the input projection inside the parallel region:
+// each thread projects a chunk of steps for its own hidden units only (the only gates_x
+// columns it reads), so the chunk needs no barrier of its own and stays in that core's cache.
+template <typename T>
+void lstm_inference_loop(const Shape& s, const Steps& steps, const T* x, int64_t I,
+                         const T* ih, const T* init, const T* hh, const T* zero_bias,
+                         int64_t chunk, T* gx, T* h, T* h_spare, T* c, T* output) {
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = 4 * H;
+  const int64_t panels = H / lstm_unit<T>();
+  const int64_t threads = lstm_threads(B, Hout, H, panels);
+  T* h_now = h;
+  auto run = [&](int64_t thread) {
+    const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
+    T* from = h;
+    for (int64_t step0 = 0; step0 < T_; step0 += chunk) {
+      const int64_t step1 = std::min(T_, step0 + chunk);
+      const int64_t t0 = steps.reverse ? T_ - step1 : step0;
+      lstm_project_panels<T>((step1 - step0) * B, I, x + t0 * B * I, ih, init, GH, gx, p0, p1);
+      for (int64_t step = step0; step < step1; ++step) {
+        const int64_t t = steps.reverse ? T_ - 1 - step : step;
+        T* to = from == h ? h_spare : h;
+        LstmStep<T> st{H, Hout, GH, gx + (t - t0) * B * GH, zero_bias, from, to,
+                       output + t * B * Hout, nullptr, c, nullptr, nullptr, &steps, t};
+        st.interleaved = true;
+        lstm_panels<T>(st, B, hh, p0, p1);
+        from = to;
+#ifdef _OPENMP
+        if (threads > 1) {
+#pragma omp barrier
+        }
+#endif
+      }
+    }
+    if (thread == 0) h_now = from;
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      at::internal::ThreadIdGuard guard(omp_get_thread_num());
+      run(omp_get_thread_num());
+    }
+  } else {
+    run(0);
+  }
+#else
+  run(0);
+#endif
+  if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(
@@ -1337,10 +1434,38 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(
                                                       : Packed<double>::width;
   const bool direct = I > 0 && GH > 0 && GH % panel == 0;
   const Tensor w_ih_t = direct ? Tensor() : weight_ih.t().contiguous();  // (I, 4H)
-  const int64_t chunk = lstm_chunk_steps(T_, B, GH, x.element_size());
+  // Fused step without projection: the projection runs inside the loop's parallel region.
+  const bool in_loop = fused && !project && I > 0;
+  const int64_t chunk = lstm_chunk_steps(T_, B, I, GH, x.element_size(), in_loop);
   Tensor buffer = at::empty({chunk, B, GH}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_cpu_lstm_layer_forward", [&] {
     using T = scalar_t;
+    if (in_loop) {
+      Tensor packed_ih, packed_hh;
+      const T* ih = pack_lstm<T>(H, I, weight_ih.data_ptr<T>(), packed_ih);
+      const T* hh = pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_hh);
+      // b_ih + b_hh in the panels' layout seeds the projection; the step then adds zeros.
+      constexpr int64_t U = lstm_unit<T>();
+      Tensor init = at::empty({GH}, opts);
+      T* in = init.data_ptr<T>();
+      const T* bh = bias_hh.data_ptr<T>();
+      const T* bi = has_bias_ih ? bias_ih.data_ptr<T>() : nullptr;
+      for (int64_t p = 0; p < H / U; ++p) {
+        for (int64_t g = 0; g < 4; ++g) {
+          for (int64_t i = 0; i < U; ++i) {
+            const int64_t j = g * H + p * U + i;
+            in[(p * 4 + g) * U + i] = (bi ? bi[j] : T(0)) + bh[j];
+          }
+        }
+      }
+      Tensor zero_bias = at::zeros({GH}, opts);
+      Tensor h_spare = at::empty_like(h);
+      lstm_inference_loop<T>(s, steps, x.data_ptr<T>(), I, ih, in, hh,
+                             zero_bias.data_ptr<T>(), chunk, buffer.data_ptr<T>(),
+                             h.data_ptr<T>(), h_spare.data_ptr<T>(), c.data_ptr<T>(),
+                             output.data_ptr<T>());
+      return;
+    }
     const bool blocked = B > 1;
     Tensor packed_ih, packed_rec, packed_proj, packed_lstm;
     const Packed<T> w_ih =

@@ -171,7 +171,7 @@ def test_cpu_equals_reference_float32(config):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_no_grad_forward_matches_training_forward(counted):
+def test_no_grad_forward_matches_training_forward(counted, counted_layers):
     layer = rnnkit.LSTM(3, 6, backend="cpu", proj_size=2)
     x = torch.randn(7, 5, 3)
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_no_grad_forward_matches_training_forward(counted):
     assert training[0].requires_grad and not inference[0].requires_grad
     torch.testing.assert_close(inference[0], training[0], rtol=0, atol=0)
     torch.testing.assert_close(inference[1], training[1], rtol=0, atol=0)
-    assert len(counted) == 2
+    assert len(counted) == 1 and len(counted_layers) == 1  # no grad: projection in the op
 
 
 def _call(spec, dtype=torch.float32, batch=2, hidden=4, weight_hr=False):
@@ -483,3 +483,116 @@ def test_input_projection_packs_whole_panels_directly():
         torch.testing.assert_close(
             _ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), rtol=0, atol=1e-12
         )
+
+
+@pytest.fixture
+def counted_layers(monkeypatch):
+    """Counts the no-grad LSTM layer-directions served with the projection inside the loop."""
+    calls = []
+    original = _ops.lstm_layer
+
+    def lstm_layer(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(_ops, "lstm_layer", lstm_layer)
+    return calls
+
+
+# (dtype, hidden, proj, bias): hidden 16 (a vector of floats, two of doubles) runs the fused
+# step, with the projection inside its parallel region when there is no proj_size (else a
+# separate product per chunk), 6 the general LSTM step; the steps per chunk (1, 3, all) put
+# the chunk edges everywhere, a ragged last chunk included.
+CHUNK_CASES = [
+    (torch.float64, 16, 0, True), (torch.float64, 6, 0, False), (torch.float64, 16, 5, True),
+    (torch.float64, 6, 4, False), (torch.float32, 16, 0, False), (torch.float32, 32, 7, False),
+    (torch.float32, 32, 0, True),
+    (torch.float64, 64, 0, True),  # B * H * 4H >= 2**15: the units split between two threads
+]
+
+
+@pytest.mark.parametrize("chunk", ["1", "3", "64"])
+@pytest.mark.parametrize("dtype, hidden, proj, bias", CHUNK_CASES, ids=str)
+def test_no_grad_lstm_with_chunked_projection_equals_reference(
+    dtype, hidden, proj, bias, chunk, monkeypatch, counted_layers, two_threads
+):
+    """Without grad, an LSTM layer computes W_ih x + b_ih a chunk of steps at a time inside
+    the op (RNNKIT_LSTM_CHUNK sets the steps per chunk); it equals the reference path,
+    bidirectional (reverse) and two layers deep, with unsorted lengths and given state."""
+    monkeypatch.setenv("RNNKIT_LSTM_CHUNK", chunk)
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=2, bidirectional=True, proj_size=proj, bias=bias, dtype=dtype)
+    ours = rnnkit.LSTM(5, hidden, backend="cpu", **kwargs)
+    twin = rnnkit.LSTM(5, hidden, backend="reference", **kwargs)
+    twin.load_state_dict(ours.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    seq_len, batch, out_size = 8, 6, proj or hidden
+    x = torch.randn(seq_len, batch, 5, dtype=dtype, generator=generator)
+    lengths = torch.tensor([8, 1, 5, 3, 8, 7])
+    hx = (torch.randn(4, batch, out_size, dtype=dtype, generator=generator),
+          torch.randn(4, batch, hidden, dtype=dtype, generator=generator))
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    for given_lengths in (None, lengths):
+        with torch.no_grad():
+            got = ours(x, hx, lengths=given_lengths)
+            expected = twin(x, hx, lengths=given_lengths)
+        torch.testing.assert_close(got[0], expected[0], rtol=tolerance, atol=tolerance)
+        for g, e in zip(got[1], expected[1]):
+            torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance)
+    assert len(counted_layers) == 8  # 2 layers x 2 directions x 2 calls
+
+
+def test_no_grad_lstm_equals_torch_nn(counted_layers):
+    """The chunked-projection inference path against torch.nn.LSTM itself (float64)."""
+    torch.manual_seed(0)
+    peer = torch.nn.LSTM(4, 16, 2, bidirectional=True, proj_size=3, dtype=torch.float64)
+    ours = rnnkit.LSTM(4, 16, 2, bidirectional=True, proj_size=3, dtype=torch.float64)
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(9, 5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected, got = peer(x), ours(x)
+    assert counted_layers
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-10)
+    for g, e in zip(got[1], expected[1]):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+def test_lstm_needing_grad_keeps_linear_then_recurrence(counted, counted_layers):
+    """When a gradient is needed the gates are saved for backward: the usual two ops run."""
+    layer = rnnkit.LSTM(3, 16)
+    output, _ = layer(torch.randn(4, 2, 3))
+    assert output.requires_grad and counted and not counted_layers
+    with torch.no_grad():
+        layer(torch.randn(4, 2, 3))
+    assert len(counted_layers) == 1 and len(counted) == 1
+
+
+def test_lstm_layer_opcheck():
+    """torch.library's checks of the inference op's schema and fake rule."""
+    generator = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+    args = (r(5, 3, 4), r(64, 4), r(64), r(3, 16), r(3, 16), r(64, 16), r(64), None,
+            torch.tensor([5, 2, 4]), True)
+    torch.library.opcheck(
+        torch.ops.rnnkit.cpu_lstm_layer_forward.default, args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_no_grad_lstm_compiles_fullgraph(counted_layers):
+    """torch.compile(fullgraph=True) of a no-grad LSTM traces the inference op (fake rule)."""
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(4, 16, 2, bidirectional=True, backend="cpu")
+    x, lengths = torch.randn(6, 3, 4), torch.tensor([6, 2, 4])
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        want = layer(x, lengths=lengths)
+        got = compiled(x, lengths=lengths)
+    assert len(counted_layers) >= 8  # eager (4) and the traced graph (4)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

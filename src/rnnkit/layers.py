@@ -327,12 +327,11 @@ class RecurrentLayer(nn.Module):
             return export_op.layer_direction(
                 self.spec, layer_input, weight, state, lengths, bool(direction)
             )
-        gates_x = dispatch.linear(
-            layer_input, weight["weight_ih"], weight["bias_ih"], backend=self.backend
-        )
-        return dispatch.recurrence(
+        return dispatch.layer_direction(
             self.spec,
-            gates_x,
+            layer_input,
+            weight["weight_ih"],
+            weight["bias_ih"],
             state,
             weight["weight_hh"],
             weight["bias_hh"],

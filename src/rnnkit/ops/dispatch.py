@@ -149,6 +149,54 @@ def linear(
     return F.linear(input, weight, bias)
 
 
+def layer_direction(
+    spec: CellSpec,
+    input: Tensor,
+    weight_ih: Tensor,
+    bias_ih: Tensor | None,
+    state: tuple[Tensor, ...],
+    weight_hh: Tensor,
+    bias_hh: Tensor | None,
+    weight_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One layer-direction from its input (T, B, I): the projection, then the recurrence.
+
+    A backend may offer ``layer_direction`` with these arguments, fusing the two (it returns
+    ``None`` to decline a call); otherwise, and for ``backend="reference"``, under export,
+    torch.func transforms or autocast, this is :func:`linear` then :func:`recurrence`.
+    """
+    requested = backend or _checks.env_backend()
+    plain = (
+        torch.compiler.is_exporting()
+        or torch._C._are_functorch_transforms_active()
+        or torch.is_autocast_enabled(input.device.type)
+    )
+    if requested != "reference" and not plain:
+        backends = registered()
+        names = list(backends) if requested == "auto" else [requested]
+        for name in names:
+            chosen = backends.get(name)
+            if chosen is None or input.device.type not in chosen.device_types:
+                continue
+            offer = getattr(chosen, "layer_direction", None)
+            if offer is not None:
+                result = offer(
+                    spec, input, weight_ih, bias_ih, state, weight_hh, bias_hh, weight_hr,
+                    lengths, reverse,
+                )
+                if result is not None:
+                    return result
+            break  # "auto" would pick this backend first: keep to its regular path
+    gates_x = linear(input, weight_ih, bias_ih, backend=backend)
+    return recurrence(
+        spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse, backend=backend
+    )
+
+
 def recurrence(
     spec: CellSpec,
     gates_x: Tensor,

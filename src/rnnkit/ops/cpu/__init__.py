@@ -63,6 +63,29 @@ class CpuBackend:
     def recurrence(self, *args):
         return _ops.recurrence(*args)
 
+    def layer_direction(
+        self, spec, input, weight_ih, bias_ih, state, weight_hh, bias_hh, weight_hr, lengths,
+        reverse,
+    ):
+        """LSTM inference with the input projection inside the loop, or ``None`` to decline.
+
+        Serves only LSTM calls that need no gradient and that :meth:`recurrence` and
+        :meth:`linear` would both serve; anything else runs as linear + recurrence.
+        """
+        if spec.mode != "lstm" or self.unavailable_reason() is not None:
+            return None
+        tensors = (input, weight_ih, bias_ih, *state, weight_hh, bias_hh, weight_hr)
+        present = [t for t in tensors if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+            return None
+        if input.dim() != 3 or input.dtype not in DTYPES:
+            return None
+        if any(t.dtype != input.dtype or t.device.type != "cpu" for t in present):
+            return None
+        return _ops.lstm_layer(
+            input, weight_ih, bias_ih, state, weight_hh, bias_hh, weight_hr, lengths, reverse
+        )
+
 
 backend = CpuBackend()
 dispatch.register(backend)

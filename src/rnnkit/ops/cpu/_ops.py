@@ -56,6 +56,17 @@ torch.library.define(
 )
 
 
+LSTM_LAYER = "rnnkit::cpu_lstm_layer_forward"
+
+# Inference only (no autograd rule): called when no gradient is needed.
+torch.library.define(
+    LSTM_LAYER,
+    "(Tensor input, Tensor weight_ih, Tensor? bias_ih, Tensor h0, Tensor c0, "
+    "Tensor weight_hh, Tensor? bias_hh, Tensor? weight_hr, Tensor? lengths, bool reverse) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+
+
 def _num_gates(mode: int) -> int:
     return (1, 3, 4)[mode]
 
@@ -181,6 +192,16 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | N
 torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
 
 
+@torch.library.register_fake(LSTM_LAYER)
+def _lstm_layer_fake(
+    input, weight_ih, bias_ih, h0, c0, weight_hh, bias_hh, weight_hr, lengths, reverse
+):
+    _build.status()
+    seq_len, batch = input.shape[:2]
+    new = input.new_empty
+    return new((seq_len, batch, h0.shape[1])), new(h0.shape), new(c0.shape)
+
+
 @torch.library.register_fake(LINEAR)
 def _linear_fake(input, weight, bias):
     _build.status()
@@ -264,3 +285,34 @@ def recurrence(
         spec.reset_after, reverse, training,
     )
     return output, ((h_n, c_n) if spec.mode == "lstm" else (h_n,))
+
+
+def lstm_layer(
+    input: Tensor,
+    weight_ih: Tensor,
+    bias_ih: Tensor | None,
+    state: tuple[Tensor, Tensor],
+    weight_hh: Tensor,
+    bias_hh: Tensor | None,
+    weight_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM layer-direction for inference, the input projection computed inside the loop.
+
+    Equals ``recurrence(spec, F.linear(input, weight_ih, bias_ih), state, ...)`` for an LSTM
+    spec, with input (T, B, I); W_ih x + b_ih is computed a few steps at a time into a small
+    reused buffer instead of all at once. Saves nothing for backward: call it only when no
+    gradient is needed (the op has no autograd rule).
+
+    Raises:
+        RuntimeError: the kernels could not be built (the backend checks this first).
+    """
+    error = None if torch.compiler.is_compiling() else _build.status()
+    if error is not None:
+        raise RuntimeError(f"rnnkit: the cpu backend is unavailable: {error}")
+    output, h_n, c_n = torch.ops.rnnkit.cpu_lstm_layer_forward(
+        input, weight_ih, bias_ih, state[0], state[1], weight_hh, bias_hh, weight_hr, lengths,
+        reverse,
+    )
+    return output, (h_n, c_n)

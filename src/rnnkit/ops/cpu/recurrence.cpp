@@ -31,6 +31,8 @@
 #define CPU_CAPABILITY DEFAULT
 #endif
 
+#include <cstdlib>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -471,6 +473,8 @@ struct LstmStep {
   T* gates;        // saved activations (B, 4H) or nullptr
   const Steps* steps;
   int64_t t;
+  // gx laid out per panel, (B, H / U, 4, U), as the in-loop projection writes it; else (B, 4H).
+  bool interleaved = false;
 };
 
 template <typename T>
@@ -489,7 +493,8 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
   V acc[S][R][4];
   for (int r = 0; r < R; ++r) {
     for (int g = 0; g < 4; ++g) {
-      acc[0][r][g] = V::loadu(s.gx + (b0 + r) * s.GH + g * H + u0) + V::loadu(s.bias + g * H + u0);
+      const int64_t gx_at = s.interleaved ? 4 * u0 + g * U : g * H + u0;
+      acc[0][r][g] = V::loadu(s.gx + (b0 + r) * s.GH + gx_at) + V::loadu(s.bias + g * H + u0);
       for (int q = 1; q < S; ++q) acc[q][r][g] = V(T(0));
     }
   }
@@ -643,7 +648,11 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
                     const Packed<T>& rec_n, const T* bias, const Packed<T>& proj, bool project,
                     T* output, T* gates, int64_t gates_stride,
                     T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
-                    T* hh, T* proj_out, const T* lstm_packed, T* h_spare) {
+                    T* hh, T* proj_out, const T* lstm_packed, T* h_spare,
+                    int64_t step0 = 0, int64_t step1 = -1, int64_t gx_t0 = 0) {
+  // Steps [step0, step1) of the loop (all by default); gates_x holds times from gx_t0 on
+  // (the chunked inference path computes it a few steps at a time).
+  if (step1 < 0) step1 = s.T;
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const V zero(T(0)), one(T(1));
@@ -658,10 +667,10 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
     auto run = [&](int64_t thread) {
       const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
       T* from = h;
-      for (int64_t step = 0; step < T_; ++step) {
+      for (int64_t step = step0; step < step1; ++step) {
         const int64_t t = steps.reverse ? T_ - 1 - step : step;
         T* to = from == h ? h_spare : h;
-        const LstmStep<T> st{H, Hout, GH, gates_x + t * B * GH, bias, from, to,
+        const LstmStep<T> st{H, Hout, GH, gates_x + (t - gx_t0) * B * GH, bias, from, to,
                              output + t * B * Hout, nullptr, c,
                              save ? cells + t * cells_stride : nullptr,
                              save ? gates + t * gates_stride : nullptr, &steps, t};
@@ -692,9 +701,9 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
     if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
     return;
   }
-  for (int64_t step = 0; step < T_; ++step) {
+  for (int64_t step = step0; step < step1; ++step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
-    const T* gx = gates_x + t * B * GH;
+    const T* gx = gates_x + (t - gx_t0) * B * GH;
     T* out = output + t * B * Hout;
     T* saved = gates + t * gates_stride;
     if (mode == kRNN) {
@@ -1276,9 +1285,224 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const 
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// LSTM inference with the input projection inside the loop: W_ih x + b_ih is computed a
+// chunk of steps at a time into one small reused buffer, just before those steps run, so the
+// (T, B, 4H) gates_x never exists in full: no freshly mapped pages to fault in (a big buffer
+// is mmapped anew on every call) and the chunk is still in cache when the steps read it.
+// Nothing is saved for backward; the Python side calls this only when no gradient is needed.
+
+// Steps per chunk (RNNKIT_LSTM_CHUNK overrides it). In the loop, each thread projects its own
+// units over all the chunk's rows (steps x B); rows reuse each W_ih panel (I x 4 vectors) from
+// cache, so a wider input wants more of them: I / 2 rows, within [64, 512], measured best at
+// (B, H, T) = (16, 256, 200), (64, 512, 100), (32, 1024, 50). A separate product wants enough
+// rows to split between threads (two row blocks of 120 each), in a buffer of about 2 MiB.
+inline int64_t lstm_chunk_steps(int64_t T_, int64_t B, int64_t I, int64_t GH, int64_t element,
+                                bool in_loop) {
+  int64_t steps;
+  if (in_loop) {
+    const int64_t rows = std::min<int64_t>(512, std::max<int64_t>(64, I / 2));
+    steps = std::max<int64_t>(1, (rows + B - 1) / B);
+  } else {
+    const int64_t rows = 240 * std::max<int64_t>(1, at::get_num_threads() / 2);
+    const int64_t cap =
+        std::max<int64_t>(1, (int64_t(2) << 20) / std::max<int64_t>(1, B * GH * element));
+    steps = std::min(std::max<int64_t>(1, (rows + B - 1) / B), cap);
+  }
+  if (const char* env = std::getenv("RNNKIT_LSTM_CHUNK")) {
+    steps = std::max<int64_t>(1, std::atoll(env));
+  }
+  return std::min(steps, T_);
+}
+
+// Rows [0, rows) of x (rows x I) times panels [p0, p1) of the gate-interleaved W_ih (packed
+// as pack_lstm packs W_hh) into gx (rows, H / U, 4, U), seeded with init (same layout).
+template <typename T>
+void lstm_project_panels(int64_t rows, int64_t I, const T* x, const T* ih, const T* init,
+                         int64_t GH, T* gx, int64_t p0, int64_t p1) {
+  constexpr int64_t U = lstm_unit<T>();
+  constexpr int NV = panel_vectors<T>();
+  constexpr int R = panel_rows<T>();
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t v0 = 0; v0 < 4; v0 += NV) {  // a panel_kernel call covers NV of the 4 gates
+      const T* M = ih + p * I * 4 * U + v0 * U;
+      const T* in = init + p * 4 * U + v0 * U;
+      T* C = gx + p * 4 * U + v0 * U;
+      int64_t r = 0;
+      for (; r + R <= rows; r += R) {
+        panel_kernel<T, R>(I, x + r * I, I, 1, M, 4 * U, false, C + r * GH, GH, in);
+      }
+      const T* Ar = x + r * I;
+      T* Cr = C + r * GH;
+      switch (rows - r) {
+        case 5: panel_kernel<T, 5>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        case 4: panel_kernel<T, 4>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        case 3: panel_kernel<T, 3>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        case 2: panel_kernel<T, 2>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        case 1: panel_kernel<T, 1>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// The fused LSTM loop (no projection) with the input projection inside the parallel region:
+// each thread projects a chunk of steps for its own hidden units only (the only gates_x
+// columns it reads), so the chunk needs no barrier of its own and stays in that core's cache.
+template <typename T>
+void lstm_inference_loop(const Shape& s, const Steps& steps, const T* x, int64_t I,
+                         const T* ih, const T* init, const T* hh, const T* zero_bias,
+                         int64_t chunk, T* gx, T* h, T* h_spare, T* c, T* output) {
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = 4 * H;
+  const int64_t panels = H / lstm_unit<T>();
+  const int64_t threads = lstm_threads(B, Hout, H, panels);
+  T* h_now = h;
+  auto run = [&](int64_t thread) {
+    const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
+    T* from = h;
+    for (int64_t step0 = 0; step0 < T_; step0 += chunk) {
+      const int64_t step1 = std::min(T_, step0 + chunk);
+      const int64_t t0 = steps.reverse ? T_ - step1 : step0;
+      lstm_project_panels<T>((step1 - step0) * B, I, x + t0 * B * I, ih, init, GH, gx, p0, p1);
+      for (int64_t step = step0; step < step1; ++step) {
+        const int64_t t = steps.reverse ? T_ - 1 - step : step;
+        T* to = from == h ? h_spare : h;
+        LstmStep<T> st{H, Hout, GH, gx + (t - t0) * B * GH, zero_bias, from, to,
+                       output + t * B * Hout, nullptr, c, nullptr, nullptr, &steps, t};
+        st.interleaved = true;
+        lstm_panels<T>(st, B, hh, p0, p1);
+        from = to;
+#ifdef _OPENMP
+        if (threads > 1) {
+#pragma omp barrier
+        }
+#endif
+      }
+    }
+    if (thread == 0) h_now = from;
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      at::internal::ThreadIdGuard guard(omp_get_thread_num());
+      run(omp_get_thread_num());
+    }
+  } else {
+    run(0);
+  }
+#else
+  run(0);
+#endif
+  if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& input, const Tensor& weight_ih_in, const std::optional<Tensor>& bias_ih_in,
+    const Tensor& h0, const Tensor& c0, const Tensor& weight_hh_in,
+    const std::optional<Tensor>& bias_hh_in, const std::optional<Tensor>& weight_hr_in,
+    const std::optional<Tensor>& lengths_in, bool reverse) {
+  TORCH_CHECK(input.dim() == 3, "rnnkit: input must be (T, B, I)");
+  const Tensor x = input.contiguous();
+  const Tensor weight_ih = weight_ih_in.contiguous();
+  const Tensor weight_hh = weight_hh_in.contiguous();
+  const Tensor weight_hr = optional_or_empty(weight_hr_in);
+  const Tensor lengths = optional_or_empty(lengths_in);
+  const auto opts = x.options();
+  const Tensor bias_hh = bias_hh_in.has_value() ? bias_hh_in->contiguous()
+                                                : at::zeros({weight_hh.size(0)}, opts);
+  const bool has_bias_ih = bias_ih_in.has_value();
+  const Tensor bias_ih = has_bias_ih ? bias_ih_in->contiguous() : Tensor();
+  const int64_t GH = weight_ih.size(0), I = weight_ih.size(1);
+  Shape s{x.size(0), x.size(1), GH / 4, h0.size(1), 4};
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
+  Tensor h = h0.contiguous().clone();
+  Tensor c = c0.contiguous().clone();
+  Tensor output = at::empty({T_, B, Hout}, opts);
+  const bool project = weight_hr.defined();
+  Tensor projected = at::empty({project ? 1 : 0, B, H}, opts);
+  Tensor hh = at::empty({B, GH}, opts);
+  Tensor proj_out = at::empty({project ? B : 0, Hout}, opts);
+  Tensor gates = at::empty({1, B, 4 * H}, opts);
+  Tensor cells = at::empty({1, B, H}, opts);
+  Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  const int64_t unit = x.scalar_type() == at::kFloat ? Vec<float>::size() : Vec<double>::size();
+  const bool fused = H > 0 && Hout > 0 && H % unit == 0;
+  const Tensor w_t = fused ? Tensor() : weight_hh.t().contiguous();
+  const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
+  const int64_t panel = x.scalar_type() == at::kFloat ? Packed<float>::width
+                                                      : Packed<double>::width;
+  const bool direct = I > 0 && GH > 0 && GH % panel == 0;
+  const Tensor w_ih_t = direct ? Tensor() : weight_ih.t().contiguous();  // (I, 4H)
+  // Fused step without projection: the projection runs inside the loop's parallel region.
+  const bool in_loop = fused && !project && I > 0;
+  const int64_t chunk = lstm_chunk_steps(T_, B, I, GH, x.element_size(), in_loop);
+  Tensor buffer = at::empty({chunk, B, GH}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_cpu_lstm_layer_forward", [&] {
+    using T = scalar_t;
+    if (in_loop) {
+      Tensor packed_ih, packed_hh;
+      const T* ih = pack_lstm<T>(H, I, weight_ih.data_ptr<T>(), packed_ih);
+      const T* hh = pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_hh);
+      // b_ih + b_hh in the panels' layout seeds the projection; the step then adds zeros.
+      constexpr int64_t U = lstm_unit<T>();
+      Tensor init = at::empty({GH}, opts);
+      T* in = init.data_ptr<T>();
+      const T* bh = bias_hh.data_ptr<T>();
+      const T* bi = has_bias_ih ? bias_ih.data_ptr<T>() : nullptr;
+      for (int64_t p = 0; p < H / U; ++p) {
+        for (int64_t g = 0; g < 4; ++g) {
+          for (int64_t i = 0; i < U; ++i) {
+            const int64_t j = g * H + p * U + i;
+            in[(p * 4 + g) * U + i] = (bi ? bi[j] : T(0)) + bh[j];
+          }
+        }
+      }
+      Tensor zero_bias = at::zeros({GH}, opts);
+      Tensor h_spare = at::empty_like(h);
+      lstm_inference_loop<T>(s, steps, x.data_ptr<T>(), I, ih, in, hh,
+                             zero_bias.data_ptr<T>(), chunk, buffer.data_ptr<T>(),
+                             h.data_ptr<T>(), h_spare.data_ptr<T>(), c.data_ptr<T>(),
+                             output.data_ptr<T>());
+      return;
+    }
+    const bool blocked = B > 1;
+    Tensor packed_ih, packed_rec, packed_proj, packed_lstm;
+    const Packed<T> w_ih =
+        direct ? pack_transposed<T>(I, GH, weight_ih.data_ptr<T>(), packed_ih)
+               : pack<T>(I, GH, w_ih_t.data_ptr<T>(), GH, true, packed_ih);
+    const Packed<T> rec =
+        fused ? Packed<T>{} : pack<T>(Hout, GH, w_t.data_ptr<T>(), GH, blocked, packed_rec);
+    const Packed<T> proj = project ? pack<T>(H, Hout, w_hr_t.data_ptr<T>(), Hout, blocked,
+                                             packed_proj)
+                                   : Packed<T>{};
+    const T* lstm_panels =
+        fused ? pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_lstm) : nullptr;
+    Tensor h_spare = fused && !project ? at::empty_like(h) : Tensor();
+    const T* xs = x.data_ptr<T>();
+    T* gx = buffer.data_ptr<T>();
+    for (int64_t step0 = 0; step0 < T_; step0 += chunk) {
+      const int64_t step1 = std::min(T_, step0 + chunk);
+      // The chunk's times: [step0, step1) forward, their mirror image in reverse.
+      const int64_t t0 = reverse ? T_ - step1 : step0;
+      const int64_t rows = (step1 - step0) * B;
+      matmul<T>(rows, I, GH, xs + t0 * B * I, I, 1, w_ih.M, w_ih.ldm, false, gx, GH,
+                w_ih.panels ? &w_ih : nullptr, has_bias_ih ? bias_ih.data_ptr<T>() : nullptr);
+      forward_kernel<T>(s, steps, kLSTM, 0, false, gx, h.data_ptr<T>(), c.data_ptr<T>(), rec,
+                        Packed<T>{}, bias_hh.data_ptr<T>(), proj, project,
+                        output.data_ptr<T>(), gates.data_ptr<T>(), 0, cells.data_ptr<T>(), 0,
+                        project ? projected.data_ptr<T>() : nullptr, 0, hh.data_ptr<T>(),
+                        project ? proj_out.data_ptr<T>() : nullptr, lstm_panels,
+                        h_spare.defined() ? h_spare.data_ptr<T>() : nullptr, step0, step1, t0);
+    }
+  });
+  return {output, h, c};
+}
+
 TORCH_LIBRARY_IMPL(rnnkit, CPU, m) {
   m.impl("cpu_recurrence_forward", &recurrence_forward);
   m.impl("cpu_recurrence_backward", &recurrence_backward);
   m.impl("cpu_linear", &linear_forward);
   m.impl("cpu_linear_backward", &linear_backward);
+  m.impl("cpu_lstm_layer_forward", &lstm_layer_forward);
 }

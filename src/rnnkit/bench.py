@@ -17,10 +17,12 @@ Results go to ``DIR/bench-<device>.json`` and ``DIR/bench-<device>.png`` with ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,13 +103,27 @@ def _peak_memory(fn: Callable[[], None], device: str) -> int:
         return torch.cuda.max_memory_allocated() - before
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     running = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         running += event.self_cpu_memory_usage
         peak = max(peak, running)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's native start/stop lines, written straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _pair(cell: str, size: int, device: str, dtype: torch.dtype):

@@ -31,7 +31,16 @@ def _cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-EXTENSION_NAME = f"rnnkit_cpu_recurrence_{_cpu_tag()}"
+def _source_tag() -> str:
+    """A fingerprint of the kernel source: two checkouts with different kernels sharing one
+    extension cache must not load each other's build."""
+    try:
+        return hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+    except OSError:
+        return "nosource"
+
+
+EXTENSION_NAME = f"rnnkit_cpu_recurrence_{_cpu_tag()}_{_source_tag()}"
 # -march=native: the build is made on, and cached for, the machine that runs it. -fopenmp:
 # at::parallel_for is a header template, serial unless this file is built with OpenMP too.
 CFLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp"]

@@ -359,8 +359,14 @@ def plot_curves(history: dict[str, list[float]], config: DemoConfig, path: str) 
 def plot_predictions(
     test: Split, predicted: Tensor, config: DemoConfig, path: str, count: int = 24
 ) -> None:
-    """The first ``count`` test images with predicted (and, when wrong, true) labels."""
+    """``count`` test images with predicted (and, when wrong, true) labels.
+
+    Mistakes come first (up to half the grid), so the picture shows what the model gets wrong.
+    """
     count = min(count, len(test))
+    wrong = (predicted != test.labels).nonzero().flatten().tolist()[: count // 2]
+    skipped = set(wrong)
+    shown = wrong + [i for i in range(len(test)) if i not in skipped][: count - len(wrong)]
     columns = 8
     rows = math.ceil(count / columns)
     figure, canvas = _figure(figsize=(columns * 1.1, rows * 1.35 + 0.4))
@@ -369,8 +375,9 @@ def plot_predictions(
         axes.set_axis_off()
         if index >= count:
             continue
-        guess, truth = int(predicted[index]), int(test.labels[index])
-        axes.imshow(test.images[index], cmap="gray_r", vmin=0, vmax=1)
+        item = shown[index]
+        guess, truth = int(predicted[item]), int(test.labels[item])
+        axes.imshow(test.images[item], cmap="gray_r", vmin=0, vmax=1)
         ok = guess == truth
         label = f"{guess}" if ok else f"{guess} (true {truth})"
         axes.set_title(label, color="tab:green" if ok else "tab:red", fontsize=9)

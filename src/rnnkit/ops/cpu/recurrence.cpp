@@ -53,6 +53,24 @@ using at::Tensor;
 
 namespace {
 
+// Runs fn(thread) on `threads` OpenMP threads of one parallel region (fn may meet the others
+// at `#pragma omp barrier`), each marked to ATen as inside a parallel region so nested
+// at::parallel_for runs serially; with one thread, or without OpenMP, runs fn(0) alone.
+template <typename F>
+void run_threads(int64_t threads, const F& fn) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      at::internal::ThreadIdGuard guard(omp_get_thread_num());
+      fn(omp_get_thread_num());
+    }
+    return;
+  }
+#endif
+  fn(0);
+}
+
 enum Mode : int64_t { kRNN = 0, kGRU = 1, kLSTM = 2 };
 enum Activation : int64_t {
   kTanh = 0,
@@ -684,20 +702,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
       }
       if (thread == 0) h_now = from;
     };
-#ifdef _OPENMP
-    if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-      {
-        // Keep ATen's notion of "inside a parallel region" (nested parallel_for runs serial).
-        at::internal::ThreadIdGuard guard(omp_get_thread_num());
-        run(omp_get_thread_num());
-      }
-    } else {
-      run(0);
-    }
-#else
-    run(0);
-#endif
+    run_threads(threads, run);
     if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
     return;
   }
@@ -1006,11 +1011,8 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
         }
       };
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-      {
-        at::internal::ThreadIdGuard guard(omp_get_thread_num());
-        run(omp_get_thread_num());
-      }
+      // Without OpenMP this split cannot run; the serial loop below serves instead.
+      run_threads(threads, run);
       return;
 #endif
     }
@@ -1381,19 +1383,7 @@ void lstm_inference_loop(const Shape& s, const Steps& steps, const T* x, int64_t
     }
     if (thread == 0) h_now = from;
   };
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      at::internal::ThreadIdGuard guard(omp_get_thread_num());
-      run(omp_get_thread_num());
-    }
-  } else {
-    run(0);
-  }
-#else
-  run(0);
-#endif
+  run_threads(threads, run);
   if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
 }
 

@@ -596,3 +596,22 @@ def test_no_grad_lstm_compiles_fullgraph(counted_layers):
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_large_buffers_equal_torch_nn(counted):
+    """Buffers of 16 MiB and more are advised as huge pages before they are filled; the
+    values through such buffers (gates_x, saved gates, their gradients) still equal torch.nn."""
+    torch.manual_seed(0)
+    peer = torch.nn.LSTM(32, 256)
+    ours = rnnkit.LSTM(32, 256, backend="cpu")
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(72, 64, 32)  # gates: 72 x 64 x 1024 floats = 18 MiB
+    results = []
+    for module in (peer, ours):
+        xi = x.clone().requires_grad_()
+        output, (h, c) = module(xi)
+        (output.square().mean() + h.sum() + c.sum()).backward()
+        results.append([output, h, c, xi.grad, *(p.grad for p in module.parameters())])
+    assert counted
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -44,8 +44,13 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
@@ -852,6 +857,25 @@ Tensor optional_or_empty(const std::optional<Tensor>& t) {
   return t.has_value() ? t->contiguous() : Tensor();
 }
 
+// A buffer that one call fills: at::empty, with its 2 MiB-aligned interior advised as
+// transparent huge pages when it is large. glibc maps every buffer over 32 MiB afresh on each
+// call, and under a hypervisor each first touch of a 4 KiB page faults at about 1 us: a
+// (100, 64, 2048) float buffer took 13 ms to fill fresh, and 2.4 ms advised (measured here).
+// The advice is only advice: where transparent huge pages are off, nothing changes.
+Tensor call_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  Tensor t = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (t.nbytes() >= 8 * kHuge) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Tensor& gates_x_in, const Tensor& h0, const std::optional<Tensor>& c0,
     const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
@@ -872,14 +896,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
 
   Tensor h = h0.contiguous().clone();
   Tensor c = mode == kLSTM ? c0->contiguous().clone() : at::empty({0}, opts);
-  Tensor output = at::empty({T_, B, Hout}, opts);
+  Tensor output = call_buffer({T_, B, Hout}, opts);
   const int64_t saved_width = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
   // When no backward will follow, the per-step buffers are one step deep and reused.
   const int64_t depth = training ? T_ : 1;
-  Tensor gates = at::empty({depth, B, saved_width}, opts);
+  Tensor gates = call_buffer({depth, B, saved_width}, opts);
   const bool lstm = mode == kLSTM, project = weight_hr.defined();
-  Tensor cells = at::empty({lstm ? depth : 0, B, H}, opts);
-  Tensor projected = at::empty({project ? depth : 0, B, H}, opts);
+  Tensor cells = call_buffer({lstm ? depth : 0, B, H}, opts);
+  Tensor projected = call_buffer({project ? depth : 0, B, H}, opts);
   Tensor hh = at::empty({B, G * H}, opts);
   Tensor proj_out = at::empty({project ? B : 0, Hout}, opts);
   const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
@@ -1158,10 +1182,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
 
   Tensor dh = grad_h_n.contiguous().clone();
   Tensor dc = lstm ? grad_c_n.contiguous().clone() : at::empty({0}, opts);
-  Tensor dgx = at::empty({T_, B, GH}, opts);
-  Tensor dhh = separate_dhh ? at::empty({T_, B, GH}, opts) : dgx;
+  Tensor dgx = call_buffer({T_, B, GH}, opts);
+  Tensor dhh = separate_dhh ? call_buffer({T_, B, GH}, opts) : dgx;
   Tensor carry = at::empty({B, Hout}, opts);
-  Tensor dhs = at::empty({project ? T_ : 0, B, Hout}, opts);
+  Tensor dhs = call_buffer({project ? T_ : 0, B, Hout}, opts);
   Tensor dm = at::empty({B, H}, opts);
   Tensor grad_w_hh = at::empty({GH, Hout}, opts);
   Tensor grad_w_hr = project ? at::empty({Hout, H}, opts) : at::empty({0}, opts);
@@ -1234,7 +1258,7 @@ Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
   const Tensor weight_t = direct ? Tensor() : weight_in.t().contiguous();  // (I, G)
   auto sizes = input.sizes().vec();
   sizes.back() = out_features;
-  Tensor out = at::empty(sizes, x.options());
+  Tensor out = call_buffer(sizes, x.options());
   const bool has_bias = bias_in.has_value();
   const Tensor bias = has_bias ? bias_in->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_cpu_linear", [&] {
@@ -1262,7 +1286,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const 
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
   const int64_t rows = out_features == 0 ? 0 : grad.numel() / out_features;
   const auto opts = grad.options();
-  Tensor grad_input = input_grad ? at::empty(input.sizes(), opts) : at::empty({0}, opts);
+  Tensor grad_input = input_grad ? call_buffer(input.sizes(), opts) : at::empty({0}, opts);
   Tensor grad_weight =
       weight_grad ? at::empty({out_features, in_features}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rnnkit_cpu_linear_backward", [&] {
@@ -1408,7 +1432,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
   Tensor h = h0.contiguous().clone();
   Tensor c = c0.contiguous().clone();
-  Tensor output = at::empty({T_, B, Hout}, opts);
+  Tensor output = call_buffer({T_, B, Hout}, opts);
   const bool project = weight_hr.defined();
   Tensor projected = at::empty({project ? 1 : 0, B, H}, opts);
   Tensor hh = at::empty({B, GH}, opts);

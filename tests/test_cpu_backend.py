@@ -615,3 +615,48 @@ def test_large_buffers_equal_torch_nn(counted):
     assert counted
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weight_gradient_products_equal_matmul(threads):
+    """dW = dY^T X with many rows (the path that gathers A into k-major blocks and packs X):
+    K past one chunk with a remainder, row and column remainders, against torch.mm (float64)."""
+    generator = torch.Generator().manual_seed(3)
+    rows, in_features, out_features = 1500, 70, 500
+    grad = torch.randn(rows, out_features, dtype=torch.float64, generator=generator)
+    x = torch.randn(rows, in_features, dtype=torch.float64, generator=generator)
+    weight = torch.randn(out_features, in_features, dtype=torch.float64, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_x, grad_w, grad_b = torch.ops.rnnkit.cpu_linear_backward(
+            grad, x, weight, True, True, True)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(grad_w, grad.t() @ x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad_x, grad @ weight, rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad_b, grad.sum(0), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_wide_lstm_weight_gradient_equals_reference(reverse):
+    """A 4H of 520 rows takes dW_hh through the gathered path too (float64, with lengths)."""
+    generator = torch.Generator().manual_seed(4)
+    spec, batch, seq_len, hidden = CellSpec("lstm"), 5, 9, 130
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
+        return t.requires_grad_()
+
+    state = (rand(batch, hidden), rand(batch, hidden))
+    args = (rand(seq_len, batch, 4 * hidden), state, rand(4 * hidden, hidden, scale=0.1),
+            rand(4 * hidden), None, torch.tensor([9, 3, 9, 1, 6]), reverse)
+    results = []
+    for fn in (reference.recurrence, _ops.recurrence):
+        output, final = fn(spec, *args)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view_as(o)).sum()
+                   for o in (output, *final))
+        results.append([output, *final,
+                        *torch.autograd.grad(loss, [args[0], *state, args[2], args[3]])])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -53,6 +53,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 using at::Tensor;
 
@@ -322,6 +323,9 @@ template <typename T>
 struct Packed;
 
 template <typename T>
+Packed<T> pack(int64_t K, int64_t N, const T* M, int64_t ldm, bool wanted, Tensor& storage);
+
+template <typename T>
 void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t aks, const T* M,
             int64_t ldm, bool accumulate, T* C, int64_t ldc, const Packed<T>* packed = nullptr,
             const T* bias = nullptr) {
@@ -377,9 +381,59 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
       }
     }
   };
+  // Tall products whose A is read down its columns (ars == 1: the weight gradients, dW =
+  // dY^T X): each k of a row block lands on a new cache line, aks elements on, and at such
+  // power-of-two strides the lines of A (and of an unpacked M) crowd into a few L1 sets. So
+  // each tile first copies its rows of A, a k chunk at a time, into k-major blocks, and M is
+  // packed into panels once; the kernel then streams both.
+  auto gathered_tile = [&](int64_t r0, int64_t r_end, const Packed<T>& m) {
+    constexpr int rows = panel_rows<T>();
+    std::vector<T> block(static_cast<size_t>((r_end - r0) * std::min(k_chunk, K)));
+    for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
+      const int64_t kc = std::min(k_chunk, K - k0);
+      // Row block i (rows r0 + i*rows ..) at block[i * rows * kc], element (r, k) at k*n + r.
+      for (int64_t r = r0; r < r_end; r += rows) {
+        const int64_t n = std::min<int64_t>(rows, r_end - r);
+        T* out = block.data() + (r - r0) * kc;
+        for (int64_t k = 0; k < kc; ++k) {
+          const T* src = A + r + (k0 + k) * aks;
+          for (int64_t i = 0; i < n; ++i) out[k * n + i] = src[i];
+        }
+      }
+      const bool acc = accumulate || k0 > 0;
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t n0 = p * panel;
+        const T* init = (!acc && bias) ? bias + n0 : nullptr;
+        const T* Mk = m.panel(p, k0);
+        int64_t r = r0;
+        for (; r + rows <= r_end; r += rows) {
+          panel_kernel<T, rows>(kc, block.data() + (r - r0) * kc, 1, rows, Mk, panel, acc,
+                                C + r * ldc + n0, ldc, init);
+        }
+        const int64_t n = r_end - r;
+        const T* Ar = block.data() + (r - r0) * kc;
+        T* Cr = C + r * ldc + n0;
+        switch (n) {
+          case 5: panel_kernel<T, 5>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
+          case 4: panel_kernel<T, 4>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
+          case 3: panel_kernel<T, 3>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
+          case 2: panel_kernel<T, 2>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
+          case 1: panel_kernel<T, 1>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
+          default: break;
+        }
+      }
+    }
+  };
   const int64_t row_chunks = (R + r_chunk - 1) / r_chunk;
   const int64_t threads = at::get_num_threads();
-  if (row_chunks >= 2 * threads) {
+  if (row_chunks >= 2 * threads && ars == 1 && aks != 1 && panels > 0) {
+    Tensor storage;
+    const Packed<T> m = packed ? *packed : pack<T>(K, N, M, ldm, true, storage);
+    const int64_t chunks = (row_chunks + threads - 1) / threads * threads;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) gathered_tile(R * c / chunks, R * (c + 1) / chunks, m);
+    });
+  } else if (row_chunks >= 2 * threads) {
     // Tall products (input projection, its gradients): threads take rows, so each streams
     // only its share of A while the packed panels are shared. Equal chunks, a multiple of
     // the threads in number, so none waits on a last odd chunk.

@@ -327,3 +327,27 @@ def test_any_chunking_equals_whole_sequence(kind, cuts, lengths, batch_first):
     torch.testing.assert_close(torch.cat(outputs, dim=time_dim), whole)
     for carried, expected in zip(as_tuple(stream.state), as_tuple(final)):
         torch.testing.assert_close(carried, expected)
+
+
+@pytest.mark.parametrize("is_cell", [False, True], ids=["LSTM", "GRUCell"])
+def test_carried_state_follows_dtype_and_device_conversions(is_cell):
+    """.double() and .to() convert the carried state with the parameters: the stream goes on
+    in the new dtype and equals the whole sequence run in that dtype."""
+    torch.manual_seed(0)
+    module = rnnkit.GRUCell(3, 5) if is_cell else rnnkit.LSTM(3, 5)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    stream = Stateful(module)
+    first = [stream(x[t].float()) for t in range(3)] if is_cell else [stream(x[:3].float())]
+    stream.double()
+    states = stream.state if isinstance(stream.state, tuple) else (stream.state,)
+    assert all(s.dtype == torch.float64 for s in states)
+    rest = [stream(x[t]) for t in range(3, 6)] if is_cell else [stream(x[3:])]
+    assert rest[0].dtype == torch.float64
+    whole = Stateful(module)  # already float64: the same weights, no conversion on the way
+    expected = [whole(x[t]) for t in range(6)] if is_cell else [whole(x)]
+    got = torch.stack(first + rest) if is_cell else torch.cat(first + rest)
+    want = torch.stack(expected) if is_cell else expected[0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    stream.to("meta")
+    states = stream.state if isinstance(stream.state, tuple) else (stream.state,)
+    assert all(s.device.type == "meta" for s in states)

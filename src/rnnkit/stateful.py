@@ -36,6 +36,8 @@ class Stateful(nn.Module):
     LSTM. It is ``None`` after construction and after :meth:`reset`, which means "the module's
     initial state": its learnable ``initial_h``/``initial_c`` if it has them, else zeros,
     broadcast to the batch size of the next call. You may also assign a state yourself.
+    ``.to()``, ``.double()``, ``.cuda()`` and the like convert the carried state along with the
+    parameters.
 
     Args:
         module: an rnnkit layer or cell. A bidirectional layer cannot stream (its backward
@@ -87,6 +89,16 @@ class Stateful(nn.Module):
     def reset(self) -> None:
         """Go back to the module's initial state (learnable if it has one, else zeros)."""
         self.state = None
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .double(), .cuda() and the like convert the carried state with the
+        # parameters, so a stream goes on where the module now lives.
+        super()._apply(fn, recurse)
+        carried = self._carried()
+        if carried is not None:
+            moved = tuple(fn(s) for s in carried)
+            self.state = moved[0] if len(moved) == 1 else moved
+        return self
 
     # state helpers ------------------------------------------------------------------------
 

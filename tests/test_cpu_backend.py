@@ -456,6 +456,54 @@ def test_fused_lstm_equals_reference(dtype, hidden, batch, proj, two_threads, co
         torch.testing.assert_close(ours(x, hx)[0], twin(x, hx)[0], rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize(
+    "dtype, hidden, batch", [c[:3] for c in FUSED_CASES if not c[3]], ids=str
+)
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_fused_gru_equals_reference_and_torch_nn(dtype, hidden, batch, reset_after,
+                                                 two_threads, counted):
+    """GRU with the reset after the product runs the fused step at these sizes (the other
+    formulation the general path): outputs, final states and every gradient equal the
+    reference path, bidirectional with unsorted lengths and a given state; torch.nn.GRU too."""
+    torch.manual_seed(0)
+    kwargs = dict(bidirectional=True, dtype=dtype, reset_after=reset_after)
+    ours = rnnkit.GRU(5, hidden, backend="cpu", **kwargs)
+    twin = rnnkit.GRU(5, hidden, backend="reference", **kwargs)
+    twin.load_state_dict(ours.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    seq_len = 5
+    x = torch.randn(seq_len, batch, 5, dtype=dtype, generator=generator)
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
+    lengths[-1] = seq_len
+    hx = torch.randn(2, batch, hidden, dtype=dtype, generator=generator)
+    torch.manual_seed(2)  # _run draws the loss weights
+    expected = _run(twin, x, lengths, hx)
+    torch.manual_seed(2)
+    got = _run(ours, x, lengths, hx)
+    assert counted
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, hx)[0], twin(x, hx)[0], rtol=tolerance, atol=tolerance)
+        if reset_after:
+            peer = torch.nn.GRU(5, hidden, bidirectional=True, dtype=dtype)
+            peer.load_state_dict(ours.state_dict())
+            for g, e in zip(ours(x, hx), peer(x, hx)):
+                torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance)
+
+
+def test_fused_gru_gradcheck(two_threads):
+    spec = CellSpec("gru", reset_after=True)
+    gates_x, state, weight_hh, bias_hh, _, lengths = _op_inputs(spec, False, hidden=8, batch=3)
+
+    def fn(gx, h0, w_hh, b_hh):
+        output, final = _ops.recurrence(spec, gx, (h0,), w_hh, b_hh, None, lengths, True)
+        return (output, *final)
+
+    assert torch.autograd.gradcheck(fn, [gates_x, *state, weight_hh, bias_hh])
+
+
 @pytest.mark.parametrize("project", [False, True])
 def test_fused_lstm_gradcheck(project, two_threads):
     spec = CellSpec("lstm")

@@ -53,6 +53,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 using at::Tensor;
@@ -579,55 +580,73 @@ constexpr int64_t lstm_unit() {
   return Vec<T>::size();
 }
 
-// Rows b0 .. b0+R of units u0 .. u0+U; panel is (Hout, 4, U).
-template <typename T, int R>
-inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
+// acc[r][g] += sum_k h[r, k] panel[k][g] for R rows of h (row stride Hout) and the G gates
+// of U units in a gate-interleaved panel (Hout, G, U): one register block of the fused step.
+template <typename T, int R, int G>
+inline void gate_products(int64_t Hout, const T* h, const T* panel, Vec<T> (&acc)[R][G]) {
   using V = Vec<T>;
-  constexpr int64_t U = lstm_unit<T>();
-  // Few rows have few accumulator chains: split k S ways to hide the FMA latency.
-  constexpr int S = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  const int64_t H = s.H, Hout = s.Hout;
-  V acc[S][R][4];
+  constexpr int64_t U = Vec<T>::size();
+  // Few rows have few accumulator chains: split k S ways to hide the FMA latency, up to about
+  // 24 chains (with the G weight vectors and a broadcast, within 32 AVX512 registers).
+  constexpr int S = std::max(1, std::min(4, 24 / (R * G)));
+  V part[S][R][G];
   for (int r = 0; r < R; ++r) {
-    for (int g = 0; g < 4; ++g) {
-      const int64_t gx_at = s.interleaved ? 4 * u0 + g * U : g * H + u0;
-      acc[0][r][g] = V::loadu(s.gx + (b0 + r) * s.GH + gx_at) + V::loadu(s.bias + g * H + u0);
-      for (int q = 1; q < S; ++q) acc[q][r][g] = V(T(0));
+    for (int g = 0; g < G; ++g) {
+      part[0][r][g] = acc[r][g];
+      for (int q = 1; q < S; ++q) part[q][r][g] = V(T(0));
     }
   }
-  const T* hr = s.h_in + b0 * Hout;
   int64_t k = 0;
   if constexpr (S > 1) {
     for (; k + S <= Hout; k += S) {
       for (int q = 0; q < S; ++q) {
-        const T* w = panel + (k + q) * 4 * U;
-        V m[4];
-        for (int g = 0; g < 4; ++g) m[g] = V::loadu(w + g * U);
+        const T* w = panel + (k + q) * G * U;
+        V m[G];
+        for (int g = 0; g < G; ++g) m[g] = V::loadu(w + g * U);
         for (int r = 0; r < R; ++r) {
-          const V a(hr[r * Hout + k + q]);
-          for (int g = 0; g < 4; ++g) acc[q][r][g] = at::vec::fmadd(a, m[g], acc[q][r][g]);
+          const V a(h[r * Hout + k + q]);
+          for (int g = 0; g < G; ++g) part[q][r][g] = at::vec::fmadd(a, m[g], part[q][r][g]);
         }
       }
     }
   }
   for (; k < Hout; ++k) {
-    const T* w = panel + k * 4 * U;
-    V m[4];
-    for (int g = 0; g < 4; ++g) m[g] = V::loadu(w + g * U);
+    const T* w = panel + k * G * U;
+    V m[G];
+    for (int g = 0; g < G; ++g) m[g] = V::loadu(w + g * U);
     for (int r = 0; r < R; ++r) {
-      const V a(hr[r * Hout + k]);
-      for (int g = 0; g < 4; ++g) acc[0][r][g] = at::vec::fmadd(a, m[g], acc[0][r][g]);
+      const V a(h[r * Hout + k]);
+      for (int g = 0; g < G; ++g) part[0][r][g] = at::vec::fmadd(a, m[g], part[0][r][g]);
     }
   }
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < G; ++g) {
+      for (int q = 1; q < S; ++q) part[0][r][g] = part[0][r][g] + part[q][r][g];
+      acc[r][g] = part[0][r][g];
+    }
+  }
+}
+
+// Rows b0 .. b0+R of units u0 .. u0+U; panel is (Hout, 4, U).
+template <typename T, int R>
+inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
+  using V = Vec<T>;
+  constexpr int64_t U = lstm_unit<T>();
+  const int64_t H = s.H, Hout = s.Hout;
+  V acc[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < 4; ++g) {
+      const int64_t gx_at = s.interleaved ? 4 * u0 + g * U : g * H + u0;
+      acc[r][g] = V::loadu(s.gx + (b0 + r) * s.GH + gx_at) + V::loadu(s.bias + g * H + u0);
+    }
+  }
+  gate_products<T, R, 4>(Hout, s.h_in + b0 * Hout, panel, acc);
   const V zero(T(0));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r;
-    for (int q = 1; q < S; ++q) {
-      for (int g = 0; g < 4; ++g) acc[0][r][g] = acc[0][r][g] + acc[q][r][g];
-    }
     const bool on = s.steps->active(s.t, b);
-    const V i = sigmoid(acc[0][r][0]), f = sigmoid(acc[0][r][1]);
-    const V gg = tanh<T>(acc[0][r][2]), o = sigmoid(acc[0][r][3]);
+    const V i = sigmoid(acc[r][0]), f = sigmoid(acc[r][1]);
+    const V gg = tanh<T>(acc[r][2]), o = sigmoid(acc[r][3]);
     const int64_t at = b * H + u0;
     const V c_old = V::loadu(s.c + at);
     const V c_new = f * c_old + i * gg;
@@ -648,34 +667,100 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
   }
 }
 
-// Panels [p0, p1) of one fused LSTM step, all B rows; packed is (H / U panels, Hout, 4, U).
+// The GRU step (reset after the product, torch's formulation) fused the same way: panel p
+// holds, for each k, the r, z and n weights of hidden units [p*U, (p+1)*U), so a register
+// block ends with r and z's pre-activations (seeded with gates_x + b_hh) and W_hn h + b_hn;
+// the candidate and the new state are computed on the registers and written once.
 template <typename T>
-void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
-  constexpr int64_t U = lstm_unit<T>();
+struct GruStep {
+  int64_t H;
+  const T* gx;     // this step's gates_x, (B, 3H)
+  const T* bias;   // b_hh, (3H)
+  const T* h_in;   // previous state, (B, H)
+  T* h_out;        // next state, (B, H)
+  T* out;          // this step's output rows, (B, H)
+  T* gates;        // saved r, z, n, W_hn h + b_hn, (B, 4H), or nullptr
+  const Steps* steps;
+  int64_t t;
+};
+
+// Rows b0 .. b0+R of units u0 .. u0+U; panel is (H, 3, U).
+template <typename T, int R>
+inline void gru_block(const GruStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
+  using V = Vec<T>;
+  const int64_t H = s.H;
+  V acc[R][3];
+  for (int r = 0; r < R; ++r) {
+    const T* gx = s.gx + (b0 + r) * 3 * H + u0;
+    acc[r][0] = V::loadu(gx) + V::loadu(s.bias + u0);
+    acc[r][1] = V::loadu(gx + H) + V::loadu(s.bias + H + u0);
+    acc[r][2] = V::loadu(s.bias + 2 * H + u0);
+  }
+  gate_products<T, R, 3>(H, s.h_in + b0 * H, panel, acc);
+  const V zero(T(0)), one(T(1));
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r, at = b * H + u0;
+    const V reset = sigmoid(acc[r][0]), update = sigmoid(acc[r][1]);
+    const V cand = tanh<T>(V::loadu(s.gx + b * 3 * H + 2 * H + u0) + reset * acc[r][2]);
+    const V h_old = V::loadu(s.h_in + at);
+    const V y = (one - update) * cand + update * h_old;
+    if (s.gates) {
+      T* g = s.gates + b * 4 * H + u0;
+      reset.store(g), update.store(g + H), cand.store(g + 2 * H), acc[r][2].store(g + 3 * H);
+    }
+    const bool on = s.steps->active(s.t, b);
+    (on ? y : h_old).store(s.h_out + at);
+    (on ? y : zero).store(s.out + at);
+  }
+}
+
+// Panels [p0, p1) of one fused step, all B rows, for a block kernel of either cell.
+template <typename T, typename Step, typename Block>
+void fused_panels(const Step& s, int64_t B, const T* packed, int64_t panel_size, int64_t p0,
+                  int64_t p1, const Block& block) {
+  constexpr int64_t U = Vec<T>::size();
   constexpr int rows = panel_rows<T>();
   for (int64_t p = p0; p < p1; ++p) {
-    const T* panel = packed + p * s.Hout * 4 * U;
+    const T* panel = packed + p * panel_size;
     const int64_t u0 = p * U;
     int64_t b = 0;
-    for (; b + rows <= B; b += rows) lstm_block<T, rows>(s, panel, b, u0);
+    for (; b + rows <= B; b += rows) block(std::integral_constant<int, rows>{}, panel, b, u0);
     switch (B - b) {
-      case 5: lstm_block<T, 5>(s, panel, b, u0); break;
-      case 4: lstm_block<T, 4>(s, panel, b, u0); break;
-      case 3: lstm_block<T, 3>(s, panel, b, u0); break;
-      case 2: lstm_block<T, 2>(s, panel, b, u0); break;
-      case 1: lstm_block<T, 1>(s, panel, b, u0); break;
+      case 5: block(std::integral_constant<int, 5>{}, panel, b, u0); break;
+      case 4: block(std::integral_constant<int, 4>{}, panel, b, u0); break;
+      case 3: block(std::integral_constant<int, 3>{}, panel, b, u0); break;
+      case 2: block(std::integral_constant<int, 2>{}, panel, b, u0); break;
+      case 1: block(std::integral_constant<int, 1>{}, panel, b, u0); break;
       default: break;
     }
   }
 }
 
-// Threads worth waking for one step of B x Hout x 4H multiply-adds: a 256 KiB W_hh (B=1,
+// Panels [p0, p1) of one fused LSTM step, all B rows; packed is (H / U panels, Hout, 4, U).
+template <typename T>
+void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
+  fused_panels<T>(s, B, packed, s.Hout * 4 * Vec<T>::size(), p0, p1,
+                  [&](auto rows, const T* panel, int64_t b, int64_t u0) {
+                    lstm_block<T, decltype(rows)::value>(s, panel, b, u0);
+                  });
+}
+
+template <typename T>
+void gru_panels(const GruStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
+  fused_panels<T>(s, B, packed, s.H * 3 * Vec<T>::size(), p0, p1,
+                  [&](auto rows, const T* panel, int64_t b, int64_t u0) {
+                    gru_block<T, decltype(rows)::value>(s, panel, b, u0);
+                  });
+}
+
+// Threads worth waking for one step of B x Hout x G*H multiply-adds: a 256 KiB W_hh (B=1,
 // H=128) streams from L2 at about 1.8 us per core, so splitting it pays even with a barrier
 // per step; a step far smaller than that runs on one thread.
 // The split loops need OpenMP (the build passes -fopenmp); without it, one thread.
-inline int64_t lstm_threads(int64_t B, int64_t Hout, int64_t H, int64_t panels) {
+inline int64_t lstm_threads(int64_t B, int64_t Hout, int64_t H, int64_t panels,
+                            int64_t G = 4) {
 #ifdef _OPENMP
-  if (at::in_parallel_region() || B * Hout * 4 * H < (int64_t(1) << 15)) return 1;
+  if (at::in_parallel_region() || B * Hout * G * H < (int64_t(1) << 15)) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
 #else
   return 1;
@@ -692,23 +777,23 @@ void lstm_step(const LstmStep<T>& s, int64_t B, const T* packed) {
   });
 }
 
-// W_hh (4H x Hout, as stored) into the gate-interleaved panels lstm_step reads, transposing
-// it on the way: panel p, row k, gate g, lane i holds W_hh[g * H + p * U + i, k].
+// W_hh (G*H x Hout, as stored) into the gate-interleaved panels the fused steps read,
+// transposing it on the way: panel p, row k, gate g, lane i holds W_hh[g * H + p * U + i, k].
 template <typename T>
-const T* pack_lstm(int64_t H, int64_t Hout, const T* w, Tensor& storage) {
+const T* pack_gates(int64_t G, int64_t H, int64_t Hout, const T* w, Tensor& storage) {
   constexpr int64_t U = lstm_unit<T>();
   const int64_t panels = H / U;
-  storage = call_buffer({panels * Hout * 4 * U},
+  storage = call_buffer({panels * Hout * G * U},
                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* out = storage.data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      T* panel = out + p * Hout * 4 * U;
+      T* panel = out + p * Hout * G * U;
       // Contiguous writes (i innermost) from U row streams, which stay in L1 meanwhile.
-      for (int64_t g = 0; g < 4; ++g) {
+      for (int64_t g = 0; g < G; ++g) {
         const T* rows = w + (g * H + p * U) * Hout;
         for (int64_t k = 0; k < Hout; ++k) {
-          T* dst = panel + (k * 4 + g) * U;
+          T* dst = panel + (k * G + g) * U;
           for (int64_t i = 0; i < U; ++i) dst[i] = rows[i * Hout + k];
         }
       }
@@ -747,7 +832,7 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
                     const Packed<T>& rec_n, const T* bias, const Packed<T>& proj, bool project,
                     T* output, T* gates, int64_t gates_stride,
                     T* cells, int64_t cells_stride, T* projected, int64_t projected_stride,
-                    T* hh, T* proj_out, const T* lstm_packed, T* h_spare,
+                    T* hh, T* proj_out, const T* fused_packed, T* h_spare,
                     int64_t step0 = 0, int64_t step1 = -1, int64_t gx_t0 = 0) {
   // Steps [step0, step1) of the loop (all by default); gates_x holds times from gx_t0 on
   // (the chunked inference path computes it a few steps at a time).
@@ -755,13 +840,15 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const V zero(T(0)), one(T(1));
-  T* h_now = h;  // the fused LSTM step alternates h between h and h_spare
-  if (lstm_packed && !project) {
+  T* h_now = h;  // the fused steps alternate h between h and h_spare
+  // W_hh packed gate-interleaved: the fused LSTM step, or the fused GRU step (reset after).
+  const T* lstm_packed = mode == kLSTM ? fused_packed : nullptr;
+  if (fused_packed && !project) {
     // The whole loop in one parallel region: each thread owns a fixed share of the hidden
     // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
     // per step, instead of a fork and join per step.
     const int64_t panels = H / lstm_unit<T>();
-    const int64_t threads = lstm_threads(B, Hout, H, panels);
+    const int64_t threads = lstm_threads(B, Hout, H, panels, s.G);
     const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
     auto run = [&](int64_t thread) {
       const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
@@ -769,11 +856,16 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
       for (int64_t step = step0; step < step1; ++step) {
         const int64_t t = steps.reverse ? T_ - 1 - step : step;
         T* to = from == h ? h_spare : h;
-        const LstmStep<T> st{H, Hout, GH, gates_x + (t - gx_t0) * B * GH, bias, from, to,
-                             output + t * B * Hout, nullptr, c,
-                             save ? cells + t * cells_stride : nullptr,
-                             save ? gates + t * gates_stride : nullptr, &steps, t};
-        lstm_panels<T>(st, B, lstm_packed, p0, p1);
+        const T* gx = gates_x + (t - gx_t0) * B * GH;
+        T* saved = save ? gates + t * gates_stride : nullptr;
+        if (mode == kLSTM) {
+          const LstmStep<T> st{H, Hout, GH, gx, bias, from, to, output + t * B * Hout, nullptr,
+                               c, save ? cells + t * cells_stride : nullptr, saved, &steps, t};
+          lstm_panels<T>(st, B, fused_packed, p0, p1);
+        } else {
+          const GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t};
+          gru_panels<T>(st, B, fused_packed, p0, p1);
+        }
         from = to;
 #ifdef _OPENMP
         if (threads > 1) {
@@ -966,11 +1058,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
-  // LSTM with whole vectors of hidden units runs the fused step (else the general path),
-  // which packs W_hh itself; the other step kernels read W_hh^T, W_hr^T (k-major copies).
+  // LSTM, and GRU with the reset after the product, with whole vectors of hidden units run
+  // the fused step (else the general path), which packs W_hh gate-interleaved; the other step
+  // kernels read W_hh^T, W_hr^T (k-major copies).
   const int64_t unit = gates_x.scalar_type() == at::kFloat ? Vec<float>::size()
                                                            : Vec<double>::size();
-  const bool fused = lstm && H > 0 && Hout > 0 && H % unit == 0;
+  const bool fused = (lstm || (mode == kGRU && reset_after)) && H > 0 && Hout > 0 &&
+                     H % unit == 0;
   const Tensor w_t = fused ? Tensor() : weight_hh.t().contiguous();
   const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
@@ -985,9 +1079,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Packed<T> proj = project ? pack<T>(H, Hout, w_hr_t.data_ptr<T>(), Hout, blocked,
                                              packed_proj)
                                    : Packed<T>{};
-    Tensor packed_lstm;
-    const T* lstm_panels =
-        fused ? pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_lstm) : nullptr;
+    Tensor packed_gates;
+    const T* gate_panels =
+        fused ? pack_gates<T>(G, H, Hout, weight_hh.data_ptr<T>(), packed_gates) : nullptr;
     Tensor h_spare = fused && !project ? at::empty_like(h) : Tensor();
     forward_kernel<T>(s, steps, mode, activation, reset_after, gates_x.data_ptr<T>(),
                       h.data_ptr<T>(), lstm ? c.data_ptr<T>() : nullptr, rec, rec_n,
@@ -995,7 +1089,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
                       gates.data_ptr<T>(), stride * saved_width,
                       lstm ? cells.data_ptr<T>() : nullptr, stride * H,
                       project ? projected.data_ptr<T>() : nullptr, stride * H,
-                      hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr, lstm_panels,
+                      hh.data_ptr<T>(), project ? proj_out.data_ptr<T>() : nullptr, gate_panels,
                       h_spare.defined() ? h_spare.data_ptr<T>() : nullptr);
   });
   if (!training) {
@@ -1399,7 +1493,7 @@ inline int64_t lstm_chunk_steps(int64_t T_, int64_t B, int64_t I, int64_t GH, in
 }
 
 // Rows [0, rows) of x (rows x I) times panels [p0, p1) of the gate-interleaved W_ih (packed
-// as pack_lstm packs W_hh) into gx (rows, H / U, 4, U), seeded with init (same layout).
+// as pack_gates packs W_hh) into gx (rows, H / U, 4, U), seeded with init (same layout).
 template <typename T>
 void lstm_project_panels(int64_t rows, int64_t I, const T* x, const T* ih, const T* init,
                          int64_t GH, T* gx, int64_t p0, int64_t p1) {
@@ -1513,8 +1607,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(
     using T = scalar_t;
     if (in_loop) {
       Tensor packed_ih, packed_hh;
-      const T* ih = pack_lstm<T>(H, I, weight_ih.data_ptr<T>(), packed_ih);
-      const T* hh = pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_hh);
+      const T* ih = pack_gates<T>(4, H, I, weight_ih.data_ptr<T>(), packed_ih);
+      const T* hh = pack_gates<T>(4, H, Hout, weight_hh.data_ptr<T>(), packed_hh);
       // b_ih + b_hh in the panels' layout seeds the projection; the step then adds zeros.
       constexpr int64_t U = lstm_unit<T>();
       Tensor init = at::empty({GH}, opts);
@@ -1548,7 +1642,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(
                                              packed_proj)
                                    : Packed<T>{};
     const T* lstm_panels =
-        fused ? pack_lstm<T>(H, Hout, weight_hh.data_ptr<T>(), packed_lstm) : nullptr;
+        fused ? pack_gates<T>(4, H, Hout, weight_hh.data_ptr<T>(), packed_lstm) : nullptr;
     Tensor h_spare = fused && !project ? at::empty_like(h) : Tensor();
     const T* xs = x.data_ptr<T>();
     T* gx = buffer.data_ptr<T>();

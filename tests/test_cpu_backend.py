@@ -711,29 +711,30 @@ def test_wide_lstm_weight_gradient_equals_reference(reverse):
 
 
 @pytest.mark.parametrize("cell", ["RNNCell", "GRUCell", "LSTMCell"])
-def test_auto_runs_single_steps_on_reference_and_cpu_on_request(cell, counted, counted_layers,
-                                                                monkeypatch, capsys):
-    """A single time step goes to the reference path under "auto" (with the reason under
-    RNNKIT_DEBUG, and no warning); backend="cpu" still serves it, with the same values."""
+def test_auto_runs_small_single_steps_on_reference(cell, counted, counted_layers, monkeypatch,
+                                                   capsys):
+    """A single step of fewer than 32 rows goes to the reference path under "auto" (with the
+    reason under RNNKIT_DEBUG, and no warning); from 32 rows on, or with backend="cpu", the
+    compiled path serves it, with the same values."""
     monkeypatch.delenv("RNNKIT_BACKEND", raising=False)
     monkeypatch.setenv("RNNKIT_DEBUG", "1")
     torch.manual_seed(0)
     auto = getattr(rnnkit, cell)(3, 8)
     named = getattr(rnnkit, cell)(3, 8, backend="cpu")
     named.load_state_dict(auto.state_dict())
-    x = torch.randn(4, 3)
+    x = torch.randn(31, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         expected = auto(x)
     assert counted == []
-    assert "single time step" in capsys.readouterr().out
+    assert "single step of fewer than 32 rows" in capsys.readouterr().out
     got = named(x)
     assert len(counted) == 1
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    # A one-step layer call passes over the fused LSTM inference loop too; two steps take it.
+    auto(torch.randn(32, 3))
+    assert len(counted) == 2
+    # LSTM inference keeps its fused layer path even for one small step.
     layer = rnnkit.LSTM(3, 8)
     with torch.no_grad():
         layer(torch.randn(1, 2, 3))
-        assert counted_layers == [] and len(counted) == 1
-        layer(torch.randn(2, 2, 3))
-        assert len(counted_layers) == 1
+    assert len(counted_layers) == 1

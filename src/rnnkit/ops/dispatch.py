@@ -93,14 +93,14 @@ def _note_fallback(requested: str, reason: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
-def _auto_declined(backend: Backend, steps: int) -> str | None:
-    """Why ``"auto"`` passes ``backend`` over for a call of ``steps`` time steps, if it does.
+def _auto_declined(backend: Backend, call: Call) -> str | None:
+    """Why ``"auto"`` passes ``backend`` over for ``call``, if it does.
 
-    A backend may define ``auto_declines(steps)``: calls it serves when asked by name, but that
-    the reference path runs faster (a single step, say, has no time loop to fuse).
+    A backend may define ``auto_declines(call)``: calls it serves when asked by name, but that
+    the reference path runs faster (a single small step, say, has no time loop to fuse).
     """
     declines = getattr(backend, "auto_declines", None)
-    return None if declines is None else declines(steps)
+    return None if declines is None else declines(call)
 
 
 def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
@@ -122,7 +122,7 @@ def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
             reason = (
                 backend.unavailable_reason()
                 or backend.unsupported_reason(call)
-                or _auto_declined(backend, call.gates_x.shape[0])
+                or _auto_declined(backend, call)
             )
             if reason is None:
                 return backend.name, None
@@ -197,8 +197,6 @@ def layer_direction(
             if chosen is None or input.device.type not in chosen.device_types:
                 continue
             offer = getattr(chosen, "layer_direction", None)
-            if requested == "auto" and _auto_declined(chosen, input.shape[0]) is not None:
-                offer = None
             if offer is not None:
                 result = offer(
                     spec, input, weight_ih, bias_ih, state, weight_hh, bias_hh, weight_hr,

@@ -16,12 +16,12 @@ def test_quick_bench_writes_json_and_png(tmp_path, capsys):
 
     results = json.loads((tmp_path / "bench-cpu.json").read_text())
     assert results["device"] == "cpu" and results["dtype"] == "float32"
-    assert results["repeats"] == 5 and results["threads"] >= 1
+    assert results["repeats"] == 7 and results["threads"] >= 1
     rows = results["results"]
     assert {r["cell"] for r in rows} == {"RNN", "GRU", "LSTM"}
     assert len(rows) == 3 * len(bench.QUICK_GRID)
     for row in rows:
-        assert len(row["all_s"]["ours_fb"]) == 5
+        assert len(row["all_s"]["ours_fb"]) == 7
         assert row["ratio_fwd"] > 0 and row["ratio_fb"] > 0
         assert row["peak_bytes_torch"] > 0 and row["peak_bytes_rnnkit"] > 0
 

@@ -60,7 +60,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=None,
         help="default: float32 on cpu, bfloat16 on cuda (half precision needs cuda)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="runs per figure (>= 5)")
+    parser.add_argument(
+        "--repeats", type=int, default=7,
+        help="interleaved runs per figure, at least 5 (7: steadier medians on a shared machine)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny grid, for smoke tests")
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
     parser.add_argument("--out", type=Path, default=None, help="write JSON and PNG here")

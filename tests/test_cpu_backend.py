@@ -688,9 +688,10 @@ def test_weight_gradient_products_equal_matmul(threads):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_wide_lstm_weight_gradient_equals_reference(reverse):
-    """A 4H of 520 rows takes dW_hh through the gathered path too (float64, with lengths)."""
+    """dW_hh with 4H = 520 rows and (T - 1) x B = 1090 > 1024 terms takes the gathered path
+    too (float64, with lengths)."""
     generator = torch.Generator().manual_seed(4)
-    spec, batch, seq_len, hidden = CellSpec("lstm"), 5, 9, 130
+    spec, batch, seq_len, hidden = CellSpec("lstm"), 5, 219, 130
 
     def rand(*shape, scale=1.0):
         t = torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
@@ -698,7 +699,7 @@ def test_wide_lstm_weight_gradient_equals_reference(reverse):
 
     state = (rand(batch, hidden), rand(batch, hidden))
     args = (rand(seq_len, batch, 4 * hidden), state, rand(4 * hidden, hidden, scale=0.1),
-            rand(4 * hidden), None, torch.tensor([9, 3, 9, 1, 6]), reverse)
+            rand(4 * hidden), None, torch.tensor([219, 3, 219, 1, 150]), reverse)
     results = []
     for fn in (reference.recurrence, _ops.recurrence):
         output, final = fn(spec, *args)

@@ -428,6 +428,34 @@ FUSED_CASES = [
 ]
 
 
+def _fused_inputs(dtype, batch, state_sizes):
+    """Input (5, batch, 5), unsorted lengths with one full, and a given (2, batch, n) state per
+    entry of state_sizes (a tuple for LSTM)."""
+    generator = torch.Generator().manual_seed(1)
+    seq_len = 5
+    x = torch.randn(seq_len, batch, 5, dtype=dtype, generator=generator)
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
+    lengths[-1] = seq_len
+    states = tuple(torch.randn(2, batch, n, dtype=dtype, generator=generator)
+                   for n in state_sizes)
+    return x, lengths, states if len(states) > 1 else states[0]
+
+
+def _assert_twins_equal(ours, twin, x, lengths, hx, dtype):
+    """Outputs, final states and every gradient of ours equal its twin's, and so do the
+    no-grad outputs (the inference path keeps no per-step buffers). Returns the tolerance."""
+    torch.manual_seed(2)  # _run draws the loss weights
+    expected = _run(twin, x, lengths, hx)
+    torch.manual_seed(2)
+    got = _run(ours, x, lengths, hx)
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, hx)[0], twin(x, hx)[0], rtol=tolerance, atol=tolerance)
+    return tolerance
+
+
 @pytest.mark.parametrize("dtype, hidden, batch, proj", FUSED_CASES, ids=str)
 def test_fused_lstm_equals_reference(dtype, hidden, batch, proj, two_threads, counted):
     """The fused LSTM forward and the split backward equal the reference path: outputs, final
@@ -437,23 +465,9 @@ def test_fused_lstm_equals_reference(dtype, hidden, batch, proj, two_threads, co
     ours = rnnkit.LSTM(5, hidden, backend="cpu", **kwargs)
     twin = rnnkit.LSTM(5, hidden, backend="reference", **kwargs)
     twin.load_state_dict(ours.state_dict())
-    generator = torch.Generator().manual_seed(1)
-    seq_len, out_size = 5, proj or hidden
-    x = torch.randn(seq_len, batch, 5, dtype=dtype, generator=generator)
-    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
-    lengths[-1] = seq_len
-    hx = (torch.randn(2, batch, out_size, dtype=dtype, generator=generator),
-          torch.randn(2, batch, hidden, dtype=dtype, generator=generator))
-    torch.manual_seed(2)
-    expected = _run(twin, x, lengths, hx)
-    torch.manual_seed(2)
-    got = _run(ours, x, lengths, hx)
+    x, lengths, hx = _fused_inputs(dtype, batch, (proj or hidden, hidden))
+    _assert_twins_equal(ours, twin, x, lengths, hx, dtype)
     assert counted
-    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance)
-    with torch.no_grad():  # the inference path keeps no per-step buffers
-        torch.testing.assert_close(ours(x, hx)[0], twin(x, hx)[0], rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize(
@@ -470,22 +484,10 @@ def test_fused_gru_equals_reference_and_torch_nn(dtype, hidden, batch, reset_aft
     ours = rnnkit.GRU(5, hidden, backend="cpu", **kwargs)
     twin = rnnkit.GRU(5, hidden, backend="reference", **kwargs)
     twin.load_state_dict(ours.state_dict())
-    generator = torch.Generator().manual_seed(1)
-    seq_len = 5
-    x = torch.randn(seq_len, batch, 5, dtype=dtype, generator=generator)
-    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
-    lengths[-1] = seq_len
-    hx = torch.randn(2, batch, hidden, dtype=dtype, generator=generator)
-    torch.manual_seed(2)  # _run draws the loss weights
-    expected = _run(twin, x, lengths, hx)
-    torch.manual_seed(2)
-    got = _run(ours, x, lengths, hx)
+    x, lengths, hx = _fused_inputs(dtype, batch, (hidden,))
+    tolerance = _assert_twins_equal(ours, twin, x, lengths, hx, dtype)
     assert counted
-    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, hx)[0], twin(x, hx)[0], rtol=tolerance, atol=tolerance)
         if reset_after:
             peer = torch.nn.GRU(5, hidden, bidirectional=True, dtype=dtype)
             peer.load_state_dict(ours.state_dict())

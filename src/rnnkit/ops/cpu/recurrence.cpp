@@ -589,8 +589,9 @@ inline void gate_products(int64_t Hout, const T* h, const T* panel, Vec<T> (&acc
   using V = Vec<T>;
   constexpr int64_t U = Vec<T>::size();
   // Few rows have few accumulator chains: split k S ways to hide the FMA latency, up to about
-  // 24 chains (with the G weight vectors and a broadcast, within 32 AVX512 registers).
-  constexpr int S = std::max(1, std::min(4, 24 / (R * G)));
+  // 24 chains with 32 AVX512 registers (12 with AVX2's 16), beside G weights and a broadcast.
+  constexpr int chains = Vec<T>::size() * sizeof(T) >= 64 ? 24 : 12;
+  constexpr int S = std::max(1, std::min(4, chains / (R * G)));
   V part[S][R][G];
   for (int r = 0; r < R; ++r) {
     for (int g = 0; g < G; ++g) {

@@ -97,6 +97,31 @@ void run_threads(int64_t threads, const F& fn) {
   fn(0);
 }
 
+// The fused loops' frame: on `threads` threads, step_fn(thread, step, from, to) runs the steps
+// [step0, step1) in order, reading the state from `from` and writing the next one into `to`,
+// which alternate between h and h_spare (`size` elements each); the threads meet at one
+// barrier after each step. The final state ends in h.
+template <typename T, typename F>
+void double_buffered_steps(int64_t threads, int64_t step0, int64_t step1, T* h, T* h_spare,
+                           int64_t size, const F& step_fn) {
+  T* h_now = h;
+  run_threads(threads, [&](int64_t thread) {
+    T* from = h;
+    for (int64_t step = step0; step < step1; ++step) {
+      T* to = from == h ? h_spare : h;
+      step_fn(thread, step, from, to);
+      from = to;
+#ifdef _OPENMP
+      if (threads > 1) {
+#pragma omp barrier
+      }
+#endif
+    }
+    if (thread == 0) h_now = from;
+  });
+  if (h_now != h) std::copy(h_now, h_now + size, h);
+}
+
 enum Mode : int64_t { kRNN = 0, kGRU = 1, kLSTM = 2 };
 enum Activation : int64_t {
   kTanh = 0,
@@ -305,6 +330,23 @@ constexpr int panel_rows() {
   return Vec<T>::size() * sizeof(T) >= 64 ? 6 : 4;
 }
 
+// Calls fn(std::integral_constant<int, R>{}, r) for the register blocks of rows [r0, r_end):
+// whole blocks of panel_rows<T>() rows, then one block of the remaining rows.
+template <typename T, typename F>
+inline void for_row_blocks(int64_t r0, int64_t r_end, const F& fn) {
+  constexpr int rows = panel_rows<T>();
+  int64_t r = r0;
+  for (; r + rows <= r_end; r += rows) fn(std::integral_constant<int, rows>{}, r);
+  switch (r_end - r) {
+    case 5: fn(std::integral_constant<int, 5>{}, r); break;
+    case 4: fn(std::integral_constant<int, 4>{}, r); break;
+    case 3: fn(std::integral_constant<int, 3>{}, r); break;
+    case 2: fn(std::integral_constant<int, 2>{}, r); break;
+    case 1: fn(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
+
 // C (R x NV vectors) = A (R x K; element (r, k) at A[r * ars + k * aks]) M (K x NV vectors,
 // k-major) [+ C, else + init (NV vectors, one row broadcast to all rows), else + 0], with
 // every accumulator in a register.
@@ -382,22 +424,10 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
         // A packed panel is contiguous (stride `panel`), which the prefetchers stream.
         const T* Mk = packed ? packed->panel(p, k0) : M + k0 * ldm + n0;
         const int64_t ldk = packed ? panel : ldm;
-        constexpr int rows = panel_rows<T>();
-        int64_t r = r0;
-        for (; r + rows <= r_end; r += rows) {
-          panel_kernel<T, rows>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldk, acc,
-                                C + r * ldc + n0, ldc, init);
-        }
-        const T* Ar = A + r * ars + k0 * aks;
-        T* Cr = C + r * ldc + n0;
-        switch (r_end - r) {
-          case 5: panel_kernel<T, 5>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
-          case 4: panel_kernel<T, 4>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
-          case 3: panel_kernel<T, 3>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
-          case 2: panel_kernel<T, 2>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
-          case 1: panel_kernel<T, 1>(kc, Ar, ars, aks, Mk, ldk, acc, Cr, ldc, init); break;
-          default: break;
-        }
+        for_row_blocks<T>(r0, r_end, [&](auto rows, int64_t r) {
+          panel_kernel<T, decltype(rows)::value>(kc, A + r * ars + k0 * aks, ars, aks, Mk, ldk,
+                                                 acc, C + r * ldc + n0, ldc, init);
+        });
       }
     }
   };
@@ -407,40 +437,28 @@ void matmul(int64_t R, int64_t K, int64_t N, const T* A, int64_t ars, int64_t ak
   // each tile first copies its rows of A, a k chunk at a time, into k-major blocks, and M is
   // packed into panels once; the kernel then streams both.
   auto gathered_tile = [&](int64_t r0, int64_t r_end, const Packed<T>& m) {
-    constexpr int rows = panel_rows<T>();
     std::vector<T> block(static_cast<size_t>((r_end - r0) * std::min(k_chunk, K)));
     for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
       const int64_t kc = std::min(k_chunk, K - k0);
-      // Row block i (rows r0 + i*rows ..) at block[i * rows * kc], element (r, k) at k*n + r.
-      for (int64_t r = r0; r < r_end; r += rows) {
-        const int64_t n = std::min<int64_t>(rows, r_end - r);
+      // The register block of R rows from r at block[(r - r0) * kc], element (i, k) at k*R + i.
+      for_row_blocks<T>(r0, r_end, [&](auto rows, int64_t r) {
+        constexpr int R = decltype(rows)::value;
         T* out = block.data() + (r - r0) * kc;
         for (int64_t k = 0; k < kc; ++k) {
           const T* src = A + r + (k0 + k) * aks;
-          for (int64_t i = 0; i < n; ++i) out[k * n + i] = src[i];
+          for (int i = 0; i < R; ++i) out[k * R + i] = src[i];
         }
-      }
+      });
       const bool acc = accumulate || k0 > 0;
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t n0 = p * panel;
         const T* init = (!acc && bias) ? bias + n0 : nullptr;
         const T* Mk = m.panel(p, k0);
-        int64_t r = r0;
-        for (; r + rows <= r_end; r += rows) {
-          panel_kernel<T, rows>(kc, block.data() + (r - r0) * kc, 1, rows, Mk, panel, acc,
-                                C + r * ldc + n0, ldc, init);
-        }
-        const int64_t n = r_end - r;
-        const T* Ar = block.data() + (r - r0) * kc;
-        T* Cr = C + r * ldc + n0;
-        switch (n) {
-          case 5: panel_kernel<T, 5>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
-          case 4: panel_kernel<T, 4>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
-          case 3: panel_kernel<T, 3>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
-          case 2: panel_kernel<T, 2>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
-          case 1: panel_kernel<T, 1>(kc, Ar, 1, n, Mk, panel, acc, Cr, ldc, init); break;
-          default: break;
-        }
+        for_row_blocks<T>(r0, r_end, [&](auto rows, int64_t r) {
+          constexpr int R = decltype(rows)::value;
+          panel_kernel<T, R>(kc, block.data() + (r - r0) * kc, 1, R, Mk, panel, acc,
+                             C + r * ldc + n0, ldc, init);
+        });
       }
     }
   };
@@ -718,31 +736,20 @@ inline void gru_block(const GruStep<T>& s, const T* panel, int64_t b0, int64_t u
 }
 
 // Panels [p0, p1) of one fused step, all B rows, for a block kernel of either cell.
-template <typename T, typename Step, typename Block>
-void fused_panels(const Step& s, int64_t B, const T* packed, int64_t panel_size, int64_t p0,
-                  int64_t p1, const Block& block) {
+template <typename T, typename Block>
+void fused_panels(int64_t B, const T* packed, int64_t panel_size, int64_t p0, int64_t p1,
+                  const Block& block) {
   constexpr int64_t U = Vec<T>::size();
-  constexpr int rows = panel_rows<T>();
   for (int64_t p = p0; p < p1; ++p) {
     const T* panel = packed + p * panel_size;
-    const int64_t u0 = p * U;
-    int64_t b = 0;
-    for (; b + rows <= B; b += rows) block(std::integral_constant<int, rows>{}, panel, b, u0);
-    switch (B - b) {
-      case 5: block(std::integral_constant<int, 5>{}, panel, b, u0); break;
-      case 4: block(std::integral_constant<int, 4>{}, panel, b, u0); break;
-      case 3: block(std::integral_constant<int, 3>{}, panel, b, u0); break;
-      case 2: block(std::integral_constant<int, 2>{}, panel, b, u0); break;
-      case 1: block(std::integral_constant<int, 1>{}, panel, b, u0); break;
-      default: break;
-    }
+    for_row_blocks<T>(0, B, [&](auto rows, int64_t b) { block(rows, panel, b, p * U); });
   }
 }
 
 // Panels [p0, p1) of one fused LSTM step, all B rows; packed is (H / U panels, Hout, 4, U).
 template <typename T>
 void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
-  fused_panels<T>(s, B, packed, s.Hout * 4 * Vec<T>::size(), p0, p1,
+  fused_panels<T>(B, packed, s.Hout * 4 * Vec<T>::size(), p0, p1,
                   [&](auto rows, const T* panel, int64_t b, int64_t u0) {
                     lstm_block<T, decltype(rows)::value>(s, panel, b, u0);
                   });
@@ -750,7 +757,7 @@ void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, i
 
 template <typename T>
 void gru_panels(const GruStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
-  fused_panels<T>(s, B, packed, s.H * 3 * Vec<T>::size(), p0, p1,
+  fused_panels<T>(B, packed, s.H * 3 * Vec<T>::size(), p0, p1,
                   [&](auto rows, const T* panel, int64_t b, int64_t u0) {
                     gru_block<T, decltype(rows)::value>(s, panel, b, u0);
                   });
@@ -843,7 +850,6 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const V zero(T(0)), one(T(1));
-  T* h_now = h;  // the fused steps alternate h between h and h_spare
   // W_hh packed gate-interleaved: the fused LSTM step, or the fused GRU step (reset after).
   const T* lstm_packed = mode == kLSTM ? fused_packed : nullptr;
   if (fused_packed && !project) {
@@ -853,33 +859,21 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
     const int64_t panels = H / lstm_unit<T>();
     const int64_t threads = lstm_threads(B, Hout, H, panels, s.G);
     const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
-    auto run = [&](int64_t thread) {
+    double_buffered_steps(threads, step0, step1, h, h_spare, B * Hout,
+                          [&](int64_t thread, int64_t step, T* from, T* to) {
       const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
-      T* from = h;
-      for (int64_t step = step0; step < step1; ++step) {
-        const int64_t t = steps.reverse ? T_ - 1 - step : step;
-        T* to = from == h ? h_spare : h;
-        const T* gx = gates_x + (t - gx_t0) * B * GH;
-        T* saved = save ? gates + t * gates_stride : nullptr;
-        if (mode == kLSTM) {
-          const LstmStep<T> st{H, Hout, GH, gx, bias, from, to, output + t * B * Hout, nullptr,
-                               c, save ? cells + t * cells_stride : nullptr, saved, &steps, t};
-          lstm_panels<T>(st, B, fused_packed, p0, p1);
-        } else {
-          const GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t};
-          gru_panels<T>(st, B, fused_packed, p0, p1);
-        }
-        from = to;
-#ifdef _OPENMP
-        if (threads > 1) {
-#pragma omp barrier
-        }
-#endif
+      const int64_t t = steps.reverse ? T_ - 1 - step : step;
+      const T* gx = gates_x + (t - gx_t0) * B * GH;
+      T* saved = save ? gates + t * gates_stride : nullptr;
+      if (mode == kLSTM) {
+        const LstmStep<T> st{H, Hout, GH, gx, bias, from, to, output + t * B * Hout, nullptr, c,
+                             save ? cells + t * cells_stride : nullptr, saved, &steps, t};
+        lstm_panels<T>(st, B, fused_packed, p0, p1);
+      } else {
+        const GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t};
+        gru_panels<T>(st, B, fused_packed, p0, p1);
       }
-      if (thread == 0) h_now = from;
-    };
-    run_threads(threads, run);
-    if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
+    });
     return;
   }
   for (int64_t step = step0; step < step1; ++step) {
@@ -959,25 +953,14 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
         });
       });
     } else if (lstm_packed) {
+      // Projected (the loop above serves the rest): the fused cell step writes o * tanh(c)
+      // into m, and h = W_hr m follows below.
       const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
-      T* h_next = project ? nullptr : (h_now == h ? h_spare : h);
-      T* m = project ? projected + t * projected_stride : nullptr;
-      const LstmStep<T> st{H, Hout, GH, gx, bias, h_now, h_next, out, m, c,
+      const LstmStep<T> st{H, Hout, GH, gx, bias, h, nullptr, out,
+                           projected + t * projected_stride, c,
                            save ? cells + t * cells_stride : nullptr, save ? saved : nullptr,
                            &steps, t};
       lstm_step<T>(st, B, lstm_packed);
-      if (project) {
-        step_mm<T>(B, H, Hout, m, H, proj, false, proj_out, Hout);
-        for (int64_t b = 0; b < B; ++b) {
-          const bool on = steps.active(t, b);
-          for (int64_t j = 0; j < Hout; ++j) {
-            if (on) h[b * Hout + j] = proj_out[b * Hout + j];
-            out[b * Hout + j] = on ? proj_out[b * Hout + j] : T(0);
-          }
-        }
-      } else {
-        h_now = h_next;
-      }
     } else {
       step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
       T* cell_out = cells + t * cells_stride;
@@ -1009,19 +992,18 @@ void forward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t ac
           }
         });
       });
-      if (project) {
-        step_mm<T>(B, H, Hout, m, H, proj, false, proj_out, Hout);
-        for (int64_t b = 0; b < B; ++b) {
-          const bool on = steps.active(t, b);
-          for (int64_t j = 0; j < Hout; ++j) {
-            if (on) h[b * Hout + j] = proj_out[b * Hout + j];
-            out[b * Hout + j] = on ? proj_out[b * Hout + j] : T(0);
-          }
+    }
+    if (mode == kLSTM && project) {  // h = W_hr (o * tanh(c)), for the rows still running
+      step_mm<T>(B, H, Hout, projected + t * projected_stride, H, proj, false, proj_out, Hout);
+      for (int64_t b = 0; b < B; ++b) {
+        const bool on = steps.active(t, b);
+        for (int64_t j = 0; j < Hout; ++j) {
+          if (on) h[b * Hout + j] = proj_out[b * Hout + j];
+          out[b * Hout + j] = on ? proj_out[b * Hout + j] : T(0);
         }
       }
     }
   }
-  if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
 }
 
 Tensor optional_or_empty(const std::optional<Tensor>& t) {
@@ -1502,26 +1484,15 @@ void lstm_project_panels(int64_t rows, int64_t I, const T* x, const T* ih, const
                          int64_t GH, T* gx, int64_t p0, int64_t p1) {
   constexpr int64_t U = lstm_unit<T>();
   constexpr int NV = panel_vectors<T>();
-  constexpr int R = panel_rows<T>();
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t v0 = 0; v0 < 4; v0 += NV) {  // a panel_kernel call covers NV of the 4 gates
       const T* M = ih + p * I * 4 * U + v0 * U;
       const T* in = init + p * 4 * U + v0 * U;
       T* C = gx + p * 4 * U + v0 * U;
-      int64_t r = 0;
-      for (; r + R <= rows; r += R) {
-        panel_kernel<T, R>(I, x + r * I, I, 1, M, 4 * U, false, C + r * GH, GH, in);
-      }
-      const T* Ar = x + r * I;
-      T* Cr = C + r * GH;
-      switch (rows - r) {
-        case 5: panel_kernel<T, 5>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
-        case 4: panel_kernel<T, 4>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
-        case 3: panel_kernel<T, 3>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
-        case 2: panel_kernel<T, 2>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
-        case 1: panel_kernel<T, 1>(I, Ar, I, 1, M, 4 * U, false, Cr, GH, in); break;
-        default: break;
-      }
+      for_row_blocks<T>(0, rows, [&](auto block, int64_t r) {
+        panel_kernel<T, decltype(block)::value>(I, x + r * I, I, 1, M, 4 * U, false,
+                                                C + r * GH, GH, in);
+      });
     }
   }
 }
@@ -1536,33 +1507,21 @@ void lstm_inference_loop(const Shape& s, const Steps& steps, const T* x, int64_t
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = 4 * H;
   const int64_t panels = H / lstm_unit<T>();
   const int64_t threads = lstm_threads(B, Hout, H, panels);
-  T* h_now = h;
-  auto run = [&](int64_t thread) {
+  double_buffered_steps(threads, 0, T_, h, h_spare, B * Hout,
+                        [&](int64_t thread, int64_t step, T* from, T* to) {
     const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
-    T* from = h;
-    for (int64_t step0 = 0; step0 < T_; step0 += chunk) {
-      const int64_t step1 = std::min(T_, step0 + chunk);
-      const int64_t t0 = steps.reverse ? T_ - step1 : step0;
+    // The chunk of steps [step0, step1) this step belongs to: its times start at t0.
+    const int64_t step0 = step - step % chunk, step1 = std::min(T_, step0 + chunk);
+    const int64_t t0 = steps.reverse ? T_ - step1 : step0;
+    if (step == step0) {
       lstm_project_panels<T>((step1 - step0) * B, I, x + t0 * B * I, ih, init, GH, gx, p0, p1);
-      for (int64_t step = step0; step < step1; ++step) {
-        const int64_t t = steps.reverse ? T_ - 1 - step : step;
-        T* to = from == h ? h_spare : h;
-        LstmStep<T> st{H, Hout, GH, gx + (t - t0) * B * GH, zero_bias, from, to,
-                       output + t * B * Hout, nullptr, c, nullptr, nullptr, &steps, t};
-        st.interleaved = true;
-        lstm_panels<T>(st, B, hh, p0, p1);
-        from = to;
-#ifdef _OPENMP
-        if (threads > 1) {
-#pragma omp barrier
-        }
-#endif
-      }
     }
-    if (thread == 0) h_now = from;
-  };
-  run_threads(threads, run);
-  if (h_now != h) std::copy(h_now, h_now + B * Hout, h);
+    const int64_t t = steps.reverse ? T_ - 1 - step : step;
+    LstmStep<T> st{H, Hout, GH, gx + (t - t0) * B * GH, zero_bias, from, to,
+                   output + t * B * Hout, nullptr, c, nullptr, nullptr, &steps, t};
+    st.interleaved = true;
+    lstm_panels<T>(st, B, hh, p0, p1);
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(

@@ -28,18 +28,23 @@ def built():
         pytest.fail(f"the cpu backend could not be built here: {reason}")
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts the calls that reach the compiled backend."""
+def _count_calls(monkeypatch, owner, name, record):
+    """Wraps ``owner.name`` so that every call appends ``record(args)`` to the returned list."""
     calls = []
-    original = cpu_backend.recurrence
+    original = getattr(owner, name)
 
-    def recurrence(*args):
-        calls.append(args[0])
+    def wrapper(*args):
+        calls.append(record(args))
         return original(*args)
 
-    monkeypatch.setattr(cpu_backend, "recurrence", recurrence)
+    monkeypatch.setattr(owner, name, wrapper)
     return calls
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the calls that reach the compiled backend (records each call's spec)."""
+    return _count_calls(monkeypatch, cpu_backend, "recurrence", lambda args: args[0])
 
 
 def _configs(count: int, seed: int):
@@ -368,14 +373,7 @@ def test_wide_layers_use_register_blocked_products(spec, project, dtype, hidden)
 
 
 def test_input_projection_runs_on_the_backend_and_matches_linear(monkeypatch):
-    calls = []
-    original = cpu_backend.linear
-
-    def linear(*args):
-        calls.append(args[0].shape)
-        return original(*args)
-
-    monkeypatch.setattr(cpu_backend, "linear", linear)
+    calls = _count_calls(monkeypatch, cpu_backend, "linear", lambda args: args[0].shape)
     layer = rnnkit.GRU(70, 9, num_layers=2, backend="auto", dtype=torch.float64)
     x = torch.randn(4, 6, 70, dtype=torch.float64)
     layer(x)
@@ -538,15 +536,7 @@ def test_input_projection_packs_whole_panels_directly():
 @pytest.fixture
 def counted_layers(monkeypatch):
     """Counts the no-grad LSTM layer-directions served with the projection inside the loop."""
-    calls = []
-    original = _ops.lstm_layer
-
-    def lstm_layer(*args):
-        calls.append(args[0].shape)
-        return original(*args)
-
-    monkeypatch.setattr(_ops, "lstm_layer", lstm_layer)
-    return calls
+    return _count_calls(monkeypatch, _ops, "lstm_layer", lambda args: args[0].shape)
 
 
 # (dtype, hidden, proj, bias): hidden 16 (a vector of floats, two of doubles) runs the fused

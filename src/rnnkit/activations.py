@@ -59,3 +59,10 @@ def activation_name(nonlinearity: Activation) -> str:
     if isinstance(nonlinearity, str):
         return nonlinearity
     return getattr(nonlinearity, "__name__", type(nonlinearity).__name__)
+
+
+def nonlinearity_repr(nonlinearity: Activation) -> str:
+    """The ``extra_repr`` piece of an RNN layer or cell: empty for the default tanh."""
+    if nonlinearity == "tanh":
+        return ""
+    return f", nonlinearity={activation_name(nonlinearity)!r}"

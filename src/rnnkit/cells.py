@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit import _checks
-from rnnkit.activations import Activation, activation_name, check_activation, resolve_activation
+from rnnkit.activations import Activation, check_activation, nonlinearity_repr, resolve_activation
 
 
 @dataclass(frozen=True)
@@ -303,10 +303,7 @@ class RNNCell(_CellBase):
         return self._run(input, None if hx is None else (hx,))[0]
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if self.nonlinearity != "tanh":
-            text += f", nonlinearity={activation_name(self.nonlinearity)!r}"
-        return text
+        return super().extra_repr() + nonlinearity_repr(self.nonlinearity)
 
 
 class GRUCell(_CellBase):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from rnnkit import _checks
-from rnnkit.activations import Activation, activation_name, check_activation
+from rnnkit.activations import Activation, check_activation, nonlinearity_repr
 from rnnkit.cells import CellSpec
 from rnnkit.ops import dispatch
 
@@ -396,10 +396,7 @@ class RNN(RecurrentLayer):
         )
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if self.nonlinearity != "tanh":
-            text += f", nonlinearity={activation_name(self.nonlinearity)!r}"
-        return text
+        return super().extra_repr() + nonlinearity_repr(self.nonlinearity)
 
 
 class GRU(RecurrentLayer):

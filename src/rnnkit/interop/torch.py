@@ -22,6 +22,18 @@ def _factory(module: nn.Module) -> dict:
     return {"device": weight.device, "dtype": weight.dtype}
 
 
+def _layer_options(module: nn.Module) -> dict:
+    """The constructor options a torch.nn and an rnnkit layer share, read off ``module``."""
+    return dict(
+        num_layers=module.num_layers,
+        bias=module.bias,
+        batch_first=module.batch_first,
+        dropout=module.dropout,
+        bidirectional=module.bidirectional,
+        **_factory(module),
+    )
+
+
 def from_torch(
     module: nn.RNNBase | nn.RNNCellBase, *, backend: str | None = None
 ) -> RecurrentLayer | _CellBase:
@@ -40,15 +52,7 @@ def from_torch(
         cls = _LAYER_MODES.get(module.mode)
         if cls is None:
             raise TypeError(f"unknown torch.nn recurrent mode {module.mode!r}")
-        kwargs = dict(
-            num_layers=module.num_layers,
-            bias=module.bias,
-            batch_first=module.batch_first,
-            dropout=module.dropout,
-            bidirectional=module.bidirectional,
-            backend=backend,
-            **_factory(module),
-        )
+        kwargs = dict(_layer_options(module), backend=backend)
         if cls is RNN:
             kwargs["nonlinearity"] = "relu" if module.mode == "RNN_RELU" else "tanh"
         if cls is LSTM:
@@ -107,23 +111,15 @@ def to_torch(module: RecurrentLayer | _CellBase) -> nn.RNNBase | nn.RNNCellBase:
             "(and initial_c) as hx yourself and convert a module built with "
             "learn_initial_state=False"
         )
-    factory = _factory(module)
     if layer_cls is not None:
-        kwargs = dict(
-            num_layers=module.num_layers,
-            bias=module.bias,
-            batch_first=module.batch_first,
-            dropout=module.dropout,
-            bidirectional=module.bidirectional,
-            **factory,
-        )
+        kwargs = _layer_options(module)
         if layer_cls is nn.RNN:
             kwargs["nonlinearity"] = nonlinearity
         if layer_cls is nn.LSTM:
             kwargs["proj_size"] = module.proj_size
         copy = layer_cls(module.input_size, module.hidden_size, **kwargs)
     else:
-        kwargs = dict(bias=module.bias, **factory)
+        kwargs = dict(bias=module.bias, **_factory(module))
         if cell_cls is nn.RNNCell:
             kwargs["nonlinearity"] = nonlinearity
         copy = cell_cls(module.input_size, module.hidden_size, **kwargs)

@@ -135,6 +135,15 @@ def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
     return (requested, None) if reason is None else ("reference", reason)
 
 
+def _plain_torch_only(device_type: str) -> bool:
+    """Whether a layer's input projection (and a fused layer path) must be plain torch ops."""
+    return (
+        torch.compiler.is_exporting()  # exported graphs hold only standard ops
+        or torch._C._are_functorch_transforms_active()  # vmap etc. need torch's own rules
+        or torch.is_autocast_enabled(device_type)  # F.linear knows the autocast dtype
+    )
+
+
 def linear(
     input: Tensor, weight: Tensor, bias: Tensor | None, *, backend: str | None = None
 ) -> Tensor:
@@ -144,12 +153,7 @@ def linear(
     otherwise, and for ``backend="reference"``, this is :func:`torch.nn.functional.linear`.
     """
     requested = backend or _checks.env_backend()
-    plain = (
-        torch.compiler.is_exporting()  # exported graphs hold only standard ops
-        or torch._C._are_functorch_transforms_active()  # vmap etc. need torch's own rules
-        or torch.is_autocast_enabled(input.device.type)  # F.linear knows the autocast dtype
-    )
-    if requested != "reference" and not plain:
+    if requested != "reference" and not _plain_torch_only(input.device.type):
         names = list(registered()) if requested == "auto" else [requested]
         for name in names:
             chosen = _BACKENDS.get(name)
@@ -184,12 +188,7 @@ def layer_direction(
     torch.func transforms or autocast, this is :func:`linear` then :func:`recurrence`.
     """
     requested = backend or _checks.env_backend()
-    plain = (
-        torch.compiler.is_exporting()
-        or torch._C._are_functorch_transforms_active()
-        or torch.is_autocast_enabled(input.device.type)
-    )
-    if requested != "reference" and not plain:
+    if requested != "reference" and not _plain_torch_only(input.device.type):
         backends = registered()
         names = list(backends) if requested == "auto" else [requested]
         for name in names:

@@ -124,14 +124,19 @@ def _run(module, x, lengths, hx):
     return [output, *finals, *grads]
 
 
+def _run_twins(ours, twin, x, lengths, hx):
+    """``_run`` of both layers with the same loss weights (it draws them): (ours, twin's)."""
+    torch.manual_seed(2)
+    expected = _run(twin, x, lengths, hx)
+    torch.manual_seed(2)
+    return _run(ours, x, lengths, hx), expected
+
+
 @pytest.mark.parametrize("config", _configs(26, seed=4), ids=lambda c: c["cell"])
 def test_cpu_equals_reference_float64(config, counted):
     ours, twin = _layers(config, torch.float64)
     x, lengths, hx = _inputs(config, torch.float64)
-    torch.manual_seed(2)
-    expected = _run(twin, x, lengths, hx)
-    torch.manual_seed(2)
-    got = _run(ours, x, lengths, hx)
+    got, expected = _run_twins(ours, twin, x, lengths, hx)
     assert counted, "the compiled backend was never called"
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
@@ -168,10 +173,7 @@ def test_cpu_equals_torch_nn(cell, extra):
 def test_cpu_equals_reference_float32(config):
     ours, twin = _layers(config, torch.float32)
     x, lengths, hx = _inputs(config, torch.float32)
-    torch.manual_seed(2)
-    expected = _run(twin, x, lengths, hx)
-    torch.manual_seed(2)
-    got = _run(ours, x, lengths, hx)
+    got, expected = _run_twins(ours, twin, x, lengths, hx)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
@@ -442,10 +444,7 @@ def _fused_inputs(dtype, batch, state_sizes):
 def _assert_twins_equal(ours, twin, x, lengths, hx, dtype):
     """Outputs, final states and every gradient of ours equal its twin's, and so do the
     no-grad outputs (the inference path keeps no per-step buffers). Returns the tolerance."""
-    torch.manual_seed(2)  # _run draws the loss weights
-    expected = _run(twin, x, lengths, hx)
-    torch.manual_seed(2)
-    got = _run(ours, x, lengths, hx)
+    got, expected = _run_twins(ours, twin, x, lengths, hx)
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance)

@@ -33,9 +33,9 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 import rnnkit  # noqa: E402
 from rnnkit.activations import ACTIVATIONS  # noqa: E402
-from rnnkit.cells import CellSpec  # noqa: E402
 from rnnkit.ops import dispatch, reference  # noqa: E402
 from rnnkit.ops import triton as triton_package  # noqa: E402
+from rnnkit.ops.spec import Call, CellSpec  # noqa: E402
 from rnnkit.ops.triton import BACKEND  # noqa: E402
 from rnnkit.ops.triton import _autograd as host  # noqa: E402
 
@@ -93,34 +93,6 @@ def assert_close_all(actual, expected, atol, rtol=1e-6):
         assert error <= bound, f"tensor {index}: max error {error} > {bound}"
 
 
-CASES = [  # (id, spec, make_call options, reverse): each cell kind runs both directions
-    ("rnn-tanh", CellSpec("rnn", "tanh"), {}, False),
-    ("rnn-relu-lengths-rev", CellSpec("rnn", "relu"), {"lengths": [4, 2, 3]}, True),
-    ("rnn-gelu", CellSpec("rnn", "gelu"), {}, False),
-    ("rnn-silu-nobias-rev", CellSpec("rnn", "silu"), {"bias": False}, True),
-    ("rnn-hardtanh", CellSpec("rnn", "hardtanh"), {"seq_len": 3}, False),
-    ("rnn-softsign", CellSpec("rnn", "softsign"), {"seq_len": 3}, False),
-    ("rnn-sigmoid", CellSpec("rnn", "sigmoid"), {"seq_len": 3}, False),
-    ("rnn-identity", CellSpec("rnn", "identity"), {"seq_len": 3}, False),
-    ("gru-after-lengths", CellSpec("gru", reset_after=True), {"lengths": [2, 4, 1]}, False),
-    ("gru-after-rev", CellSpec("gru", reset_after=True), {"bias": False}, True),
-    ("gru-before-lengths-rev", CellSpec("gru", reset_after=False), {"lengths": [1, 4, 3]}, True),
-    ("gru-before-nobias", CellSpec("gru", reset_after=False), {"bias": False}, False),
-    ("lstm-lengths-rev", CellSpec("lstm"), {"lengths": [3, 1, 4]}, True),
-    ("lstm-nobias", CellSpec("lstm"), {"bias": False}, False),
-    ("lstm-proj-lengths", CellSpec("lstm"), {"proj": 12, "lengths": [4, 2, 3]}, False),
-    ("lstm-proj-rev", CellSpec("lstm"), {"proj": 12}, True),
-]
-
-
-@pytest.mark.parametrize("name,spec,options,reverse", CASES, ids=[c[0] for c in CASES])
-def test_fp32_outputs_and_gradients_equal_reference(name, spec, options, reverse):
-    call = make_call(spec, **options)
-    expected = run(reference.recurrence, spec, call, reverse)
-    actual = run(BACKEND.recurrence, spec, call, reverse)
-    assert_close_all(actual, expected, FP32_ATOL)
-
-
 @st.composite
 def configurations(draw):
     mode = draw(st.sampled_from(["rnn", "gru", "lstm"]))
@@ -144,7 +116,7 @@ def test_random_configurations_equal_reference(configuration):
     previous = os.environ.get("RNNKIT_TRITON_SCHEDULE")
     os.environ["RNNKIT_TRITON_SCHEDULE"] = schedule
     try:
-        actual = run(BACKEND.recurrence, spec, call, reverse)
+        actual = run(host.recurrence, spec, call, reverse)
     finally:
         if previous is None:
             del os.environ["RNNKIT_TRITON_SCHEDULE"]
@@ -168,7 +140,7 @@ def test_fp16_is_as_close_to_fp32_as_stated(name, spec, options):
             call32[key] = call16[key].detach().float().requires_grad_()
     call32["state"] = tuple(s.detach().float().requires_grad_() for s in call16["state"])
     expected = run(reference.recurrence, spec, call32, True)
-    actual = run(BACKEND.recurrence, spec, call16, True)
+    actual = run(host.recurrence, spec, call16, True)
     assert all(a.dtype == torch.float16 for a in actual)
     assert_close_all(actual, expected, FP16_ATOL)
 
@@ -182,9 +154,9 @@ def test_persistent_schedule_matches_step_schedule_bitwise(spec, options, monkey
     # phase code as one launch per step; the tiles are summed in the same order, so bitwise.
     call = make_call(spec, **options)
     monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", "step")
-    step = run(BACKEND.recurrence, spec, call, True)
+    step = run(host.recurrence, spec, call, True)
     monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", "persistent")
-    persistent = run(BACKEND.recurrence, spec, call, True)
+    persistent = run(host.recurrence, spec, call, True)
     for a, b in zip(step, persistent):
         assert torch.equal(a, b)
     assert_close_all(persistent, run(reference.recurrence, spec, call, True), FP32_ATOL)
@@ -247,16 +219,17 @@ def test_two_runs_are_bitwise_identical_with_dropout_under_a_fixed_seed():
 def test_backend_triton_is_really_used():
     spec = CellSpec("gru")
     call = make_call(spec, seq_len=2)
-    args = (spec, call["gates_x"], call["state"], call["weight_hh"], call["bias_hh"], None,
-            None, False)
-    assert dispatch.choose(dispatch.Call(*args), "triton") == ("triton", None)
+    request = Call(spec=spec, gates_x=call["gates_x"], state=call["state"],
+                   weight_hh=call["weight_hh"], bias_hh=call["bias_hh"], backend="triton")
+    chosen = dispatch.plan(request, "triton")
+    assert chosen.backend is BACKEND and chosen.passed_over is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback would warn
-        output, _ = dispatch.recurrence(*args, backend="triton")
+        output, _ = dispatch.run(request)
     assert type(output.grad_fn).__name__ == "TritonRecurrenceBackward"
     # "auto" does not pick triton for CPU tensors: it claims only CUDA.
     assert BACKEND.device_types == ("cuda",)
-    assert dispatch.choose(dispatch.Call(*args), "auto")[0] != "triton"
+    assert dispatch.plan(request, "auto").backend is not BACKEND
 
 
 def test_cells_run_on_triton_and_equal_torch_nn():
@@ -290,7 +263,7 @@ def test_unsupported_calls_give_reasons(monkeypatch):
                       weight_hh=call["weight_hh"], bias_hh=call["bias_hh"], weight_hr=None,
                       lengths=None, reverse=False)
         fields.update(changes)
-        return BACKEND.unsupported_reason(dispatch.Call(**fields))
+        return BACKEND.unsupported_reason(Call(**fields))
 
     assert reason() is None
     assert "float64" in reason(gates_x=call["gates_x"].double())
@@ -329,7 +302,7 @@ def test_bad_schedule_name_is_a_clear_error(monkeypatch):
 def test_double_backward_equals_reference(spec):
     call = make_call(spec, hidden=8, seq_len=3, batch=2, lengths=[3, 2])
     results = []
-    for fn in (reference.recurrence, BACKEND.recurrence):
+    for fn in (reference.recurrence, host.recurrence):
         output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"],
                            call["bias_hh"], None, call["lengths"], False)
         loss = (output**2).sum() + final[-1].sum()

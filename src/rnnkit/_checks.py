@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import numbers
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 def positive_int(name: str, value: object) -> int:
@@ -30,22 +27,6 @@ def dropout(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
         raise ValueError(f"dropout must be a number in [0, 1], got {value!r}")
     return float(value)
-
-
-def backend_name(value: object) -> str | None:
-    """``None`` (read ``RNNKIT_BACKEND`` at call time) or one of :data:`BACKENDS`."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or value not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {value!r}")
-    return value
-
-
-def env_backend() -> str:
-    value = os.environ.get("RNNKIT_BACKEND", "auto") or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"RNNKIT_BACKEND must be one of {BACKENDS}, got {value!r}")
-    return value
 
 
 def _matches_parameters(name: str, tensor: Tensor, reference: Tensor) -> None:
@@ -143,3 +124,70 @@ def lengths(
             f"lengths must not exceed the sequence length {seq_len}, got {values.tolist()}"
         )
     return values.to(device)
+
+
+def resets(
+    value: object, shape: tuple[int, int], batched: bool, batch_first: bool, device: torch.device
+) -> Tensor:
+    """Validate ``resets`` and return it time-first, ``(T, B)`` bool on ``device``.
+
+    ``shape`` is the input's time-first ``(T, B)``; ``resets`` must be ``(T, B)``, ``(B, T)``
+    with ``batch_first``, or ``(T,)`` for unbatched input.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"resets must be a boolean tensor, got {type(value).__name__}")
+    if value.dtype != torch.bool:
+        raise TypeError(f"resets must be a boolean tensor, got dtype {value.dtype}")
+    steps, batch = shape
+    if not batched:
+        expected, layout = (steps,), "(L,) for unbatched input"
+    elif batch_first:
+        expected, layout = (batch, steps), "(N, L) with batch_first"
+    else:
+        expected, layout = (steps, batch), "(L, N)"
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"resets must have shape {expected}, {layout} like the input, "
+            f"got {tuple(value.shape)}"
+        )
+    value = value.to(device)
+    if not batched:
+        return value[:, None]
+    return value.t() if batch_first else value
+
+
+def rows(value: object, batch: int | None, device: torch.device, what: str = "rows") -> Tensor:
+    """A per-row boolean mask ``(N,)`` on ``device``, from a mask or from row indices.
+
+    ``batch=None`` (unbatched) takes only a 0-d boolean tensor and returns it.
+    """
+    if isinstance(value, Tensor) and value.dtype == torch.bool:
+        expected = () if batch is None else (batch,)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"{what} must be a boolean mask of shape {expected} (one entry per row of the "
+                f"carried batch), got shape {tuple(value.shape)}"
+            )
+        return value.to(device)
+    if batch is None:
+        raise TypeError(f"for unbatched input, {what} must be a 0-d boolean tensor")
+    if isinstance(value, Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dim() != 1:
+            raise TypeError(
+                f"{what} must be a boolean mask or 1-D integer indices, got a tensor of dtype "
+                f"{value.dtype} and shape {tuple(value.shape)}"
+            )
+        indices = value.detach().to("cpu", torch.int64)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
+            raise TypeError(f"{what} must be a boolean mask or integer indices, got {value!r}")
+        indices = torch.tensor([int(v) for v in value], dtype=torch.int64)
+    else:
+        raise TypeError(
+            f"{what} must be a boolean mask or integer indices, got {type(value).__name__}"
+        )
+    if indices.numel() and (int(indices.min()) < -batch or int(indices.max()) >= batch):
+        raise ValueError(f"{what} indices must lie in [-{batch}, {batch}), got {indices.tolist()}")
+    mask = torch.zeros(batch, dtype=torch.bool)
+    mask[indices] = True
+    return mask.to(device)

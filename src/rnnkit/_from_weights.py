@@ -16,9 +16,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rnnkit.cells import GRUCell, LSTMCell, RNNCell
-from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
-
 _GATES = {
     "rnn": (1, "hidden_size"),
     "gru": (3, "3*hidden_size (gates r, z, n)"),
@@ -33,13 +30,10 @@ _SINGLE_LAYER = ("num_layers", "bidirectional", "dropout")
 
 
 def _mode(cls: type) -> str:
-    for mode, classes in (
-        ("rnn", (RNNCell, RNN)),
-        ("gru", (GRUCell, GRU)),
-        ("lstm", (LSTMCell, LSTM)),
-    ):
-        if issubclass(cls, classes):
-            return mode
+    # Each concrete layer and cell class names its cell kind; the modules call build().
+    mode = getattr(cls, "cell_kind", None)
+    if mode is not None:
+        return mode
     raise TypeError(
         f"from_weights builds rnnkit's RNN, GRU, LSTM and their cells, got {cls.__name__}"
     )
@@ -128,7 +122,7 @@ def build(
         ValueError: a wrong shape or rank, tensors on different devices.
     """
     mode = _mode(cls)
-    is_layer = issubclass(cls, RecurrentLayer)
+    is_layer = hasattr(cls, "num_directions")  # layers have directions, cells do not
     if not isinstance(requires_grad, bool):
         raise TypeError(f"requires_grad must be a bool, got {type(requires_grad).__name__}")
     options = dict(options or {})

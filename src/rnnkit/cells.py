@@ -1,130 +1,28 @@
-r"""Cell math and the single-step cell modules.
+r"""The single-step cell modules: RNNCell, GRUCell and LSTMCell.
 
-The three recurrences, each written once, as in the docstrings below. ``gates_x`` is the input
-projection :math:`W_{ih} x_t + b_{ih}` (computed for all steps at once by the layers), so each
-function holds only the part that depends on the previous state. Every backend's reference path
-calls these functions, and the tests hold every fused kernel equal to them.
+Their math lives in :mod:`rnnkit.ops.cell_math` (re-exported here: :func:`rnn_step`,
+:func:`gru_step`, :func:`lstm_step`, :func:`step`), where every backend's reference path and
+the tests use it. A cell's step runs as a one-step :class:`~rnnkit.ops.spec.Call` through the
+same plan as the layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit import _checks
-from rnnkit.activations import Activation, check_activation, nonlinearity_repr, resolve_activation
+from rnnkit import _checks, _from_weights
+from rnnkit._state import initial_state
+from rnnkit.ops import dispatch
+from rnnkit.ops.activations import Activation, check_activation, nonlinearity_repr
+from rnnkit.ops.cell_math import gru_step, lstm_step, rnn_step, step
+from rnnkit.ops.spec import Call, CellSpec, State
 
-
-@dataclass(frozen=True)
-class CellSpec:
-    """What recurrence a layer runs: the cell kind and its options.
-
-    Attributes:
-        mode: ``"rnn"``, ``"gru"`` or ``"lstm"``.
-        nonlinearity: the RNN activation, a name from :data:`rnnkit.activations.ACTIVATIONS`
-            or a callable (RNN only).
-        reset_after: the GRU formulation (GRU only); ``True`` is torch's and cuDNN's.
-    """
-
-    mode: str
-    nonlinearity: Activation = "tanh"
-    reset_after: bool = True
-
-    @property
-    def num_gates(self) -> int:
-        return {"rnn": 1, "gru": 3, "lstm": 4}[self.mode]
-
-    @property
-    def num_states(self) -> int:
-        return 2 if self.mode == "lstm" else 1
-
-
-def rnn_step(
-    gates_x: Tensor, hidden: Tensor, weight_hh: Tensor, bias_hh: Tensor | None, nonlinearity
-) -> Tensor:
-    r""":math:`h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})`."""
-    return resolve_activation(nonlinearity)(gates_x + F.linear(hidden, weight_hh, bias_hh))
-
-
-def gru_step(
-    gates_x: Tensor,
-    hidden: Tensor,
-    weight_hh: Tensor,
-    bias_hh: Tensor | None,
-    reset_after: bool = True,
-) -> Tensor:
-    r"""One GRU step.
-
-    .. math::
-        r = \sigma(W_{ir} x + b_{ir} + W_{hr} h + b_{hr}) \\
-        z = \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}) \\
-        n = \tanh(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn}))
-            \quad\text{(reset\_after=True)} \\
-        n = \tanh(W_{in} x + b_{in} + W_{hn} (r \odot h) + b_{hn})
-            \quad\text{(reset\_after=False)} \\
-        h' = (1 - z) \odot n + z \odot h
-    """
-    x_r, x_z, x_n = gates_x.chunk(3, dim=-1)
-    hidden_size = hidden.shape[-1]
-    if reset_after:
-        h_r, h_z, h_n = F.linear(hidden, weight_hh, bias_hh).chunk(3, dim=-1)
-        reset = torch.sigmoid(x_r + h_r)
-        update = torch.sigmoid(x_z + h_z)
-        candidate = torch.tanh(x_n + reset * h_n)
-    else:
-        weight_rz, weight_n = weight_hh.split([2 * hidden_size, hidden_size])
-        bias_rz, bias_n = (None, None) if bias_hh is None else bias_hh.split(
-            [2 * hidden_size, hidden_size]
-        )
-        h_r, h_z = F.linear(hidden, weight_rz, bias_rz).chunk(2, dim=-1)
-        reset = torch.sigmoid(x_r + h_r)
-        update = torch.sigmoid(x_z + h_z)
-        candidate = torch.tanh(x_n + F.linear(reset * hidden, weight_n, bias_n))
-    return (1 - update) * candidate + update * hidden
-
-
-def lstm_step(
-    gates_x: Tensor,
-    hidden: Tensor,
-    cell: Tensor,
-    weight_hh: Tensor,
-    bias_hh: Tensor | None,
-    weight_hr: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    r"""One LSTM step, with optional projection.
-
-    .. math::
-        i, f, g, o = \sigma, \sigma, \tanh, \sigma \,(W_{ih} x + b_{ih} + W_{hh} h + b_{hh}) \\
-        c' = f \odot c + i \odot g \\
-        h' = o \odot \tanh(c') \quad (\text{then } h' \leftarrow W_{hr} h' \text{ if projecting})
-    """
-    gates = gates_x + F.linear(hidden, weight_hh, bias_hh)
-    in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=-1)
-    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
-    hidden = torch.sigmoid(out_gate) * torch.tanh(cell)
-    if weight_hr is not None:
-        hidden = F.linear(hidden, weight_hr)
-    return hidden, cell
-
-
-def step(
-    spec: CellSpec,
-    gates_x: Tensor,
-    state: tuple[Tensor, ...],
-    weight_hh: Tensor,
-    bias_hh: Tensor | None,
-    weight_hr: Tensor | None = None,
-) -> tuple[Tensor, ...]:
-    """One step of ``spec``'s recurrence; ``state`` is ``(h,)`` or, for LSTM, ``(h, c)``."""
-    if spec.mode == "rnn":
-        return (rnn_step(gates_x, state[0], weight_hh, bias_hh, spec.nonlinearity),)
-    if spec.mode == "gru":
-        return (gru_step(gates_x, state[0], weight_hh, bias_hh, spec.reset_after),)
-    return lstm_step(gates_x, state[0], state[1], weight_hh, bias_hh, weight_hr)
+__all__ = [
+    "CellSpec", "GRUCell", "LSTMCell", "RNNCell", "gru_step", "lstm_step", "rnn_step", "step",
+]
 
 
 _Cell = TypeVar("_Cell", bound="_CellBase")
@@ -149,10 +47,7 @@ class _CellBase(nn.Module):
         _checks.positive_int("hidden_size", hidden_size)
         _checks.boolean("bias", bias)
         _checks.boolean("learn_initial_state", learn_initial_state)
-        self.backend = _checks.backend_name(backend)
-        from rnnkit.ops import dispatch
-
-        dispatch.registered()  # import the backends now: torch.compile cannot trace imports
+        self.backend = dispatch.check_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.spec = spec
         self.input_size = input_size
@@ -186,23 +81,19 @@ class _CellBase(nn.Module):
             else:
                 nn.init.uniform_(param, -bound, bound)
 
-    def _initial_state(self, input: Tensor, batched: bool) -> tuple[Tensor, ...]:
-        shape = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        if self.learn_initial_state:
-            names = ("initial_h", "initial_c")[: self.spec.num_states]
-            return tuple(getattr(self, n).expand(shape) for n in names)
-        zeros = torch.zeros(shape, dtype=input.dtype, device=input.device)
-        return (zeros,) * self.spec.num_states
+    def initial_state(self, batch_size: int | None) -> State:
+        """The state a step starts from when ``hx`` is not given, as a tuple: ``(N, H)``
+        (``(H,)`` for ``batch_size=None``), the learnable ``initial_h``/``initial_c`` or zeros."""
+        sizes = (self.hidden_size,) * self.spec.num_states
+        return initial_state(self, (), batch_size, sizes)
 
-    def _run(self, input: Tensor, hx: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
-        from rnnkit.ops import dispatch
-
+    def _run(self, input: Tensor, hx: State | None) -> State:
         # Read each weight once: a parametrized weight is computed on every access.
         weight_ih = self.weight_ih
         _checks.input_tensor(input, weight_ih, self.input_size, ranks=(1, 2), what="input")
         batched = input.dim() == 2
         if hx is None:
-            state = self._initial_state(input, batched)
+            state = self.initial_state(input.shape[0] if batched else None)
         else:
             expected = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
             names = ("hx", "cx") if self.spec.num_states == 2 else ("hx",)
@@ -212,10 +103,18 @@ class _CellBase(nn.Module):
         if not batched:
             input = input.unsqueeze(0)
             state = tuple(s.unsqueeze(0) for s in state)
-        gates_x = F.linear(input, weight_ih, self.bias_ih).unsqueeze(0)
-        _, state = dispatch.recurrence(
-            self.spec, gates_x, state, self.weight_hh, self.bias_hh, None, None, False,
-            backend=self.backend,
+        _, state = dispatch.run(
+            Call(
+                spec=self.spec,
+                state=state,
+                weight_hh=self.weight_hh,
+                bias_hh=self.bias_hh,
+                input=input.unsqueeze(0),
+                weight_ih=weight_ih,
+                bias_ih=self.bias_ih,
+                backend=self.backend,
+                time_axis=False,
+            )
         )
         if not batched:
             state = tuple(s.squeeze(0) for s in state)
@@ -247,8 +146,6 @@ class _CellBase(nn.Module):
             ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
             and got.
         """
-        from rnnkit import _from_weights
-
         return _from_weights.build(
             cls, weight_ih, weight_hh, bias_ih, bias_hh, None, initial_state, requires_grad,
             options,
@@ -280,6 +177,8 @@ class RNNCell(_CellBase):
         ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: ``(N, H)`` or ``(H)``; returns ``h'``
         of the same shape as ``hx``.
     """
+
+    cell_kind = "rnn"
 
     def __init__(
         self,
@@ -317,6 +216,8 @@ class GRUCell(_CellBase):
     Shapes:
         ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: ``(N, H)`` or ``(H)``; returns ``h'``.
     """
+
+    cell_kind = "gru"
 
     def __init__(
         self,
@@ -356,6 +257,8 @@ class LSTMCell(_CellBase):
         ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: a pair ``(h, c)`` of ``(N, H)`` or
         ``(H)``; returns ``(h', c')``.
     """
+
+    cell_kind = "lstm"
 
     def __init__(
         self,

@@ -63,8 +63,8 @@ def _limit(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from rnnkit import __version__
-    from rnnkit._checks import BACKENDS
     from rnnkit.demo import CELLS, DATASETS, DemoConfig
+    from rnnkit.ops.dispatch import names as backend_names
 
     parser = argparse.ArgumentParser(
         prog="rnnkit", description="rnnkit: recurrent layers for PyTorch."
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"sequences per step (default: {defaults.batch_size})")
     demo.add_argument("--lr", type=_positive_float, default=defaults.lr,
                       help=f"peak learning rate of the one-cycle schedule (default: {defaults.lr})")
-    demo.add_argument("--backend", choices=BACKENDS, default=None,
+    demo.add_argument("--backend", choices=backend_names(), default=None,
                       help="rnnkit backend for the layer (default: RNNKIT_BACKEND or auto)")
     demo.add_argument("--threads", type=_positive_int, default=defaults.threads,
                       help="torch CPU threads while training (default: 1; the matrices are "
@@ -185,17 +185,16 @@ def info_lines() -> list[str]:
         f"{platform.system()} {platform.machine()})",
         "",
         "backends:",
-        "  reference: available (pure PyTorch, every device, every call)",
     ]
     backends = dispatch.registered()
     for name, backend in backends.items():
+        if name == "reference":
+            lines.append("  reference: available (pure PyTorch, every device, every call)")
+            continue
         reason = backend.unavailable_reason()
         devices = ", ".join(backend.device_types)
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"  {name} ({devices}): {status}")
-    for expected in ("cpu", "triton"):
-        if expected not in backends:
-            lines.append(f"  {expected}: not installed (rnnkit.ops.{expected} did not load)")
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -232,8 +231,7 @@ def _example_calls(device):
     """One tiny float32 call per cell kind, the way a layer would make it."""
     import torch
 
-    from rnnkit.cells import CellSpec
-    from rnnkit.ops.dispatch import Call
+    from rnnkit.ops.spec import Call, CellSpec
 
     hidden, batch, steps = 4, 2, 3
     for mode in ("rnn", "gru", "lstm"):
@@ -242,13 +240,10 @@ def _example_calls(device):
         state = tuple(torch.zeros(batch, hidden, device=device) for _ in range(spec.num_states))
         yield mode, Call(
             spec=spec,
-            gates_x=torch.zeros(steps, batch, gates, device=device),
             state=state,
             weight_hh=torch.zeros(gates, hidden, device=device),
             bias_hh=torch.zeros(gates, device=device),
-            weight_hr=None,
-            lengths=None,
-            reverse=False,
+            gates_x=torch.zeros(steps, batch, gates, device=device),
         )
 
 
@@ -257,8 +252,8 @@ def _auto_pick(device) -> str:
 
     picks = []
     for mode, call in _example_calls(device):
-        name, reason = dispatch.choose(call, "auto")
-        picks.append((mode, name, reason))
+        chosen = dispatch.plan(call, "auto")
+        picks.append((mode, chosen.backend.name, chosen.passed_over))
     return _summarise(picks)
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 import rnnkit
 from rnnkit import _checks
+from rnnkit.ops import dispatch
 
 CELLS = ("rnn", "gru", "lstm")
 DATASETS = ("digits", "digits-columns")
@@ -91,7 +92,7 @@ class DemoConfig:
             math.isfinite(self.lr) and self.lr > 0
         ):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        _checks.backend_name(self.backend)
+        dispatch.check_name(self.backend)
 
 
 @dataclass

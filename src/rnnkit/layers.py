@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from rnnkit import _checks
-from rnnkit.activations import Activation, check_activation, nonlinearity_repr
-from rnnkit.cells import CellSpec
+from rnnkit import _checks, _from_weights
+from rnnkit._state import initial_state
 from rnnkit.ops import dispatch
+from rnnkit.ops.activations import Activation, check_activation, nonlinearity_repr
+from rnnkit.ops.spec import Call, CellSpec, State, from_states
 
 
 def _pack_like(padded: Tensor, packed: PackedSequence) -> PackedSequence:
@@ -32,6 +33,37 @@ def _pack_like(padded: Tensor, packed: PackedSequence) -> PackedSequence:
     slots = torch.arange(int(batch_sizes.sum())) - torch.repeat_interleave(starts, batch_sizes)
     data = padded[steps.to(padded.device), order[slots.to(order.device)]]
     return PackedSequence(data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
+def _reset_codes(
+    resets: Tensor | None, lengths: Tensor | None, bidirectional: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The per-step reset codes (see :class:`rnnkit.ops.spec.Call`) of each direction.
+
+    ``resets`` is ``(T, B)`` bool, time-first. Forward, a reset point ``p`` restarts the state
+    before step ``p`` from the initial state (code 1). In reverse, each segment ``[p, q)`` runs
+    from ``q - 1`` down to ``p``: the state restarts before step ``q - 1``, from ``hx`` (code
+    2) for the first segment ``[0, p_1)`` and from the initial state (code 1) for the others,
+    and the pass starts from the initial state at a sequence's last step when it has any reset.
+    """
+    if resets is None:
+        return None, None
+    steps = resets.shape[0]
+    if lengths is not None:
+        inside = torch.arange(steps, device=resets.device)[:, None] < lengths[None, :]
+        resets = resets & inside
+    forward = resets.to(torch.int8)
+    if not bidirectional:
+        return forward, None
+    first = resets & (resets.cumsum(0) == 1)  # each sequence's first reset point
+    reverse = torch.zeros_like(forward)
+    reverse[:-1] = torch.where(first[1:], 2, forward[1:]).to(torch.int8)
+    last = (lengths - 1) if lengths is not None else torch.full_like(resets[0], steps - 1,
+                                                                     dtype=torch.int64)
+    start = resets.any(0).to(torch.int8)
+    rows = torch.arange(resets.shape[1], device=resets.device)
+    reverse[last, rows] = torch.maximum(reverse[last, rows], start)
+    return forward, reverse
 
 
 _Layer = TypeVar("_Layer", bound="RecurrentLayer")
@@ -86,8 +118,7 @@ class RecurrentLayer(nn.Module):
                 stacklevel=3,
             )
         self.spec = spec
-        self.backend = _checks.backend_name(backend)
-        dispatch.registered()  # import the backends now: torch.compile cannot trace imports
+        self.backend = dispatch.check_name(backend)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -101,7 +132,6 @@ class RecurrentLayer(nn.Module):
         directions = 2 if bidirectional else 1
         gate_size = spec.num_gates * hidden_size
         out_size = proj_size or hidden_size
-        self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else out_size * directions
@@ -119,7 +149,6 @@ class RecurrentLayer(nn.Module):
                 for base, shape in shapes.items():
                     setattr(self, base + suffix, nn.Parameter(torch.empty(shape, **factory)))
                     names.append(base + suffix)
-                self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         if learn_initial_state:
             self.initial_h = nn.Parameter(
@@ -184,8 +213,6 @@ class RecurrentLayer(nn.Module):
             ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
             and got; ``num_layers``, ``bidirectional`` or ``dropout`` among ``options``.
         """
-        from rnnkit import _from_weights
-
         return _from_weights.build(
             cls, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, initial_state,
             requires_grad, options,
@@ -193,33 +220,33 @@ class RecurrentLayer(nn.Module):
 
     # forward ------------------------------------------------------------------------------
 
+    def initial_state(self, batch_size: int | None) -> State:
+        """The state a call starts from when ``hx`` is not given, as a tuple.
+
+        ``h`` is ``(D*num_layers, N, H_out)`` (no ``N`` when ``batch_size`` is ``None``), and
+        for LSTM ``c`` is ``(D*num_layers, N, H_cell)``: the learnable ``initial_h`` /
+        ``initial_c`` broadcast over the batch, or zeros.
+        """
+        out_size = self.proj_size or self.hidden_size
+        sizes = (out_size, self.hidden_size)[: self.spec.num_states]
+        count = self.num_layers * self.num_directions
+        return initial_state(self, (count,), batch_size, sizes)
+
     def _initial_states(
         self, hx: object, batch_size: int, batched: bool, reference: Tensor
-    ) -> list[tuple[Tensor, ...]]:
+    ) -> list[State]:
         """One state tuple per layer and direction, each ``(B, H_out)`` [and ``(B, H)``]."""
         count = self.num_layers * self.num_directions
         out_size = self.proj_size or self.hidden_size
         sizes = [out_size, self.hidden_size][: self.spec.num_states]
         if hx is None:
-            if self.learn_initial_state:
-                names = ["initial_h", "initial_c"][: self.spec.num_states]
-                stacked = [
-                    getattr(self, n)[:, None, :].expand(count, batch_size, size)
-                    for n, size in zip(names, sizes)
-                ]
-            else:
-                stacked = [
-                    torch.zeros(
-                        count, batch_size, size, dtype=reference.dtype, device=reference.device
-                    )
-                    for size in sizes
-                ]
+            stacked = self.initial_state(batch_size)
         else:
             if self.spec.mode == "lstm":
-                given = list(_checks.state_pair(hx))
+                given = _checks.state_pair(hx)
                 names = ["h_0", "c_0"]
             else:
-                given, names = [hx], ["h_0"]
+                given, names = (hx,), ["h_0"]
             stacked = []
             for name, tensor, size in zip(names, given, sizes):
                 expected = (count, batch_size, size) if batched else (count, size)
@@ -233,7 +260,7 @@ class RecurrentLayer(nn.Module):
                 stacked.append(tensor if batched else tensor.unsqueeze(1))
         return [tuple(s[i] for s in stacked) for i in range(count)]
 
-    def forward(self, input, hx=None, *, lengths=None):
+    def forward(self, input, hx=None, *, lengths=None, resets=None):
         """Run the layer.
 
         Args:
@@ -245,13 +272,21 @@ class RecurrentLayer(nn.Module):
             lengths: optional per-sequence lengths (1-D integer tensor on any device, or a
                 list), in any order. Output past a sequence's length is zero and the final
                 state is taken at its own last step.
+            resets: optional boolean ``(L, N)`` tensor (``(N, L)`` with ``batch_first``,
+                ``(L,)`` unbatched), on any device: ``resets[t, b]`` true starts sequence
+                ``b`` afresh at step ``t`` (an episode start). The result equals cutting each
+                sequence at its reset points and running every segment on its own from the
+                layer's initial state (zeros or the learnable one); ``hx`` applies to the
+                first segment only, so ``resets[0]`` true ignores it for that sequence. Every
+                layer and both directions reset; steps past ``lengths`` are ignored.
 
         Returns:
             ``(output, h_n)``, or ``(output, (h_n, c_n))`` for LSTM. ``output`` has the
             layout of ``input`` with ``D*H_out`` features; a PackedSequence in gives one out.
 
         Raises:
-            ValueError, TypeError: for input, state or lengths of the wrong kind or shape.
+            ValueError, TypeError: for input, state, lengths or resets of the wrong kind or
+            shape.
         """
         # Checks need only a dtype and device. Reading weight_ih_l0 here would compute it twice
         # when it is parametrized; forward computes each weight once, in _run_direction.
@@ -260,6 +295,11 @@ class RecurrentLayer(nn.Module):
         if packed is not None:
             if lengths is not None:
                 raise ValueError("lengths must not be given with a PackedSequence input")
+            if resets is not None:
+                raise ValueError(
+                    "resets must not be given with a PackedSequence input; pass the padded "
+                    "batch with lengths= instead"
+                )
             _checks.input_tensor(packed.data, reference, self.input_size, (2, 2), "input")
             x, lengths = pad_packed_sequence(packed)
             batched = True
@@ -275,16 +315,22 @@ class RecurrentLayer(nn.Module):
             raise ValueError(f"input must have at least one time step, got shape {tuple(x.shape)}")
         if lengths is not None:
             lengths = _checks.lengths(lengths, batch_size, seq_len, x.device)
+        if resets is not None:
+            resets = _checks.resets(resets, x.shape[:2], batched, self.batch_first, x.device)
         states = self._initial_states(hx, batch_size, batched, reference)
+        directions = _reset_codes(resets, lengths, self.bidirectional)
+        initial = self.initial_state(batch_size) if resets is not None else None
 
-        finals: list[tuple[Tensor, ...]] = []
+        finals: list[State] = []
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
+                reset_state = None if initial is None else tuple(s[index] for s in initial)
                 output, final = self._run_direction(
-                    layer_input, states[index], layer, direction, lengths
+                    layer_input, states[index], layer, direction, lengths,
+                    directions[direction], reset_state,
                 )
                 outputs.append(output)
                 finals.append(final)
@@ -303,42 +349,40 @@ class RecurrentLayer(nn.Module):
             final_states = tuple(s.squeeze(1) for s in final_states)
         elif self.batch_first:
             output = output.transpose(0, 1)
-        if self.spec.mode == "lstm":
-            return output, final_states
-        return output, final_states[0]
+        return output, from_states(final_states)
 
     def _run_direction(
         self,
         layer_input: Tensor,
-        state: tuple[Tensor, ...],
+        state: State,
         layer: int,
         direction: int,
         lengths: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        resets: Tensor | None,
+        reset_state: State | None,
+    ) -> tuple[Tensor, State]:
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        # Read each weight once: a parametrized weight is computed on every access.
         weight = {
             name: getattr(self, name + suffix, None)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         }
-        if torch.compiler.is_exporting():
-            # One op per layer-direction keeps the time axis dynamic; see rnnkit.export.
-            from rnnkit.ops import export_op
-
-            return export_op.layer_direction(
-                self.spec, layer_input, weight, state, lengths, bool(direction)
+        return dispatch.run(
+            Call(
+                spec=self.spec,
+                state=state,
+                weight_hh=weight["weight_hh"],
+                bias_hh=weight["bias_hh"],
+                weight_hr=weight["weight_hr"],
+                input=layer_input,
+                weight_ih=weight["weight_ih"],
+                bias_ih=weight["bias_ih"],
+                lengths=lengths,
+                reverse=bool(direction),
+                resets=resets,
+                reset_state=reset_state,
+                backend=self.backend,
             )
-        return dispatch.layer_direction(
-            self.spec,
-            layer_input,
-            weight["weight_ih"],
-            weight["bias_ih"],
-            state,
-            weight["weight_hh"],
-            weight["bias_hh"],
-            weight["weight_hr"],
-            lengths,
-            bool(direction),
-            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -370,6 +414,8 @@ class RNN(RecurrentLayer):
             used when ``hx`` is not given.
         backend: ``"auto"`` (default), ``"reference"``, ``"cpu"`` or ``"triton"``.
     """
+
+    cell_kind = "rnn"
 
     def __init__(
         self,
@@ -409,6 +455,8 @@ class GRU(RecurrentLayer):
             2014, Keras ``reset_after=False``, Flux's GRUv3).
         learn_initial_state, backend: as for :class:`RNN`.
     """
+
+    cell_kind = "gru"
 
     def __init__(
         self,
@@ -451,6 +499,8 @@ class LSTM(RecurrentLayer):
             ``initial_c`` ``(D*num_layers, H_cell)``.
         backend: as for :class:`RNN`.
     """
+
+    cell_kind = "lstm"
 
     def __init__(
         self,

@@ -8,6 +8,8 @@ call's final state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -15,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit import _checks
 from rnnkit.cells import _CellBase
 from rnnkit.layers import RecurrentLayer
+from rnnkit.ops.spec import as_states, from_states
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -86,9 +89,32 @@ class Stateful(nn.Module):
     def _is_cell(self) -> bool:
         return isinstance(self.module, _CellBase)
 
-    def reset(self) -> None:
-        """Go back to the module's initial state (learnable if it has one, else zeros)."""
-        self.state = None
+    def reset(self, rows: Tensor | Sequence[int] | None = None) -> None:
+        """Go back to the module's initial state (learnable if it has one, else zeros).
+
+        Args:
+            rows: ``None`` resets every sequence (the next call may then change the batch
+                size); else only these rows of the carried batch, given as a boolean mask of
+                shape ``(N,)`` or as indices, for actors that step many environments at once.
+
+        Raises:
+            TypeError, ValueError: ``rows`` is not a boolean mask of the batch size or valid
+                indices, or the carried state is unbatched.
+        """
+        if rows is None:
+            self.state = None
+            return
+        carried = self._carried()
+        if carried is None:
+            return  # every row is at the initial state already
+        batch = self._batch_of(carried)
+        if batch is None:
+            raise ValueError("reset(rows) needs a batched carried state; use reset() instead")
+        mask = _checks.rows(rows, batch, carried[0].device)
+        fresh = self._initial_state(batch)
+        shape = (-1, 1) if self._is_cell else (1, -1, 1)
+        kept = mask.view(shape)
+        self._store(tuple(torch.where(kept, new, old) for new, old in zip(fresh, carried)))
 
     def _apply(self, fn, recurse=True):
         # .to(), .double(), .cuda() and the like convert the carried state with the
@@ -96,23 +122,18 @@ class Stateful(nn.Module):
         super()._apply(fn, recurse)
         carried = self._carried()
         if carried is not None:
-            moved = tuple(fn(s) for s in carried)
-            self.state = moved[0] if len(moved) == 1 else moved
+            self.state = from_states(tuple(fn(s) for s in carried))
         return self
 
     # state helpers ------------------------------------------------------------------------
 
     def _carried(self) -> tuple[Tensor, ...] | None:
-        if self.state is None:
-            return None
-        if isinstance(self.state, Tensor):
-            return (self.state,)
-        return tuple(self.state)
+        return None if self.state is None else as_states(self.state)
 
     def _store(self, state: tuple[Tensor, ...]) -> None:
         if self.detach:
             state = tuple(s.detach() for s in state)
-        self.state = state[0] if len(state) == 1 else state
+        self.state = from_states(state)
 
     def _batch_of(self, state: tuple[Tensor, ...]) -> int | None:
         """The batch size a carried state was made for; ``None`` for unbatched."""
@@ -137,32 +158,13 @@ class Stateful(nn.Module):
 
     def _initial_state(self, batch: int | None) -> tuple[Tensor, ...]:
         """The module's initial state, broadcast to ``batch`` (``None``: unbatched)."""
-        module = self.module
-        num_states = module.spec.num_states
-        if self._is_cell:
-            sizes = [module.hidden_size] * num_states
-            reference = module.weight_ih
-            lead: tuple[int, ...] = ()
-        else:
-            sizes = [module.proj_size or module.hidden_size, module.hidden_size][:num_states]
-            reference = module.weight_ih_l0
-            lead = (module.num_layers,)
-        batch_dims = () if batch is None else (batch,)
-        states = []
-        for name, size in zip(("initial_h", "initial_c"), sizes):
-            if module.learn_initial_state:
-                learned = getattr(module, name)
-                if batch is not None and not self._is_cell:
-                    learned = learned[:, None, :]
-                states.append(learned.expand(*lead, *batch_dims, size))
-            else:
-                shape = (*lead, *batch_dims, size)
-                states.append(torch.zeros(shape, dtype=reference.dtype, device=reference.device))
-        return tuple(states)
+        return self.module.initial_state(batch)
 
     # forward ------------------------------------------------------------------------------
 
-    def forward(self, input: Tensor | PackedSequence, lengths=None) -> Tensor | PackedSequence:
+    def forward(
+        self, input: Tensor | PackedSequence, lengths=None, *, resets: Tensor | None = None
+    ) -> Tensor | PackedSequence:
         """Run the module on ``input`` from the carried state and keep the state it ends in.
 
         Args:
@@ -171,16 +173,21 @@ class Stateful(nn.Module):
                 ``(H_in)``.
             lengths: optional valid steps per sequence in this call, ``0`` allowed (see the
                 class docstring); not allowed with a PackedSequence.
+            resets: optional boolean tensor, true where a sequence starts afresh (an episode
+                start) from the module's initial state: for a layer ``(L, N)`` (``(N, L)``
+                with ``batch_first``, ``(L,)`` unbatched), with the layer's own rule (see
+                :meth:`rnnkit.GRU.forward`); for a cell ``(N,)`` (a 0-d tensor unbatched),
+                applied before the step. The carried state is the one after the last step.
 
         Returns:
             A layer's output for this chunk (``(L, N, H_out)`` in the input's layout), or a
             cell's new hidden state ``h'``. Entries with length ``0`` are zero.
         """
         if self._is_cell:
-            return self._forward_cell(input, lengths)
-        return self._forward_layer(input, lengths)
+            return self._forward_cell(input, lengths, resets)
+        return self._forward_layer(input, lengths, resets)
 
-    def _forward_layer(self, input, lengths) -> Tensor | PackedSequence:
+    def _forward_layer(self, input, lengths, resets) -> Tensor | PackedSequence:
         module = self.module
         reference = module.weight_ih_l0
         if isinstance(input, PackedSequence):
@@ -198,11 +205,11 @@ class Stateful(nn.Module):
         if carried is not None:
             self._check_batch(carried, batch)
         state = carried if carried is not None else self._initial_state(batch)
-        hx = state[0] if len(state) == 1 else state
+        hx = from_states(state)
 
         if lengths is None:
-            output, final = module(input, hx)
-            self._store(final if isinstance(final, tuple) else (final,))
+            output, final = module(input, hx, resets=resets)
+            self._store(as_states(final))
             return output
 
         lengths = _checks.lengths(lengths, batch or 1, seq_len, input.device, minimum=0)
@@ -211,8 +218,8 @@ class Stateful(nn.Module):
             # Nothing advances; keep the state exactly as it was (possibly still None).
             out_size = module.proj_size or module.hidden_size
             return input.new_zeros((*input.shape[:-1], out_size))
-        output, final = module(input, hx, lengths=lengths.clamp(min=1))
-        final = final if isinstance(final, tuple) else (final,)
+        output, final = module(input, hx, lengths=lengths.clamp(min=1), resets=resets)
+        final = as_states(final)
         if not bool(active.all()):
             # Sequences with no step here ran one throw-away step; undo it.
             keep = active.view(1, -1, 1)
@@ -223,7 +230,7 @@ class Stateful(nn.Module):
         self._store(final)
         return output
 
-    def _forward_cell(self, input, lengths) -> Tensor:
+    def _forward_cell(self, input, lengths, resets) -> Tensor:
         module = self.module
         _checks.input_tensor(input, module.weight_ih, module.input_size, (1, 2), "input")
         batch = input.shape[0] if input.dim() == 2 else None
@@ -231,6 +238,11 @@ class Stateful(nn.Module):
         if carried is not None:
             self._check_batch(carried, batch)
         state = carried if carried is not None else self._initial_state(batch)
+        if resets is not None:
+            fresh = _checks.rows(resets, batch, input.device, what="resets")
+            keep = fresh.view(-1, 1) if batch is not None else fresh
+            initial = self._initial_state(batch)
+            state = tuple(torch.where(keep, new, old) for new, old in zip(initial, state))
 
         active = None
         if lengths is not None:

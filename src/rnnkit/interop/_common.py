@@ -6,14 +6,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rnnkit.interop.torch import from_torch
 from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
 
 
 def as_rnnkit_layer(module: object, target: str) -> RecurrentLayer:
     """``module`` as an rnnkit layer (a torch.nn RNN/GRU/LSTM is converted first)."""
     if isinstance(module, nn.RNNBase):
-        from rnnkit.interop.torch import from_torch
-
         module = from_torch(module)
     if not isinstance(module, (RNN, GRU, LSTM)):
         raise TypeError(

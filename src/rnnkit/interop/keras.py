@@ -28,14 +28,12 @@ from rnnkit.interop._common import (
     torch_dtype,
 )
 from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
+from rnnkit.ops.activations import TABLE
 
 # Keras GRU gates (z, r, h) <-> torch (r, z, n): the permutation is its own inverse.
 _GRU_ORDER = [1, 0, 2]
 
-_ACTIVATION_NAMES = {
-    "tanh": "tanh", "relu": "relu", "identity": "linear", "sigmoid": "sigmoid",
-    "silu": "silu", "gelu": "gelu", "softsign": "softsign", "hardtanh": "hard_tanh",
-}
+_ACTIVATION_NAMES = {row.name: row.keras for row in TABLE}
 # Options that would change the math; to_keras sets them itself.
 _RESERVED = {
     "units", "activation", "recurrent_activation", "use_bias", "reset_after", "go_backwards",

@@ -28,6 +28,7 @@ from rnnkit.interop._common import (
     torch_dtype,
 )
 from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
+from rnnkit.ops.activations import TABLE
 
 
 def _import_mlx():
@@ -100,17 +101,13 @@ def _identity(x):
 
 
 def _named_activations():
-    """``(mlx function, rnnkit name)`` pairs and ``(mlx module class, name)`` pairs."""
+    """``(mlx function, rnnkit name)`` pairs and ``(mlx module class, name)`` pairs, from the
+    activation table; ``mlx.core``'s own tanh and sigmoid are recognised too."""
     mx, mnn = _import_mlx()
-    functions = [
-        (mnn.tanh, "tanh"), (mx.tanh, "tanh"), (mnn.relu, "relu"),
-        (mnn.sigmoid, "sigmoid"), (mx.sigmoid, "sigmoid"), (mnn.silu, "silu"),
-        (mnn.gelu, "gelu"), (mnn.softsign, "softsign"), (mnn.hard_tanh, "hardtanh"),
-        (_identity, "identity"),
-    ]
+    functions = [(getattr(mnn, row.mlx), row.name) for row in TABLE if row.mlx is not None]
+    functions += [(mx.tanh, "tanh"), (mx.sigmoid, "sigmoid"), (_identity, "identity")]
     classes = [
-        (mnn.Tanh, "tanh"), (mnn.ReLU, "relu"), (mnn.Sigmoid, "sigmoid"), (mnn.SiLU, "silu"),
-        (mnn.Softsign, "softsign"), (mnn.HardTanh, "hardtanh"), (mnn.Identity, "identity"),
+        (getattr(mnn, row.mlx_class), row.name) for row in TABLE if row.mlx_class is not None
     ]
     return functions, classes
 
@@ -140,8 +137,7 @@ def _activation_to_mlx(nonlinearity):
                 return fn
     raise ValueError(
         f"the nonlinearity {nonlinearity!r} has no MLX equivalent; use a named activation "
-        "(tanh, relu, identity, sigmoid, silu, gelu, softsign, hardtanh) or a layer made by "
-        "from_mlx"
+        f"({', '.join(row.name for row in TABLE)}) or a layer made by from_mlx"
     )
 
 

@@ -1,13 +1,30 @@
-"""The one place where a call picks its backend, or falls back to the reference path.
+"""The one place where a call is planned: which backend serves it, and why others did not.
 
-A backend is an object with ``name``, ``unavailable_reason()`` (``None`` when it can run
-here), ``unsupported_reason(call)`` (``None`` when it can serve this call) and
-``recurrence(...)`` with the signature of :func:`rnnkit.ops.reference.recurrence`.
-Backends register themselves with :func:`register`. ``backend="auto"`` takes the first
-registered backend that claims the tensors' device type and can serve the call; a named
-backend that cannot serve a call falls back with a warning that gives the reason.
+Backends are plug-ins. A backend is an object with
 
-Set ``RNNKIT_DEBUG=1`` (or enable the ``rnnkit`` logger at DEBUG) to see every fallback.
+- ``name`` (the name it is selected by) and ``device_types`` (the tensors' device types it
+  may serve, e.g. ``("cpu",)``);
+- ``unavailable_reason()``: ``None`` when it can run on this machine, else why not;
+- ``unsupported_reason(call)``: ``None`` when it can serve this :class:`~rnnkit.ops.spec.Call`,
+  else why not (a dtype, a callable nonlinearity, an option it lacks);
+- ``auto_declines(call)``: ``None``, or why ``"auto"`` should pass over a call it could serve
+  (because the reference path runs it faster);
+- ``fuses_projection(call)``: whether it computes ``W_ih x + b_ih`` inside its own time loop,
+  in which case :meth:`run` receives ``call.input`` instead of ``call.gates_x``;
+- ``project(input, weight, bias)``: its input projection (``F.linear`` by default);
+- ``run(call)``: ``(output (T, B, H_out), final state tuple)``, with the semantics of
+  :func:`rnnkit.ops.reference.recurrence`.
+
+:class:`rnnkit.ops.backend.BackendBase` gives the optional methods their defaults.
+:func:`register` makes a backend selectable by its name (``backend="name"`` on any layer or
+cell, ``RNNKIT_BACKEND``) and by ``"auto"``, in registration order; the registry is the only
+list of backends.
+
+:func:`plan` decides for a call: ``"reference"`` and exports run the reference math;
+``"auto"`` takes the first registered backend that claims the device, is available, supports
+the call and does not decline it; a named backend that cannot serve a call falls back to the
+reference path with a warning giving the reason. Set ``RNNKIT_DEBUG=1`` (or enable the
+``rnnkit`` logger at DEBUG) to see every fallback.
 """
 
 from __future__ import annotations
@@ -16,71 +33,132 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit import _checks
-from rnnkit.cells import CellSpec
-from rnnkit.ops import reference
+from rnnkit.ops import cpu, reference, triton
+from rnnkit.ops.backend import Backend
+from rnnkit.ops.export import op as export_op
+from rnnkit.ops.spec import Call, State
 
 logger = logging.getLogger("rnnkit")
 
 
-@dataclass(frozen=True)
-class Call:
-    """Everything a backend may look at to decide whether it can serve a call."""
-
-    spec: CellSpec
-    gates_x: Tensor
-    state: tuple[Tensor, ...]
-    weight_hh: Tensor
-    bias_hh: Tensor | None
-    weight_hr: Tensor | None
-    lengths: Tensor | None
-    reverse: bool
-
-
-class Backend(Protocol):
-    name: str
-    device_types: tuple[str, ...]
-
-    def unavailable_reason(self) -> str | None: ...
-
-    def unsupported_reason(self, call: Call) -> str | None: ...
-
-    def recurrence(self, *args) -> tuple[Tensor, tuple[Tensor, ...]]: ...
-
-
-_BACKENDS: dict[str, Backend] = {}
+# The registry, the only list of backends: the bundled ones, then any registered later.
+_BACKENDS: dict[str, Backend] = {
+    backend.name: backend for backend in (reference.BACKEND, cpu.BACKEND, triton.BACKEND)
+}
 _warned: set[str] = set()
-_builtins_loaded = False
 
 
 def register(backend: Backend) -> None:
-    """Make ``backend`` selectable by name and by ``"auto"``, in registration order."""
+    """Make ``backend`` selectable by its name and by ``"auto"``, in registration order.
+
+    Raises:
+        ValueError: the name is ``"auto"`` or ``"reference"``, or taken by another backend.
+    """
+    if backend.name in ("auto", reference.BACKEND.name):
+        raise ValueError(f"a backend cannot be registered as {backend.name!r}")
+    present = _BACKENDS.get(backend.name)
+    if present is not None and present is not backend:
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
     _BACKENDS[backend.name] = backend
 
 
+def unregister(name: str) -> None:
+    """Remove a backend registered with :func:`register` (the reference path stays)."""
+    if name == reference.BACKEND.name:
+        raise ValueError("the reference backend cannot be unregistered")
+    _BACKENDS.pop(name, None)
+
+
 def registered() -> dict[str, Backend]:
-    _load_builtin_backends()
+    """Every backend, by name: ``"reference"`` first, then in registration order."""
     return dict(_BACKENDS)
 
 
-def _load_builtin_backends() -> None:
-    # Importing a backend module registers it; a missing optional dependency just leaves it out.
-    global _builtins_loaded
-    if _builtins_loaded or torch.compiler.is_compiling():
-        # Importing cannot be traced; layers and cells load the backends when they are built.
-        return
-    _builtins_loaded = True
-    for module in ("rnnkit.ops.cpu", "rnnkit.ops.triton"):
-        try:
-            __import__(module)
-        except ImportError as error:
-            logger.debug("backend module %s not loaded: %s", module, error)
+def names() -> tuple[str, ...]:
+    """What ``backend=`` accepts: ``"auto"`` and every registered name."""
+    return ("auto", *_BACKENDS)
+
+
+def check_name(value: object, what: str = "backend") -> str | None:
+    """``value`` if it is ``None`` or a name from :func:`names`.
+
+    Raises:
+        ValueError: any other value, listing the names.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in _BACKENDS and value != "auto":
+        raise ValueError(f"{what} must be one of {names()} or None, got {value!r}")
+    return value
+
+
+def env_backend() -> str:
+    """``RNNKIT_BACKEND``, or ``"auto"`` when it is unset or empty."""
+    value = os.environ.get("RNNKIT_BACKEND", "auto") or "auto"
+    return check_name(value, "RNNKIT_BACKEND")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a call runs.
+
+    Attributes:
+        backend: the backend that serves it.
+        fuse_projection: whether that backend computes the input projection in its loop.
+        passed_over: why the requested backend (or, for ``"auto"``, each fused one) was
+            passed over; ``None`` when the request is served as asked.
+    """
+
+    backend: Backend
+    fuse_projection: bool
+    passed_over: str | None = None
+
+
+def _served(backend: Backend, call: Call) -> Plan:
+    return Plan(backend, call.input is not None and backend.fuses_projection(call))
+
+
+def plan(call: Call, requested: str) -> Plan:
+    """Decide which backend serves ``call`` for the ``requested`` name (never ``None``)."""
+    if torch.compiler.is_exporting():
+        # Exported graphs hold only standard ops, and one opaque op per layer-direction keeps
+        # the time axis dynamic (see rnnkit.export).
+        if call.time_axis and call.input is not None:
+            return _served(export_op.BACKEND, call)
+        return _served(reference.BACKEND, call)
+    if requested == reference.BACKEND.name:
+        return _served(reference.BACKEND, call)
+    if torch._C._are_functorch_transforms_active():
+        # vmap/jacrev/jvp need batching and forward-AD rules that only plain torch ops have.
+        return Plan(reference.BACKEND, False, "torch.func transforms run on the reference path")
+    device_type = call.leading.device.type
+    if requested == "auto":
+        reasons = []
+        for backend in _BACKENDS.values():
+            if device_type not in backend.device_types:
+                continue
+            reason = (
+                backend.unavailable_reason()
+                or backend.unsupported_reason(call)
+                or backend.auto_declines(call)
+            )
+            if reason is None:
+                return _served(backend, call)
+            reasons.append(f"{backend.name}: {reason}")
+        passed = "; ".join(reasons) or f"no fused backend for {device_type} tensors"
+        return Plan(reference.BACKEND, False, passed)
+    backend = _BACKENDS.get(requested)
+    if backend is None:
+        return Plan(reference.BACKEND, False, f"backend {requested!r} is not registered")
+    reason = backend.unavailable_reason() or backend.unsupported_reason(call)
+    if reason is not None:
+        return Plan(reference.BACKEND, False, reason)
+    return _served(backend, call)
 
 
 def _note_fallback(requested: str, reason: str) -> None:
@@ -93,158 +171,31 @@ def _note_fallback(requested: str, reason: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
-def _auto_declined(backend: Backend, call: Call) -> str | None:
-    """Why ``"auto"`` passes ``backend`` over for ``call``, if it does.
+def run(call: Call) -> tuple[Tensor, State]:
+    """Plan ``call`` and run it: ``(output (T, B, H_out), final state tuple)``.
 
-    A backend may define ``auto_declines(call)``: calls it serves when asked by name, but that
-    the reference path runs faster (a single small step, say, has no time loop to fuse).
+    Under ``torch.autocast`` the input projection runs under autocast (as ``F.linear``), then
+    every tensor is cast to the autocast dtype and the time loop runs with autocast off, so
+    the whole recurrence (state included) has one dtype, as torch.nn.LSTM's does on CPU;
+    output and final state come back in that dtype.
     """
-    declines = getattr(backend, "auto_declines", None)
-    return None if declines is None else declines(call)
-
-
-def choose(call: Call, requested: str | None) -> tuple[str, str | None]:
-    """The backend name that will serve ``call``, and why others were passed over."""
-    requested = requested or _checks.env_backend()
-    if requested == "reference" or torch.compiler.is_exporting():
-        # Exported graphs hold only standard ops (layers export through rnnkit.export).
-        return "reference", None
-    if torch._C._are_functorch_transforms_active():
-        # vmap/jacrev/jvp need batching and forward-AD rules that only plain torch ops have.
-        return "reference", "torch.func transforms run on the reference path"
-    backends = registered()
-    device_type = call.gates_x.device.type
-    if requested == "auto":
-        reasons = []
-        for backend in backends.values():
-            if device_type not in backend.device_types:
-                continue
-            reason = (
-                backend.unavailable_reason()
-                or backend.unsupported_reason(call)
-                or _auto_declined(backend, call)
-            )
-            if reason is None:
-                return backend.name, None
-            reasons.append(f"{backend.name}: {reason}")
-        return "reference", "; ".join(reasons) or f"no fused backend for {device_type} tensors"
-    backend = backends.get(requested)
-    if backend is None:
-        return "reference", f"backend {requested!r} is not installed"
-    reason = backend.unavailable_reason() or backend.unsupported_reason(call)
-    return (requested, None) if reason is None else ("reference", reason)
-
-
-def _plain_torch_only(device_type: str) -> bool:
-    """Whether a layer's input projection (and a fused layer path) must be plain torch ops."""
-    return (
-        torch.compiler.is_exporting()  # exported graphs hold only standard ops
-        or torch._C._are_functorch_transforms_active()  # vmap etc. need torch's own rules
-        or torch.is_autocast_enabled(device_type)  # F.linear knows the autocast dtype
-    )
-
-
-def linear(
-    input: Tensor, weight: Tensor, bias: Tensor | None, *, backend: str | None = None
-) -> Tensor:
-    """A layer's input projection ``input @ weight.T + bias``, by a backend that has a faster one.
-
-    A backend may offer ``linear(input, weight, bias)`` with ``linear_unsupported_reason``;
-    otherwise, and for ``backend="reference"``, this is :func:`torch.nn.functional.linear`.
-    """
-    requested = backend or _checks.env_backend()
-    if requested != "reference" and not _plain_torch_only(input.device.type):
-        names = list(registered()) if requested == "auto" else [requested]
-        for name in names:
-            chosen = _BACKENDS.get(name)
-            offer = getattr(chosen, "linear", None)
-            if offer is None or input.device.type not in chosen.device_types:
-                continue
-            if chosen.unavailable_reason() is None and (
-                chosen.linear_unsupported_reason(input, weight, bias) is None
-            ):
-                return offer(input, weight, bias)
-    return F.linear(input, weight, bias)
-
-
-def layer_direction(
-    spec: CellSpec,
-    input: Tensor,
-    weight_ih: Tensor,
-    bias_ih: Tensor | None,
-    state: tuple[Tensor, ...],
-    weight_hh: Tensor,
-    bias_hh: Tensor | None,
-    weight_hr: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    *,
-    backend: str | None = None,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One layer-direction from its input (T, B, I): the projection, then the recurrence.
-
-    A backend may offer ``layer_direction`` with these arguments, fusing the two (it returns
-    ``None`` to decline a call); otherwise, and for ``backend="reference"``, under export,
-    torch.func transforms or autocast, this is :func:`linear` then :func:`recurrence`.
-    """
-    requested = backend or _checks.env_backend()
-    if requested != "reference" and not _plain_torch_only(input.device.type):
-        backends = registered()
-        names = list(backends) if requested == "auto" else [requested]
-        for name in names:
-            chosen = backends.get(name)
-            if chosen is None or input.device.type not in chosen.device_types:
-                continue
-            offer = getattr(chosen, "layer_direction", None)
-            if offer is not None:
-                result = offer(
-                    spec, input, weight_ih, bias_ih, state, weight_hh, bias_hh, weight_hr,
-                    lengths, reverse,
-                )
-                if result is not None:
-                    return result
-            break  # "auto" would pick this backend first: keep to its regular path
-    gates_x = linear(input, weight_ih, bias_ih, backend=backend)
-    return recurrence(
-        spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse, backend=backend
-    )
-
-
-def recurrence(
-    spec: CellSpec,
-    gates_x: Tensor,
-    state: tuple[Tensor, ...],
-    weight_hh: Tensor,
-    bias_hh: Tensor | None,
-    weight_hr: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    *,
-    backend: str | None = None,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Run one layer-direction on the chosen backend; see :func:`reference.recurrence`.
-
-    Under ``torch.autocast`` every tensor is cast to the autocast dtype and the time loop runs
-    with autocast off, so the whole recurrence (state included) has one dtype, as
-    torch.nn.LSTM's does on CPU; output and final state come back in that dtype.
-    """
-    device_type = gates_x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(tensor: Tensor | None) -> Tensor | None:
-            return None if tensor is None else tensor.to(dtype)
-
+    requested = call.backend or env_backend()
+    device_type = call.leading.device.type
+    if torch.is_autocast_enabled(device_type) and not torch.compiler.is_exporting():
+        if call.input is not None:
+            call = call.projected(F.linear(call.input, call.weight_ih, call.bias_ih))
+        call = call.cast(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
-            return recurrence(
-                spec, cast(gates_x), tuple(cast(s) for s in state), cast(weight_hh),
-                cast(bias_hh), cast(weight_hr), lengths, reverse, backend=backend,
-            )
-    args = (spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse)
-    name, reason = choose(Call(*args), backend)
-    if reason is not None and not torch.compiler.is_compiling():
+            return _run_planned(call, requested)
+    return _run_planned(call, requested)
+
+
+def _run_planned(call: Call, requested: str) -> tuple[Tensor, State]:
+    chosen = plan(call, requested)
+    if chosen.passed_over is not None and not torch.compiler.is_compiling():
         # Logging and warnings cannot be traced; eager runs report the same choice.
-        _note_fallback(backend or _checks.env_backend(), reason)
-    if name == "reference":
-        return reference.recurrence(*args)
-    return _BACKENDS[name].recurrence(*args)
+        _note_fallback(requested, chosen.passed_over)
+    if call.input is not None and not chosen.fuse_projection:
+        call = call.projected(chosen.backend.project(call.input, call.weight_ih, call.bias_ih))
+    return chosen.backend.run(call)
+

@@ -1,6 +1,7 @@
 """The reference backend: the time loop in plain torch ops, differentiable to any order.
 
-Every other backend is held equal to this one by the tests.
+It serves every call on every device, and every other backend is held equal to it by the
+conformance tests (``tests/test_conformance.py``).
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import CellSpec, step
+from rnnkit.ops.backend import BackendBase
+from rnnkit.ops.cell_math import step
+from rnnkit.ops.spec import Call, CellSpec, State
 
 
 def step_mask(lengths: Tensor | None, seq_len: int) -> Tensor | None:
@@ -19,16 +22,27 @@ def step_mask(lengths: Tensor | None, seq_len: int) -> Tensor | None:
     return (steps[:, None] < lengths[None, :]).unsqueeze(-1)
 
 
+def apply_resets(code: Tensor, state: State, reset_state: State, initial: State) -> State:
+    """The state a step starts from, given its ``(B,)`` reset codes (see :class:`Call`)."""
+    code = code.view(-1, 1)
+    return tuple(
+        torch.where(code == 1, fresh, torch.where(code == 2, first, carried))
+        for carried, fresh, first in zip(state, reset_state, initial)
+    )
+
+
 def recurrence(
     spec: CellSpec,
     gates_x: Tensor,
-    state: tuple[Tensor, ...],
+    state: State,
     weight_hh: Tensor,
     bias_hh: Tensor | None,
     weight_hr: Tensor | None,
     lengths: Tensor | None,
     reverse: bool,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
+    resets: Tensor | None = None,
+    reset_state: State | None = None,
+) -> tuple[Tensor, State]:
     """Run one layer in one direction over a whole sequence.
 
     Args:
@@ -39,6 +53,9 @@ def recurrence(
         weight_hr: LSTM projection ``(H_out, H)`` or ``None``.
         lengths: ``(B,)`` int64 on ``gates_x``'s device, or ``None`` for full length.
         reverse: run from each sequence's own last step back to step 0.
+        resets, reset_state: per-step reset codes ``(T, B)`` and the state a code-1 reset
+            starts from (see :class:`rnnkit.ops.spec.Call`); a step past a sequence's length
+            ignores its code, as it ignores everything else.
 
     Returns:
         ``output`` of shape ``(T, B, H_out)``, zero past each sequence's length, and the
@@ -46,9 +63,11 @@ def recurrence(
     """
     seq_len = gates_x.shape[0]
     mask = step_mask(lengths, seq_len)
+    initial = state
     outputs: list[Tensor] = [gates_x] * seq_len
     for t in range(seq_len - 1, -1, -1) if reverse else range(seq_len):
-        new_state = step(spec, gates_x[t], state, weight_hh, bias_hh, weight_hr)
+        start = state if resets is None else apply_resets(resets[t], state, reset_state, initial)
+        new_state = step(spec, gates_x[t], start, weight_hh, bias_hh, weight_hr)
         if mask is None:
             state = new_state
             outputs[t] = new_state[0]
@@ -57,3 +76,22 @@ def recurrence(
             state = tuple(torch.where(active, new, old) for new, old in zip(new_state, state))
             outputs[t] = torch.where(active, new_state[0], torch.zeros_like(new_state[0]))
     return torch.stack(outputs), state
+
+
+class ReferenceBackend(BackendBase):
+    """Plain torch ops on any device; the fallback of every plan."""
+
+    name = "reference"
+    device_types: tuple[str, ...] = ()  # every device: the plan falls back to it, never picks
+
+    def unsupported_reason(self, call: Call) -> str | None:
+        return None
+
+    def run(self, call: Call) -> tuple[Tensor, State]:
+        return recurrence(
+            call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
+            call.lengths, call.reverse, call.resets, call.reset_state,
+        )
+
+
+BACKEND = ReferenceBackend()

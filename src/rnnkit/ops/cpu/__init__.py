@@ -1,23 +1,25 @@
 """The ``"cpu"`` backend: compiled C++ time loops, forward and backward, for CPU tensors.
 
-Importing this package declares the ``rnnkit::cpu_recurrence_forward`` and
-``rnnkit::cpu_recurrence_backward`` custom ops and registers the backend with
-:mod:`rnnkit.ops.dispatch`. The C++ source is built on first use and cached; without a
-compiler, or when the build fails, the backend reports itself unavailable (one warning) and
-calls fall back to the reference path.
+Importing this package declares the ``rnnkit::cpu_*`` custom ops (:mod:`._ops`). The C++
+sources (``csrc/``) are built on first use and cached; without a compiler, or when the build
+fails, the backend reports itself unavailable (one warning) and calls fall back to the
+reference path.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from rnnkit.ops import dispatch
+from rnnkit.ops.activations import CODES
+from rnnkit.ops.backend import BackendBase
 from rnnkit.ops.cpu import _build, _ops
+from rnnkit.ops.spec import Call, State
 
 DTYPES = (torch.float32, torch.float64)
 
 
-class CpuBackend:
+class CpuBackend(BackendBase):
     """Serves named-activation RNN, GRU and LSTM recurrences on float32/float64 CPU tensors."""
 
     name = "cpu"
@@ -29,26 +31,25 @@ class CpuBackend:
             return _build.cached_status()
         return _build.status()
 
-    def unsupported_reason(self, call: dispatch.Call) -> str | None:
+    def unsupported_reason(self, call: Call) -> str | None:
         spec = call.spec
         if spec.mode == "rnn" and not isinstance(spec.nonlinearity, str):
             return "a callable nonlinearity runs only on the reference path"
-        if spec.mode == "rnn" and spec.nonlinearity not in _ops.ACTIVATIONS:
+        if spec.mode == "rnn" and spec.nonlinearity not in CODES:
             return f"no compiled kernel for the nonlinearity {spec.nonlinearity!r}"
-        dtype = call.gates_x.dtype
+        if call.resets is not None and not _ops.SERVES_RESETS:
+            return "state resets are not compiled into these kernels yet"
+        dtype = call.leading.dtype
         if dtype not in DTYPES:
             return f"dtype {dtype} is not supported (float32, float64 are)"
-        tensors = [*call.state, call.weight_hh, call.bias_hh, call.weight_hr]
-        for tensor in tensors:
-            if tensor is None:
-                continue
+        for tensor in call.tensors():
             if tensor.dtype != dtype:
                 return f"mixed dtypes ({dtype} and {tensor.dtype})"
             if tensor.device.type != "cpu":
                 return f"a tensor is on {tensor.device}, not the CPU"
         return None
 
-    def auto_declines(self, call: dispatch.Call) -> str | None:
+    def auto_declines(self, call: Call) -> str | None:
         """``"auto"`` runs a single time step of fewer than 32 rows on the reference path.
 
         One step has no time loop to fuse, while the compiled path packs the weights for that
@@ -58,51 +59,39 @@ class CpuBackend:
         H=256: 0.78 against 1.05 ms). ``backend="cpu"`` still runs every step compiled, and
         LSTM inference keeps its fused layer path (faster at any size).
         """
-        steps, batch = call.gates_x.shape[:2]
-        if steps == 1 and batch < 32:
+        if call.steps == 1 and call.batch < 32 and not self.fuses_projection(call):
             return "a single step of fewer than 32 rows runs faster on the reference path"
         return None
 
-    def linear_unsupported_reason(self, input, weight, bias) -> str | None:
-        """Why :meth:`linear` cannot compute this input projection, or ``None``."""
-        tensors = [input, weight] + ([] if bias is None else [bias])
-        if input.dtype not in DTYPES:
-            return f"dtype {input.dtype} is not supported (float32, float64 are)"
-        if any(t.dtype != input.dtype or t.device.type != "cpu" for t in tensors):
-            return "mixed dtypes or devices"
-        return None
+    def fuses_projection(self, call: Call) -> bool:
+        """LSTM inference computes ``W_ih x + b_ih`` a few steps at a time inside its loop.
 
-    def linear(self, input, weight, bias):
+        Only for LSTM calls with a time axis that need no gradient and carry no resets;
+        anything else runs as :meth:`project` then the recurrence.
+        """
+        return (
+            call.spec.mode == "lstm"
+            and call.input is not None
+            and call.time_axis
+            and call.resets is None
+            and not call.needs_grad()
+        )
+
+    def project(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return _ops.linear(input, weight, bias)
 
-    def recurrence(self, *args):
-        return _ops.recurrence(*args)
-
-    def layer_direction(
-        self, spec, input, weight_ih, bias_ih, state, weight_hh, bias_hh, weight_hr, lengths,
-        reverse,
-    ):
-        """LSTM inference with the input projection inside the loop, or ``None`` to decline.
-
-        Serves only LSTM calls that need no gradient and that :meth:`recurrence` and
-        :meth:`linear` would both serve; anything else runs as linear + recurrence.
-        """
-        if spec.mode != "lstm" or self.unavailable_reason() is not None:
-            return None
-        tensors = (input, weight_ih, bias_ih, *state, weight_hh, bias_hh, weight_hr)
-        present = [t for t in tensors if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-            return None
-        if input.dim() != 3 or input.dtype not in DTYPES:
-            return None
-        if any(t.dtype != input.dtype or t.device.type != "cpu" for t in present):
-            return None
-        return _ops.lstm_layer(
-            input, weight_ih, bias_ih, state, weight_hh, bias_hh, weight_hr, lengths, reverse
+    def run(self, call: Call) -> tuple[Tensor, State]:
+        if call.input is not None:
+            return _ops.lstm_layer(
+                call.input, call.weight_ih, call.bias_ih, call.state, call.weight_hh,
+                call.bias_hh, call.weight_hr, call.lengths, call.reverse,
+            )
+        return _ops.recurrence(
+            call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
+            call.lengths, call.reverse,
         )
 
 
-backend = CpuBackend()
-dispatch.register(backend)
+BACKEND = CpuBackend()
 
-__all__ = ["CpuBackend", "backend"]
+__all__ = ["BACKEND", "CpuBackend"]

@@ -17,15 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import CellSpec
 from rnnkit.ops import reference
+from rnnkit.ops.activations import TABLE, code
 from rnnkit.ops.cpu import _build
+from rnnkit.ops.spec import CellSpec
 
 MODES = ("rnn", "gru", "lstm")
-ACTIVATIONS = ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh")
 
-# RNN activations whose derivative the forward saves (the others read it off the output).
-KEEPS_DERIVATIVE = ("silu", "gelu")
+# Whether the kernels apply per-step state resets (Call.resets).
+SERVES_RESETS = False
 
 FORWARD = "rnnkit::cpu_recurrence_forward"
 BACKWARD = "rnnkit::cpu_recurrence_backward"
@@ -85,7 +85,7 @@ def _forward_fake(
     new = gates_x.new_empty
     if training:
         if mode == MODES.index("rnn"):
-            saved_width = hidden if ACTIVATIONS[activation] in KEEPS_DERIVATIVE else 0
+            saved_width = hidden if TABLE[activation].saves_derivative else 0
         else:
             saved_width = 4 * hidden
         gates = new((seq_len, batch, saved_width))
@@ -165,7 +165,7 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | N
     """Differentiable gradients for create_graph=True: rerun the segment on the reference path."""
     gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths = ctx.saved_tensors[:7]
     mode, activation, reset_after, reverse = ctx.codes
-    spec = CellSpec(MODES[mode], ACTIVATIONS[activation], reset_after)
+    spec = CellSpec(MODES[mode], TABLE[activation].name, reset_after)
     state = (h0,) if c0 is None else (h0, c0)
     output, final = reference.recurrence(
         spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse
@@ -281,7 +281,7 @@ def recurrence(
     output, h_n, c_n, *_ = torch.ops.rnnkit.cpu_recurrence_forward(
         gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths,
         MODES.index(spec.mode),
-        ACTIVATIONS.index(spec.nonlinearity) if spec.mode == "rnn" else 0,
+        code(spec.nonlinearity) if spec.mode == "rnn" else 0,
         spec.reset_after, reverse, training,
     )
     return output, ((h_n, c_n) if spec.mode == "lstm" else (h_n,))

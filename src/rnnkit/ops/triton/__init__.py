@@ -41,25 +41,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.ops import dispatch
+from rnnkit.ops.backend import BackendBase
+from rnnkit.ops.spec import Call, State
 
 try:
     import triton  # noqa: F401
 except ImportError as error:  # triton is an optional dependency
     _IMPORT_ERROR: str | None = f"triton is not installed ({error}); pip install 'rnnkit[triton]'"
+    _autograd = None
 else:
     _IMPORT_ERROR = None
+    from rnnkit.ops.triton import _autograd
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpreting() -> bool:
-    from rnnkit.ops.triton._autograd import interpreting
-
-    return interpreting()
-
-
-class TritonBackend:
+class TritonBackend(BackendBase):
     """Fused Triton kernels; see the module docstring for the design."""
 
     name = "triton"
@@ -68,57 +65,46 @@ class TritonBackend:
     def unavailable_reason(self) -> str | None:
         if _IMPORT_ERROR is not None:
             return _IMPORT_ERROR
-        if not torch.cuda.is_available() and not _interpreting():
+        if not torch.cuda.is_available() and not _autograd.interpreting():
             return "no CUDA device, and TRITON_INTERPRET=1 is not set for the CPU interpreter"
         return None
 
-    def unsupported_reason(self, call: dispatch.Call) -> str | None:
+    def unsupported_reason(self, call: Call) -> str | None:
         spec = call.spec
         if spec.mode == "rnn":
             if not isinstance(spec.nonlinearity, str):
                 return "the nonlinearity is a callable; triton kernels serve the named activations"
-            from rnnkit.ops.triton._autograd import kernels
-
-            served = kernels().ACTIVATION_CODES
+            served = _autograd.kernels().ACTIVATION_CODES
             if spec.nonlinearity not in served:
                 return (f"activation {spec.nonlinearity!r} has no triton kernel "
                         f"(served: {sorted(served)})")
-        tensors = [call.gates_x, *call.state, call.weight_hh, call.bias_hh, call.weight_hr]
-        tensors = [tensor for tensor in tensors if tensor is not None]
-        dtype = call.gates_x.dtype
+        if call.resets is not None and not _autograd.SERVES_RESETS:
+            return "state resets are not in the triton kernels yet"
+        tensors = call.tensors()
+        dtype = call.leading.dtype
         if dtype not in DTYPES:
             return f"dtype {dtype} is not served (float32, float16, bfloat16 are)"
         mixed = sorted({str(tensor.dtype) for tensor in tensors})
         if len(mixed) > 1:
             return f"tensors have mixed dtypes {mixed}"
-        device_type = call.gates_x.device.type
+        device_type = call.leading.device.type
         if device_type == "cpu":
-            if not _interpreting():
+            if not _autograd.interpreting():
                 return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
             if dtype == torch.bfloat16:
                 return "bfloat16 matmuls are not exact under the Triton interpreter"
         elif device_type != "cuda":
             return f"{device_type} tensors are not served (cuda, or cpu under the interpreter)"
-        if any(tensor.device != call.gates_x.device for tensor in tensors):
+        if any(tensor.device != call.leading.device for tensor in tensors):
             return "tensors are on different devices"
         return None
 
-    def recurrence(
-        self,
-        spec,
-        gates_x: Tensor,
-        state: tuple[Tensor, ...],
-        weight_hh: Tensor,
-        bias_hh: Tensor | None,
-        weight_hr: Tensor | None,
-        lengths: Tensor | None,
-        reverse: bool,
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """:func:`rnnkit.ops.reference.recurrence`'s signature and semantics."""
-        from rnnkit.ops.triton._autograd import recurrence
-
-        return recurrence(spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse)
+    def run(self, call: Call) -> tuple[Tensor, State]:
+        """:func:`rnnkit.ops.reference.recurrence`'s semantics."""
+        return _autograd.recurrence(
+            call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
+            call.lengths, call.reverse,
+        )
 
 
 BACKEND = TritonBackend()
-dispatch.register(BACKEND)

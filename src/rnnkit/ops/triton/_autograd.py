@@ -11,10 +11,13 @@ import torch
 import triton
 from torch import Tensor
 
-from rnnkit.cells import CellSpec
 from rnnkit.ops import reference
+from rnnkit.ops.spec import CellSpec
 
 SCHEDULES = ("persistent", "step")
+
+# Whether the kernels apply per-step state resets (Call.resets).
+SERVES_RESETS = False
 
 
 def interpreting() -> bool:

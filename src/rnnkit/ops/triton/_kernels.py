@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from rnnkit.ops.activations import CODES
+
 # Cell modes (constexpr MODE).
 RNN = 0
 GRU_AFTER = 1  # reset_after=True: n = tanh(x_n + r * (W_hn h + b_hn))
@@ -42,10 +44,19 @@ MODE_LSTM_PROJ = tl.constexpr(LSTM_PROJ)
 FORWARD_PHASES = {RNN: 1, GRU_AFTER: 1, GRU_BEFORE: 2, LSTM: 1, LSTM_PROJ: 2}
 BACKWARD_PHASES = {RNN: 2, GRU_AFTER: 2, GRU_BEFORE: 3, LSTM: 2, LSTM_PROJ: 3}
 
-# Named RNN activations (constexpr ACT), in the order of rnnkit.activations.ACTIVATIONS.
+# Named RNN activations (constexpr ACT): their codes come from rnnkit.ops.activations.TABLE.
+ACT_TANH = tl.constexpr(CODES["tanh"])
+ACT_RELU = tl.constexpr(CODES["relu"])
+ACT_IDENTITY = tl.constexpr(CODES["identity"])
+ACT_SIGMOID = tl.constexpr(CODES["sigmoid"])
+ACT_SILU = tl.constexpr(CODES["silu"])
+ACT_GELU = tl.constexpr(CODES["gelu"])
+ACT_SOFTSIGN = tl.constexpr(CODES["softsign"])
+ACT_HARDTANH = tl.constexpr(CODES["hardtanh"])
+# The activations _activate and _activate_grad have a formula for.
 ACTIVATION_CODES = {
-    "tanh": 0, "relu": 1, "identity": 2, "sigmoid": 3,
-    "silu": 4, "gelu": 5, "softsign": 6, "hardtanh": 7,
+    name: CODES[name]
+    for name in ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh")
 }
 
 # Synchronisation between phases (constexpr SYNC).
@@ -72,19 +83,19 @@ def _tanh(x):
 
 @triton.jit
 def _activate(x, ACT: tl.constexpr):
-    if ACT == 0:
+    if ACT == ACT_TANH:
         y = _tanh(x)
-    elif ACT == 1:
+    elif ACT == ACT_RELU:
         y = tl.maximum(x, 0.0)
-    elif ACT == 2:
+    elif ACT == ACT_IDENTITY:
         y = x
-    elif ACT == 3:
+    elif ACT == ACT_SIGMOID:
         y = _sigmoid(x)
-    elif ACT == 4:
+    elif ACT == ACT_SILU:
         y = x * _sigmoid(x)
-    elif ACT == 5:
+    elif ACT == ACT_GELU:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACT == 6:
+    elif ACT == ACT_SOFTSIGN:
         y = x / (1.0 + tl.abs(x))
     else:
         y = tl.minimum(tl.maximum(x, -1.0), 1.0)
@@ -94,23 +105,23 @@ def _activate(x, ACT: tl.constexpr):
 @triton.jit
 def _activate_grad(x, ACT: tl.constexpr):
     """d activation / dx at the pre-activation ``x`` (torch's conventions at the kinks)."""
-    if ACT == 0:
+    if ACT == ACT_TANH:
         y = _tanh(x)
         d = 1.0 - y * y
-    elif ACT == 1:
+    elif ACT == ACT_RELU:
         d = tl.where(x > 0, 1.0, 0.0)
-    elif ACT == 2:
+    elif ACT == ACT_IDENTITY:
         d = x * 0.0 + 1.0
-    elif ACT == 3:
+    elif ACT == ACT_SIGMOID:
         y = _sigmoid(x)
         d = y * (1.0 - y)
-    elif ACT == 4:
+    elif ACT == ACT_SILU:
         y = _sigmoid(x)
         d = y * (1.0 + x * (1.0 - y))
-    elif ACT == 5:
+    elif ACT == ACT_GELU:
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         d = cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
-    elif ACT == 6:
+    elif ACT == ACT_SOFTSIGN:
         a = 1.0 + tl.abs(x)
         d = 1.0 / (a * a)
     else:

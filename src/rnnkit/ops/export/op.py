@@ -1,0 +1,106 @@
+"""One layer-direction as a single ``torch.library`` op, used only while exporting.
+
+``torch.export`` traces a Python loop over time into ``T`` copies of the step, which fixes the
+sequence length. While exporting, the plan (:func:`rnnkit.ops.dispatch.plan`) sends every
+layer-direction to :data:`BACKEND`, which records one opaque op ``rnnkit_export::recurrence``
+per layer and direction with symbolic shapes; :mod:`rnnkit.export` translates that op to ONNX.
+Run eagerly, the op computes ``W_ih x + b_ih`` and calls :func:`rnnkit.ops.reference.recurrence`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rnnkit.ops import reference
+from rnnkit.ops.activations import activation_name
+from rnnkit.ops.backend import BackendBase
+from rnnkit.ops.spec import Call, CellSpec, State
+
+
+@torch.library.custom_op("rnnkit_export::recurrence", mutates_args=())
+def recurrence_op(
+    input: Tensor,
+    weight_ih: Tensor,
+    bias_ih: Tensor | None,
+    weight_hh: Tensor,
+    bias_hh: Tensor | None,
+    weight_hr: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    lengths: Tensor | None,
+    mode: str,
+    nonlinearity: str,
+    reset_after: bool,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(output (T, B, H_out), h_n (B, H_out), c_n (B, H))``; ``c_n`` is a copy of ``h_n``
+    for RNN and GRU, which have no cell state."""
+    spec = CellSpec(mode, nonlinearity=nonlinearity, reset_after=reset_after)
+    gates_x = F.linear(input, weight_ih, bias_ih)
+    state = (h0,) if c0 is None else (h0, c0)
+    output, final = reference.recurrence(
+        spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse
+    )
+    cell = final[1] if len(final) == 2 else final[0].clone()
+    return output, final[0], cell
+
+
+@recurrence_op.register_fake
+def _(input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths, mode,
+      nonlinearity, reset_after, reverse):
+    steps, batch = input.shape[0], input.shape[1]
+    cell = h0 if c0 is None else c0
+    return (
+        input.new_empty(steps, batch, h0.shape[-1]),
+        h0.new_empty(h0.shape),
+        cell.new_empty(cell.shape),
+    )
+
+
+class ExportBackend(BackendBase):
+    """Records a layer-direction as ``rnnkit_export::recurrence``; used only while exporting.
+
+    The plan picks it itself (it is not registered): it serves calls with ``input`` and a
+    time axis, the projection included.
+    """
+
+    name = "export"
+    device_types: tuple[str, ...] = ()
+
+    def unsupported_reason(self, call: Call) -> str | None:
+        return None
+
+    def fuses_projection(self, call: Call) -> bool:
+        return True
+
+    def run(self, call: Call) -> tuple[Tensor, State]:
+        """Record the op; the nonlinearity must be a name (a callable has no ONNX form).
+
+        Raises:
+            TypeError: the nonlinearity is a callable.
+            NotImplementedError: the call has state resets, which the op does not carry.
+        """
+        spec = call.spec
+        if not isinstance(spec.nonlinearity, str):
+            raise TypeError(
+                "cannot export an RNN whose nonlinearity is a callable "
+                f"({activation_name(spec.nonlinearity)}); use one of the named activations in "
+                "rnnkit.ACTIVATIONS"
+            )
+        if call.resets is not None:
+            raise NotImplementedError(
+                "rnnkit cannot export a layer called with resets= yet; export the model "
+                "without resets and reset the state between calls"
+            )
+        state = call.state
+        output, hidden, cell = recurrence_op(
+            call.input, call.weight_ih, call.bias_ih, call.weight_hh, call.bias_hh,
+            call.weight_hr, state[0], state[1] if len(state) == 2 else None, call.lengths,
+            spec.mode, spec.nonlinearity, spec.reset_after, call.reverse,
+        )
+        return output, ((hidden, cell) if spec.mode == "lstm" else (hidden,))
+
+
+BACKEND = ExportBackend()

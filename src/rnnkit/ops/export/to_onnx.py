@@ -1,0 +1,173 @@
+"""ONNX export of rnnkit layers with dynamic batch and time axes.
+
+While ``torch.export`` traces a model, each layer-direction of an :class:`rnnkit.RNN`,
+:class:`rnnkit.GRU` or :class:`rnnkit.LSTM` is recorded as one op,
+``rnnkit_export::recurrence`` (see :mod:`rnnkit.ops.export.op`). The translation below turns
+that op into ONNX:
+
+| rnnkit layer-direction | ONNX |
+|---|---|
+| RNN with ``tanh``, ``relu`` or ``sigmoid`` | ``RNN`` (activation ``Tanh``/``Relu``/``Sigmoid``) |
+| GRU, ``reset_after=True`` | ``GRU`` with ``linear_before_reset=1`` |
+| GRU, ``reset_after=False`` | ``GRU`` with ``linear_before_reset=0`` |
+| LSTM without ``proj_size`` | ``LSTM`` |
+| LSTM with ``proj_size`` | ``Scan`` over time (ONNX's LSTM has no projection) |
+| RNN with any other named nonlinearity | ``Scan`` over time |
+| RNN with a callable nonlinearity | ``TypeError`` (a Python callable has no ONNX form) |
+
+``lengths`` becomes ``sequence_lens`` of the native ops; the ``Scan`` path masks steps past
+each length and runs reverse directions through ``ReverseSequence``. Gates are reordered from
+torch's layout (``i f g o``, ``r z n``) to ONNX's (``i o f c``, ``z r h``) inside the graph.
+
+Use :func:`export_onnx`, or pass :func:`onnx_translation_table` as
+``custom_translation_table`` to ``torch.onnx.export(..., dynamo=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import torch
+from onnxscript import opset18 as op
+
+from rnnkit.ops.activations import TABLE
+from rnnkit.ops.export import onnx_scan
+from rnnkit.ops.export import op as export_op
+
+_NATIVE_RNN_ACTIVATIONS = {row.name: row.onnx for row in TABLE if row.onnx is not None}
+_TORCH_TO_ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2], "rnn": [0]}
+
+
+def onnx_translation_table() -> dict[Any, Callable]:
+    """The ``custom_translation_table`` that lets ``torch.onnx.export`` handle rnnkit layers."""
+    return {export_op.recurrence_op._opoverload: _recurrence_to_onnx}
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    args: tuple,
+    f: str | None = None,
+    *,
+    kwargs: dict | None = None,
+    dynamic_shapes: Any = None,
+    **options: Any,
+) -> torch.onnx.ONNXProgram:
+    """``torch.onnx.export(model, args, f, dynamo=True, ...)`` with rnnkit's translations.
+
+    Args:
+        model: the module to export.
+        args: example positional inputs, as for ``torch.onnx.export``.
+        f: where to save the model, or ``None`` to only return the program.
+        kwargs: example keyword inputs.
+        dynamic_shapes: as for ``torch.onnx.export``; mark the batch and time dimensions of
+            the input with ``torch.export.Dim`` to keep them dynamic.
+        options: further keyword arguments for ``torch.onnx.export``.
+
+    Returns:
+        The ``ONNXProgram``.
+
+    Raises:
+        TypeError: a layer uses a callable nonlinearity, which ONNX cannot express.
+    """
+    table = {**onnx_translation_table(), **options.pop("custom_translation_table", {})}
+    return torch.onnx.export(
+        model, args, f, kwargs=kwargs, dynamic_shapes=dynamic_shapes, dynamo=True,
+        custom_translation_table=table, **options,
+    )
+
+
+def _reorder_gates(tensor, mode: str, hidden_size: int):
+    """Rows ``[i f g o]``/``[r z n]`` (torch) to ``[i o f c]``/``[z r h]`` (ONNX).
+
+    A Gather with constant indices, which the exporter folds into the weights.
+    """
+    order = _TORCH_TO_ONNX_GATES[mode]
+    if len(order) == 1:
+        return tensor
+    rows = [gate * hidden_size + k for gate in order for k in range(hidden_size)]
+    return op.Gather(tensor, op.Constant(value_ints=rows), axis=0)
+
+
+def _recurrence_to_onnx(
+    input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths,
+    mode: str, nonlinearity: str, reset_after: bool, reverse: bool,
+):
+    """Translate one ``rnnkit_export::recurrence`` call; returns ``(Y, Y_h, Y_c)``."""
+    native = (mode == "gru" or (mode == "lstm" and weight_hr is None)
+              or (mode == "rnn" and nonlinearity in _NATIVE_RNN_ACTIVATIONS))
+    if native:
+        return _native(input, weight_ih, bias_ih, weight_hh, bias_hh, h0, c0, lengths, mode,
+                       nonlinearity, reset_after, reverse)
+    return _scan(input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths,
+                 mode, nonlinearity, reverse)
+
+
+def _native(input, weight_ih, bias_ih, weight_hh, bias_hh, h0, c0, lengths, mode,
+            nonlinearity, reset_after, reverse):
+    """ONNX's own RNN/GRU/LSTM op for one direction."""
+    hidden_size = weight_hh.shape[1]
+    axis0 = op.Constant(value_ints=[0])
+    w = op.Unsqueeze(_reorder_gates(weight_ih, mode, hidden_size), axis0)
+    r = op.Unsqueeze(_reorder_gates(weight_hh, mode, hidden_size), axis0)
+    b = None
+    if bias_ih is not None:
+        b = op.Unsqueeze(
+            op.Concat(_reorder_gates(bias_ih, mode, hidden_size),
+                      _reorder_gates(bias_hh, mode, hidden_size), axis=0),
+            axis0,
+        )
+    seq_lens = None if lengths is None else op.Cast(lengths, to=onnx.TensorProto.INT32)
+    attrs = {"hidden_size": int(hidden_size), "direction": "reverse" if reverse else "forward"}
+    initial_h = op.Unsqueeze(h0, axis0)
+    if mode == "lstm":
+        y, y_h, y_c = op.LSTM(input, w, r, b, seq_lens, initial_h, op.Unsqueeze(c0, axis0),
+                              **attrs)
+    elif mode == "gru":
+        y, y_h = op.GRU(input, w, r, b, seq_lens, initial_h,
+                        linear_before_reset=int(reset_after), **attrs)
+        y_c = y_h
+    else:
+        y, y_h = op.RNN(input, w, r, b, seq_lens, initial_h,
+                        activations=[_NATIVE_RNN_ACTIVATIONS[nonlinearity]], **attrs)
+        y_c = y_h
+    # Y is (T, num_directions=1, B, H); the states are (1, B, H).
+    axis1 = op.Constant(value_ints=[1])
+    return op.Squeeze(y, axis1), op.Squeeze(y_h, axis0), op.Squeeze(y_c, axis0)
+
+
+def _scan(input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths, mode,
+          nonlinearity, reverse):
+    """A ``Scan`` over time whose body is one step of the recurrence, masked by lengths."""
+    gates_x = op.MatMul(input, op.Transpose(weight_ih, perm=[1, 0]))
+    if bias_ih is not None:
+        gates_x = op.Add(gates_x, bias_ih)
+    steps = op.Shape(input, start=0, end=1)
+    batch = op.Shape(input, start=1, end=2)
+    if lengths is None:
+        lengths = op.Expand(steps, batch)
+    # A reverse direction runs forward over each sequence reversed within its own length.
+    if reverse:
+        gates_x = op.ReverseSequence(gates_x, lengths, batch_axis=1, time_axis=0)
+    time = op.Range(op.Constant(value_int=0), op.Squeeze(steps), op.Constant(value_int=1))
+    mask = op.Unsqueeze(
+        op.Less(op.Unsqueeze(time, op.Constant(value_ints=[1])),
+                op.Unsqueeze(lengths, op.Constant(value_ints=[0]))),
+        op.Constant(value_ints=[2]),
+    )
+    recurrent_t = op.Transpose(weight_hh, perm=[1, 0])
+    if bias_hh is None:
+        bias_hh = op.CastLike(op.Constant(value_float=0.0), weight_hh)
+    if mode == "lstm":
+        projection_t = op.Transpose(weight_hr, perm=[1, 0])
+        y, h_n, c_n = onnx_scan.lstm_projection_scan(
+            gates_x, recurrent_t, bias_hh, projection_t, h0, c0, mask
+        )
+    else:
+        y, h_n = onnx_scan.RNN_SCANS[nonlinearity](gates_x, recurrent_t, bias_hh, h0, mask)
+        c_n = h_n
+    if reverse:
+        y = op.ReverseSequence(y, lengths, batch_axis=1, time_axis=0)
+    return y, h_n, c_n
+

@@ -20,7 +20,8 @@ import pytest
 import rnnkit
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNABLE_PAGES = ["index.md", "from-torch.md", "lengths.md", "from-flux.md", "from-mlx.md"]
+RUNNABLE_PAGES = ["index.md", "from-torch.md", "lengths.md", "from-flux.md", "from-mlx.md",
+                  "rl-resets.md", "backends.md"]
 # Examples that use features from other modules run once those modules are present.
 OPTIONAL_NAMES = {"rnnkit.Stateful": lambda: hasattr(rnnkit, "Stateful"),
                   "mlx.": lambda: importlib.util.find_spec("mlx") is not None}

@@ -33,3 +33,16 @@ def test_bench_rejects_fewer_than_five_repeats():
     with pytest.raises(SystemExit) as error:
         bench.main(["--quick", "--repeats", "3"])
     assert error.value.code == 2
+
+
+def test_quick_resets_bench_writes_json(tmp_path, capsys):
+    assert bench.main(["--resets", "--quick", "--repeats", "5", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "loop" in printed and "rnnkit+resets" in printed
+    results = json.loads((tmp_path / "bench-resets-cpu.json").read_text())
+    assert results["suite"] == "resets" and results["repeats"] == 5
+    (row,) = results["results"]
+    assert row["resets"] >= 1
+    assert set(row["all_s"]) == {"loop", "resets", "plain", "torch"}
+    assert all(len(v) == 5 for v in row["all_s"].values())
+    assert row["speedup_vs_loop"] > 0 and row["overhead_vs_plain"] > 0

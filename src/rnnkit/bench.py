@@ -70,6 +70,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the training peak memory comparison"
     )
+    parser.add_argument(
+        "--resets", action="store_true",
+        help="the recurrent-RL case instead of the grid: LSTM 512->128, T=128, B=8 and 64, "
+        "1%% of steps resetting, forward+backward; rnnkit's one call with resets= against "
+        "CleanRL's per-step loop over torch.nn.LSTM and against rnnkit without resets",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error(f"--repeats must be at least 5, got {args.repeats}")
@@ -190,6 +196,100 @@ def run(args: argparse.Namespace) -> dict:
                 row["peak_bytes_rnnkit"] = _peak_memory(our_train, args.device)
             rows.append(row)
             _print_row(row)
+    return {**_context(args), "results": rows}
+
+
+# The recurrent-RL case (CleanRL's ppo_atari_lstm shape) and the issue's goals.
+RESETS_GRID = ((8, 512, 128, 128), (64, 512, 128, 128))  # (B, input, hidden, T)
+RESETS_TARGETS = {8: 5.0, 64: 2.0}  # rnnkit with resets vs the per-step loop
+RESETS_OVERHEAD = 1.15  # rnnkit with resets vs rnnkit without, at most
+
+
+def _cleanrl_train(lstm: torch.nn.Module, x: Tensor, done: Tensor) -> Callable[[], None]:
+    """CleanRL's get_states: one torch.nn.LSTM call per step, the state times (1 - done)."""
+    keep = (1.0 - done.to(x.dtype)).unsqueeze(-1)  # (T, B, 1)
+
+    def train() -> None:
+        lstm.zero_grad(set_to_none=True)
+        size = lstm.hidden_size
+        state = (x.new_zeros(1, x.shape[1], size), x.new_zeros(1, x.shape[1], size))
+        outputs = []
+        for t in range(x.shape[0]):
+            state = (keep[t] * state[0], keep[t] * state[1])
+            output, state = lstm(x[t : t + 1], state)
+            outputs.append(output)
+        torch.cat(outputs).sum().backward()
+
+    return train
+
+
+def _rnnkit_train(lstm: torch.nn.Module, x: Tensor, resets: Tensor | None) -> Callable[[], None]:
+    def train() -> None:
+        lstm.zero_grad(set_to_none=True)
+        output, _ = lstm(x, resets=resets)
+        output.sum().backward()
+
+    return train
+
+
+def run_resets(args: argparse.Namespace) -> dict:
+    """The recurrent-RL case, interleaved: the loop, rnnkit with and without resets, torch.nn."""
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    grid = ((2, 16, 8, 12),) if args.quick else RESETS_GRID
+    for batch, features, hidden, seq_len in grid:
+        torch.manual_seed(0)
+        peer = torch.nn.LSTM(features, hidden, device=args.device, dtype=dtype)
+        ours = rnnkit.LSTM(features, hidden, device=args.device, dtype=dtype)
+        ours.load_state_dict(peer.state_dict())
+        x = torch.randn(seq_len, batch, features, device=args.device, dtype=dtype)
+        done = torch.rand(seq_len, batch, device=args.device) < 0.01
+        done[seq_len // 2, 0] = True  # at least one reset, whatever the draw
+        contenders = {
+            "loop": _cleanrl_train(peer, x, done),
+            "resets": _rnnkit_train(ours, x, done),
+            "plain": _rnnkit_train(ours, x, None),
+            "torch": _torch_whole(peer, x),
+        }
+        for fn in contenders.values():  # warm-up (and first build)
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in contenders}
+        for _ in range(args.repeats):
+            for key, fn in contenders.items():
+                times[key].append(_timed(fn, args.device))
+        median = {k: statistics.median(v) for k, v in times.items()}
+        row = {
+            "batch": batch, "input": features, "hidden": hidden, "seq_len": seq_len,
+            "resets": int(done.sum()), "median_s": median, "all_s": times,
+            "speedup_vs_loop": median["loop"] / median["resets"],
+            "overhead_vs_plain": median["resets"] / median["plain"],
+        }
+        if not args.quick:
+            row["target_vs_loop"] = RESETS_TARGETS[batch]
+            row["target_overhead"] = RESETS_OVERHEAD
+        rows.append(row)
+        print(
+            f"LSTM {batch:>3} {features:>4}->{hidden:<4} T={seq_len:<4} resets={row['resets']:<3}| "
+            f"loop {median['loop'] * 1e3:8.1f}ms  rnnkit+resets {median['resets'] * 1e3:7.1f}ms "
+            f"({row['speedup_vs_loop']:5.2f}x)  rnnkit {median['plain'] * 1e3:7.1f}ms "
+            f"(resets cost {row['overhead_vs_plain']:4.2f}x)  "
+            f"torch.nn whole {median['torch'] * 1e3:7.1f}ms",
+            flush=True,
+        )
+    return {**_context(args), "suite": "resets", "results": rows}
+
+
+def _torch_whole(lstm: torch.nn.Module, x: Tensor) -> Callable[[], None]:
+    """torch.nn's one call over the whole sequence, without resets: for context."""
+    def train() -> None:
+        lstm.zero_grad(set_to_none=True)
+        output, _ = lstm(x)
+        output.sum().backward()
+
+    return train
+
+
+def _context(args: argparse.Namespace) -> dict:
     return {
         "device": args.device,
         "dtype": args.dtype,
@@ -200,7 +300,6 @@ def run(args: argparse.Namespace) -> dict:
         "machine": platform.processor() or platform.machine(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "results": rows,
     }
 
 
@@ -260,6 +359,18 @@ def _plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the process exit status."""
     args = _parse(argv)
+    if args.resets:
+        print(
+            f"rnnkit bench --resets: {args.device} {args.dtype}, {torch.get_num_threads()} "
+            f"threads, median of {args.repeats}, forward+backward"
+        )
+        results = run_resets(args)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"bench-resets-{args.device}.json"
+            path.write_text(json.dumps(results, indent=2))
+            print(f"wrote {path}")
+        return 0
     print(
         f"rnnkit bench: {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats}; ratio = torch.nn time / rnnkit time (input size = H)"

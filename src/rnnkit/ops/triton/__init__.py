@@ -26,13 +26,20 @@ gate gradients in the kernels into ``(T, B, G*H)`` buffers, then forms ``dW_hh``
 ``dW_hr`` as single matmuls over all steps, so there are no atomics. Double backward
 (``create_graph=True``) recomputes through the reference path.
 
+State resets (``Call.resets``) are a per-row select wherever a step reads its previous state:
+the carried state, ``reset_state`` (code 1) or the initial state (code 2); the saved state
+sequence keeps the carried states, and backward repeats the select. At a reset row, the
+gradient of the step's start state goes to ``reset_state`` or ``h0``/``c0`` instead of the
+carried state, summed over steps in ``(2, B, ...)`` buffers that each tile's one owner updates.
+
 Matmuls accumulate in fp32. fp32 inputs use IEEE matmuls, or TF32 on CUDA when
 ``torch.backends.cudnn.allow_tf32`` is set (torch's default, under which cuDNN's RNNs use TF32
 too).
 
 Serves: named RNN activations, both GRU formulations, LSTM with or without projection,
-``lengths`` and ``reverse``; fp32, fp16, bf16 (bf16 not under the interpreter). CUDA tensors,
-or CPU tensors when ``TRITON_INTERPRET=1``. Everything else falls back to the reference path
+``lengths``, ``reverse`` and per-step state ``resets`` (selected per row inside the time
+loop); fp32, fp16, bf16 (bf16 not under the interpreter). CUDA tensors, or CPU tensors when
+``TRITON_INTERPRET=1``. Everything else falls back to the reference path
 with a reason, through :mod:`rnnkit.ops.dispatch`.
 """
 
@@ -103,7 +110,7 @@ class TritonBackend(BackendBase):
         """:func:`rnnkit.ops.reference.recurrence`'s semantics."""
         return _autograd.recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
-            call.lengths, call.reverse,
+            call.lengths, call.reverse, call.resets, call.reset_state,
         )
 
 

@@ -17,7 +17,7 @@ from rnnkit.ops.spec import CellSpec
 SCHEDULES = ("persistent", "step")
 
 # Whether the kernels apply per-step state resets (Call.resets).
-SERVES_RESETS = False
+SERVES_RESETS = True
 
 
 def interpreting() -> bool:
@@ -135,10 +135,23 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def _reset_args(resets: Tensor | None, reset_h: Tensor | None, reset_c: Tensor | None,
+                dummy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels' ``rs_ptr, rh_ptr, rc_ptr``: codes and reset states, contiguous, or dummies."""
+    if resets is None:
+        return dummy, dummy, dummy
+    return (resets.to(device=dummy.device, dtype=torch.int8).contiguous(), reset_h.contiguous(),
+            dummy if reset_c is None else reset_c.contiguous())
+
+
 def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
             bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
-            reverse: bool) -> dict[str, Tensor]:
-    """Run the forward kernels; returns the output, the state sequences and saved buffers."""
+            reverse: bool, resets: Tensor | None = None, reset_h: Tensor | None = None,
+            reset_c: Tensor | None = None) -> dict[str, Tensor]:
+    """Run the forward kernels; returns the output, the state sequences and saved buffers.
+
+    With ``resets``, ``hseq``/``cseq`` hold the carried states (before each step's reset).
+    """
     k = kernels()
     mode = mode_code(spec, weight_hr)
     seq_len, batch, gate_size = gates_x.shape
@@ -163,12 +176,13 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
         weight_hh if bias_hh is None else bias_hh.contiguous(),
         weight_hh if weight_hr is None else weight_hr.contiguous(),
         dummy if lengths is None else lengths.contiguous(),
+        *_reset_args(resets, reset_h, reset_c, dummy),
         hseq, cseq, out, pre, aux,
     )
     consts = dict(
         MODE=mode, ACT=k.ACTIVATION_CODES[spec.nonlinearity] if spec.mode == "rnn" else 0,
         G=spec.num_gates, HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None,
-        REVERSE=reverse, PRECISION=_precision(dtype, device),
+        REVERSE=reverse, HAS_RESETS=resets is not None, PRECISION=_precision(dtype, device),
         **_blocks(batch, hidden, device),
     )
     _launch(k.forward_kernel, args, (seq_len, batch, hidden, hidden_out), consts,
@@ -180,8 +194,14 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
 
 def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor | None,
              lengths: Tensor | None, reverse: bool, grad_out: Tensor, grad_h: Tensor,
-             grad_c: Tensor | None) -> dict[str, Tensor]:
-    """Run the backward kernels, then the weight gradients as single matmuls over all steps."""
+             grad_c: Tensor | None, resets: Tensor | None = None, reset_h: Tensor | None = None,
+             reset_c: Tensor | None = None) -> dict[str, Tensor]:
+    """Run the backward kernels, then the weight gradients as single matmuls over all steps.
+
+    With ``resets``, the kernels sum each reset row's start-state gradient into ``dreset_h``
+    / ``dreset_c`` (plane 0: code 1, towards ``reset_state``; plane 1: code 2, towards
+    ``h0``/``c0``).
+    """
     k = kernels()
     mode = saved["mode"]
     hseq, aux = saved["hseq"], saved["aux"]
@@ -202,12 +222,18 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
     dghh = torch.empty(seq_len, batch, gate_size, **f32) if gru else dgx
     gaux = torch.empty(seq_len, batch, hidden_out, **f32) if mode in (
         k.GRU_BEFORE, k.LSTM_PROJ) else dummy
+    dreset_h = dreset_c = dummy
+    if resets is not None:
+        dreset_h = torch.zeros(2, batch, hidden_out, **f32)
+        if spec.mode == "lstm":
+            dreset_c = torch.zeros(2, batch, hidden, **f32)
+    reset_args = _reset_args(resets, reset_h, reset_c, dummy)
     weight_hh = weight_hh.contiguous()
     args = (
         weight_hh, weight_hh if weight_hr is None else weight_hr.contiguous(),
-        dummy if lengths is None else lengths.contiguous(),
+        dummy if lengths is None else lengths.contiguous(), *reset_args,
         hseq, saved["cseq"], saved["pre"], aux,
-        grad_out.float().contiguous(), dhseq, dcseq, dgx, dghh, gaux,
+        grad_out.float().contiguous(), dhseq, dcseq, dgx, dghh, gaux, dreset_h, dreset_c,
     )
     consts = {key: value for key, value in saved["consts"].items() if key != "HAS_BIAS"}
     _launch(k.backward_kernel, args, (seq_len, batch, hidden, hidden_out), consts,
@@ -215,7 +241,12 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
             True, device)
     # Weight gradients: one matmul over all steps (masked steps hold zero gradients).
     flat = dghh.reshape(-1, gate_size)
-    h_prev = hseq[:seq_len].reshape(-1, hidden_out).float()
+    h_prev = hseq[:seq_len]
+    if resets is not None:  # the state each step starts from, by processing step
+        codes, reset_h = reset_args[0], reset_args[1]
+        codes = (codes.flip(0) if reverse else codes).unsqueeze(-1)
+        h_prev = torch.where(codes == 1, reset_h, torch.where(codes == 2, hseq[0], h_prev))
+    h_prev = h_prev.reshape(-1, hidden_out).float()
     if mode == k.GRU_BEFORE:
         grad_w_hh = torch.cat([
             flat[:, : 2 * hidden].T @ h_prev, flat[:, 2 * hidden:].T @ aux.reshape(-1, hidden)
@@ -229,7 +260,15 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
         "weight_hh": grad_w_hh,
         "bias_hh": flat.sum(0),
         "weight_hr": None,
+        "reset_h": None,
+        "reset_c": None,
     }
+    if resets is not None:
+        result["h0"] = result["h0"] + dreset_h[1]
+        result["reset_h"] = dreset_h[0]
+        if spec.mode == "lstm":
+            result["c0"] = result["c0"] + dreset_c[1]
+            result["reset_c"] = dreset_c[0]
     if mode == k.LSTM_PROJ:
         result["weight_hr"] = gaux.reshape(-1, hidden_out).T @ aux.reshape(-1, hidden)
     return result
@@ -244,13 +283,15 @@ class TritonRecurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, spec, reverse, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths):
-        saved = forward(spec, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, reverse)
+    def forward(ctx, spec, reverse, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths,
+                resets, reset_h, reset_c):
+        saved = forward(spec, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, reverse,
+                        resets, reset_h, reset_c)
         ctx.spec, ctx.reverse = spec, reverse
-        ctx.has = [x is not None for x in (c0, bias_hh, weight_hr, lengths)]
+        optional = (c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c)
+        ctx.has = [x is not None for x in optional]
         ctx.buffers = {key: saved[key] for key in ("mode", "consts")}
-        inputs = [x for x in (gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths)
-                  if x is not None]
+        inputs = [x for x in (gates_x, h0, weight_hh, *optional) if x is not None]
         # Not the output itself: changing it in place must not break backward.
         ctx.save_for_backward(*inputs, saved["hseq"], saved["cseq"], saved["pre"], saved["aux"])
         seq_len = gates_x.shape[0]
@@ -266,36 +307,38 @@ class TritonRecurrence(torch.autograd.Function):
         tensors = list(ctx.saved_tensors)
         hseq, cseq, pre, aux = tensors[-4:]
         inputs = iter(tensors[:-4])
-        has_c, has_bias, has_proj, has_lengths = ctx.has
-        gates_x, h0 = next(inputs), next(inputs)
-        c0 = next(inputs) if has_c else None
-        weight_hh = next(inputs)
-        bias_hh = next(inputs) if has_bias else None
-        weight_hr = next(inputs) if has_proj else None
-        lengths = next(inputs) if has_lengths else None
-        differentiable = (gates_x, h0, c0, weight_hh, bias_hh, weight_hr)
+        gates_x, h0, weight_hh = next(inputs), next(inputs), next(inputs)
+        c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c = (
+            next(inputs) if has else None for has in ctx.has)
+        differentiable = (gates_x, h0, c0, weight_hh, bias_hh, weight_hr, reset_h, reset_c)
+        needs = (*ctx.needs_input_grad[2:8], *ctx.needs_input_grad[10:12])
         if torch.is_grad_enabled():
-            grads = _reference_grads(ctx, differentiable, lengths, grad_out, grad_h, grad_c)
+            grads = _reference_grads(ctx, differentiable, needs, lengths, resets, grad_out,
+                                     grad_h, grad_c)
         else:
             saved = {"hseq": hseq, "cseq": cseq, "pre": pre, "aux": aux,
                      **ctx.buffers}
             result = backward(ctx.spec, saved, weight_hh, weight_hr, lengths, ctx.reverse,
-                              grad_out, grad_h, grad_c)
-            names = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr")
+                              grad_out, grad_h, grad_c, resets, reset_h, reset_c)
+            names = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "reset_h",
+                     "reset_c")
             grads = [
                 None if tensor is None or not need else result[name].to(tensor.dtype)
-                for name, tensor, need in zip(names, differentiable, ctx.needs_input_grad[2:8])
+                for name, tensor, need in zip(names, differentiable, needs)
             ]
-        return (None, None, *grads, None)
+        return (None, None, *grads[:6], None, None, *grads[6:])
 
 
-def _reference_grads(ctx, inputs, lengths, grad_out, grad_h, grad_c):
+def _reference_grads(ctx, inputs, needs, lengths, resets, grad_out, grad_h, grad_c):
     """Gradients through the reference path, themselves differentiable (double backward)."""
-    gates_x, h0, c0, weight_hh, bias_hh, weight_hr = inputs
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, reset_h, reset_c = inputs
     state = (h0,) if c0 is None else (h0, c0)
+    reset_state = None
+    if resets is not None:
+        reset_state = (reset_h,) if reset_c is None else (reset_h, reset_c)
     output, final = reference.recurrence(ctx.spec, gates_x, state, weight_hh, bias_hh,
-                                         weight_hr, lengths, ctx.reverse)
-    wanted = [i for i, (tensor, need) in enumerate(zip(inputs, ctx.needs_input_grad[2:8]))
+                                         weight_hr, lengths, ctx.reverse, resets, reset_state)
+    wanted = [i for i, (tensor, need) in enumerate(zip(inputs, needs))
               if tensor is not None and need]
     outputs = (output, *final)
     grad_outputs = (grad_out, grad_h) if c0 is None else (grad_out, grad_h, grad_c)
@@ -309,9 +352,16 @@ def _reference_grads(ctx, inputs, lengths, grad_out, grad_h, grad_c):
 
 def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weight_hh: Tensor,
                bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
-               reverse: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+               reverse: bool, resets: Tensor | None = None,
+               reset_state: tuple[Tensor, ...] | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """:func:`rnnkit.ops.reference.recurrence`'s contract, served by the triton kernels."""
+    if (resets is None) != (reset_state is None):
+        raise ValueError("resets and reset_state go together")
     c0 = state[1] if len(state) > 1 else None
+    reset_h = reset_c = None
+    if reset_state is not None:
+        reset_h = reset_state[0]
+        reset_c = reset_state[1] if len(reset_state) > 1 else None
     results = TritonRecurrence.apply(spec, reverse, gates_x, state[0], c0, weight_hh, bias_hh,
-                                     weight_hr, lengths)
+                                     weight_hr, lengths, resets, reset_h, reset_c)
     return results[0], tuple(results[1:])

@@ -4,11 +4,21 @@ Layout of the buffers (all contiguous, ``GH = G * H``, ``s`` is the processing i
 the time index: ``t = s``, or ``T - 1 - s`` when running in reverse):
 
 - ``gates_x`` ``(T, B, GH)`` and ``out`` ``(T, B, H_OUT)`` are indexed by ``t``;
-- ``hseq`` ``(T+1, B, H_OUT)`` and ``cseq`` ``(T+1, B, H)`` hold the state before step ``s``
-  at ``[s]`` and the final state at ``[T]``; ``pre`` ``(T, B, GH)`` and ``aux`` ``(T, B, H)``
-  hold what backward needs, by ``s``;
+- ``hseq`` ``(T+1, B, H_OUT)`` and ``cseq`` ``(T+1, B, H)`` hold the state carried into step
+  ``s`` at ``[s]`` (``h0``/``c0`` at ``[0]``) and the final state at ``[T]``; ``pre``
+  ``(T, B, GH)`` and ``aux`` ``(T, B, H)`` hold what backward needs, by ``s``;
 - in backward, ``dhseq``/``dcseq`` mirror ``hseq``/``cseq``, and ``dgx``/``dghh``
   ``(T, B, GH)`` receive the gradients of the input and recurrent pre-activations.
+
+State resets (constexpr ``HAS_RESETS``): ``resets`` ``(T, B)`` int8 holds the codes by ``t``,
+``reset_h`` ``(B, H_OUT)`` and ``reset_c`` ``(B, H)`` the state code 1 starts from. ``hseq[s]``
+stays the *carried* state (what an inactive step passes on); wherever a step reads its
+previous state it reads the *start* state instead, selected per row from the code: the
+carried state (0), ``reset_h``/``reset_c`` (1) or ``hseq[0]``/``cseq[0]`` (2). Backward
+recomputes the same selection. At a reset row of an active step, the gradient of the start
+state goes to ``dreset_h`` ``(2, B, H_OUT)`` / ``dreset_c`` ``(2, B, H)`` (plane 0: code 1,
+plane 1: code 2; summed over steps, each tile by its one owner, so no atomics) and the carried
+state gets none.
 
 A *phase* is the part of a step that needs no other program's result of the same step. Each
 phase is a loop over ``(batch block, column block)`` tiles, ``for tile in range(pid, tiles,
@@ -153,6 +163,50 @@ def _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
+def _codes(rs_ptr, t, B, offs_b, b_mask, HAS_RESETS: tl.constexpr):
+    """``(BLOCK_B, 1)`` int32 reset codes of time step ``t`` (zeros, unused, without resets)."""
+    if HAS_RESETS:
+        code = tl.load(rs_ptr + t * B + offs_b, mask=b_mask, other=0).to(tl.int32)
+    else:
+        code = offs_b * 0
+    return code[:, None]
+
+
+@triton.jit
+def _start(prev_ptr, init_ptr, reset_ptr, code, row_stride, offs_b, offs_n, mask,
+           HAS_RESETS: tl.constexpr):
+    """A tile of the state a step starts from, in ``prev_ptr``'s dtype.
+
+    ``prev_ptr`` (the carried state), ``init_ptr`` (the initial state) and ``reset_ptr`` (the
+    code-1 state) are row-major ``(B, row_stride)`` slabs; ``code`` is ``(BLOCK_B, 1)``.
+    Without resets this is the plain load of the carried state.
+    """
+    offs = offs_b[:, None] * row_stride + offs_n[None, :]
+    if HAS_RESETS:
+        fresh = code == 1
+        first = code == 2
+        x = tl.load(prev_ptr + offs, mask=mask & (code != 1) & (code != 2), other=0.0)
+        x = tl.where(fresh, tl.load(reset_ptr + offs, mask=mask & fresh, other=0.0).to(x.dtype), x)
+        x = tl.where(first, tl.load(init_ptr + offs, mask=mask & first, other=0.0).to(x.dtype), x)
+    else:
+        x = tl.load(prev_ptr + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _add_reset_grad(acc_ptr, row_stride, B, code, active, offs_b, offs_n, mask, grad):
+    """``acc[code - 1] += grad`` on the active rows with code 1 or 2.
+
+    ``acc`` is ``(2, B, row_stride)`` fp32. Steps run one after another and a tile has one
+    owner in every step, so a plain load and store suffice, in a fixed order.
+    """
+    hit = mask & active & ((code == 1) | (code == 2))
+    plane = tl.where(code == 2, 1, 0).to(tl.int64)
+    ptrs = acc_ptr + plane * B * row_stride + offs_b[:, None] * row_stride + offs_n[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=hit, other=0.0) + grad, mask=hit)
+
+
+@triton.jit
 def _load(ptr, row_stride, offs_b, offs_n, mask):
     """A ``(BLOCK_B, BLOCK_N)`` tile of a row-major ``(B, row_stride)`` slab, as fp32."""
     return tl.load(ptr + offs_b[:, None] * row_stride + offs_n[None, :], mask=mask, other=0.0).to(
@@ -190,13 +244,15 @@ def _mm(a_ptr, a_stride, offs_b, b_mask, K, w_ptr, w_stride_k, w_stride_n, offs_
 
 
 @triton.jit
-def _recurrent_gates(h_ptr, offs_b, b_mask, H_OUT, w_hh_ptr, b_hh_ptr, H, offs_n, n_mask,
-                     NUM_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _recurrent_gates(h_ptr, init_ptr, reset_ptr, code, offs_b, b_mask, H_OUT, w_hh_ptr,
+                     b_hh_ptr, H, offs_n, n_mask,
+                     NUM_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESETS: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """``h @ W_hh[g*H + n, :]^T + b_hh[g*H + n]`` for gates ``g < NUM_GATES`` (at most 4).
 
-    One pass over ``k`` loads each block of ``h`` once for all gates. Gates past
-    ``NUM_GATES`` come back as zeros.
+    ``h`` is the start state (:func:`_start`). One pass over ``k`` loads each block of ``h``
+    once for all gates. Gates past ``NUM_GATES`` come back as zeros.
     """
     acc0 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
     acc1 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
@@ -209,8 +265,8 @@ def _recurrent_gates(h_ptr, offs_b, b_mask, H_OUT, w_hh_ptr, b_hh_ptr, H, offs_n
         w_ptrs = w_hh_ptr + offs_k[:, None] + offs_n[None, :] * H_OUT
         w_mask = k_mask[:, None] & n_mask[None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        h = tl.load(h_ptr + offs_b[:, None] * H_OUT + offs_k[None, :],
-                    mask=b_mask[:, None] & k_mask[None, :], other=0.0).to(w.dtype)
+        h = _start(h_ptr, init_ptr, reset_ptr, code, H_OUT, offs_b, offs_k,
+                   b_mask[:, None] & k_mask[None, :], HAS_RESETS).to(w.dtype)
         acc0 = tl.dot(h, w, acc0, input_precision=PRECISION)
         if NUM_GATES > 1:
             w = tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0)
@@ -261,11 +317,11 @@ def _sync(counter_ptr, nprog, count, SYNC: tl.constexpr):
 @triton.jit
 def _forward_phase(
     PHASE: tl.constexpr, s, pid, nprog,
-    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr,
+    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
     hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
     T, B, H, H_OUT,
     MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -293,6 +349,7 @@ def _forward_phase(
     for tile in range(pid, tiles, nprog):
         offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
         active = _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS)
+        code = _codes(rs_ptr, t, B, offs_b, b_mask, HAS_RESETS)
         if MODE == MODE_LSTM_PROJ and PHASE == 1:
             # h = W_hr m, m = o * tanh(c) from phase 0.
             h_new = _mm(aux, H, offs_b, b_mask, H, w_hr_ptr, 1, H, offs_n, n_mask,
@@ -306,14 +363,16 @@ def _forward_phase(
                 n_pre += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
             _store(pre + 2 * H, GH, offs_b, offs_n, mask, n_pre)
             update = _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
-            h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
+            h_old = _start(h_prev, hseq_ptr, rh_ptr, code, H_OUT, offs_b, offs_n, mask,
+                           HAS_RESETS).to(tl.float32)
             h_new = (1.0 - update) * _tanh(n_pre) + update * h_old
         else:
             # Phase 0: the recurrent matmul of every gate this tile owns, then the cell math.
             NUM_GATES: tl.constexpr = 2 if MODE == MODE_GRU_BEFORE else G
             hh0, hh1, hh2, hh3 = _recurrent_gates(
-                h_prev, offs_b, b_mask, H_OUT, w_hh_ptr, b_hh_ptr, H, offs_n, n_mask,
-                NUM_GATES, HAS_BIAS, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+                h_prev, hseq_ptr, rh_ptr, code, offs_b, b_mask, H_OUT, w_hh_ptr, b_hh_ptr, H,
+                offs_n, n_mask, NUM_GATES, HAS_BIAS, HAS_RESETS, BLOCK_B, BLOCK_N, BLOCK_K,
+                PRECISION)
             a0 = _load(gx, GH, offs_b, offs_n, mask) + hh0
             _store(pre, GH, offs_b, offs_n, mask, a0)
             if MODE == MODE_RNN:
@@ -322,7 +381,8 @@ def _forward_phase(
                 a1 = _load(gx + H, GH, offs_b, offs_n, mask) + hh1
                 _store(pre + H, GH, offs_b, offs_n, mask, a1)
                 if MODE == MODE_GRU_BEFORE:
-                    h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
+                    h_old = _start(h_prev, hseq_ptr, rh_ptr, code, H_OUT, offs_b, offs_n, mask,
+                                   HAS_RESETS).to(tl.float32)
                     _store(aux, H, offs_b, offs_n, mask, _sigmoid(a0) * h_old)
                 elif MODE == MODE_GRU_AFTER:
                     # hh2 is W_hn h + b_hn, kept for the reset gate's gradient.
@@ -330,17 +390,23 @@ def _forward_phase(
                     n_pre = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + _sigmoid(a0) * hh2
                     _store(pre + 2 * H, GH, offs_b, offs_n, mask, n_pre)
                     update = _sigmoid(a1)
-                    h_old = _load(h_prev, H_OUT, offs_b, offs_n, mask)
+                    h_old = _start(h_prev, hseq_ptr, rh_ptr, code, H_OUT, offs_b, offs_n, mask,
+                                   HAS_RESETS).to(tl.float32)
                     h_new = (1.0 - update) * _tanh(n_pre) + update * h_old
                 else:
                     a2 = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + hh2
                     a3 = _load(gx + 3 * H, GH, offs_b, offs_n, mask) + hh3
                     _store(pre + 2 * H, GH, offs_b, offs_n, mask, a2)
                     _store(pre + 3 * H, GH, offs_b, offs_n, mask, a3)
-                    c_old = _load(cseq_ptr + s * B * H, H, offs_b, offs_n, mask)
+                    c_old = _start(cseq_ptr + s * B * H, cseq_ptr, rc_ptr, code, H, offs_b, offs_n,
+                                   mask, HAS_RESETS).to(tl.float32)
                     c_new = _sigmoid(a1) * c_old + _sigmoid(a0) * _tanh(a2)
+                    if HAS_RESETS:  # an inactive step carries the state it was given
+                        c_keep = _load(cseq_ptr + s * B * H, H, offs_b, offs_n, mask)
+                    else:
+                        c_keep = c_old
                     _store(cseq_ptr + (s + 1) * B * H, H, offs_b, offs_n, mask,
-                           tl.where(active, c_new, c_old))
+                           tl.where(active, c_new, c_keep))
                     h_new = _sigmoid(a3) * _tanh(c_new)
                     if MODE == MODE_LSTM_PROJ:
                         _store(aux, H, offs_b, offs_n, mask, h_new)
@@ -356,11 +422,11 @@ def _forward_phase(
 # step_start changes every launch of the step schedule: one compiled variant serves all.
 @triton.jit(do_not_specialize=["step_start"])
 def forward_kernel(
-    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr,
+    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
     hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr, counter_ptr,
     T, B, H, H_OUT, step_start, num_steps,
     MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -377,10 +443,10 @@ def forward_kernel(
         for phase in tl.static_range(PHASE_FIRST, PHASE_LAST + 1):
             _forward_phase(
                 phase, s, pid, nprog,
-                gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr,
+                gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
                 hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
                 T, B, H, H_OUT,
-                MODE, ACT, G, HAS_BIAS, HAS_LENGTHS, REVERSE,
+                MODE, ACT, G, HAS_BIAS, HAS_LENGTHS, REVERSE, HAS_RESETS,
                 BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
             )
             _sync(counter_ptr, nprog, i * (PHASE_LAST - PHASE_FIRST + 1) + phase - PHASE_FIRST + 1,
@@ -393,12 +459,12 @@ def forward_kernel(
 @triton.jit
 def _backward_phase(
     PHASE: tl.constexpr, s, pid, nprog,
-    w_hh_ptr, w_hr_ptr, len_ptr,
+    w_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
     hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
-    dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr,
+    dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr,
     T, B, H, H_OUT,
     MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -427,6 +493,7 @@ def _backward_phase(
     for tile in range(pid, tiles, nprog):
         offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
         active = _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS)
+        code = _codes(rs_ptr, t, B, offs_b, b_mask, HAS_RESETS)
         if LAST:
             carry = _load(dh_next, H_OUT, offs_b, offs_n, mask)
             # dh_prev = dgates_hh @ W_hh (+ the direct terms of GRU), or the carry when idle.
@@ -441,6 +508,9 @@ def _backward_phase(
                 dh += grad_h * _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
                 if MODE == MODE_GRU_BEFORE:
                     dh += _load(gaux, H_OUT, offs_b, offs_n, mask)
+            if HAS_RESETS:  # a reset row's start state is not the carried one
+                _add_reset_grad(drh_ptr, H_OUT, B, code, active, offs_b, offs_n, mask, dh)
+                dh = tl.where((code == 1) | (code == 2), 0.0, dh)
             _store(dh_prev, H_OUT, offs_b, offs_n, mask, tl.where(active, dh, carry))
         elif MODE == MODE_LSTM_PROJ and PHASE == 0:
             grad_h = _load(dh_next, H_OUT, offs_b, offs_n, mask) + _load(
@@ -451,7 +521,8 @@ def _backward_phase(
             d_rh = _mm(dghh + 2 * H, GH, offs_b, b_mask, H, w_hh_ptr + 2 * H * H_OUT, H_OUT, 1,
                        offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
             reset = _sigmoid(_load(pre, GH, offs_b, offs_n, mask))
-            h_old = _load(hseq_ptr + s * B * H_OUT, H_OUT, offs_b, offs_n, mask)
+            h_old = _start(hseq_ptr + s * B * H_OUT, hseq_ptr, rh_ptr, code, H_OUT, offs_b, offs_n,
+                           mask, HAS_RESETS).to(tl.float32)
             d_reset = tl.where(active, d_rh * h_old * reset * (1.0 - reset), 0.0)
             _store(dgx, GH, offs_b, offs_n, mask, d_reset)
             _store(dghh, GH, offs_b, offs_n, mask, d_reset)
@@ -471,7 +542,8 @@ def _backward_phase(
                 reset = _sigmoid(_load(pre, GH, offs_b, offs_n, mask))
                 update = _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
                 cand = _tanh(_load(pre + 2 * H, GH, offs_b, offs_n, mask))
-                h_old = _load(hseq_ptr + s * B * H_OUT, H_OUT, offs_b, offs_n, mask)
+                h_old = _start(hseq_ptr + s * B * H_OUT, hseq_ptr, rh_ptr, code, H_OUT, offs_b,
+                               offs_n, mask, HAS_RESETS).to(tl.float32)
                 d_update = tl.where(active, grad_h * (h_old - cand) * update * (1.0 - update), 0.0)
                 d_cand = tl.where(active, grad_h * (1.0 - update) * (1.0 - cand * cand), 0.0)
                 _store(dgx + H, GH, offs_b, offs_n, mask, d_update)
@@ -490,7 +562,8 @@ def _backward_phase(
                 a_f = _sigmoid(_load(pre + H, GH, offs_b, offs_n, mask))
                 a_g = _tanh(_load(pre + 2 * H, GH, offs_b, offs_n, mask))
                 a_o = _sigmoid(_load(pre + 3 * H, GH, offs_b, offs_n, mask))
-                c_old = _load(cseq_ptr + s * B * H, H, offs_b, offs_n, mask)
+                c_old = _start(cseq_ptr + s * B * H, cseq_ptr, rc_ptr, code, H, offs_b, offs_n,
+                               mask, HAS_RESETS).to(tl.float32)
                 tanh_c = _tanh(a_f * c_old + a_i * a_g)
                 dc_carry = _load(dcseq_ptr + (s + 1) * B * H, H, offs_b, offs_n, mask)
                 dc = dc_carry + grad_h * a_o * (1.0 - tanh_c * tanh_c)
@@ -502,18 +575,22 @@ def _backward_phase(
                 _store(dgx + H, GH, offs_b, offs_n, mask, d_f)
                 _store(dgx + 2 * H, GH, offs_b, offs_n, mask, d_g)
                 _store(dgx + 3 * H, GH, offs_b, offs_n, mask, d_o)
+                dc_prev = dc * a_f
+                if HAS_RESETS:
+                    _add_reset_grad(drc_ptr, H, B, code, active, offs_b, offs_n, mask, dc_prev)
+                    dc_prev = tl.where((code == 1) | (code == 2), 0.0, dc_prev)
                 _store(dcseq_ptr + s * B * H, H, offs_b, offs_n, mask,
-                       tl.where(active, dc * a_f, dc_carry))
+                       tl.where(active, dc_prev, dc_carry))
 
 
 @triton.jit(do_not_specialize=["step_start"])
 def backward_kernel(
-    w_hh_ptr, w_hr_ptr, len_ptr,
+    w_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
     hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
-    dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, counter_ptr,
+    dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr, counter_ptr,
     T, B, H, H_OUT, step_start, num_steps,
     MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -526,11 +603,11 @@ def backward_kernel(
         for phase in tl.static_range(PHASE_FIRST, PHASE_LAST + 1):
             _backward_phase(
                 phase, s, pid, nprog,
-                w_hh_ptr, w_hr_ptr, len_ptr,
+                w_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
                 hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
-                dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr,
+                dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr,
                 T, B, H, H_OUT,
-                MODE, ACT, G, HAS_LENGTHS, REVERSE,
+                MODE, ACT, G, HAS_LENGTHS, REVERSE, HAS_RESETS,
                 BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
             )
             _sync(counter_ptr, nprog, i * (PHASE_LAST - PHASE_FIRST + 1) + phase - PHASE_FIRST + 1,

@@ -1,9 +1,11 @@
 """Build the C++ kernels on first use, with :func:`torch.utils.cpp_extension.load`, and cache them.
 
-The build lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) and is reused by later processes; torch rebuilds it when the
-source changes. Loading the library adds CPU kernels to the ``rnnkit::cpu_recurrence_*`` ops
-declared in :mod:`rnnkit.ops.cpu._ops`.
+The sources are every ``.cpp`` file in ``csrc/`` beside this module, with the headers there
+on the include path. The build lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, by
+default ``~/.cache/torch_extensions``) and is reused by later processes; the extension's name
+carries a hash of every source and header, so a change to any of them builds anew. Loading
+the library adds CPU kernels to the ``rnnkit::cpu_*`` ops declared in
+:mod:`rnnkit.ops.cpu._ops`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import time
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("recurrence.cpp")
+SOURCE_DIR = Path(__file__).with_name("csrc")
+
+
+def _sources() -> list[Path]:
+    """The files compiled, in a fixed order: every ``.cpp`` in :data:`SOURCE_DIR`."""
+    return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
 def _cpu_tag() -> str:
@@ -32,12 +39,17 @@ def _cpu_tag() -> str:
 
 
 def _source_tag() -> str:
-    """A fingerprint of the kernel source: two checkouts with different kernels sharing one
-    extension cache must not load each other's build."""
+    """A fingerprint of the kernel sources and headers, names and contents: two checkouts with
+    different kernels sharing one extension cache must not load each other's build, and torch
+    itself rebuilds only when a compiled file changes, not a header."""
+    digest = hashlib.sha1()
     try:
-        return hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+        files = sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h"))
+        for path in files:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     except OSError:
         return "nosource"
+    return digest.hexdigest()[:10] if files else "nosource"
 
 
 EXTENSION_NAME = f"rnnkit_cpu_recurrence_{_cpu_tag()}_{_source_tag()}"
@@ -85,18 +97,20 @@ def _build() -> str | None:
     compiler = cpp_extension.get_cxx_compiler()
     if shutil.which(compiler) is None:
         return f"no C++ compiler found (looked for {compiler!r}; set CXX to choose one)"
-    if not SOURCE.exists():
-        return f"the kernel source {SOURCE} is missing from the installation"
+    sources = _sources()
+    if not sources:
+        return f"the kernel sources in {SOURCE_DIR} are missing from the installation"
     try:
         cpp_extension.load(
             name=EXTENSION_NAME,
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in sources],
             extra_cflags=CFLAGS,
             extra_ldflags=LDFLAGS,
+            extra_include_paths=[str(SOURCE_DIR)],
             is_python_module=False,
             verbose=False,
         )
     except Exception as error:  # any build or load failure means: use the reference path
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return f"building {SOURCE.name} failed: {type(error).__name__}: {first_line}"
+        return f"building {SOURCE_DIR.name}/ failed: {type(error).__name__}: {first_line}"
     return None

@@ -1,0 +1,312 @@
+// The backward time loop (cpu_recurrence_backward): per step, from the last, the gate
+// gradients and dh_{t-1}; then dW_hh (and dW_hr) in one product each over all steps.
+#include "gemm.h"
+#include "recurrence.h"
+#include "threads.h"
+#include "vec_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace rnnkit_cpu {
+namespace {
+
+template <typename T>
+void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
+                     bool reset_after, const T* grad_output, T* dh, T* dc, const T* h0,
+                     const T* c0, const Packed<T>& rec, const Packed<T>& proj, bool project,
+                     const T* output, const T* gates, const T* cells, T* dgx, T* dhh, T* carry,
+                     T* dhs, T* dm) {
+  using V = Vec<T>;
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
+  const int64_t W = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
+  const V zero(T(0)), one(T(1));
+  auto previous_h = [&](int64_t t, int64_t b) {
+    return steps.first(t, b) ? h0 + b * Hout : output + (steps.previous(t) * B + b) * Hout;
+  };
+  auto previous_c = [&](int64_t t, int64_t b) {
+    return steps.first(t, b) ? c0 + b * H : cells + (steps.previous(t) * B + b) * H;
+  };
+  // LSTM: the gate gradients of units [j0, j1) in row b at time t, into dgx, and the cell's
+  // gradient carried to t - 1; without a projection also carry, the part of dh_{t-1} that
+  // does not come from the product with W_hh (dh itself for a row past its length, else 0).
+  auto lstm_units = [&](int64_t t, int64_t b, int64_t j0, int64_t j1) {
+    const T* gout = grad_output + t * B * Hout;
+    const T* c_t = cells + t * B * H;
+    const bool on = steps.active(t, b);
+    const T *g = gates + t * B * W + b * W, *cp = on ? previous_c(t, b) : nullptr;
+    T* dgb = dgx + t * B * GH + b * GH;
+    const int64_t row = b * H;
+    for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+      if (!on) {
+        for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
+        if (!project) V::loadu(dh + row + j, n).store(carry + row + j, n);
+        return;
+      }
+      const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
+      const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
+      const V d = project ? V::loadu(dm + row + j, n)
+                          : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+      const V tc = tanh<T>(V::loadu(c_t + row + j, n));
+      const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
+      (dcell * gg * i * (one - i)).store(dgb + j, n);
+      (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);
+      (dcell * i * (one - gg * gg)).store(dgb + 2 * H + j, n);
+      (d * tc * o * (one - o)).store(dgb + 3 * H + j, n);
+      (dcell * f).store(dc + row + j, n);
+      if (!project) zero.store(carry + row + j, n);
+    });
+  };
+  if (mode == kLSTM && !project) {
+    // The whole loop in one parallel region: each thread owns a share of the hidden units,
+    // which are both its elementwise work and its columns of dh_{t-1} = dgates W_hh, so one
+    // barrier per step (all of dgates_t must be written before any product reads it) suffices.
+    const int64_t unit = rec.panels || B > 1 ? Packed<T>::width : Vec<T>::size();
+    const int64_t pieces = Hout / unit;
+    const int64_t threads = std::min(pieces, lstm_threads(B, Hout, H, pieces));
+    if (threads > 1 && Hout % unit == 0) {
+      auto run = [&](int64_t thread) {
+        const int64_t c0 = pieces * thread / threads * unit;
+        const int64_t c1 = pieces * (thread + 1) / threads * unit;
+        const Packed<T> cols = rec.cols_from(c0 / unit);
+        for (int64_t step = T_ - 1; step >= 0; --step) {
+          const int64_t t = steps.reverse ? T_ - 1 - step : step;
+          for (int64_t b = 0; b < B; ++b) lstm_units(t, b, c0, c1);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+          const T* dg = dgx + t * B * GH;
+          if (B == 1 && cols.panels) {
+            // Each packed panel streams contiguously.
+            for (int64_t p = 0; p < (c1 - c0) / unit; ++p) {
+              vector_matrix<T>(GH, unit, dg, 1, cols.panel(p, 0), unit, true,
+                               carry + c0 + p * unit);
+            }
+          } else if (B == 1) {
+            vector_matrix<T>(GH, c1 - c0, dg, 1, cols.M, cols.ldm, true, carry + c0);
+          } else {
+            matmul<T>(B, GH, c1 - c0, dg, GH, 1, cols.M, cols.ldm, true, carry + c0, Hout,
+                      cols.panels ? &cols : nullptr);
+          }
+          for (int64_t b = 0; b < B; ++b) {
+            std::copy(carry + b * Hout + c0, carry + b * Hout + c1, dh + b * Hout + c0);
+          }
+        }
+      };
+#ifdef _OPENMP
+      // Without OpenMP this split cannot run; the serial loop below serves instead.
+      run_threads(threads, run);
+      return;
+#endif
+    }
+  }
+  for (int64_t step = T_ - 1; step >= 0; --step) {
+    const int64_t t = steps.reverse ? T_ - 1 - step : step;
+    const T* gout = grad_output + t * B * Hout;
+    const T* out_t = output + t * B * Hout;
+    const T* g_t = gates + t * B * W;
+    T* dg = dgx + t * B * GH;
+    T* dr = dhh + t * B * GH;
+    if (mode == kRNN) {
+      dispatch_activation(activation, [&](auto a) {
+        constexpr int A = decltype(a)::value;
+        for_rows(B, H, 2, [&](int64_t b, int64_t j0, int64_t j1) {
+          const bool on = steps.active(t, b);
+          const int64_t row = b * H;
+          for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+            const V d = V::loadu(dh + row + j, n);
+            if (!on) {
+              zero.store(dg + row + j, n);
+              d.store(carry + row + j, n);
+              return;
+            }
+            V derivative;
+            if constexpr (keeps_derivative(A)) {
+              derivative = V::loadu(g_t + row + j, n);
+            } else {
+              derivative = derivative_from_output<A, T>(V::loadu(out_t + row + j, n));
+            }
+            ((d + V::loadu(gout + row + j, n)) * derivative).store(dg + row + j, n);
+            zero.store(carry + row + j, n);
+          });
+        });
+      });
+      step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
+    } else if (mode == kGRU && reset_after) {
+      for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
+        T *dgb = dg + b * GH, *drb = dr + b * GH;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          if (!on) {
+            for (int64_t k = 0; k < 3; ++k) {
+              zero.store(dgb + k * H + j, n);
+              zero.store(drb + k * H + j, n);
+            }
+            V::loadu(dh + row + j, n).store(carry + row + j, n);
+            return;
+          }
+          const V r = V::loadu(g + j, n), z = V::loadu(g + H + j, n);
+          const V cand = V::loadu(g + 2 * H + j, n), hn = V::loadu(g + 3 * H + j, n);
+          const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+          const V dn = d * (one - z) * (one - cand * cand);
+          const V dz = d * (V::loadu(hp + j, n) - cand) * z * (one - z);
+          const V dr_ = dn * hn * r * (one - r);
+          dr_.store(dgb + j, n), dr_.store(drb + j, n);
+          dz.store(dgb + H + j, n), dz.store(drb + H + j, n);
+          dn.store(dgb + 2 * H + j, n);
+          (dn * r).store(drb + 2 * H + j, n);
+          (d * z).store(carry + row + j, n);
+        });
+      });
+      step_mm<T>(B, GH, Hout, dr, GH, rec, true, carry, Hout);
+    } else if (mode == kGRU) {
+      for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
+        T* dgb = dg + b * GH;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          if (!on) {
+            for (int64_t k = 0; k < 3; ++k) zero.store(dgb + k * H + j, n);
+            V::loadu(dh + row + j, n).store(carry + row + j, n);
+            return;
+          }
+          const V z = V::loadu(g + H + j, n), cand = V::loadu(g + 2 * H + j, n);
+          const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
+          (d * (one - z) * (one - cand * cand)).store(dgb + 2 * H + j, n);
+          (d * (V::loadu(hp + j, n) - cand) * z * (one - z)).store(dgb + H + j, n);
+          (d * z).store(carry + row + j, n);
+        });
+      });
+      // d(r * h) = dn W_hn, into dm (B, H).
+      step_mm<T>(B, H, H, dg + 2 * H, GH, rec.rows_from(2 * H), false, dm, H);
+      for_rows(B, H, 4, [&](int64_t b, int64_t j0, int64_t j1) {
+        if (!steps.active(t, b)) return;
+        const T *g = g_t + b * W, *hp = previous_h(t, b);
+        T* dgb = dg + b * GH;
+        const int64_t row = b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          const V r = V::loadu(g + j, n), drh = V::loadu(dm + row + j, n);
+          (drh * V::loadu(hp + j, n) * r * (one - r)).store(dgb + j, n);
+          (V::loadu(carry + row + j, n) + drh * r).store(carry + row + j, n);
+        });
+      });
+      step_mm<T>(B, 2 * H, Hout, dg, GH, rec, true, carry, Hout);
+    } else {
+      if (project) {
+        T* dh_t = dhs + t * B * Hout;
+        for (int64_t b = 0; b < B; ++b) {
+          const bool on = steps.active(t, b);
+          for (int64_t j = 0; j < Hout; ++j) {
+            const int64_t k = b * Hout + j;
+            dh_t[k] = on ? dh[k] + gout[k] : T(0);
+            carry[k] = on ? T(0) : dh[k];
+          }
+        }
+        step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
+      }
+      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) { lstm_units(t, b, j0, j1); });
+      step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
+    }
+    std::copy(carry, carry + B * Hout, dh);
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+    const Tensor& grad_output_in, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
+    const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
+    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
+    const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
+    bool reverse, bool has_bias) {
+  const Tensor grad_output = grad_output_in.contiguous();
+  const Tensor h0 = h0_in.contiguous();
+  const Tensor c0 = optional_or_empty(c0_in);
+  const Tensor weight_hh = weight_hh_in.contiguous();
+  const Tensor weight_hr = optional_or_empty(weight_hr_in);
+  const Tensor lengths = optional_or_empty(lengths_in);
+  const Tensor output = output_in.contiguous();
+  const Tensor gates = gates_in.contiguous();
+  const Tensor cells = cells_in.contiguous();
+  const Tensor projected = projected_in.contiguous();
+  const int64_t G = mode == kRNN ? 1 : (mode == kGRU ? 3 : 4);
+  const int64_t GH = weight_hh.size(0);
+  Shape s{output.size(0), output.size(1), GH / G, output.size(2), G};
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
+  const auto opts = output.options();
+  const bool lstm = mode == kLSTM, project = weight_hr.defined();
+  const bool separate_dhh = mode == kGRU && reset_after;
+
+  Tensor dh = grad_h_n.contiguous().clone();
+  Tensor dc = lstm ? grad_c_n.contiguous().clone() : at::empty({0}, opts);
+  Tensor dgx = call_buffer({T_, B, GH}, opts);
+  Tensor dhh = separate_dhh ? call_buffer({T_, B, GH}, opts) : dgx;
+  Tensor carry = at::empty({B, Hout}, opts);
+  Tensor dhs = call_buffer({project ? T_ : 0, B, Hout}, opts);
+  Tensor dm = at::empty({B, H}, opts);
+  Tensor grad_w_hh = at::empty({GH, Hout}, opts);
+  Tensor grad_w_hr = project ? at::empty({Hout, H}, opts) : at::empty({0}, opts);
+
+  Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnkit_cpu_recurrence_backward", [&] {
+    using T = scalar_t;
+    const bool blocked = B > 1;
+    Tensor packed_rec, packed_proj;
+    // The LSTM's one-row steps also read W_hh in packed panels (see backward_kernel).
+    const Packed<T> rec = pack<T>(GH, Hout, weight_hh.data_ptr<T>(), Hout,
+                                  blocked || (lstm && !project), packed_rec);
+    const Packed<T> proj = project ? pack<T>(Hout, H, weight_hr.data_ptr<T>(), H, blocked,
+                                             packed_proj)
+                                   : Packed<T>{};
+    backward_kernel<T>(s, steps, mode, activation, reset_after, grad_output.data_ptr<T>(),
+                       dh.data_ptr<T>(), lstm ? dc.data_ptr<T>() : nullptr,
+                       h0.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr, rec, proj, project,
+                       output.data_ptr<T>(), gates.data_ptr<T>(),
+                       lstm ? cells.data_ptr<T>() : nullptr, dgx.data_ptr<T>(),
+                       dhh.data_ptr<T>(), carry.data_ptr<T>(),
+                       project ? dhs.data_ptr<T>() : nullptr, dm.data_ptr<T>());
+
+    // dW_hh = sum_t dgates_t^T h_{t-1}. Every step but each sequence's first takes h_{t-1}
+    // from the neighbouring output, so that part is one GEMM over the shifted output (its
+    // rows at a first step meet a zero output or a zero gradient); the first steps meet h0.
+    const T* dg = dhh.data_ptr<T>();
+    const T* out = output.data_ptr<T>();
+    T* gw = grad_w_hh.data_ptr<T>();
+    const int64_t rz = (mode == kGRU && !reset_after) ? 2 * H : GH;  // rows that see h_{t-1}
+    const int64_t rows = (T_ - 1) * B;
+    const T* dg_main = reverse ? dg : dg + B * GH;
+    const T* out_main = reverse ? out + B * Hout : out;
+    matmul<T>(rz, rows, Hout, dg_main, 1, GH, out_main, Hout, false, gw, Hout);
+    Tensor first = at::empty({B, GH}, opts);
+    T* fp = first.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t t0 = reverse ? (steps.lengths ? steps.lengths[b] : T_) - 1 : 0;
+      std::copy(dg + (t0 * B + b) * GH, dg + (t0 * B + b + 1) * GH, fp + b * GH);
+    }
+    matmul<T>(rz, B, Hout, fp, 1, GH, h0.data_ptr<T>(), Hout, rows > 0, gw, Hout);
+    if (rz != GH) {
+      // GRU with the reset before the matmul: W_hn meets r * h_{t-1}, saved in the gates.
+      matmul<T>(H, T_ * B, Hout, dg + 2 * H, 1, GH, gates.data_ptr<T>() + 3 * H, 4 * H, false,
+                gw + 2 * H * Hout, Hout);
+    }
+    if (project) {
+      matmul<T>(Hout, T_ * B, H, dhs.data_ptr<T>(), 1, Hout, projected.data_ptr<T>(), H, false,
+                grad_w_hr.data_ptr<T>(), H);
+    }
+  });
+  Tensor grad_b_hh = has_bias ? at::sum(dhh.view({T_ * B, GH}), {0}) : at::empty({0}, opts);
+  return {dgx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr};
+}
+
+}  // namespace rnnkit_cpu

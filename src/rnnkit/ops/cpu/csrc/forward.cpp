@@ -1,0 +1,290 @@
+// The forward time loop (cpu_recurrence_forward): per step, the product with W_hh and one
+// elementwise pass, or the fused step of fused_steps.h.
+#include "forward.h"
+
+#include "fused_steps.h"
+#include "gemm.h"
+#include "recurrence.h"
+#include "threads.h"
+#include "vec_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace rnnkit_cpu {
+
+template <typename T>
+void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
+                    const ForwardWeights<T>& w, const ForwardBuffers<T>& io, int64_t step0,
+                    int64_t step1) {
+  const int64_t mode = cell.mode, activation = cell.activation;
+  const bool reset_after = cell.reset_after;
+  const Packed<T>& rec = w.rec;
+  const Packed<T>& rec_n = w.rec_n;
+  const Packed<T>& proj = w.proj;
+  const T* bias = w.bias;
+  const bool project = w.project;
+  const T* fused_packed = w.fused_packed;
+  const T* gates_x = io.gates_x;
+  const int64_t gx_t0 = io.gx_t0;
+  T *h = io.h, *c = io.c, *output = io.output, *gates = io.gates, *cells = io.cells;
+  T *projected = io.projected, *hh = io.hh, *proj_out = io.proj_out, *h_spare = io.h_spare;
+  const int64_t gates_stride = io.gates_stride, cells_stride = io.cells_stride;
+  const int64_t projected_stride = io.projected_stride;
+  if (step1 < 0) step1 = s.T;
+  using V = Vec<T>;
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
+  const V zero(T(0)), one(T(1));
+  // W_hh packed gate-interleaved: the fused LSTM step, or the fused GRU step (reset after).
+  const T* lstm_packed = mode == kLSTM ? fused_packed : nullptr;
+  if (fused_packed && !project) {
+    // The whole loop in one parallel region: each thread owns a fixed share of the hidden
+    // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
+    // per step, instead of a fork and join per step.
+    const int64_t panels = H / lstm_unit<T>();
+    const int64_t threads = lstm_threads(B, Hout, H, panels, s.G);
+    const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
+    double_buffered_steps(threads, step0, step1, h, h_spare, B * Hout,
+                          [&](int64_t thread, int64_t step, T* from, T* to) {
+      const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
+      const int64_t t = steps.reverse ? T_ - 1 - step : step;
+      const T* gx = gates_x + (t - gx_t0) * B * GH;
+      T* saved = save ? gates + t * gates_stride : nullptr;
+      if (mode == kLSTM) {
+        const LstmStep<T> st{H, Hout, GH, gx, bias, from, to, output + t * B * Hout, nullptr, c,
+                             save ? cells + t * cells_stride : nullptr, saved, &steps, t};
+        lstm_panels<T>(st, B, fused_packed, p0, p1);
+      } else {
+        const GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t};
+        gru_panels<T>(st, B, fused_packed, p0, p1);
+      }
+    });
+    return;
+  }
+  for (int64_t step = step0; step < step1; ++step) {
+    const int64_t t = steps.reverse ? T_ - 1 - step : step;
+    const T* gx = gates_x + (t - gx_t0) * B * GH;
+    T* out = output + t * B * Hout;
+    T* saved = gates + t * gates_stride;
+    if (mode == kRNN) {
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      dispatch_activation(activation, [&](auto a) {
+        constexpr int A = decltype(a)::value;
+        for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
+          const bool on = steps.active(t, b);
+          const T *x = gx + b * GH, *r = hh + b * GH;
+          T *hb = h + b * H, *ob = out + b * H, *db = saved + b * H;
+          for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+            V derivative;
+            const V y = activate<A, T>(
+                V::loadu(x + j, n) + V::loadu(r + j, n) + V::loadu(bias + j, n), derivative);
+            if constexpr (keeps_derivative(A)) derivative.store(db + j, n);
+            if (on) y.store(hb + j, n);
+            (on ? y : zero).store(ob + j, n);
+          });
+        });
+      });
+    } else if (mode == kGRU && reset_after) {
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          auto pre = [&](int64_t k) {
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
+          };
+          const V r = sigmoid(pre(0)), z = sigmoid(pre(1));
+          const V hn = V::loadu(rec + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
+          const V cand = tanh<T>(V::loadu(x + 2 * H + j, n) + r * hn);
+          const V y = (one - z) * cand + z * V::loadu(hb + j, n);
+          r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
+          hn.store(g + 3 * H + j, n);
+          if (on) y.store(hb + j, n);
+          (on ? y : zero).store(ob + j, n);
+        });
+      });
+    } else if (mode == kGRU) {
+      // The reset comes before the matmul: the candidate needs W_hn (r * h), a second GEMM.
+      step_mm<T>(B, Hout, 2 * H, h, Hout, rec, false, hh, GH);
+      for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
+        const T *x = gx + b * GH, *rec = hh + b * GH, *hb = h + b * H;
+        T* g = saved + b * 4 * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          auto pre = [&](int64_t k) {
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
+          };
+          const V r = sigmoid(pre(0));
+          r.store(g + j, n);
+          sigmoid(pre(1)).store(g + H + j, n);
+          (r * V::loadu(hb + j, n)).store(g + 3 * H + j, n);
+        });
+      });
+      step_mm<T>(B, H, H, saved + 3 * H, 4 * H, rec_n, false, hh + 2 * H, GH);
+      for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          const V cand = tanh<T>(V::loadu(x + 2 * H + j, n) + V::loadu(rec + 2 * H + j, n) +
+                                 V::loadu(bias + 2 * H + j, n));
+          const V z = V::loadu(g + H + j, n);
+          const V y = (one - z) * cand + z * V::loadu(hb + j, n);
+          cand.store(g + 2 * H + j, n);
+          if (on) y.store(hb + j, n);
+          (on ? y : zero).store(ob + j, n);
+        });
+      });
+    } else if (lstm_packed) {
+      // Projected (the loop above serves the rest): the fused cell step writes o * tanh(c)
+      // into m, and h = W_hr m follows below.
+      const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
+      const LstmStep<T> st{H, Hout, GH, gx, bias, h, nullptr, out,
+                           projected + t * projected_stride, c,
+                           save ? cells + t * cells_stride : nullptr, save ? saved : nullptr,
+                           &steps, t};
+      lstm_step<T>(st, B, lstm_packed);
+    } else {
+      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      T* cell_out = cells + t * cells_stride;
+      T* m = projected + t * projected_stride;
+      for_rows(B, H, 40, [&](int64_t b, int64_t j0, int64_t j1) {
+        const bool on = steps.active(t, b);
+        const T *x = gx + b * GH, *rec = hh + b * GH;
+        T *g = saved + b * 4 * H, *cb = c + b * H, *co = cell_out + b * H;
+        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+          auto pre = [&](int64_t k) {
+            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
+                   V::loadu(bias + k * H + j, n);
+          };
+          const V i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = tanh<T>(pre(2));
+          const V o = sigmoid(pre(3));
+          const V c_old = V::loadu(cb + j, n);
+          const V c_new = f * c_old + i * gg;
+          const V y = o * tanh<T>(c_new);
+          i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n);
+          o.store(g + 3 * H + j, n);
+          const V c_kept = on ? c_new : c_old;
+          c_kept.store(cb + j, n);
+          c_kept.store(co + j, n);
+          if (project) {
+            y.store(m + b * H + j, n);
+          } else {
+            if (on) y.store(h + b * H + j, n);
+            (on ? y : zero).store(out + b * H + j, n);
+          }
+        });
+      });
+    }
+    if (mode == kLSTM && project) {  // h = W_hr (o * tanh(c)), for the rows still running
+      step_mm<T>(B, H, Hout, projected + t * projected_stride, H, proj, false, proj_out, Hout);
+      for (int64_t b = 0; b < B; ++b) {
+        const bool on = steps.active(t, b);
+        for (int64_t j = 0; j < Hout; ++j) {
+          if (on) h[b * Hout + j] = proj_out[b * Hout + j];
+          out[b * Hout + j] = on ? proj_out[b * Hout + j] : T(0);
+        }
+      }
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+    const Tensor& gates_x_in, const Tensor& h0, const std::optional<Tensor>& c0,
+    const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
+    const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
+    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool training) {
+  TORCH_CHECK(gates_x_in.dim() == 3, "rnnkit: gates_x must be (T, B, G*H)");
+  const Tensor gates_x = gates_x_in.contiguous();
+  const Tensor weight_hh = weight_hh_in.contiguous();
+  const Tensor weight_hr = optional_or_empty(weight_hr_in);
+  const Tensor lengths = optional_or_empty(lengths_in);
+  // Without bias_hh the kernels add zeros: one branch less in every elementwise loop.
+  const Tensor bias_hh = bias_hh_in.has_value() ? bias_hh_in->contiguous()
+                                                : at::zeros({weight_hh.size(0)}, gates_x.options());
+  const int64_t G = mode == kRNN ? 1 : (mode == kGRU ? 3 : 4);
+  Shape s{gates_x.size(0), gates_x.size(1), gates_x.size(2) / G, h0.size(1), G};
+  const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
+  const auto opts = gates_x.options();
+
+  Tensor h = h0.contiguous().clone();
+  Tensor c = mode == kLSTM ? c0->contiguous().clone() : at::empty({0}, opts);
+  Tensor output = call_buffer({T_, B, Hout}, opts);
+  const int64_t saved_width = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
+  // When no backward will follow, the per-step buffers are one step deep and reused.
+  const int64_t depth = training ? T_ : 1;
+  Tensor gates = call_buffer({depth, B, saved_width}, opts);
+  const bool lstm = mode == kLSTM, project = weight_hr.defined();
+  Tensor cells = call_buffer({lstm ? depth : 0, B, H}, opts);
+  Tensor projected = call_buffer({project ? depth : 0, B, H}, opts);
+  Tensor hh = at::empty({B, G * H}, opts);
+  Tensor proj_out = at::empty({project ? B : 0, Hout}, opts);
+  const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
+
+  Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  // LSTM, and GRU with the reset after the product, with whole vectors of hidden units run
+  // the fused step (else the general path), which packs W_hh gate-interleaved; the other step
+  // kernels read W_hh^T, W_hr^T (k-major copies).
+  const int64_t unit = gates_x.scalar_type() == at::kFloat ? Vec<float>::size()
+                                                           : Vec<double>::size();
+  const bool fused = (lstm || (mode == kGRU && reset_after)) && H > 0 && Hout > 0 &&
+                     H % unit == 0;
+  const Tensor w_t = fused ? Tensor() : weight_hh.t().contiguous();
+  const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
+  AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
+    using T = scalar_t;
+    const bool blocked = B > 1;
+    Tensor packed_rec, packed_rec_n, packed_proj;
+    const T* wt = fused ? nullptr : w_t.data_ptr<T>();
+    const Packed<T> rec = fused ? Packed<T>{} : pack<T>(Hout, G * H, wt, G * H, blocked, packed_rec);
+    const Packed<T> rec_n = mode == kGRU && !reset_after
+                                ? pack<T>(H, H, wt + 2 * H, G * H, blocked, packed_rec_n)
+                                : Packed<T>{};
+    const Packed<T> proj = project ? pack<T>(H, Hout, w_hr_t.data_ptr<T>(), Hout, blocked,
+                                             packed_proj)
+                                   : Packed<T>{};
+    Tensor packed_gates;
+    const T* gate_panels =
+        fused ? pack_gates<T>(G, H, Hout, weight_hh.data_ptr<T>(), packed_gates) : nullptr;
+    Tensor h_spare = fused && !project ? at::empty_like(h) : Tensor();
+    ForwardWeights<T> w;
+    w.rec = rec, w.rec_n = rec_n, w.bias = bias_hh.data_ptr<T>(), w.proj = proj;
+    w.project = project, w.fused_packed = gate_panels;
+    ForwardBuffers<T> io;
+    io.gates_x = gates_x.data_ptr<T>();
+    io.h = h.data_ptr<T>();
+    io.c = lstm ? c.data_ptr<T>() : nullptr;
+    io.output = output.data_ptr<T>();
+    io.gates = gates.data_ptr<T>(), io.gates_stride = stride * saved_width;
+    io.cells = lstm ? cells.data_ptr<T>() : nullptr, io.cells_stride = stride * H;
+    io.projected = project ? projected.data_ptr<T>() : nullptr, io.projected_stride = stride * H;
+    io.hh = hh.data_ptr<T>();
+    io.proj_out = project ? proj_out.data_ptr<T>() : nullptr;
+    io.h_spare = h_spare.defined() ? h_spare.data_ptr<T>() : nullptr;
+    forward_kernel<T>(s, steps, Cell{mode, activation, reset_after}, w, io);
+  });
+  if (!training) {
+    gates = at::empty({0}, opts);
+    cells = at::empty({0}, opts);
+    projected = at::empty({0}, opts);
+  }
+  return {output, h, c, gates, cells, projected};
+}
+
+template void forward_kernel<float>(const Shape&, const Steps&, const Cell&,
+                                   const ForwardWeights<float>&, const ForwardBuffers<float>&,
+                                   int64_t, int64_t);
+template void forward_kernel<double>(const Shape&, const Steps&, const Cell&,
+                                    const ForwardWeights<double>&, const ForwardBuffers<double>&,
+                                    int64_t, int64_t);
+
+}  // namespace rnnkit_cpu

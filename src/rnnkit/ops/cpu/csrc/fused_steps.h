@@ -1,0 +1,216 @@
+// The LSTM and GRU steps fused into their W_hh product, as register blocks: the cell math
+// runs on the accumulators of the product, so a step is one pass with no product buffer.
+#pragma once
+
+#include "gemm.h"
+#include "recurrence.h"
+#include "threads.h"
+#include "vec_math.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace rnnkit_cpu {
+
+// The LSTM step fused into its product. W_hh is packed once per call gate-interleaved: panel
+// p holds, for each k, the four gates' columns of hidden units [p*U, (p+1)*U) (U = one
+// vector), so a register block of R batch rows x 4 vectors ends holding all four
+// pre-activations of U units, seeded with gates_x + b_hh. The cell math runs on the
+// registers and writes h, c, the output and the saved gates directly: one pass, one parallel
+// region per step, no (B, 4H) product buffer. Threads take panels (hidden units), so every
+// thread reads the whole previous h: it is double-buffered.
+
+template <typename T>
+struct LstmStep {
+  int64_t H, Hout, GH;
+  const T* gx;     // this step's gates_x, (B, 4H)
+  const T* bias;   // (4H)
+  const T* h_in;   // previous state, (B, Hout)
+  T* h_out;        // next state (B, H); nullptr with a projection (h is set after it)
+  T* out;          // this step's output rows (B, H); unused with a projection
+  T* m;            // with a projection: o * tanh(c), (B, H); else nullptr
+  T* c;            // cell state (B, H), updated in place (each unit has one owner)
+  T* cells;        // saved cell (B, H) or nullptr
+  T* gates;        // saved activations (B, 4H) or nullptr
+  const Steps* steps;
+  int64_t t;
+  // gx laid out per panel, (B, H / U, 4, U), as the in-loop projection writes it; else (B, 4H).
+  bool interleaved = false;
+};
+
+// acc[r][g] += sum_k h[r, k] panel[k][g] for R rows of h (row stride Hout) and the G gates
+// of U units in a gate-interleaved panel (Hout, G, U): one register block of the fused step.
+template <typename T, int R, int G>
+inline void gate_products(int64_t Hout, const T* h, const T* panel, Vec<T> (&acc)[R][G]) {
+  using V = Vec<T>;
+  constexpr int64_t U = Vec<T>::size();
+  // Few rows have few accumulator chains: split k S ways to hide the FMA latency, up to about
+  // 24 chains with 32 AVX512 registers (12 with AVX2's 16), beside G weights and a broadcast.
+  constexpr int chains = Vec<T>::size() * sizeof(T) >= 64 ? 24 : 12;
+  constexpr int S = std::max(1, std::min(4, chains / (R * G)));
+  V part[S][R][G];
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < G; ++g) {
+      part[0][r][g] = acc[r][g];
+      for (int q = 1; q < S; ++q) part[q][r][g] = V(T(0));
+    }
+  }
+  int64_t k = 0;
+  if constexpr (S > 1) {
+    for (; k + S <= Hout; k += S) {
+      for (int q = 0; q < S; ++q) {
+        const T* w = panel + (k + q) * G * U;
+        V m[G];
+        for (int g = 0; g < G; ++g) m[g] = V::loadu(w + g * U);
+        for (int r = 0; r < R; ++r) {
+          const V a(h[r * Hout + k + q]);
+          for (int g = 0; g < G; ++g) part[q][r][g] = at::vec::fmadd(a, m[g], part[q][r][g]);
+        }
+      }
+    }
+  }
+  for (; k < Hout; ++k) {
+    const T* w = panel + k * G * U;
+    V m[G];
+    for (int g = 0; g < G; ++g) m[g] = V::loadu(w + g * U);
+    for (int r = 0; r < R; ++r) {
+      const V a(h[r * Hout + k]);
+      for (int g = 0; g < G; ++g) part[0][r][g] = at::vec::fmadd(a, m[g], part[0][r][g]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < G; ++g) {
+      for (int q = 1; q < S; ++q) part[0][r][g] = part[0][r][g] + part[q][r][g];
+      acc[r][g] = part[0][r][g];
+    }
+  }
+}
+
+// Rows b0 .. b0+R of units u0 .. u0+U; panel is (Hout, 4, U).
+template <typename T, int R>
+inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
+  using V = Vec<T>;
+  constexpr int64_t U = lstm_unit<T>();
+  const int64_t H = s.H, Hout = s.Hout;
+  V acc[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < 4; ++g) {
+      const int64_t gx_at = s.interleaved ? 4 * u0 + g * U : g * H + u0;
+      acc[r][g] = V::loadu(s.gx + (b0 + r) * s.GH + gx_at) + V::loadu(s.bias + g * H + u0);
+    }
+  }
+  gate_products<T, R, 4>(Hout, s.h_in + b0 * Hout, panel, acc);
+  const V zero(T(0));
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r;
+    const bool on = s.steps->active(s.t, b);
+    const V i = sigmoid(acc[r][0]), f = sigmoid(acc[r][1]);
+    const V gg = tanh<T>(acc[r][2]), o = sigmoid(acc[r][3]);
+    const int64_t at = b * H + u0;
+    const V c_old = V::loadu(s.c + at);
+    const V c_new = f * c_old + i * gg;
+    const V y = o * tanh<T>(c_new);
+    if (s.gates) {
+      T* g = s.gates + b * 4 * H + u0;
+      i.store(g), f.store(g + H), gg.store(g + 2 * H), o.store(g + 3 * H);
+    }
+    const V c_kept = on ? c_new : c_old;
+    c_kept.store(s.c + at);
+    if (s.cells) c_kept.store(s.cells + at);
+    if (s.m) {
+      y.store(s.m + at);
+    } else {
+      (on ? y : V::loadu(s.h_in + b * Hout + u0)).store(s.h_out + at);
+      (on ? y : zero).store(s.out + at);
+    }
+  }
+}
+
+// The GRU step (reset after the product, torch's formulation) fused the same way: panel p
+// holds, for each k, the r, z and n weights of hidden units [p*U, (p+1)*U), so a register
+// block ends with r and z's pre-activations (seeded with gates_x + b_hh) and W_hn h + b_hn;
+// the candidate and the new state are computed on the registers and written once.
+template <typename T>
+struct GruStep {
+  int64_t H;
+  const T* gx;     // this step's gates_x, (B, 3H)
+  const T* bias;   // b_hh, (3H)
+  const T* h_in;   // previous state, (B, H)
+  T* h_out;        // next state, (B, H)
+  T* out;          // this step's output rows, (B, H)
+  T* gates;        // saved r, z, n, W_hn h + b_hn, (B, 4H), or nullptr
+  const Steps* steps;
+  int64_t t;
+};
+
+// Rows b0 .. b0+R of units u0 .. u0+U; panel is (H, 3, U).
+template <typename T, int R>
+inline void gru_block(const GruStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
+  using V = Vec<T>;
+  const int64_t H = s.H;
+  V acc[R][3];
+  for (int r = 0; r < R; ++r) {
+    const T* gx = s.gx + (b0 + r) * 3 * H + u0;
+    acc[r][0] = V::loadu(gx) + V::loadu(s.bias + u0);
+    acc[r][1] = V::loadu(gx + H) + V::loadu(s.bias + H + u0);
+    acc[r][2] = V::loadu(s.bias + 2 * H + u0);
+  }
+  gate_products<T, R, 3>(H, s.h_in + b0 * H, panel, acc);
+  const V zero(T(0)), one(T(1));
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r, at = b * H + u0;
+    const V reset = sigmoid(acc[r][0]), update = sigmoid(acc[r][1]);
+    const V cand = tanh<T>(V::loadu(s.gx + b * 3 * H + 2 * H + u0) + reset * acc[r][2]);
+    const V h_old = V::loadu(s.h_in + at);
+    const V y = (one - update) * cand + update * h_old;
+    if (s.gates) {
+      T* g = s.gates + b * 4 * H + u0;
+      reset.store(g), update.store(g + H), cand.store(g + 2 * H), acc[r][2].store(g + 3 * H);
+    }
+    const bool on = s.steps->active(s.t, b);
+    (on ? y : h_old).store(s.h_out + at);
+    (on ? y : zero).store(s.out + at);
+  }
+}
+
+// Panels [p0, p1) of one fused step, all B rows, for a block kernel of either cell.
+template <typename T, typename Block>
+void fused_panels(int64_t B, const T* packed, int64_t panel_size, int64_t p0, int64_t p1,
+                  const Block& block) {
+  constexpr int64_t U = Vec<T>::size();
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* panel = packed + p * panel_size;
+    for_row_blocks<T>(0, B, [&](auto rows, int64_t b) { block(rows, panel, b, p * U); });
+  }
+}
+
+// Panels [p0, p1) of one fused LSTM step, all B rows; packed is (H / U panels, Hout, 4, U).
+template <typename T>
+void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
+  fused_panels<T>(B, packed, s.Hout * 4 * Vec<T>::size(), p0, p1,
+                  [&](auto rows, const T* panel, int64_t b, int64_t u0) {
+                    lstm_block<T, decltype(rows)::value>(s, panel, b, u0);
+                  });
+}
+
+template <typename T>
+void gru_panels(const GruStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
+  fused_panels<T>(B, packed, s.H * 3 * Vec<T>::size(), p0, p1,
+                  [&](auto rows, const T* panel, int64_t b, int64_t u0) {
+                    gru_block<T, decltype(rows)::value>(s, panel, b, u0);
+                  });
+}
+
+// One fused LSTM step over all B rows.
+template <typename T>
+void lstm_step(const LstmStep<T>& s, int64_t B, const T* packed) {
+  const int64_t panels = s.H / lstm_unit<T>();
+  const int64_t threads = lstm_threads(B, s.Hout, s.H, panels);
+  at::parallel_for(0, panels, (panels + threads - 1) / threads, [&](int64_t p0, int64_t p1) {
+    lstm_panels<T>(s, B, packed, p0, p1);
+  });
+}
+
+}  // namespace rnnkit_cpu

@@ -1,0 +1,100 @@
+// rnnkit's compiled CPU recurrence: the whole time loop of one layer in one direction,
+// forward and backward (BPTT), for RNN (named activations), GRU (both formulations) and
+// LSTM (optionally projected), in float32 and float64; and the layers' input projection.
+//
+// The math is exactly rnnkit.cells' step functions; rnnkit.ops.reference is the twin the
+// tests hold these files equal to. Per step there is one product with W_hh (two for GRU with
+// reset_after=False, one more for the LSTM projection) into preallocated buffers, then one
+// fused elementwise pass. Backward computes the per-step gate gradients and leaves dW_hh to
+// one big product after the loop. All products run on the register-blocked kernels of
+// gemm.h, not on BLAS.
+//
+// Layout (row-major, as the Python side passes it): gates_x (T, B, G*H), h0 (B, Hout),
+// c0 (B, H), weight_hh (G*H, Hout), bias_hh (G*H), weight_hr (Hout, H), lengths (B,) int64.
+// A row b is "active" at time t when t < lengths[b]; inactive rows hold their state and
+// write zero output, so a reverse pass starts at each sequence's own last step.
+//
+// The ops are declared (schema, fake and autograd) in rnnkit/ops/cpu/_ops.py; these files only
+// add their CPU kernels (register.cpp). The files, one job each:
+//   vec_math.h        vector width, sigmoid/tanh, the RNN activations and their derivatives
+//   threads.h         per-call buffers, the OpenMP frame of the fused loops, row splits
+//   gemm.h, gemm.cpp  the register-blocked products and the weight packers
+//   fused_steps.h     the LSTM and GRU steps fused into their W_hh product
+//   forward.h/.cpp    the forward time loop (cpu_recurrence_forward)
+//   backward.cpp      the backward time loop (cpu_recurrence_backward)
+//   linear.cpp        the input projection (cpu_linear, cpu_linear_backward)
+//   lstm_inference.cpp  LSTM inference with the projection inside the loop
+//   register.cpp      the TORCH_LIBRARY_IMPL block
+#pragma once
+
+#include "vec_math.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace rnnkit_cpu {
+
+using at::Tensor;
+
+enum Mode : int64_t { kRNN = 0, kGRU = 1, kLSTM = 2 };
+
+struct Shape {
+  int64_t T, B, H, Hout, G;
+};
+
+// Where a step's previous state lives: the initial state at a sequence's first step, else
+// the output (or saved cell) of the neighbouring time step.
+struct Steps {
+  int64_t T;
+  bool reverse;
+  const int64_t* lengths;  // nullptr: every sequence is T long
+
+  bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }
+  bool first(int64_t t, int64_t b) const {
+    if (!reverse) return t == 0;
+    return t == (lengths == nullptr ? T : lengths[b]) - 1;
+  }
+  int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
+};
+
+inline Tensor optional_or_empty(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->contiguous() : Tensor();
+}
+
+// The ops' CPU kernels, registered in register.cpp; argument order and results as the
+// schemas in _ops.py.
+
+// forward.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+    const Tensor& gates_x_in, const Tensor& h0, const std::optional<Tensor>& c0,
+    const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
+    const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
+    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool training);
+
+// backward.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+    const Tensor& grad_output_in, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
+    const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
+    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
+    const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
+    bool reverse, bool has_bias);
+
+// linear.cpp
+Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
+                      const std::optional<Tensor>& bias_in);
+std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& input,
+                                                   const Tensor& weight_in, bool input_grad,
+                                                   bool weight_grad, bool has_bias);
+
+// lstm_inference.cpp
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& input, const Tensor& weight_ih_in, const std::optional<Tensor>& bias_ih_in,
+    const Tensor& h0, const Tensor& c0, const Tensor& weight_hh_in,
+    const std::optional<Tensor>& bias_hh_in, const std::optional<Tensor>& weight_hr_in,
+    const std::optional<Tensor>& lengths_in, bool reverse);
+
+}  // namespace rnnkit_cpu

@@ -44,8 +44,12 @@ FP16_ATOL = 2e-2
 
 
 def make_call(spec, *, hidden=20, proj=0, seq_len=4, batch=3, lengths=None, bias=True,
-              dtype=torch.float32, seed=0):
-    """Random inputs of one layer-direction; every floating tensor requires grad."""
+              dtype=torch.float32, seed=0, resets=None):
+    """Random inputs of one layer-direction; every floating tensor requires grad.
+
+    ``resets``: the ``(T, B)`` reset codes as nested lists; a random ``reset_state`` comes
+    with them.
+    """
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -56,7 +60,7 @@ def make_call(spec, *, hidden=20, proj=0, seq_len=4, batch=3, lengths=None, bias
     state = (rand(batch, hidden_out),)
     if spec.mode == "lstm":
         state = state + (rand(batch, hidden),)
-    return dict(
+    call = dict(
         gates_x=rand(seq_len, batch, gate_size),
         state=state,
         weight_hh=rand(gate_size, hidden_out, scale=0.3),
@@ -64,18 +68,23 @@ def make_call(spec, *, hidden=20, proj=0, seq_len=4, batch=3, lengths=None, bias
         weight_hr=rand(proj, hidden, scale=0.3) if proj else None,
         lengths=None if lengths is None else torch.tensor(lengths),
     )
+    if resets is not None:
+        call["resets"] = torch.tensor(resets, dtype=torch.int8)
+        call["reset_state"] = tuple(rand(*s.shape) for s in state)
+    return call
 
 
 def leaves(call):
     tensors = [call["gates_x"], *call["state"], call["weight_hh"], call["bias_hh"],
-               call["weight_hr"]]
+               call["weight_hr"], *call.get("reset_state", ())]
     return [t for t in tensors if t is not None]
 
 
 def run(fn, spec, call, reverse):
     """Outputs, final states and the gradients of every input of one layer-direction."""
     output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"], call["bias_hh"],
-                       call["weight_hr"], call["lengths"], reverse)
+                       call["weight_hr"], call["lengths"], reverse, call.get("resets"),
+                       call.get("reset_state"))
     results = [output, *final]
     # A weighted sum, so every output position gets a different gradient.
     loss = sum((r.float() * torch.linspace(-1, 1, r.numel()).view_as(r)).sum() for r in results)
@@ -160,6 +169,33 @@ def test_persistent_schedule_matches_step_schedule_bitwise(spec, options, monkey
     for a, b in zip(step, persistent):
         assert torch.equal(a, b)
     assert_close_all(persistent, run(reference.recurrence, spec, call, True), FP32_ATOL)
+
+
+# (T, B) = (4, 3) codes: each row resets to reset_state (1) and to the initial state (2). With
+# lengths [4, 2, 3], rows 1 and 2 carry codes on steps past their length, which must be ignored.
+RESET_CODES = [[1, 2, 0], [0, 1, 2], [2, 0, 1], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("schedule", host.SCHEDULES)
+@pytest.mark.parametrize("spec,proj", [
+    (CellSpec("rnn", "silu"), 0),
+    (CellSpec("gru"), 0),
+    (CellSpec("gru", reset_after=False), 0),
+    (CellSpec("lstm"), 0),
+    (CellSpec("lstm"), 12),
+], ids=["rnn", "gru-after", "gru-before", "lstm", "lstm-proj"])
+def test_resets_equal_reference(spec, proj, schedule, monkeypatch):
+    # Outputs, final states and every gradient, reset_state's included: forward at full
+    # length, and reverse with lengths.
+    monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", schedule)
+    for reverse, lengths in [(False, None), (True, [4, 2, 3])]:
+        call = make_call(spec, proj=proj, lengths=lengths, resets=RESET_CODES)
+        actual = run(host.recurrence, spec, call, reverse)
+        assert_close_all(actual, run(reference.recurrence, spec, call, reverse), FP32_ATOL,
+                         1e-5)
+        # The reset states really got gradients (the last leaves).
+        for grad in actual[-len(call["reset_state"]):]:
+            assert grad.abs().max() > 0
 
 
 def packed_and_lengths(batch_first_input, lengths):
@@ -298,16 +334,22 @@ def test_bad_schedule_name_is_a_clear_error(monkeypatch):
         host.schedule()
 
 
-@pytest.mark.parametrize("spec", [CellSpec("rnn", "silu"), CellSpec("lstm")], ids=["rnn", "lstm"])
-def test_double_backward_equals_reference(spec):
-    call = make_call(spec, hidden=8, seq_len=3, batch=2, lengths=[3, 2])
+@pytest.mark.parametrize("spec,resets", [
+    (CellSpec("rnn", "silu"), None),
+    (CellSpec("lstm"), None),
+    (CellSpec("lstm"), [[1, 0], [2, 1], [0, 2]]),
+], ids=["rnn", "lstm", "lstm-resets"])
+def test_double_backward_equals_reference(spec, resets):
+    call = make_call(spec, hidden=8, seq_len=3, batch=2, lengths=[3, 2], resets=resets)
+    wrt = [call["gates_x"], call["weight_hh"], *call.get("reset_state", ())]
     results = []
     for fn in (reference.recurrence, host.recurrence):
         output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"],
-                           call["bias_hh"], None, call["lengths"], False)
+                           call["bias_hh"], None, call["lengths"], False, call.get("resets"),
+                           call.get("reset_state"))
         loss = (output**2).sum() + final[-1].sum()
         grad_w, = torch.autograd.grad(loss, call["weight_hh"], create_graph=True)
-        second = torch.autograd.grad((grad_w**2).sum(), [call["gates_x"], call["weight_hh"]])
+        second = torch.autograd.grad((grad_w**2).sum(), wrt)
         results.append([grad_w.detach(), *second])
     assert_close_all(results[1], results[0], FP32_ATOL, rtol=1e-5)
 
@@ -320,9 +362,10 @@ from triton.compiler import ASTSource
 from rnnkit.ops.triton import _kernels as k
 
 
-def compile_for_hopper(kernel, mode, pointer_types, phases):
+def compile_for_hopper(kernel, mode, pointer_types, phases, resets):
     consts = dict(MODE=mode, ACT=5, G=4 if mode >= k.LSTM else 3, HAS_BIAS=True,
-                  HAS_LENGTHS=True, REVERSE=True, PHASE_FIRST=0, PHASE_LAST=phases - 1,
+                  HAS_LENGTHS=True, REVERSE=True, HAS_RESETS=resets,
+                  PHASE_FIRST=0, PHASE_LAST=phases - 1,
                   SYNC=k.SYNC_GRID.value, BLOCK_B=16, BLOCK_N=32, BLOCK_K=64, PRECISION="ieee")
     pointers = iter(pointer_types)
     signature, constexprs = {}, {}
@@ -340,12 +383,20 @@ def compile_for_hopper(kernel, mode, pointer_types, phases):
 
 
 half, f32 = "*fp16", "*fp32"
-forward = [half, half, half, half, "*i64", half, f32, half, f32, f32, "*i32"]
-backward = [half, half, "*i64", half] + [f32] * 9 + ["*i32"]
+forward = [half] * 4 + ["*i64", "*i8", half, half, half, f32, half, f32, f32, "*i32"]
+backward = [half, half, "*i64", "*i8", half, half, half] + [f32] * 11 + ["*i32"]
 json.dump([
-    compile_for_hopper(k.forward_kernel, k.LSTM_PROJ, forward, k.FORWARD_PHASES[k.LSTM_PROJ]),
+    compile_for_hopper(k.forward_kernel, k.LSTM_PROJ, forward, k.FORWARD_PHASES[k.LSTM_PROJ],
+                       False),
     compile_for_hopper(k.backward_kernel, k.GRU_BEFORE, backward,
-                       k.BACKWARD_PHASES[k.GRU_BEFORE]),
+                       k.BACKWARD_PHASES[k.GRU_BEFORE], False),
+    # With state resets: every select and both reset-gradient accumulators.
+    compile_for_hopper(k.forward_kernel, k.LSTM_PROJ, forward, k.FORWARD_PHASES[k.LSTM_PROJ],
+                       True),
+    compile_for_hopper(k.backward_kernel, k.GRU_BEFORE, backward,
+                       k.BACKWARD_PHASES[k.GRU_BEFORE], True),
+    compile_for_hopper(k.backward_kernel, k.LSTM_PROJ, backward,
+                       k.BACKWARD_PHASES[k.LSTM_PROJ], True),
 ], sys.stdout)
 """
 

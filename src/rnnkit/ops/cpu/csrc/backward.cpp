@@ -1,5 +1,6 @@
 // The backward time loop (cpu_recurrence_backward): per step, from the last, the gate
 // gradients and dh_{t-1}; then dW_hh (and dW_hr) in one product each over all steps.
+#include "cells.h"
 #include "gemm.h"
 #include "recurrence.h"
 #include "threads.h"
@@ -27,7 +28,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const int64_t W = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
-  const V zero(T(0)), one(T(1));
+  const V zero(T(0));
   auto previous_h = [&](int64_t t, int64_t b) {
     return steps.first(t, b) ? h0 + b * Hout : output + (steps.previous(t) * B + b) * Hout;
   };
@@ -54,13 +55,12 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
       const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
       const V d = project ? V::loadu(dm + row + j, n)
                           : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-      const V tc = tanh<T>(V::loadu(c_t + row + j, n));
-      const V dcell = V::loadu(dc + row + j, n) + d * o * (one - tc * tc);
-      (dcell * gg * i * (one - i)).store(dgb + j, n);
-      (dcell * V::loadu(cp + j, n) * f * (one - f)).store(dgb + H + j, n);
-      (dcell * i * (one - gg * gg)).store(dgb + 2 * H + j, n);
-      (d * tc * o * (one - o)).store(dgb + 3 * H + j, n);
-      (dcell * f).store(dc + row + j, n);
+      const LstmGrad<T> grad =
+          lstm_backward<T>(i, f, gg, o, V::loadu(c_t + row + j, n), V::loadu(cp + j, n), d,
+                           V::loadu(dc + row + j, n));
+      grad.di.store(dgb + j, n), grad.df.store(dgb + H + j, n);
+      grad.dg.store(dgb + 2 * H + j, n), grad.do_.store(dgb + 3 * H + j, n);
+      grad.dc.store(dc + row + j, n);
       if (!project) zero.store(carry + row + j, n);
     });
   };
@@ -133,7 +133,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
             } else {
               derivative = derivative_from_output<A, T>(V::loadu(out_t + row + j, n));
             }
-            ((d + V::loadu(gout + row + j, n)) * derivative).store(dg + row + j, n);
+            rnn_backward(d + V::loadu(gout + row + j, n), derivative).store(dg + row + j, n);
             zero.store(carry + row + j, n);
           });
         });
@@ -157,14 +157,13 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           const V r = V::loadu(g + j, n), z = V::loadu(g + H + j, n);
           const V cand = V::loadu(g + 2 * H + j, n), hn = V::loadu(g + 3 * H + j, n);
           const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-          const V dn = d * (one - z) * (one - cand * cand);
-          const V dz = d * (V::loadu(hp + j, n) - cand) * z * (one - z);
-          const V dr_ = dn * hn * r * (one - r);
+          const GruGrad<T> grad = gru_backward<T>(d, z, cand, V::loadu(hp + j, n));
+          const V dr_ = gru_reset_backward<T>(grad.dn * hn, r);
           dr_.store(dgb + j, n), dr_.store(drb + j, n);
-          dz.store(dgb + H + j, n), dz.store(drb + H + j, n);
-          dn.store(dgb + 2 * H + j, n);
-          (dn * r).store(drb + 2 * H + j, n);
-          (d * z).store(carry + row + j, n);
+          grad.dz.store(dgb + H + j, n), grad.dz.store(drb + H + j, n);
+          grad.dn.store(dgb + 2 * H + j, n);
+          (grad.dn * r).store(drb + 2 * H + j, n);
+          grad.dh.store(carry + row + j, n);
         });
       });
       step_mm<T>(B, GH, Hout, dr, GH, rec, true, carry, Hout);
@@ -182,9 +181,10 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           }
           const V z = V::loadu(g + H + j, n), cand = V::loadu(g + 2 * H + j, n);
           const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-          (d * (one - z) * (one - cand * cand)).store(dgb + 2 * H + j, n);
-          (d * (V::loadu(hp + j, n) - cand) * z * (one - z)).store(dgb + H + j, n);
-          (d * z).store(carry + row + j, n);
+          const GruGrad<T> grad = gru_backward<T>(d, z, cand, V::loadu(hp + j, n));
+          grad.dn.store(dgb + 2 * H + j, n);
+          grad.dz.store(dgb + H + j, n);
+          grad.dh.store(carry + row + j, n);
         });
       });
       // d(r * h) = dn W_hn, into dm (B, H).
@@ -196,7 +196,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
         const int64_t row = b * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           const V r = V::loadu(g + j, n), drh = V::loadu(dm + row + j, n);
-          (drh * V::loadu(hp + j, n) * r * (one - r)).store(dgb + j, n);
+          gru_reset_backward<T>(drh * V::loadu(hp + j, n), r).store(dgb + j, n);
           (V::loadu(carry + row + j, n) + drh * r).store(carry + row + j, n);
         });
       });

@@ -2,6 +2,7 @@
 // elementwise pass, or the fused step of fused_steps.h.
 #include "forward.h"
 
+#include "cells.h"
 #include "fused_steps.h"
 #include "gemm.h"
 #include "recurrence.h"
@@ -19,6 +20,17 @@
 #include <tuple>
 
 namespace rnnkit_cpu {
+namespace {
+
+// One vector of a row's new state in a general step: an active row writes it to h and the
+// output; a row past its length keeps its h and outputs zero.
+template <typename T>
+inline void store_state(bool on, const Vec<T>& y, T* h, T* out, int64_t count) {
+  if (on) y.store(h, count);
+  (on ? y : Vec<T>(T(0))).store(out, count);
+}
+
+}  // namespace
 
 template <typename T>
 void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
@@ -41,7 +53,6 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   if (step1 < 0) step1 = s.T;
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
-  const V zero(T(0)), one(T(1));
   // W_hh packed gate-interleaved: the fused LSTM step, or the fused GRU step (reset after).
   const T* lstm_packed = mode == kLSTM ? fused_packed : nullptr;
   if (fused_packed && !project) {
@@ -83,11 +94,9 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
           T *hb = h + b * H, *ob = out + b * H, *db = saved + b * H;
           for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
             V derivative;
-            const V y = activate<A, T>(
-                V::loadu(x + j, n) + V::loadu(r + j, n) + V::loadu(bias + j, n), derivative);
+            const V y = rnn_forward<A, T>(preactivation(x, r, bias, j, n), derivative);
             if constexpr (keeps_derivative(A)) derivative.store(db + j, n);
-            if (on) y.store(hb + j, n);
-            (on ? y : zero).store(ob + j, n);
+            store_state(on, y, hb + j, ob + j, n);
           });
         });
       });
@@ -98,18 +107,14 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         const T *x = gx + b * GH, *rec = hh + b * GH;
         T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          auto pre = [&](int64_t k) {
-            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
-                   V::loadu(bias + k * H + j, n);
-          };
+          auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
           const V r = sigmoid(pre(0)), z = sigmoid(pre(1));
           const V hn = V::loadu(rec + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
-          const V cand = tanh<T>(V::loadu(x + 2 * H + j, n) + r * hn);
-          const V y = (one - z) * cand + z * V::loadu(hb + j, n);
+          const V cand = gru_candidate_after<T>(V::loadu(x + 2 * H + j, n), r, hn);
+          const V y = gru_output<T>(z, cand, V::loadu(hb + j, n));
           r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
           hn.store(g + 3 * H + j, n);
-          if (on) y.store(hb + j, n);
-          (on ? y : zero).store(ob + j, n);
+          store_state(on, y, hb + j, ob + j, n);
         });
       });
     } else if (mode == kGRU) {
@@ -119,10 +124,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         const T *x = gx + b * GH, *rec = hh + b * GH, *hb = h + b * H;
         T* g = saved + b * 4 * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          auto pre = [&](int64_t k) {
-            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
-                   V::loadu(bias + k * H + j, n);
-          };
+          auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
           const V r = sigmoid(pre(0));
           r.store(g + j, n);
           sigmoid(pre(1)).store(g + H + j, n);
@@ -135,13 +137,11 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         const T *x = gx + b * GH, *rec = hh + b * GH;
         T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          const V cand = tanh<T>(V::loadu(x + 2 * H + j, n) + V::loadu(rec + 2 * H + j, n) +
-                                 V::loadu(bias + 2 * H + j, n));
+          const V cand = gru_candidate_before<T>(preactivation(x, rec, bias, 2 * H + j, n));
           const V z = V::loadu(g + H + j, n);
-          const V y = (one - z) * cand + z * V::loadu(hb + j, n);
+          const V y = gru_output<T>(z, cand, V::loadu(hb + j, n));
           cand.store(g + 2 * H + j, n);
-          if (on) y.store(hb + j, n);
-          (on ? y : zero).store(ob + j, n);
+          store_state(on, y, hb + j, ob + j, n);
         });
       });
     } else if (lstm_packed) {
@@ -162,25 +162,18 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         const T *x = gx + b * GH, *rec = hh + b * GH;
         T *g = saved + b * 4 * H, *cb = c + b * H, *co = cell_out + b * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          auto pre = [&](int64_t k) {
-            return V::loadu(x + k * H + j, n) + V::loadu(rec + k * H + j, n) +
-                   V::loadu(bias + k * H + j, n);
-          };
-          const V i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = tanh<T>(pre(2));
-          const V o = sigmoid(pre(3));
+          auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
           const V c_old = V::loadu(cb + j, n);
-          const V c_new = f * c_old + i * gg;
-          const V y = o * tanh<T>(c_new);
-          i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n);
-          o.store(g + 3 * H + j, n);
-          const V c_kept = on ? c_new : c_old;
+          const LstmPoint<T> p = lstm_forward<T>(pre(0), pre(1), pre(2), pre(3), c_old);
+          const V y = p.y;
+          p.store_gates(g + j, H, n);
+          const V c_kept = on ? p.c : c_old;
           c_kept.store(cb + j, n);
           c_kept.store(co + j, n);
           if (project) {
             y.store(m + b * H + j, n);
           } else {
-            if (on) y.store(h + b * H + j, n);
-            (on ? y : zero).store(out + b * H + j, n);
+            store_state(on, y, h + b * H + j, out + b * H + j, n);
           }
         });
       });

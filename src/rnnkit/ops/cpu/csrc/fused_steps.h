@@ -2,6 +2,7 @@
 // runs on the accumulators of the product, so a step is one pass with no product buffer.
 #pragma once
 
+#include "cells.h"
 #include "gemm.h"
 #include "recurrence.h"
 #include "threads.h"
@@ -106,17 +107,12 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r;
     const bool on = s.steps->active(s.t, b);
-    const V i = sigmoid(acc[r][0]), f = sigmoid(acc[r][1]);
-    const V gg = tanh<T>(acc[r][2]), o = sigmoid(acc[r][3]);
     const int64_t at = b * H + u0;
     const V c_old = V::loadu(s.c + at);
-    const V c_new = f * c_old + i * gg;
-    const V y = o * tanh<T>(c_new);
-    if (s.gates) {
-      T* g = s.gates + b * 4 * H + u0;
-      i.store(g), f.store(g + H), gg.store(g + 2 * H), o.store(g + 3 * H);
-    }
-    const V c_kept = on ? c_new : c_old;
+    const LstmPoint<T> p = lstm_forward<T>(acc[r][0], acc[r][1], acc[r][2], acc[r][3], c_old);
+    if (s.gates) p.store_gates(s.gates + b * 4 * H + u0, H);
+    const V y = p.y;
+    const V c_kept = on ? p.c : c_old;
     c_kept.store(s.c + at);
     if (s.cells) c_kept.store(s.cells + at);
     if (s.m) {
@@ -158,13 +154,14 @@ inline void gru_block(const GruStep<T>& s, const T* panel, int64_t b0, int64_t u
     acc[r][2] = V::loadu(s.bias + 2 * H + u0);
   }
   gate_products<T, R, 3>(H, s.h_in + b0 * H, panel, acc);
-  const V zero(T(0)), one(T(1));
+  const V zero(T(0));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r, at = b * H + u0;
     const V reset = sigmoid(acc[r][0]), update = sigmoid(acc[r][1]);
-    const V cand = tanh<T>(V::loadu(s.gx + b * 3 * H + 2 * H + u0) + reset * acc[r][2]);
+    const V cand =
+        gru_candidate_after<T>(V::loadu(s.gx + b * 3 * H + 2 * H + u0), reset, acc[r][2]);
     const V h_old = V::loadu(s.h_in + at);
-    const V y = (one - update) * cand + update * h_old;
+    const V y = gru_output<T>(update, cand, h_old);
     if (s.gates) {
       T* g = s.gates + b * 4 * H + u0;
       reset.store(g), update.store(g + H), cand.store(g + 2 * H), acc[r][2].store(g + 3 * H);

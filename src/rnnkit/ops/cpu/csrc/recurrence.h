@@ -19,6 +19,7 @@
 //   vec_math.h        vector width, sigmoid/tanh, the RNN activations and their derivatives
 //   threads.h         per-call buffers, the OpenMP frame of the fused loops, row splits
 //   gemm.h, gemm.cpp  the register-blocked products and the weight packers
+//   cells.h           each cell's pointwise math, forward and backward, written once
 //   fused_steps.h     the LSTM and GRU steps fused into their W_hh product
 //   forward.h/.cpp    the forward time loop (cpu_recurrence_forward)
 //   backward.cpp      the backward time loop (cpu_recurrence_backward)

@@ -1,0 +1,127 @@
+// Each cell's pointwise math, forward and backward, written once: the fused steps
+// (fused_steps.h), the general forward loop and LSTM inference (forward.cpp,
+// lstm_inference.cpp) and the backward loop (backward.cpp) all call these. They work on one
+// vector of hidden units; where the values come from (registers of a fused product, or a
+// product buffer) and where they go is the caller's business. The expressions keep their
+// order of operations: every path rounds alike.
+#pragma once
+
+#include "vec_math.h"
+
+#include <cstdint>
+
+namespace rnnkit_cpu {
+
+// The pre-activation of gate k at column j of a general step: gates_x + the step's product
+// with W_hh + b_hh, each a row of G*H (gate k at k * H), `count` lanes.
+template <typename T>
+inline Vec<T> preactivation(const T* x, const T* rec, const T* bias, int64_t at,
+                            int64_t count) {
+  return Vec<T>::loadu(x + at, count) + Vec<T>::loadu(rec + at, count) +
+         Vec<T>::loadu(bias + at, count);
+}
+
+// ---------------------------------------------------------------------------------------
+// RNN: h = act(x W_ih^T + b_ih + h W_hh^T + b_hh). The activations and their derivatives are
+// vec_math.h's; backward the gradient at the pre-activation is (dh + dout) act'.
+
+template <int A, typename T>
+inline Vec<T> rnn_forward(const Vec<T>& pre, Vec<T>& derivative) {
+  return activate<A, T>(pre, derivative);
+}
+
+template <typename T>
+inline Vec<T> rnn_backward(const Vec<T>& d, const Vec<T>& derivative) {
+  return d * derivative;
+}
+
+// ---------------------------------------------------------------------------------------
+// GRU, both formulations: r = sigmoid(.), z = sigmoid(.), h' = (1 - z) n + z h, with the
+// candidate n = tanh(x_n + r * (W_hn h + b_hn)) when the reset comes after the product
+// (torch's), tanh(x_n + W_hn (r * h) + b_hn) when before.
+
+// The new state from the update gate, the candidate and the previous state.
+template <typename T>
+inline Vec<T> gru_output(const Vec<T>& z, const Vec<T>& n, const Vec<T>& h_old) {
+  return (Vec<T>(T(1)) - z) * n + z * h_old;
+}
+
+// Reset after: the candidate from x_n and hn = W_hn h + b_hn.
+template <typename T>
+inline Vec<T> gru_candidate_after(const Vec<T>& x_n, const Vec<T>& r, const Vec<T>& hn) {
+  return tanh<T>(x_n + r * hn);
+}
+
+// Reset before: the candidate from its whole pre-activation, x_n + W_hn (r * h) + b_hn.
+template <typename T>
+inline Vec<T> gru_candidate_before(const Vec<T>& pre_n) {
+  return tanh<T>(pre_n);
+}
+
+// Backward, both formulations: from d = dh' (with the output's gradient), the saved z and n
+// and the previous state, the gradients at n's and z's pre-activations and the part of dh
+// that flows straight through z h.
+template <typename T>
+struct GruGrad {
+  Vec<T> dn, dz, dh;
+};
+
+template <typename T>
+inline GruGrad<T> gru_backward(const Vec<T>& d, const Vec<T>& z, const Vec<T>& n,
+                               const Vec<T>& h_old) {
+  const Vec<T> one(T(1));
+  return {tanh_backward(d * (one - z), n), sigmoid_backward(d * (h_old - n), z), d * z};
+}
+
+// The gradient at r's pre-activation, from the gradient at r's product partner: dn * hn
+// (reset after), or d(r * h) * h (reset before), given as upstream.
+template <typename T>
+inline Vec<T> gru_reset_backward(const Vec<T>& upstream, const Vec<T>& r) {
+  return sigmoid_backward(upstream, r);
+}
+
+// ---------------------------------------------------------------------------------------
+// LSTM: i, f, o = sigmoid(.), g = tanh(.), c' = f c + i g, y = o tanh(c').
+
+template <typename T>
+struct LstmPoint {
+  Vec<T> i, f, g, o;  // the activated gates
+  Vec<T> c;           // the new cell state
+  Vec<T> y;           // the output, o * tanh(c)
+
+  // The gates, as saved for backward: i, f, g, o at gates, + H, + 2H, + 3H.
+  void store_gates(T* gates, int64_t H, int64_t count = Vec<T>::size()) const {
+    i.store(gates, count), f.store(gates + H, count), g.store(gates + 2 * H, count);
+    o.store(gates + 3 * H, count);
+  }
+};
+
+template <typename T>
+inline LstmPoint<T> lstm_forward(const Vec<T>& pre_i, const Vec<T>& pre_f, const Vec<T>& pre_g,
+                                 const Vec<T>& pre_o, const Vec<T>& c_old) {
+  LstmPoint<T> p;
+  p.i = sigmoid(pre_i), p.f = sigmoid(pre_f), p.g = tanh<T>(pre_g), p.o = sigmoid(pre_o);
+  p.c = p.f * c_old + p.i * p.g;
+  p.y = p.o * tanh<T>(p.c);
+  return p;
+}
+
+// Backward: from the saved gates and cell c_t, the previous cell, d = dy and dc = the cell
+// gradient carried from t + 1: the gradients at the four pre-activations and the cell
+// gradient carried on to t - 1.
+template <typename T>
+struct LstmGrad {
+  Vec<T> di, df, dg, do_, dc;
+};
+
+template <typename T>
+inline LstmGrad<T> lstm_backward(const Vec<T>& i, const Vec<T>& f, const Vec<T>& g,
+                                 const Vec<T>& o, const Vec<T>& c_t, const Vec<T>& c_old,
+                                 const Vec<T>& d, const Vec<T>& dc) {
+  const Vec<T> tc = tanh<T>(c_t);
+  const Vec<T> dcell = dc + tanh_backward(d * o, tc);
+  return {sigmoid_backward(dcell * g, i), sigmoid_backward(dcell * c_old, f),
+          tanh_backward(dcell * i, g), sigmoid_backward(d * tc, o), dcell * f};
+}
+
+}  // namespace rnnkit_cpu

@@ -14,7 +14,6 @@ import hashlib
 import platform
 import shutil
 import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -54,28 +53,25 @@ def _source_tag() -> str:
 
 EXTENSION_NAME = f"rnnkit_cpu_recurrence_{_cpu_tag()}_{_source_tag()}"
 # -march=native: the build is made on, and cached for, the machine that runs it. -fopenmp:
-# at::parallel_for is a header template, serial unless this file is built with OpenMP too.
+# at::parallel_for is a header template, serial unless these files are built with OpenMP too.
 CFLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _loaded = False
 _error: str | None = None
-build_seconds: float | None = None  # how long the first load in this process took
 
 
 def status() -> str | None:
     """``None`` when the kernels are loaded (building them if needed), else why not."""
-    global _loaded, _error, build_seconds
+    global _loaded, _error
     if _loaded or _error is not None:
         return _error
     with _lock:
         if _loaded or _error is not None:
             return _error
-        start = time.perf_counter()
         _error = _build()
         _loaded = _error is None
-        build_seconds = time.perf_counter() - start
     if _error is not None:
         warnings.warn(
             f"rnnkit: the compiled CPU kernels are unavailable ({_error}); "

@@ -52,7 +52,10 @@ def _example(batch_first: bool, steps: int, batch: int) -> torch.Tensor:
     return torch.randn(batch, steps, 3) if batch_first else torch.randn(steps, batch, 3)
 
 
-def _export(model, x, lengths, batch_first, use_table_directly=False):
+def _export(model, x, lengths, batch_first, route="export_onnx"):
+    """Export through ``rnnkit.export.export_onnx``, plain ``torch.onnx.export`` ("plain"), or
+    ``torch.export`` then ``torch.onnx.export`` of the program with rnnkit's translation table
+    ("program")."""
     steps = torch.export.Dim("steps", min=2, max=256)
     batch = torch.export.Dim("batch", min=2, max=256)
     x_dims = {0: batch, 1: steps} if batch_first else {0: steps, 1: batch}
@@ -60,9 +63,13 @@ def _export(model, x, lengths, batch_first, use_table_directly=False):
     dynamic = (x_dims,) if lengths is None else (x_dims, {0: batch})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if use_table_directly:
+        if route == "plain":
+            return torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic,
+                                     verbose=False)
+        if route == "program":
+            program = torch.export.export(model, args, dynamic_shapes=dynamic)
             return torch.onnx.export(
-                model, args, dynamo=True, dynamic_shapes=dynamic, verbose=False,
+                program, dynamo=True, verbose=False,
                 custom_translation_table=export.onnx_translation_table(),
             )
         return export.export_onnx(model, args, dynamic_shapes=dynamic, verbose=False)
@@ -83,8 +90,10 @@ def test_dynamic_axes_match_pytorch_in_onnxruntime(kind, kwargs, use_lengths, on
     model = Wrapper(getattr(rnnkit, kind)(3, 4, **kwargs)).eval()
     batch_first = kwargs.get("batch_first", False)
     example_lengths = torch.tensor([5, 3]) if use_lengths else None
-    program = _export(model, _example(batch_first, 5, 2), example_lengths, batch_first,
-                      use_table_directly=kind == "GRU")
+    # Every third case each way: rnnkit.export, plain torch.onnx.export, and an ExportedProgram.
+    route = ("export_onnx", "plain", "program")[CASES.index(
+        (kind, kwargs, use_lengths, onnx_op)) % 3]
+    program = _export(model, _example(batch_first, 5, 2), example_lengths, batch_first, route)
 
     # Exactly one recurrent ONNX op per layer and direction: nothing unrolled over time.
     layer = model.layer
@@ -151,3 +160,88 @@ def test_given_and_learned_initial_states_export():
     x = _example(False, 7, 3)
     for g, w in zip(_run_onnx(program, x), learned(x)):
         torch.testing.assert_close(g, w.detach(), atol=1e-5, rtol=1e-5)
+
+
+class Tagger(torch.nn.Module):
+    """A model as users write it: embedding, a recurrent layer, a linear head."""
+
+    def __init__(self, recurrent: torch.nn.Module) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 3)
+        self.recurrent = recurrent
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, tokens):
+        output, _ = self.recurrent(self.embed(tokens))
+        return self.head(output)
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("LSTM", {"num_layers": 2, "bidirectional": True}),
+    ("GRU", {"bidirectional": True}),
+    ("RNN", {"num_layers": 2, "bidirectional": True}),
+])
+def test_plain_onnx_export_of_a_model_with_rnnkit_swapped_in(kind, kwargs):
+    """torch.onnx.export with no extra argument: the torch.nn model and the same model with
+    rnnkit's layer swapped in both export and agree in onnxruntime; rnnkit's also runs at new
+    sizes, equal to the torch.nn model there (torch 2.13's own export of torch.nn.LSTM/GRU
+    fixes the time axis in a Reshape, so its ONNX model only runs at the example's sizes)."""
+    torch.manual_seed(0)
+    peer = Tagger(getattr(torch.nn, kind)(3, 4, **kwargs)).eval()
+    ours = Tagger(getattr(rnnkit, kind)(3, 4, **kwargs)).eval()
+    ours.load_state_dict(peer.state_dict())
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    tokens = torch.randint(0, 20, (5, 2))
+    programs = []
+    for model in (peer, ours):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            programs.append(torch.onnx.export(model, (tokens,), dynamo=True, verbose=False,
+                                              dynamic_shapes=({0: steps, 1: batch},)))
+    same_tokens = torch.randint(0, 20, (5, 2))
+    theirs, mine = (_run_onnx(p, same_tokens)[0] for p in programs)
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    new_tokens = torch.randint(0, 20, (9, 4))
+    mine = _run_onnx(programs[1], new_tokens)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(mine, peer(new_tokens), atol=1e-5, rtol=1e-5)
+
+
+class WithResets(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, resets, lengths):
+        return torch.utils._pytree.tree_leaves(self.layer(x, lengths=lengths, resets=resets))
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: rnnkit.LSTM(3, 4, bidirectional=True, learn_initial_state=True),
+    lambda: rnnkit.GRU(3, 4, num_layers=2),
+], ids=["lstm-bidirectional-learned", "gru-2-layers"])
+def test_resets_export_through_scan(layer):
+    torch.manual_seed(0)
+    model = WithResets(layer()).eval()
+    if model.layer.learn_initial_state:
+        with torch.no_grad():
+            model.layer.initial_h.normal_()
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    resets = torch.tensor([[False, True], [False, False], [True, False], [False, True],
+                           [False, False]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (torch.randn(5, 2, 3), resets, torch.tensor([5, 4])), dynamo=True,
+            verbose=False, dynamic_shapes=({0: steps, 1: batch}, {0: steps, 1: batch},
+                                           {0: batch}))
+    nodes = [node.op_type for node in program.model_proto.graph.node]
+    assert "Scan" in nodes and not {"LSTM", "GRU"} & set(nodes)
+    x = torch.randn(8, 3, 3)
+    new_resets = torch.rand(8, 3) < 0.3
+    lengths = torch.tensor([8, 3, 6])
+    got = _run_onnx(program, x, new_resets, lengths)
+    with torch.no_grad():
+        want = model(x, new_resets, lengths)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

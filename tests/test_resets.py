@@ -289,14 +289,20 @@ def test_bad_reset_rows_are_clear_errors():
         stream.reset(1.5)
 
 
-def test_export_with_resets_is_a_clear_error():
+def test_torch_export_with_resets_equals_eager():
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.gru = rnnkit.GRU(3, 4)
+            self.gru = rnnkit.GRU(3, 4, bidirectional=True)
 
         def forward(self, x, resets):
             return self.gru(x, resets=resets)[0]
 
-    with pytest.raises(Exception, match="cannot export a layer called with resets"):
-        torch.export.export(Model(), (torch.randn(5, 2, 3), torch.zeros(5, 2, dtype=torch.bool)))
+    torch.manual_seed(0)
+    model = Model()
+    steps = torch.export.Dim("steps", min=2)
+    program = torch.export.export(
+        model, (torch.randn(5, 2, 3), torch.zeros(5, 2, dtype=torch.bool)),
+        dynamic_shapes=({0: steps}, {0: steps}))
+    x, resets = torch.randn(8, 2, 3), torch.rand(8, 2) < 0.3
+    torch.testing.assert_close(program.module()(x, resets), model(x, resets))

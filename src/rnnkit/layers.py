@@ -49,20 +49,19 @@ def _reset_codes(
     if resets is None:
         return None, None
     steps = resets.shape[0]
+    time = torch.arange(steps, device=resets.device)[:, None]
     if lengths is not None:
-        inside = torch.arange(steps, device=resets.device)[:, None] < lengths[None, :]
-        resets = resets & inside
+        resets = resets & (time < lengths[None, :])
     forward = resets.to(torch.int8)
     if not bidirectional:
         return forward, None
+    # Shifts and selects rather than slices, so export keeps the time axis symbolic.
     first = resets & (resets.cumsum(0) == 1)  # each sequence's first reset point
-    reverse = torch.zeros_like(forward)
-    reverse[:-1] = torch.where(first[1:], 2, forward[1:]).to(torch.int8)
-    last = (lengths - 1) if lengths is not None else torch.full_like(resets[0], steps - 1,
-                                                                     dtype=torch.int64)
-    start = resets.any(0).to(torch.int8)
-    rows = torch.arange(resets.shape[1], device=resets.device)
-    reverse[last, rows] = torch.maximum(reverse[last, rows], start)
+    following = torch.where(first, 2, forward).to(torch.int8).roll(-1, 0)
+    reverse = torch.where(time < steps - 1, following, torch.zeros_like(following))
+    last = (lengths - 1)[None, :] if lengths is not None else steps - 1
+    start = resets.any(0).to(torch.int8)[None, :]
+    reverse = torch.where(time == last, torch.maximum(reverse, start), reverse)
     return forward, reverse
 
 

@@ -1,4 +1,9 @@
-"""One layer-direction as a single ``torch.library`` op, used only while exporting.
+"""Layer-directions while exporting: ONNX-exportable operations, or one ``torch.library`` op.
+
+Under ``torch.onnx.export`` each layer-direction is lowered by :mod:`.onnx_lowering` to ONNX's
+own ``RNN``/``GRU``/``LSTM`` operator or to a ``scan`` over time, so plain
+``torch.onnx.export(..., dynamo=True)`` needs no extra argument. Under ``torch.export``
+otherwise:
 
 ``torch.export`` traces a Python loop over time into ``T`` copies of the step, which fixes the
 sequence length. While exporting, the plan (:func:`rnnkit.ops.dispatch.plan`) sends every
@@ -16,6 +21,7 @@ from torch import Tensor
 from rnnkit.ops import reference
 from rnnkit.ops.activations import activation_name
 from rnnkit.ops.backend import BackendBase
+from rnnkit.ops.export import onnx_lowering
 from rnnkit.ops.spec import Call, CellSpec, State
 
 
@@ -80,7 +86,6 @@ class ExportBackend(BackendBase):
 
         Raises:
             TypeError: the nonlinearity is a callable.
-            NotImplementedError: the call has state resets, which the op does not carry.
         """
         spec = call.spec
         if not isinstance(spec.nonlinearity, str):
@@ -89,11 +94,9 @@ class ExportBackend(BackendBase):
                 f"({activation_name(spec.nonlinearity)}); use one of the named activations in "
                 "rnnkit.ACTIVATIONS"
             )
-        if call.resets is not None:
-            raise NotImplementedError(
-                "rnnkit cannot export a layer called with resets= yet; export the model "
-                "without resets and reset the state between calls"
-            )
+        if torch.onnx.is_in_onnx_export() or call.resets is not None:
+            # The op below carries no resets; a scan over time does (see onnx_lowering).
+            return onnx_lowering.lower(call)
         state = call.state
         output, hidden, cell = recurrence_op(
             call.input, call.weight_ih, call.bias_ih, call.weight_hh, call.bias_hh,

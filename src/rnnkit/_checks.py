@@ -5,22 +5,61 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
-def positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _whole_number(name: str, value: object) -> int:
+    # numpy's integers are Integral; bool (Python's or numpy's) is a flag, not a size.
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as a Python int; any integer type (numpy's too) but bool.
+
+    Raises:
+        TypeError: not an integer. ValueError: zero or negative.
+    """
+    value = _whole_number(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be greater than zero, got {value}")
     return value
 
 
-def boolean(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+def non_negative_int(name: str, value: object) -> int:
+    """As :func:`positive_int`, but zero is allowed."""
+    value = _whole_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be zero or positive, got {value}")
     return value
+
+
+def boolean(name: str, value: object) -> bool:
+    """``value`` as a Python bool; a bool (numpy's too) and nothing else.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def torch_flag(name: str, value: object) -> bool:
+    """A flag torch.nn also takes (``bias``, ``batch_first``, ``bidirectional``): a bool, or
+    the integers 0 and 1 as code written for torch.nn passes them.
+
+    Raises:
+        TypeError: not a bool or an integer (a string, a float). ValueError: another integer.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        return boolean(name, value)
+    if value not in (0, 1):
+        raise ValueError(f"{name} must be a bool (or 0 or 1), got {int(value)}")
+    return bool(value)
 
 
 def dropout(value: object) -> float:
@@ -30,8 +69,10 @@ def dropout(value: object) -> float:
 
 
 def _matches_parameters(name: str, tensor: Tensor, reference: Tensor) -> None:
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        raise TypeError(
+            f"{name} must be a floating-point or complex tensor, got dtype {tensor.dtype}"
+        )
     if tensor.device != reference.device:
         raise ValueError(
             f"{name} is on {tensor.device} but the parameters are on {reference.device}"

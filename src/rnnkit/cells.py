@@ -29,7 +29,12 @@ _Cell = TypeVar("_Cell", bound="_CellBase")
 
 
 class _CellBase(nn.Module):
-    """Shared parameters, checks and dispatch of the single-step cells."""
+    """Shared parameters, checks and dispatch of the single-step cells.
+
+    As torch.nn's cells, ``input_size`` and ``hidden_size`` may be zero (a step then gives
+    ``(N, 0)`` states, or uses only the biases and ``hx``), sizes may be any integer type
+    (numpy's too), ``bias`` may be 0 or 1, and parameters and inputs may be complex.
+    """
 
     def __init__(
         self,
@@ -43,10 +48,11 @@ class _CellBase(nn.Module):
         backend: str | None,
     ) -> None:
         super().__init__()
-        _checks.positive_int("input_size", input_size)
-        _checks.positive_int("hidden_size", hidden_size)
-        _checks.boolean("bias", bias)
-        _checks.boolean("learn_initial_state", learn_initial_state)
+        # Zero sizes are allowed, as torch.nn's cells allow them.
+        input_size = _checks.non_negative_int("input_size", input_size)
+        hidden_size = _checks.non_negative_int("hidden_size", hidden_size)
+        bias = _checks.torch_flag("bias", bias)
+        learn_initial_state = _checks.boolean("learn_initial_state", learn_initial_state)
         self.backend = dispatch.check_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.spec = spec
@@ -231,7 +237,7 @@ class GRUCell(_CellBase):
         learn_initial_state: bool = False,
         backend: str | None = None,
     ) -> None:
-        _checks.boolean("reset_after", reset_after)
+        reset_after = _checks.boolean("reset_after", reset_after)
         self.reset_after = reset_after
         super().__init__(
             CellSpec("gru", reset_after=reset_after), input_size, hidden_size, bias, device,

@@ -69,7 +69,22 @@ _Layer = TypeVar("_Layer", bound="RecurrentLayer")
 
 
 class RecurrentLayer(nn.Module):
-    """The shared body of :class:`RNN`, :class:`GRU` and :class:`LSTM`."""
+    """The shared body of :class:`RNN`, :class:`GRU` and :class:`LSTM`.
+
+    Arguments are checked as torch.nn.RNNBase checks them, with two allowances: sizes may be
+    any integer type (numpy's too), and flags (``bias``, ``batch_first``, ``bidirectional``)
+    may be the integers 0 and 1. Sizes of zero are refused, as torch.nn refuses them.
+    Parameters and inputs may be complex (``complex64``/``complex128``); complex calls run on
+    the reference path, and ``'relu'`` is undefined for them (NotImplementedError, as in
+    torch.nn).
+
+    RNNBase's attributes and helpers are here for code written against torch.nn:
+    ``_flat_weights_names``, ``_flat_weights``, ``all_weights``, ``mode``,
+    ``flatten_parameters``, ``check_input``, ``get_expected_hidden_size``,
+    ``check_hidden_size``, ``check_forward_args``, ``permute_hidden`` (and LSTM's
+    ``get_expected_cell_size``). They raise torch.nn's error types; ``forward`` does its own,
+    fuller checks.
+    """
 
     def __init__(
         self,
@@ -89,21 +104,15 @@ class RecurrentLayer(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        _checks.positive_int("input_size", input_size)
-        _checks.positive_int("hidden_size", hidden_size)
-        _checks.positive_int("num_layers", num_layers)
-        for name, flag in [
-            ("bias", bias),
-            ("batch_first", batch_first),
-            ("bidirectional", bidirectional),
-            ("learn_initial_state", learn_initial_state),
-        ]:
-            _checks.boolean(name, flag)
+        input_size = _checks.positive_int("input_size", input_size)
+        hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        num_layers = _checks.positive_int("num_layers", num_layers)
+        bias = _checks.torch_flag("bias", bias)
+        batch_first = _checks.torch_flag("batch_first", batch_first)
+        bidirectional = _checks.torch_flag("bidirectional", bidirectional)
+        learn_initial_state = _checks.boolean("learn_initial_state", learn_initial_state)
         self.dropout = _checks.dropout(dropout)
-        if isinstance(proj_size, bool) or not isinstance(proj_size, int):
-            raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
-        if proj_size < 0:
-            raise ValueError(f"proj_size must be zero or positive, got {proj_size}")
+        proj_size = _checks.non_negative_int("proj_size", proj_size)
         if proj_size and spec.mode != "lstm":
             raise ValueError(f"proj_size is only supported by LSTM, got proj_size={proj_size}")
         if proj_size >= hidden_size:
@@ -149,6 +158,7 @@ class RecurrentLayer(nn.Module):
                     setattr(self, base + suffix, nn.Parameter(torch.empty(shape, **factory)))
                     names.append(base + suffix)
                 self._all_weights.append(names)
+        self._flat_weights_names = [name for names in self._all_weights for name in names]
         if learn_initial_state:
             self.initial_h = nn.Parameter(
                 torch.zeros(num_layers * directions, out_size, **factory)
@@ -169,8 +179,88 @@ class RecurrentLayer(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    @property
+    def _flat_weights(self) -> list[Tensor | None]:
+        """The weights named by ``_flat_weights_names`` (torch.nn's order), read at access.
+
+        A weight under ``torch.nn.utils.parametrize``, ``weight_norm`` or ``prune`` is its
+        current computed value, as torch.nn's list holds after a forward pass.
+        """
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    @property
+    def mode(self) -> str:
+        """torch.nn's name of the recurrence: ``"RNN_TANH"``, ``"RNN_RELU"``, ``"GRU"`` or
+        ``"LSTM"``.
+
+        An RNN with another named nonlinearity is ``"RNN_"`` and the name in capitals
+        (``"RNN_SILU"``), with a callable ``"RNN_CALLABLE"``: code that picks torch.nn's kernel
+        by ``mode`` then finds none, rather than running tanh. A GRU is ``"GRU"`` in both
+        formulations; ``reset_after`` tells them apart.
+        """
+        spec = self.spec
+        if spec.mode != "rnn":
+            return spec.mode.upper()
+        if isinstance(spec.nonlinearity, str):
+            return "RNN_" + spec.nonlinearity.upper()
+        return "RNN_CALLABLE"
+
     def flatten_parameters(self) -> None:
         """Does nothing; kept so code written for torch.nn runs unchanged."""
+
+    def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+        """torch.nn's check of a batched (3-D) input, or of a PackedSequence's 2-D data.
+
+        Raises:
+            ValueError: its dtype is not the weights' (outside autocast).
+            RuntimeError: the wrong number of dimensions or features (torch.nn's types).
+        """
+        weight = getattr(self, self._flat_weights_names[0])
+        if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(
+                f"input has dtype {input.dtype} but the weights have dtype {weight.dtype}; "
+                "convert one with .to()"
+            )
+        expected = 2 if batch_sizes is not None else 3
+        if input.dim() != expected:
+            raise RuntimeError(f"input must have {expected} dimensions, got {input.dim()}")
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"input must have {self.input_size} features (input_size), got {input.size(-1)}"
+            )
+
+    def get_expected_hidden_size(
+        self, input: Tensor, batch_sizes: Tensor | None
+    ) -> tuple[int, int, int]:
+        """``(D*num_layers, N, H_out)``, the shape ``h_0`` must have for ``input``."""
+        if batch_sizes is not None:
+            batch = int(batch_sizes[0])
+        else:
+            batch = input.size(0) if self.batch_first else input.size(1)
+        return (self.num_layers * self.num_directions, batch, self.proj_size or self.hidden_size)
+
+    def check_hidden_size(
+        self,
+        hx: Tensor,
+        expected_hidden_size: tuple[int, int, int],
+        msg: str = "Expected hidden size {}, got {}",
+    ) -> None:
+        """Raises RuntimeError(``msg`` with the expected and the actual size) if they differ."""
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(
+        self, input: Tensor, hidden: Tensor, batch_sizes: Tensor | None
+    ) -> None:
+        """:meth:`check_input`, then :meth:`check_hidden_size` of ``hidden``."""
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+
+    def permute_hidden(self, hx: Tensor, permutation: Tensor | None) -> Tensor:
+        """``hx`` with its batch (dimension 1) reordered by ``permutation``, if given."""
+        if permutation is None:
+            return hx
+        return hx.index_select(1, permutation)
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, in torch.nn's order: U(-1/sqrt(H), 1/sqrt(H)).
@@ -474,7 +564,7 @@ class GRU(RecurrentLayer):
         learn_initial_state: bool = False,
         backend: str | None = None,
     ) -> None:
-        _checks.boolean("reset_after", reset_after)
+        reset_after = _checks.boolean("reset_after", reset_after)
         self.reset_after = reset_after
         super().__init__(
             CellSpec("gru", reset_after=reset_after), input_size, hidden_size, num_layers,
@@ -522,3 +612,32 @@ class LSTM(RecurrentLayer):
             dropout, bidirectional, proj_size, device, dtype,
             learn_initial_state=learn_initial_state, backend=backend,
         )
+
+    def get_expected_cell_size(
+        self, input: Tensor, batch_sizes: Tensor | None
+    ) -> tuple[int, int, int]:
+        """``(D*num_layers, N, H_cell)``, the shape ``c_0`` must have for ``input``."""
+        layers, batch, _ = self.get_expected_hidden_size(input, batch_sizes)
+        return (layers, batch, self.hidden_size)
+
+    def check_forward_args(  # type: ignore[override]
+        self, input: Tensor, hidden: tuple[Tensor, Tensor], batch_sizes: Tensor | None
+    ) -> None:
+        """:meth:`check_input`, then the sizes of ``h_0`` and ``c_0`` (RuntimeError)."""
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(
+            hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+            "Expected hidden[0] size {}, got {}",
+        )
+        self.check_hidden_size(
+            hidden[1], self.get_expected_cell_size(input, batch_sizes),
+            "Expected hidden[1] size {}, got {}",
+        )
+
+    def permute_hidden(  # type: ignore[override]
+        self, hx: tuple[Tensor, Tensor], permutation: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Both states with their batch (dimension 1) reordered by ``permutation``."""
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -272,6 +275,46 @@ def test_to_mlx_refuses_what_mlx_cannot_express(mlx):
         from_mlx(nn.GRU(INPUT, HIDDEN))
 
 
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+def test_float64_round_trips_through_mlx_exactly(mlx, kind):
+    mx, mnn = mlx
+    torch.manual_seed(7)
+    module = getattr(rnnkit, kind)(INPUT, HIDDEN, batch_first=True, dtype=torch.float64)
+    layer = to_mlx(module)
+    assert all(v.dtype == mx.float64 for _, v in _mlx_parameters(layer))
+    weights = (layer.Wxh, layer.Whh) if kind == "RNN" else (layer.Wx, layer.Wh)
+    assert np.array_equal(np.array(weights[0]), module.weight_ih_l0.detach().numpy())
+    assert np.array_equal(np.array(weights[1]), module.weight_hh_l0.detach().numpy())
+    back = from_mlx(layer)
+    assert back.weight_ih_l0.dtype == torch.float64
+    # MLX -> rnnkit -> MLX gives back every MLX parameter bit for bit (biases folded).
+    again = to_mlx(back)
+    for (name, value), (_, other) in zip(_mlx_parameters(layer), _mlx_parameters(again)):
+        assert np.array_equal(np.array(value), np.array(other)), name
+    x = np.random.default_rng(8).normal(size=(BATCH, STEPS, INPUT))
+    got = layer(mx.array(x, dtype=mx.float64))
+    got = got[0] if isinstance(got, tuple) else got
+    assert got.dtype == mx.float64
+    # MLX's float64 sigmoid is only float32-accurate (about 3e-8), so GRU/LSTM agree to ~1e-7.
+    tol = 1e-12 if kind == "RNN" else 1e-6
+    np.testing.assert_allclose(np.array(got), run_ours(module, x), rtol=tol, atol=tol)
+
+
+def _mlx_parameters(layer):
+    """``(name, array)`` of every parameter of an MLX layer, in name order."""
+    return sorted((k, v) for k, v in layer.parameters().items() if v is not None)
+
+
+def test_float64_to_mlx_off_its_cpu_warns(mlx, monkeypatch):
+    mx, _ = mlx
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    with pytest.warns(UserWarning, match=r"float64.*mx.stream\(mx.cpu\)"):
+        to_mlx(rnnkit.GRU(INPUT, HIDDEN, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_mlx(rnnkit.GRU(INPUT, HIDDEN))
+
+
 # Keras ------------------------------------------------------------------------------------
 
 
@@ -370,6 +413,56 @@ def test_to_keras(keras, kind, with_state):
     got = run_keras(keras, layer, x, hidden, cell)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, **TOL)
+
+
+@pytest.mark.parametrize("kind", list(RNNKIT_FOR_KERAS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_keras_in_half_precision(keras, kind, dtype):
+    torch.manual_seed(6)
+    module = RNNKIT_FOR_KERAS[kind]().to(dtype)
+    layer = to_keras(module, return_state=True)
+    assert layer.dtype == str(dtype).removeprefix("torch.")
+    # The default initializers stay in the config (only the build skipped them).
+    assert type(layer.cell.recurrent_initializer).__name__ == "Orthogonal"
+    back = from_keras(layer)
+    assert back.weight_ih_l0.dtype == dtype
+    assert torch.equal(back.weight_ih_l0, module.weight_ih_l0)
+    assert torch.equal(back.weight_hh_l0, module.weight_hh_l0)
+    x = torch.randn(BATCH, STEPS, INPUT).to(dtype)
+    got = layer(x)
+    expected = module(x)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+def test_to_keras_stateful_carries_the_state_across_calls(keras, kind):
+    torch.manual_seed(6)
+    module = RNNKIT_FOR_KERAS[kind]()
+    layer = to_keras(module, stateful=True, batch_size=BATCH)
+    x = torch.randn(BATCH, 2 * STEPS, INPUT)
+    chunks = [keras.ops.convert_to_numpy(layer(part)) for part in x.split(STEPS, dim=1)]
+    expected = module(x)[0].detach().numpy()
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), expected, **TOL)
+    layer.reset_state()
+    first = keras.ops.convert_to_numpy(layer(x[:, :STEPS]))
+    np.testing.assert_allclose(first, expected[:, :STEPS], **TOL)
+
+
+def test_to_keras_stateful_needs_a_batch_size(keras):
+    with pytest.raises(ValueError, match=r"stateful=True needs a static batch size.*batch_size"):
+        to_keras(rnnkit.GRU(INPUT, HIDDEN), stateful=True)
+    with pytest.raises(ValueError, match="batch_size must be greater than zero, got 0"):
+        to_keras(rnnkit.GRU(INPUT, HIDDEN), stateful=True, batch_size=0)
+
+
+def test_interop_is_reachable_from_the_package_without_mlx_or_keras():
+    code = (
+        "import sys, rnnkit; rnnkit.interop.from_mlx; rnnkit.interop.to_keras; "
+        "print(sorted(m for m in ('mlx', 'keras', 'tensorflow') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_keras_refusals(keras):

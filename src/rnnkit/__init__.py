@@ -4,6 +4,7 @@ torch.nn-compatible RNN, GRU and LSTM layers and cells, with any nonlinearity, `
 without sorting, learnable initial states, both GRU formulations and higher-order gradients.
 """
 
+from rnnkit import interop  # its converters import MLX and Keras only when called
 from rnnkit.activations import ACTIVATIONS
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.layers import GRU, LSTM, RNN
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "Stateful",
-    "__version__",
+    "__version__", "interop",
 ]

@@ -76,7 +76,10 @@ def load_weights(module: RecurrentLayer, weights: dict[str, np.ndarray | None]) 
         if value is None:
             param.zero_()
             continue
-        value = torch.as_tensor(np.asarray(value))
+        value = np.asarray(value)
+        if value.dtype.name == "bfloat16":  # ml_dtypes' (Keras's); torch cannot read it
+            value = value.astype(np.float32)
+        value = torch.as_tensor(value)
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(
                 f"{name}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}"

@@ -19,6 +19,7 @@ import warnings
 
 import numpy as np
 
+from rnnkit import _checks
 from rnnkit.interop._common import (
     as_rnnkit_layer,
     check_single_layer,
@@ -147,24 +148,46 @@ def from_keras(layer, *, backend: str | None = None) -> RecurrentLayer:
     return module
 
 
-def to_keras(module: RecurrentLayer, **layer_options):
+def _build_without_initializers(keras, layer, input_shape: tuple) -> None:
+    """Build ``layer`` with zeros for every weight, keeping its initializers in its config.
+
+    The caller overwrites every weight, and Keras's default orthogonal recurrent initializer
+    needs a QR factorisation that torch has no float16/bfloat16 kernel for (Keras's torch
+    backend then fails with ``"geqrf_cpu" not implemented for 'Half'``).
+    """
+    cell = layer.cell
+    names = ("kernel_initializer", "recurrent_initializer", "bias_initializer")
+    kept = {name: getattr(cell, name) for name in names}
+    try:
+        for name in names:
+            setattr(cell, name, keras.initializers.Zeros())
+        layer.build(input_shape)
+    finally:
+        for name, initializer in kept.items():
+            setattr(cell, name, initializer)
+
+
+def to_keras(module: RecurrentLayer, *, batch_size: int | None = None, **layer_options):
     """A built Keras 3 ``SimpleRNN``, ``GRU`` or ``LSTM`` equal to a one-layer, one-direction
     rnnkit layer (a torch.nn layer is accepted too).
 
     The Keras layer has ``return_sequences=True`` (its output is the whole sequence, as
-    rnnkit's) and the module's dtype. Keras takes batch-major ``(N, L, D)`` input whatever
-    ``batch_first`` says.
+    rnnkit's) and the module's dtype, float16 and bfloat16 included. Keras takes batch-major
+    ``(N, L, D)`` input whatever ``batch_first`` says.
 
     Args:
         module: the layer to convert.
-        **layer_options: more Keras constructor options, e.g. ``return_state=True`` or
-            ``name=...``. Options that change the math (``units``, ``activation``,
-            ``reset_after``, ...) are refused.
+        batch_size: build the Keras layer for this static batch size. ``stateful=True`` needs
+            one: Keras keeps a state per sequence of the batch between calls.
+        **layer_options: more Keras constructor options, e.g. ``return_state=True``,
+            ``stateful=True`` or ``name=...``. Options that change the math (``units``,
+            ``activation``, ``reset_after``, ...) are refused.
 
     Raises:
         TypeError: ``module`` is not an RNN, GRU or LSTM layer.
         ValueError: Keras cannot express it exactly (stacked, bidirectional, ``proj_size``,
-            ``learn_initial_state``, or an RNN nonlinearity Keras lacks), or a reserved option.
+            ``learn_initial_state``, or an RNN nonlinearity Keras lacks), a reserved option,
+            or ``stateful=True`` without ``batch_size``.
     """
     keras = _import_keras()
     module = as_rnnkit_layer(module, "keras")
@@ -172,6 +195,13 @@ def to_keras(module: RecurrentLayer, **layer_options):
     reserved = _RESERVED & set(layer_options)
     if reserved:
         raise ValueError(f"to_keras sets {sorted(reserved)} itself to keep the layer exact")
+    if batch_size is not None:
+        batch_size = _checks.positive_int("batch_size", batch_size)
+    elif layer_options.get("stateful"):
+        raise ValueError(
+            "a Keras layer with stateful=True needs a static batch size (it keeps one state "
+            "per sequence of the batch); pass to_keras(..., batch_size=N)"
+        )
     options = {
         "return_sequences": True,
         "use_bias": module.bias,
@@ -194,7 +224,7 @@ def to_keras(module: RecurrentLayer, **layer_options):
     else:
         layer = keras.layers.LSTM(module.hidden_size, **options)
         order = [0, 1, 2, 3]
-    layer.build((None, None, module.input_size))
+    _build_without_initializers(keras, layer, (batch_size, None, module.input_size))
 
     weights = [
         reorder_gates(to_numpy(module.weight_ih_l0), order).T,

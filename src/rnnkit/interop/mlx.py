@@ -16,6 +16,8 @@ With no hidden state given MLX starts from zeros, as rnnkit does.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -49,12 +51,19 @@ def _from_mx(array) -> np.ndarray:
     return np.array(array, copy=True)
 
 
-def _to_mx(tensor: Tensor, dtype: torch.dtype | None = None):
+def _mx_dtype(dtype: torch.dtype):
+    """MLX's dtype of the same name (``mx.array`` alone would turn float64 into float32)."""
     mx, _ = _import_mlx()
-    array = mx.array(to_numpy(tensor))
-    if (dtype or tensor.dtype) == torch.bfloat16:
-        array = array.astype(mx.bfloat16)
-    return array
+    found = getattr(mx, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, mx.Dtype):
+        raise TypeError(f"MLX has no dtype for {dtype}")
+    return found
+
+
+def _to_mx(tensor: Tensor, dtype: torch.dtype | None = None):
+    """``tensor`` as an MLX array of ``dtype`` (default: the tensor's own)."""
+    mx, _ = _import_mlx()
+    return mx.array(to_numpy(tensor), dtype=_mx_dtype(dtype or tensor.dtype))
 
 
 class _MLXFunction(torch.autograd.Function):
@@ -191,6 +200,10 @@ def to_mlx(module: RecurrentLayer):
     (a torch.nn layer is accepted too). MLX takes ``NLD``/``LD`` input whatever
     ``batch_first`` says.
 
+    The MLX weights have the module's dtype, so float64 round-trips exactly. MLX computes in
+    float64 on its CPU device only: when the default device is another one, a float64 layer
+    comes with a warning to run it under ``mx.stream(mx.cpu)`` (or to convert it to float32).
+
     Raises:
         TypeError: ``module`` is not an RNN, GRU or LSTM layer.
         ValueError: MLX cannot express it exactly: stacked, bidirectional, ``proj_size``,
@@ -206,6 +219,13 @@ def to_mlx(module: RecurrentLayer):
             "reset_after=False cannot be converted exactly"
         )
     dtype = module.weight_ih_l0.dtype
+    if dtype == torch.float64 and mx.default_device().type != mx.cpu:
+        warnings.warn(
+            f"the MLX layer holds float64 weights, which MLX computes on its CPU device only "
+            f"(the default device is {mx.default_device()}); call it under "
+            "`with mx.stream(mx.cpu):`, or convert a float32 module",
+            stacklevel=2,
+        )
     weight_ih = _to_mx(module.weight_ih_l0)
     weight_hh = _to_mx(module.weight_hh_l0)
     bias_ih = module.bias_ih_l0.detach() if module.bias else None

@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 
 #include <cstdint>
 #include <optional>
@@ -18,9 +19,16 @@ namespace rnnkit_cpu {
 
 Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
                       const std::optional<Tensor>& bias_in) {
-  const Tensor x = input.contiguous();
   const int64_t in_features = weight_in.size(1), out_features = weight_in.size(0);
-  const int64_t rows = in_features == 0 ? 0 : x.numel() / in_features;
+  auto sizes = input.sizes().vec();
+  sizes.back() = out_features;
+  if (in_features == 0) {  // no products to form: every row is the bias (or zero)
+    Tensor out = at::zeros(sizes, input.options());
+    if (bias_in.has_value()) out.add_(*bias_in);
+    return out;
+  }
+  const Tensor x = input.contiguous();
+  const int64_t rows = x.numel() / in_features;
   const int64_t panel = x.scalar_type() == at::kFloat ? Packed<float>::width
                                                       : Packed<double>::width;
   // Whole panels of outputs: pack the weight as stored; else read a k-major copy.
@@ -28,8 +36,6 @@ Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
                       out_features % panel == 0;
   const Tensor weight = weight_in.contiguous();
   const Tensor weight_t = direct ? Tensor() : weight_in.t().contiguous();  // (I, G)
-  auto sizes = input.sizes().vec();
-  sizes.back() = out_features;
   Tensor out = call_buffer(sizes, x.options());
   const bool has_bias = bias_in.has_value();
   const Tensor bias = has_bias ? bias_in->contiguous() : Tensor();

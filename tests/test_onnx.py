@@ -45,6 +45,7 @@ CASES = [
     ("RNN", {"nonlinearity": "silu"}, False, "Scan"),
     ("RNN", {"nonlinearity": "identity"}, True, "Scan"),
     ("RNN", {"nonlinearity": "softsign"}, True, "Scan"),
+    ("RNN", {"nonlinearity": "softplus", "bidirectional": True}, True, "RNN"),
 ]
 
 

@@ -59,6 +59,8 @@ TABLE: tuple[ActivationRow, ...] = (
     ActivationRow("gelu", F.gelu, "gelu", "gelu", None, None, saves_derivative=True),
     ActivationRow("softsign", F.softsign, "softsign", "softsign", "Softsign", None),
     ActivationRow("hardtanh", F.hardtanh, "hard_tanh", "hard_tanh", "HardTanh", None),
+    ActivationRow("softplus", F.softplus, "softplus", "softplus", "Softplus", "Softplus",
+                  saves_derivative=True),
 )
 
 ROWS: dict[str, ActivationRow] = {row.name: row for row in TABLE}

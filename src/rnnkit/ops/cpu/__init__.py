@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.ops.activations import CODES
 from rnnkit.ops.backend import BackendBase
 from rnnkit.ops.cpu import _build, _ops
 from rnnkit.ops.spec import Call, State
@@ -35,7 +34,7 @@ class CpuBackend(BackendBase):
         spec = call.spec
         if spec.mode == "rnn" and not isinstance(spec.nonlinearity, str):
             return "a callable nonlinearity runs only on the reference path"
-        if spec.mode == "rnn" and spec.nonlinearity not in CODES:
+        if spec.mode == "rnn" and spec.nonlinearity not in _ops.ACTIVATIONS:
             return f"no compiled kernel for the nonlinearity {spec.nonlinearity!r}"
         if call.resets is not None and not _ops.SERVES_RESETS:
             return "state resets are not compiled into these kernels yet"

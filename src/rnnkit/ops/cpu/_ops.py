@@ -26,6 +26,9 @@ MODES = ("rnn", "gru", "lstm")
 
 # Whether the kernels apply per-step state resets (Call.resets).
 SERVES_RESETS = False
+# The named activations csrc/vec_math.h has a formula for (their codes come from the table).
+ACTIVATIONS = ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh",
+               "softplus")
 
 FORWARD = "rnnkit::cpu_recurrence_forward"
 BACKWARD = "rnnkit::cpu_recurrence_backward"

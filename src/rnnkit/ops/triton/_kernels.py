@@ -63,10 +63,12 @@ ACT_SILU = tl.constexpr(CODES["silu"])
 ACT_GELU = tl.constexpr(CODES["gelu"])
 ACT_SOFTSIGN = tl.constexpr(CODES["softsign"])
 ACT_HARDTANH = tl.constexpr(CODES["hardtanh"])
+ACT_SOFTPLUS = tl.constexpr(CODES["softplus"])
 # The activations _activate and _activate_grad have a formula for.
 ACTIVATION_CODES = {
     name: CODES[name]
-    for name in ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh")
+    for name in ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh",
+                 "softplus")
 }
 
 # Synchronisation between phases (constexpr SYNC).
@@ -107,8 +109,10 @@ def _activate(x, ACT: tl.constexpr):
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == ACT_SOFTSIGN:
         y = x / (1.0 + tl.abs(x))
-    else:
+    elif ACT == ACT_HARDTANH:
         y = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    else:  # softplus, linear past torch's threshold of 20
+        y = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
     return y
 
 
@@ -134,8 +138,10 @@ def _activate_grad(x, ACT: tl.constexpr):
     elif ACT == ACT_SOFTSIGN:
         a = 1.0 + tl.abs(x)
         d = 1.0 / (a * a)
-    else:
+    elif ACT == ACT_HARDTANH:
         d = tl.where((x > -1.0) & (x < 1.0), 1.0, 0.0)
+    else:  # softplus
+        d = tl.where(x > 20.0, 1.0, _sigmoid(x))
     return d
 
 

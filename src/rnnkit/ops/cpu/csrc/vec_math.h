@@ -45,6 +45,7 @@ enum Activation : int64_t {
   kGelu = 5,
   kSoftsign = 6,
   kHardtanh = 7,
+  kSoftplus = 8,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ inline Vec<T> tanh_backward(const Vec<T>& upstream, const Vec<T>& y) {
 
 // Activations whose derivative cannot be read off their output; only these save it.
 constexpr bool keeps_derivative(int64_t activation) {
-  return activation == kSilu || activation == kGelu;
+  return activation == kSilu || activation == kGelu || activation == kSoftplus;
 }
 
 template <int A, typename T>
@@ -115,10 +116,16 @@ inline Vec<T> activate(const Vec<T>& x, Vec<T>& derivative) {
     const Vec<T> denominator = one + x.abs();
     derivative = one / (denominator * denominator);
     return x / denominator;
-  } else {
-    static_assert(A == kHardtanh);
+  } else if constexpr (A == kHardtanh) {
     derivative = x.gt(Vec<T>(T(-1))) * x.lt(one);
     return at::vec::clamp(x, Vec<T>(T(-1)), one);
+  } else {
+    static_assert(A == kSoftplus);
+    // log(1 + e^x), written without overflow; linear past torch's threshold of 20.
+    const Vec<T> linear = x > Vec<T>(T(20));
+    const Vec<T> smooth = at::vec::maximum(x, zero) + x.abs().neg().exp().log1p();
+    derivative = Vec<T>::blendv(sigmoid(x), one, linear);
+    return Vec<T>::blendv(smooth, x, linear);
   }
 }
 
@@ -140,7 +147,8 @@ inline Vec<T> derivative_from_output(const Vec<T>& y) {
   } else if constexpr (A == kHardtanh) {
     return y.gt(Vec<T>(T(-1))) * y.lt(one);
   } else {
-    static_assert(A == kSilu || A == kGelu, "this activation saves its derivative");
+    static_assert(A == kSilu || A == kGelu || A == kSoftplus,
+                  "this activation saves its derivative");
     return one;
   }
 }
@@ -156,6 +164,7 @@ void dispatch_activation(int64_t activation, F&& body) {
     case kGelu: return body(std::integral_constant<int, kGelu>{});
     case kSoftsign: return body(std::integral_constant<int, kSoftsign>{});
     case kHardtanh: return body(std::integral_constant<int, kHardtanh>{});
+    case kSoftplus: return body(std::integral_constant<int, kSoftplus>{});
     default: TORCH_CHECK(false, "rnnkit: unknown activation code ", activation);
   }
 }

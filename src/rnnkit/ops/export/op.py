@@ -1,14 +1,16 @@
 """Layer-directions while exporting: ONNX-exportable operations, or one ``torch.library`` op.
 
-Under ``torch.onnx.export`` each layer-direction is lowered by :mod:`.onnx_lowering` to ONNX's
-own ``RNN``/``GRU``/``LSTM`` operator or to a ``scan`` over time, so plain
-``torch.onnx.export(..., dynamo=True)`` needs no extra argument. Under ``torch.export``
-otherwise:
+``torch.export`` would trace a Python loop over time into ``T`` copies of the step, which fixes
+the sequence length. While exporting, the plan (:func:`rnnkit.ops.dispatch.plan`) sends every
+layer-direction to :data:`BACKEND` instead:
 
-``torch.export`` traces a Python loop over time into ``T`` copies of the step, which fixes the
-sequence length. While exporting, the plan (:func:`rnnkit.ops.dispatch.plan`) sends every
-layer-direction to :data:`BACKEND`, which records one opaque op ``rnnkit_export::recurrence``
-per layer and direction with symbolic shapes; :mod:`rnnkit.export` translates that op to ONNX.
+- under ``torch.onnx.export``, :mod:`.onnx_lowering` records ONNX's own ``RNN``/``GRU``/``LSTM``
+  operator or a ``scan`` over time, so plain ``torch.onnx.export(..., dynamo=True)`` needs no
+  extra argument;
+- under ``torch.export``, a layer-direction that ONNX has as an operator is recorded as one
+  opaque op, ``rnnkit_export::recurrence``, with symbolic shapes (``rnnkit.export``'s
+  translation table turns it into that operator); anything else is the same ``scan``.
+
 Run eagerly, the op computes ``W_ih x + b_ih`` and calls :func:`rnnkit.ops.reference.recurrence`.
 """
 
@@ -94,8 +96,9 @@ class ExportBackend(BackendBase):
                 f"({activation_name(spec.nonlinearity)}); use one of the named activations in "
                 "rnnkit.ACTIVATIONS"
             )
-        if torch.onnx.is_in_onnx_export() or call.resets is not None:
-            # The op below carries no resets; a scan over time does (see onnx_lowering).
+        if torch.onnx.is_in_onnx_export() or not onnx_lowering.native(call):
+            # The op below stands for ONNX's own RNN/GRU/LSTM operators; everything else
+            # (resets, the projection, other activations) is a scan over time.
             return onnx_lowering.lower(call)
         state = call.state
         output, hidden, cell = recurrence_op(

@@ -1,26 +1,16 @@
 """ONNX export of rnnkit layers with dynamic batch and time axes.
 
-While ``torch.export`` traces a model, each layer-direction of an :class:`rnnkit.RNN`,
-:class:`rnnkit.GRU` or :class:`rnnkit.LSTM` is recorded as one op,
-``rnnkit_export::recurrence`` (see :mod:`rnnkit.ops.export.op`). The translation below turns
-that op into ONNX:
+Plain ``torch.onnx.export(model, args, dynamo=True, dynamic_shapes=...)`` exports models holding
+rnnkit layers: while it traces, each layer-direction becomes ONNX's own ``RNN``/``GRU``/``LSTM``
+operator where ONNX has one, and a ``Scan`` over time otherwise (see
+:mod:`rnnkit.ops.export.onnx_lowering`). :func:`export_onnx` is that call.
 
-| rnnkit layer-direction | ONNX |
-|---|---|
-| RNN with ``tanh``, ``relu`` or ``sigmoid`` | ``RNN`` (activation ``Tanh``/``Relu``/``Sigmoid``) |
-| GRU, ``reset_after=True`` | ``GRU`` with ``linear_before_reset=1`` |
-| GRU, ``reset_after=False`` | ``GRU`` with ``linear_before_reset=0`` |
-| LSTM without ``proj_size`` | ``LSTM`` |
-| LSTM with ``proj_size`` | ``Scan`` over time (ONNX's LSTM has no projection) |
-| RNN with any other named nonlinearity | ``Scan`` over time |
-| RNN with a callable nonlinearity | ``TypeError`` (a Python callable has no ONNX form) |
-
-``lengths`` becomes ``sequence_lens`` of the native ops; the ``Scan`` path masks steps past
-each length and runs reverse directions through ``ReverseSequence``. Gates are reordered from
-torch's layout (``i f g o``, ``r z n``) to ONNX's (``i o f c``, ``z r h``) inside the graph.
-
-Use :func:`export_onnx`, or pass :func:`onnx_translation_table` as
-``custom_translation_table`` to ``torch.onnx.export(..., dynamo=True)``.
+A program made with ``torch.export.export`` instead holds one op per native layer-direction,
+``rnnkit_export::recurrence`` (see :mod:`rnnkit.ops.export.op`); pass
+:func:`onnx_translation_table` as ``custom_translation_table`` to ``torch.onnx.export`` of that
+program, and each op becomes the ONNX operator. ``lengths`` becomes the operators'
+``sequence_lens``; gates are reordered from torch's layout (``i f g o``, ``r z n``) to ONNX's
+(``i o f c``, ``z r h``) inside the graph.
 """
 
 from __future__ import annotations
@@ -33,7 +23,6 @@ import torch
 from onnxscript import opset18 as op
 
 from rnnkit.ops.activations import TABLE
-from rnnkit.ops.export import onnx_scan
 from rnnkit.ops.export import op as export_op
 
 _NATIVE_RNN_ACTIVATIONS = {row.name: row.onnx for row in TABLE if row.onnx is not None}
@@ -54,7 +43,7 @@ def export_onnx(
     dynamic_shapes: Any = None,
     **options: Any,
 ) -> torch.onnx.ONNXProgram:
-    """``torch.onnx.export(model, args, f, dynamo=True, ...)`` with rnnkit's translations.
+    """``torch.onnx.export(model, args, f, dynamo=True, ...)``, rnnkit's translations included.
 
     Args:
         model: the module to export.
@@ -94,14 +83,13 @@ def _recurrence_to_onnx(
     input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths,
     mode: str, nonlinearity: str, reset_after: bool, reverse: bool,
 ):
-    """Translate one ``rnnkit_export::recurrence`` call; returns ``(Y, Y_h, Y_c)``."""
-    native = (mode == "gru" or (mode == "lstm" and weight_hr is None)
-              or (mode == "rnn" and nonlinearity in _NATIVE_RNN_ACTIVATIONS))
-    if native:
-        return _native(input, weight_ih, bias_ih, weight_hh, bias_hh, h0, c0, lengths, mode,
-                       nonlinearity, reset_after, reverse)
-    return _scan(input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths,
-                 mode, nonlinearity, reverse)
+    """Translate one ``rnnkit_export::recurrence`` call; returns ``(Y, Y_h, Y_c)``.
+
+    The op is recorded only for layer-directions ONNX has as an operator (the others are a
+    ``scan``, which the exporter translates itself).
+    """
+    return _native(input, weight_ih, bias_ih, weight_hh, bias_hh, h0, c0, lengths, mode,
+                   nonlinearity, reset_after, reverse)
 
 
 def _native(input, weight_ih, bias_ih, weight_hh, bias_hh, h0, c0, lengths, mode,
@@ -135,39 +123,3 @@ def _native(input, weight_ih, bias_ih, weight_hh, bias_hh, h0, c0, lengths, mode
     # Y is (T, num_directions=1, B, H); the states are (1, B, H).
     axis1 = op.Constant(value_ints=[1])
     return op.Squeeze(y, axis1), op.Squeeze(y_h, axis0), op.Squeeze(y_c, axis0)
-
-
-def _scan(input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths, mode,
-          nonlinearity, reverse):
-    """A ``Scan`` over time whose body is one step of the recurrence, masked by lengths."""
-    gates_x = op.MatMul(input, op.Transpose(weight_ih, perm=[1, 0]))
-    if bias_ih is not None:
-        gates_x = op.Add(gates_x, bias_ih)
-    steps = op.Shape(input, start=0, end=1)
-    batch = op.Shape(input, start=1, end=2)
-    if lengths is None:
-        lengths = op.Expand(steps, batch)
-    # A reverse direction runs forward over each sequence reversed within its own length.
-    if reverse:
-        gates_x = op.ReverseSequence(gates_x, lengths, batch_axis=1, time_axis=0)
-    time = op.Range(op.Constant(value_int=0), op.Squeeze(steps), op.Constant(value_int=1))
-    mask = op.Unsqueeze(
-        op.Less(op.Unsqueeze(time, op.Constant(value_ints=[1])),
-                op.Unsqueeze(lengths, op.Constant(value_ints=[0]))),
-        op.Constant(value_ints=[2]),
-    )
-    recurrent_t = op.Transpose(weight_hh, perm=[1, 0])
-    if bias_hh is None:
-        bias_hh = op.CastLike(op.Constant(value_float=0.0), weight_hh)
-    if mode == "lstm":
-        projection_t = op.Transpose(weight_hr, perm=[1, 0])
-        y, h_n, c_n = onnx_scan.lstm_projection_scan(
-            gates_x, recurrent_t, bias_hh, projection_t, h0, c0, mask
-        )
-    else:
-        y, h_n = onnx_scan.RNN_SCANS[nonlinearity](gates_x, recurrent_t, bias_hh, h0, mask)
-        c_n = h_n
-    if reverse:
-        y = op.ReverseSequence(y, lengths, batch_axis=1, time_axis=0)
-    return y, h_n, c_n
-

@@ -35,7 +35,7 @@ class ActivationRow:
         mlx: the ``mlx.nn`` function of the same formula (``None``: none, use a plain callable).
         mlx_class: the ``mlx.nn`` module class of the same formula, or ``None``.
         onnx: the ``activations`` attribute of ONNX's own ``RNN`` op, or ``None`` when export
-            needs a ``Scan`` body (``rnnkit.ops.export.onnx_scan``).
+            runs a ``Scan`` over time (``rnnkit.ops.export.onnx_lowering``).
         saves_derivative: the compiled CPU forward saves the derivative, since it cannot be
             read off the output (non-monotonic or not invertible cheaply).
     """

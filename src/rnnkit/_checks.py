@@ -129,6 +129,29 @@ def lengths(
     Under torch.compile and torch.export the checks that read the values are skipped: they
     are data-dependent and would break the graph.
     """
+    return _lengths(value, batch_size, seq_len, device, minimum)[0]
+
+
+def lengths_with_empty(
+    value: object, batch_size: int, seq_len: int, device: torch.device
+) -> tuple[Tensor, Tensor | None]:
+    """Validate a layer's ``lengths`` (``0`` allowed) for the kernels, which need ``>= 1``.
+
+    Returns ``(lengths clamped to at least 1, empty)`` on ``device``: ``empty`` is the
+    ``(N,)`` boolean mask of the sequences of length 0, or ``None`` when there are none.
+    Under torch.compile and torch.export the mask is always returned: deciding from the
+    values would break the graph.
+    """
+    checked, values = _lengths(value, batch_size, seq_len, device, 0)
+    if values is not None and int(values.min()) > 0:
+        return checked, None
+    return checked.clamp(min=1), checked == 0
+
+
+def _lengths(
+    value: object, batch_size: int, seq_len: int, device: torch.device, minimum: int
+) -> tuple[Tensor, Tensor | None]:
+    """``lengths`` checked, on ``device``, and its values on the CPU (``None`` when traced)."""
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             raise TypeError(f"lengths must hold integers, got a tensor of dtype {value.dtype}")
@@ -140,7 +163,7 @@ def lengths(
                     f"lengths must have one entry per sequence: expected {batch_size}, "
                     f"got {value.shape[0]}"
                 )
-            return value.detach().to(device=device, dtype=torch.int64)
+            return value.detach().to(device=device, dtype=torch.int64), None
         values = value.detach().to("cpu", torch.int64)
     elif isinstance(value, Sequence) and not isinstance(value, str):
         if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
@@ -164,7 +187,7 @@ def lengths(
         raise ValueError(
             f"lengths must not exceed the sequence length {seq_len}, got {values.tolist()}"
         )
-    return values.to(device)
+    return values.to(device), values
 
 
 def resets(

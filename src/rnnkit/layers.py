@@ -359,8 +359,9 @@ class RecurrentLayer(nn.Module):
                 pair ``(h_0, c_0)`` with ``c_0`` of size ``H_cell``. Defaults to zeros, or to
                 the learnable initial state.
             lengths: optional per-sequence lengths (1-D integer tensor on any device, or a
-                list), in any order. Output past a sequence's length is zero and the final
-                state is taken at its own last step.
+                list), in any order, each in ``0..L``. Output past a sequence's length is zero
+                and the final state is taken at its own last step; a sequence of length 0 has
+                an all-zero output and its initial state as final state.
             resets: optional boolean ``(L, N)`` tensor (``(N, L)`` with ``batch_first``,
                 ``(L,)`` unbatched), on any device: ``resets[t, b]`` true starts sequence
                 ``b`` afresh at step ``t`` (an episode start). The result equals cutting each
@@ -402,8 +403,11 @@ class RecurrentLayer(nn.Module):
         seq_len, batch_size = x.shape[0], x.shape[1]
         if seq_len == 0:
             raise ValueError(f"input must have at least one time step, got shape {tuple(x.shape)}")
+        empty = None
         if lengths is not None:
-            lengths = _checks.lengths(lengths, batch_size, seq_len, x.device)
+            # The kernels need at least one step: a sequence of length 0 runs one step that
+            # is undone below (its state stays the initial state, its output zero).
+            lengths, empty = _checks.lengths_with_empty(lengths, batch_size, seq_len, x.device)
         if resets is not None:
             resets = _checks.resets(resets, x.shape[:2], batched, self.batch_first, x.device)
         states = self._initial_states(hx, batch_size, batched, reference)
@@ -431,6 +435,13 @@ class RecurrentLayer(nn.Module):
         final_states = tuple(
             torch.stack([f[i] for f in finals]) for i in range(self.spec.num_states)
         )
+        if empty is not None:
+            rows = empty.view(1, -1, 1)
+            output = torch.where(rows, torch.zeros_like(output), output)
+            final_states = tuple(
+                torch.where(rows, torch.stack([s[i] for s in states]).to(final.dtype), final)
+                for i, final in enumerate(final_states)
+            )
         if packed is not None:
             output = _pack_like(output, packed)
         elif not batched:

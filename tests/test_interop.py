@@ -14,6 +14,7 @@ from torch import nn
 
 import rnnkit
 from rnnkit.interop import from_keras, from_mlx, from_torch, to_keras, to_mlx, to_torch
+from rnnkit.interop.keras import GoBackwards
 
 os.environ["KERAS_BACKEND"] = "torch"  # must precede the first keras import
 
@@ -472,8 +473,6 @@ def test_keras_refusals(keras):
     layers = keras.layers
     with pytest.raises(ValueError, match="not built"):
         from_keras(layers.GRU(HIDDEN))
-    with pytest.raises(ValueError, match="go_backwards"):
-        from_keras(randomized(layers.LSTM(HIDDEN, go_backwards=True), 0))
     with pytest.raises(ValueError, match="activation='tanh'"):
         from_keras(randomized(layers.GRU(HIDDEN, activation="relu"), 0))
     with pytest.raises(ValueError, match="recurrent_activation='sigmoid'"):
@@ -490,6 +489,260 @@ def test_keras_refusals(keras):
         to_keras(rnnkit.RNN(INPUT, HIDDEN, nonlinearity=torch.sin))
     with pytest.raises(ValueError, match=r"sets \['units'\] itself"):
         to_keras(rnnkit.GRU(INPUT, HIDDEN), units=3)
+    with pytest.raises(ValueError, match=r"sets \['go_backwards'\] itself"):
+        to_keras(rnnkit.GRU(INPUT, HIDDEN), go_backwards=True)
+
+
+# Keras go_backwards and Bidirectional ---------------------------------------------------
+
+# Right padding with a fully masked row: rnnkit's lengths= is Keras's mask.
+MASK_LENGTHS = [3, 5, 0]
+
+
+def keras_mask(lengths, steps=STEPS):
+    return np.arange(steps)[None, :] < np.array(lengths)[:, None]
+
+
+def sequence_batch(kind: str, directions: int, seed: int):
+    """Input (3, STEPS, INPUT) and one Keras initial state per direction, as numpy."""
+    rng = np.random.default_rng(seed)
+    batch = len(MASK_LENGTHS)
+    x = rng.normal(size=(batch, STEPS, INPUT)).astype("float32")
+    count = directions * (2 if kind == "LSTM" else 1)
+    states = [rng.normal(size=(batch, HIDDEN)).astype("float32") for _ in range(count)]
+    return x, states
+
+
+def as_hx(states, kind: str):
+    """Keras's initial_state list ([h, c] per direction, forward first) as rnnkit's hx."""
+    per = 2 if kind == "LSTM" else 1
+    tensors = [torch.from_numpy(s) for s in states]
+    stacked = [torch.stack(tensors[i::per]) for i in range(per)]
+    return tuple(stacked) if kind == "LSTM" else stacked[0]
+
+
+def keras_states(final, kind: str, directions: int):
+    """rnnkit's final state as Keras's list of returned states (h, c per direction)."""
+    final = final if isinstance(final, tuple) else (final,)
+    return [f[d].detach().numpy() for d in range(directions) for f in final]
+
+
+def run_both(keras, layer, module, kind, directions, x, states, masked):
+    lengths = MASK_LENGTHS if masked else None
+    mask = keras_mask(MASK_LENGTHS) if masked else None
+    expected = layer(x, initial_state=states, mask=mask) if states else layer(x, mask=mask)
+    expected = [keras.ops.convert_to_numpy(e) for e in expected]
+    hx = as_hx(states, kind) if states else None
+    out, final = module(torch.from_numpy(x), hx, lengths=lengths)
+    got = [out.detach().numpy()] + keras_states(final, kind, directions)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, **TOL)
+    return got
+
+
+def assert_same_keras_weights(keras, layer, again):
+    """Keras -> rnnkit -> Keras gives back every Keras weight bit for bit (biases folded)."""
+    assert type(again) is type(layer)
+    weights, others = layer.get_weights(), again.get_weights()
+    assert len(weights) == len(others)
+    for weight, other in zip(weights, others):
+        assert weight.dtype == other.dtype and np.array_equal(weight, other)
+
+
+BACKWARDS_KINDS = ["SimpleRNN", "SimpleRNN-relu", "GRU", "GRU-before", "LSTM", "LSTM-nobias"]
+
+
+@pytest.mark.parametrize("kind", BACKWARDS_KINDS)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_from_keras_go_backwards(keras, kind, with_state, masked):
+    layer = KERAS_LAYERS[kind](keras)
+    layer.go_backwards, layer.return_sequences, layer.return_state = True, True, True
+    layer = randomized(layer, seed=11)
+    ours = from_keras(layer)
+    assert isinstance(ours, GoBackwards) and ours.layer.batch_first
+    name = kind.split("-")[0]
+    x, states = sequence_batch(name, 1, seed=12)
+    got = run_both(keras, layer, ours, name, 1, x, states if with_state else None, masked)
+    if masked:  # Keras reversed the padded whole: the padding comes first, as zeros
+        for b, length in enumerate(MASK_LENGTHS):
+            assert np.all(got[0][b, : STEPS - length] == 0)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU-before", "LSTM"])
+def test_to_keras_go_backwards_round_trip(keras, kind):
+    torch.manual_seed(13)
+    module = GoBackwards(RNNKIT_FOR_KERAS[kind]())
+    layer = to_keras(module, return_state=True)
+    assert layer.go_backwards
+    name = {"RNN": "SimpleRNN"}.get(kind, kind.split("-")[0])
+    x, states = sequence_batch(name, 1, seed=14)
+    for masked in (False, True):
+        run_both(keras, layer, module, name, 1, x, states, masked)
+    back = from_keras(layer)
+    assert isinstance(back, GoBackwards)
+    assert_same_keras_weights(keras, layer, to_keras(back, return_state=True))
+    assert torch.equal(back.layer.weight_hh_l0, module.layer.weight_hh_l0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_go_backwards_is_the_layer_on_each_sequence_reversed(batch_first):
+    layer = rnnkit.LSTM(INPUT, HIDDEN, batch_first=batch_first, dtype=torch.float64)
+    module = GoBackwards(layer)
+    x = torch.randn(3, STEPS, INPUT, dtype=torch.float64, requires_grad=True)
+    time_major = x if batch_first else x.transpose(0, 1)
+    out, (h_n, c_n) = module(time_major, lengths=torch.tensor(MASK_LENGTHS))
+    out = out if batch_first else out.transpose(0, 1)
+    expected_whole, _ = layer(time_major.flip(1 if batch_first else 0))
+    whole, _ = module(time_major)
+    torch.testing.assert_close(whole, expected_whole, rtol=0, atol=0)
+    for b, length in enumerate(MASK_LENGTHS):
+        assert torch.all(out[b, : STEPS - length] == 0)
+        if length == 0:
+            assert torch.all(h_n[:, b] == 0) and torch.all(c_n[:, b] == 0)
+            continue
+        alone, (h_alone, c_alone) = layer(x[b, :length].flip(0))
+        torch.testing.assert_close(out[b, STEPS - length:], alone, atol=1e-12, rtol=0)
+        torch.testing.assert_close(h_n[:, b], h_alone, atol=1e-12, rtol=0)
+        torch.testing.assert_close(c_n[:, b], c_alone, atol=1e-12, rtol=0)
+    # Gradients reach each sequence's own steps and no padding.
+    (grad,) = torch.autograd.grad(out.sum() + h_n.sum(), x)
+    for b, length in enumerate(MASK_LENGTHS):
+        assert torch.all(grad[b, length:] == 0)
+        assert torch.all(grad[b, :length].abs().sum(-1) > 0)
+    # Unbatched input reads the one sequence backwards too.
+    single, _ = module(x[0].detach(), lengths=[3])
+    torch.testing.assert_close(single, out[0].detach(), rtol=0, atol=0)
+
+
+def test_go_backwards_refusals():
+    with pytest.raises(ValueError, match="one-direction layer"):
+        GoBackwards(rnnkit.GRU(INPUT, HIDDEN, bidirectional=True))
+    with pytest.raises(TypeError, match="got GRU"):
+        GoBackwards(nn.GRU(INPUT, HIDDEN))
+    module = GoBackwards(rnnkit.GRU(INPUT, HIDDEN))
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(STEPS, 2, INPUT), [STEPS, 2])
+    with pytest.raises(TypeError, match="not a PackedSequence.*lengths="):
+        module(packed)
+    with pytest.raises(ValueError, match="must not exceed the sequence length"):
+        module(torch.randn(STEPS, 2, INPUT), lengths=[STEPS + 1, 1])
+
+
+BIDIRECTIONAL_KINDS = ["SimpleRNN", "SimpleRNN-nobias", "GRU", "GRU-before", "LSTM"]
+
+
+@pytest.mark.parametrize("kind", BIDIRECTIONAL_KINDS)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_from_keras_bidirectional(keras, kind, with_state, masked):
+    inner = KERAS_LAYERS[kind](keras)
+    inner.return_sequences, inner.return_state = True, True
+    layer = keras.layers.Bidirectional(inner)
+    layer.build((None, None, INPUT))
+    randomized(layer.forward_layer, seed=15)
+    randomized(layer.backward_layer, seed=16)
+    ours = from_keras(layer)
+    assert ours.bidirectional and ours.batch_first and ours.num_layers == 1
+    name = kind.split("-")[0]
+    x, states = sequence_batch(name, 2, seed=17)
+    got = run_both(keras, layer, ours, name, 2, x, states if with_state else None, masked)
+    if masked:
+        for b, length in enumerate(MASK_LENGTHS):
+            assert np.all(got[0][b, length:] == 0)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "GRU-before", "LSTM"])
+def test_to_keras_bidirectional_round_trip(keras, kind):
+    torch.manual_seed(18)
+    module = RNNKIT_FOR_KERAS[kind]()
+    module = type(module)(INPUT, HIDDEN, batch_first=True, bidirectional=True,
+                          **({"reset_after": False} if kind == "GRU-before" else {}))
+    layer = to_keras(module, return_state=True)
+    assert isinstance(layer, keras.layers.Bidirectional) and layer.merge_mode == "concat"
+    assert layer.backward_layer.go_backwards and not layer.forward_layer.go_backwards
+    name = {"RNN": "SimpleRNN"}.get(kind, kind.split("-")[0])
+    x, states = sequence_batch(name, 2, seed=19)
+    for masked in (False, True):
+        run_both(keras, layer, module, name, 2, x, states, masked)
+    back = from_keras(layer)
+    assert back.bidirectional
+    assert_same_keras_weights(keras, layer, to_keras(back, return_state=True))
+    assert torch.equal(back.weight_ih_l0_reverse, module.weight_ih_l0_reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_keras_bidirectional_in_half_precision(keras, dtype):
+    torch.manual_seed(20)
+    module = rnnkit.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True).to(dtype)
+    layer = to_keras(module)
+    x = torch.randn(BATCH, STEPS, INPUT).to(dtype)
+    got = layer(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, module(x)[0], atol=1e-2, rtol=0)
+    back = from_keras(layer)
+    assert back.weight_hh_l0_reverse.dtype == dtype
+    assert torch.equal(back.weight_hh_l0_reverse, module.weight_hh_l0_reverse)
+
+
+def test_to_keras_bidirectional_stateful_chains_both_directions(keras):
+    torch.manual_seed(21)
+    module = rnnkit.GRU(INPUT, HIDDEN, batch_first=True, bidirectional=True)
+    layer = to_keras(module, stateful=True, batch_size=BATCH)
+    x = torch.randn(BATCH, 2 * STEPS, INPUT)
+    state, expected = None, []
+    for part in x.split(STEPS, dim=1):  # each chunk starts both directions from the last h_n
+        out, state = module(part, state)
+        expected.append(out.detach().numpy())
+    chunks = [keras.ops.convert_to_numpy(layer(part)) for part in x.split(STEPS, dim=1)]
+    np.testing.assert_allclose(np.concatenate(chunks, 1), np.concatenate(expected, 1), **TOL)
+
+
+def test_keras_bidirectional_refusals(keras):
+    layers = keras.layers
+    for mode in ("sum", "ave", "mul", None):
+        layer = layers.Bidirectional(layers.GRU(HIDDEN, return_sequences=True), merge_mode=mode)
+        layer.build((None, None, INPUT))
+        with pytest.raises(ValueError, match=f"merge_mode={mode!r}.*concatenated"):
+            from_keras(layer)
+    different = layers.Bidirectional(
+        layers.LSTM(HIDDEN, return_sequences=True),
+        backward_layer=layers.LSTM(HIDDEN + 1, return_sequences=True, go_backwards=True),
+    )
+    different.build((None, None, INPUT))
+    with pytest.raises(ValueError, match="one configuration for both directions"):
+        from_keras(different)
+    swapped = layers.Bidirectional(
+        layers.GRU(HIDDEN, return_sequences=True, go_backwards=True),
+        backward_layer=layers.GRU(HIDDEN, return_sequences=True),
+    )
+    swapped.build((None, None, INPUT))
+    with pytest.raises(ValueError, match="forward layer has go_backwards=True"):
+        from_keras(swapped)
+    mixed = layers.Bidirectional(
+        layers.GRU(HIDDEN, return_sequences=True),
+        backward_layer=layers.LSTM(HIDDEN, return_sequences=True, go_backwards=True),
+    )
+    mixed.build((None, None, INPUT))
+    with pytest.raises(TypeError, match="got GRU and LSTM"):
+        from_keras(mixed)
+    with pytest.raises(ValueError, match="not built"):
+        from_keras(layers.Bidirectional(layers.GRU(HIDDEN)))
+    with pytest.raises(ValueError, match="no stacked layers"):
+        to_keras(rnnkit.GRU(INPUT, HIDDEN, num_layers=2, bidirectional=True))
+
+
+def test_from_keras_guide_examples_run(keras):
+    """The conversion examples of docs/from-keras.md run and their asserts hold."""
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "from-keras.md")
+    with open(path, encoding="utf-8") as handle:
+        blocks = re.findall(r"```python\n(.*?)```", handle.read(), re.S)
+    blocks = [block for block in blocks if "rnnkit.interop" in block]
+    assert blocks
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"from-keras.md example {index}", "exec"), {})
 
 
 # The "coming from" guide ------------------------------------------------------------------

@@ -221,7 +221,7 @@ def test_length_zero_rows_beside_the_packed_path():
 
 
 @pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "LSTM"])
-@pytest.mark.parametrize("bidirectional", [False])
+@pytest.mark.parametrize("bidirectional", [False, True])
 def test_length_zero_is_keras_fully_masked_row(kind, bidirectional):
     """A Keras row whose mask is all False keeps its initial state and outputs zeros."""
     os.environ.setdefault("KERAS_BACKEND", "torch")

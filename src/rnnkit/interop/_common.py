@@ -22,15 +22,20 @@ def as_rnnkit_layer(module: object, target: str) -> RecurrentLayer:
     return module
 
 
-def check_single_layer(module: RecurrentLayer, library: str) -> None:
-    """Refuse what a one-layer, one-direction layer of ``library`` cannot express exactly."""
+def check_single_layer(
+    module: RecurrentLayer, library: str, *, bidirectional: bool = False
+) -> None:
+    """Refuse what a one-layer layer of ``library`` cannot express exactly.
+
+    ``bidirectional=True``: ``library`` has a two-direction form of its layers.
+    """
     kind = type(module).__name__
     if module.num_layers != 1:
         raise ValueError(
             f"{library} has no stacked layers, so a {kind} with num_layers="
             f"{module.num_layers} cannot be converted; convert one layer at a time"
         )
-    if module.bidirectional:
+    if module.bidirectional and not bidirectional:
         raise ValueError(f"{library} has no bidirectional {kind}, so it cannot be converted")
     if module.proj_size:
         raise ValueError(

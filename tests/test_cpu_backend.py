@@ -246,11 +246,76 @@ def test_opcheck(spec, project):
     gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(spec, project)
     c0 = state[1] if spec.mode == "lstm" else None
     args = (
-        gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths,
+        gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths, None, None, None,
         _ops.MODES.index(spec.mode), ACTIVATIONS.index(spec.nonlinearity), spec.reset_after,
         True, True,
     )
     torch.library.opcheck(torch.ops.rnnkit.cpu_recurrence_forward.default, args)
+
+
+# Reset codes for _op_inputs' (T=4, B=3) calls with lengths [4, 2, 3]: codes 1 and 2 at a
+# sequence's first step (either direction), mid-sequence, back to back, and past a length
+# (ignored there).
+RESET_CODES = torch.tensor([[0, 2, 1], [1, 0, 0], [0, 1, 2], [2, 2, 1]], dtype=torch.int8)
+
+
+def _reset_state(state, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(s.shape, dtype=s.dtype, generator=generator).requires_grad_() for s in state
+    )
+
+
+def _with_resets(spec, project, lengths, reverse, codes):
+    """fn(gates_x, *state, weight_hh, bias_hh, [weight_hr], *reset_state) and its tensors."""
+    gates_x, state, weight_hh, bias_hh, weight_hr, _ = _op_inputs(spec, project)
+    reset_state = _reset_state(state)
+    tensors = [gates_x, *state, weight_hh, bias_hh, *([weight_hr] if project else []),
+               *reset_state]
+    count = len(state)
+
+    def fn(gx, *rest):
+        state, (w_hh, b_hh), rest = rest[:count], rest[count:count + 2], rest[count + 2:]
+        w_hr, rest = (rest[0], rest[1:]) if project else (None, rest)
+        output, final = _ops.recurrence(
+            spec, gx, tuple(state), w_hh, b_hh, w_hr, lengths, reverse, codes, tuple(rest)
+        )
+        return (output, *final)
+
+    return fn, tensors
+
+
+@pytest.mark.parametrize("spec, project", GRAD_SPECS + [(CellSpec("lstm"), False)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_and_gradgradcheck_with_resets(spec, project, reverse):
+    """Every gradient through codes 1 and 2 (reset_state's summed over its code-1 steps, h0's
+    and c0's gaining the code-2 steps'), with lengths, in both directions; the second order
+    runs on the reference twin."""
+    fn, tensors = _with_resets(spec, project, torch.tensor([4, 2, 3]), reverse, RESET_CODES)
+    assert torch.autograd.gradcheck(fn, tensors)
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("spec, project", [GRAD_SPECS[3], GRAD_SPECS[5]], ids=lambda v: str(v))
+def test_opcheck_with_resets(spec, project):
+    gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(spec, project)
+    reset_state = _reset_state(state)
+    lstm = spec.mode == "lstm"
+    args = (
+        gates_x, state[0], state[1] if lstm else None, weight_hh, bias_hh, weight_hr, lengths,
+        RESET_CODES, reset_state[0], reset_state[1] if lstm else None,
+        _ops.MODES.index(spec.mode), 0, spec.reset_after, True, True,
+    )
+    torch.library.opcheck(torch.ops.rnnkit.cpu_recurrence_forward.default, args)
+
+
+def test_resets_are_served_by_the_cpu_backend():
+    call = _call(CellSpec("lstm"))
+    codes = torch.zeros(3, 2, dtype=torch.int8)
+    with_resets = Call(**{**call.__dict__, "resets": codes, "reset_state": call.state})
+    assert choose(with_resets, "auto") == ("cpu", None)
+    assert not cpu_backend.fuses_projection(with_resets)
 
 
 def test_reference_twin_matches_op_directly():
@@ -430,6 +495,59 @@ def test_fused_gru_gradcheck(two_threads):
         return (output, *final)
 
     assert torch.autograd.gradcheck(fn, [gates_x, *state, weight_hh, bias_hh])
+
+
+# (dtype, hidden, proj): whole vectors of hidden units take the fused LSTM and GRU steps, at
+# B * H * G*H >= 2**15 split between two threads; hidden 64 (two float64 column panels) also
+# the LSTM backward split by columns; proj 33 the projected step and its tails.
+RESET_WIDE_SIZES = [(torch.float64, 40), (torch.float64, 64), (torch.float32, 64)]
+RESET_WIDE_CASES = [
+    (spec, dtype, hidden, 0)
+    for spec in (CellSpec("rnn", "tanh"), CellSpec("gru", reset_after=True),
+                 CellSpec("gru", reset_after=False), CellSpec("lstm"))
+    for dtype, hidden in RESET_WIDE_SIZES
+] + [(CellSpec("lstm"), torch.float64, 48, 33), (CellSpec("lstm"), torch.float32, 64, 33)]
+
+
+@pytest.mark.parametrize("spec, dtype, hidden, proj", RESET_WIDE_CASES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_wide_resets_equal_reference(spec, dtype, hidden, proj, reverse, two_threads):
+    """Resets on the fused and panel paths (B=7, row blocks and remainders), with lengths:
+    outputs, final states and every gradient, reset_state's included, equal the reference."""
+    generator = torch.Generator().manual_seed(9)
+    batch, seq_len, out_size = 7, 6, proj or hidden
+    gates = spec.num_gates * hidden
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
+        return t.to(dtype).requires_grad_()
+
+    sizes = (out_size, hidden)[: spec.num_states]
+    state = tuple(rand(batch, n) for n in sizes)
+    reset_state = tuple(rand(batch, n) for n in sizes)
+    codes = torch.randint(0, 3, (seq_len, batch), generator=generator).to(torch.int8)
+    codes[torch.rand(seq_len, batch, generator=generator) < 0.5] = 0
+    codes[:, 1] = 0  # one row never resets
+    codes[0, 2], codes[-1, 3] = 1, 2  # at a first step in each direction
+    lengths = torch.tensor([6, 3, 6, 6, 1, 5, 4])
+    weight_hh = rand(gates, out_size, scale=0.1)
+    bias_hh = rand(gates)
+    weight_hr = rand(out_size, hidden, scale=0.1) if proj else None
+    gates_x = rand(seq_len, batch, gates)
+    leaves = [gates_x, *state, weight_hh, bias_hh, *([weight_hr] if proj else []),
+              *reset_state]
+    results = []
+    for fn in (reference.recurrence, _ops.recurrence):
+        output, final = fn(spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths,
+                           reverse, codes, reset_state)
+        outs = (output, *final)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum()
+                   for o in outs)
+        results.append([*outs, *torch.autograd.grad(loss, leaves)])
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for index, (got, want) in enumerate(zip(results[1], results[0])):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance,
+                                   msg=lambda m, i=index: f"result {i}: {m}")
 
 
 @pytest.mark.parametrize("project", [False, True])

@@ -87,7 +87,7 @@ class CpuBackend(BackendBase):
             )
         return _ops.recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
-            call.lengths, call.reverse,
+            call.lengths, call.reverse, call.resets, call.reset_state,
         )
 
 

@@ -1,11 +1,14 @@
 """The compiled recurrence as ``torch.library`` custom ops, with fake and autograd rules.
 
-Two ops, declared here and given CPU kernels by ``recurrence.cpp``:
+Two ops, declared here and given CPU kernels by ``csrc/`` (forward.cpp, backward.cpp):
 
 - ``rnnkit::cpu_recurrence_forward`` runs the whole time loop and, when ``training``, also
-  returns what backward needs (gate activations, LSTM cells, projection inputs).
+  returns what backward needs (gate activations, LSTM cells, projection inputs). With
+  ``resets`` (``(T, B)`` int8 codes, see :class:`rnnkit.ops.spec.Call`), a row starts a step
+  from ``reset_h``/``reset_c`` (code 1) or ``h0``/``c0`` (code 2) instead of the carried state.
 - ``rnnkit::cpu_recurrence_backward`` runs backpropagation through time and returns the
-  gradients of ``gates_x``, the initial state(s), ``weight_hh``, ``bias_hh`` and ``weight_hr``.
+  gradients of ``gates_x``, the initial state(s), ``weight_hh``, ``bias_hh``, ``weight_hr``
+  and, with resets, ``reset_h`` and ``reset_c`` (empty without).
 
 The fake rules give torch.compile and torch.export the output shapes without running
 anything. When backward itself is differentiated (``create_graph=True``), the segment is
@@ -25,7 +28,7 @@ from rnnkit.ops.spec import CellSpec
 MODES = ("rnn", "gru", "lstm")
 
 # Whether the kernels apply per-step state resets (Call.resets).
-SERVES_RESETS = False
+SERVES_RESETS = True
 # The named activations csrc/vec_math.h has a formula for (their codes come from the table).
 ACTIVATIONS = ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh",
                "softplus")
@@ -36,15 +39,17 @@ BACKWARD = "rnnkit::cpu_recurrence_backward"
 torch.library.define(
     FORWARD,
     "(Tensor gates_x, Tensor h0, Tensor? c0, Tensor weight_hh, Tensor? bias_hh, "
-    "Tensor? weight_hr, Tensor? lengths, int mode, int activation, bool reset_after, "
-    "bool reverse, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? weight_hr, Tensor? lengths, Tensor? resets, Tensor? reset_h, Tensor? reset_c, "
+    "int mode, int activation, bool reset_after, bool reverse, bool training) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     BACKWARD,
     "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, Tensor? c0, "
-    "Tensor weight_hh, Tensor? weight_hr, Tensor? lengths, Tensor output, Tensor gates, "
-    "Tensor cells, Tensor projected, int mode, int activation, bool reset_after, "
-    "bool reverse, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor weight_hh, Tensor? weight_hr, Tensor? lengths, Tensor? resets, Tensor? reset_h, "
+    "Tensor? reset_c, Tensor output, Tensor gates, Tensor cells, Tensor projected, int mode, "
+    "int activation, bool reset_after, bool reverse, bool has_bias) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
 
@@ -76,8 +81,8 @@ def _num_gates(mode: int) -> int:
 
 @torch.library.register_fake(FORWARD)
 def _forward_fake(
-    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, mode, activation, reset_after,
-    reverse, training,
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mode,
+    activation, reset_after, reverse, training,
 ):
     # Tracing is the last moment before a compiled graph may call the kernel: build it now.
     _build.status()
@@ -102,8 +107,8 @@ def _forward_fake(
 
 @torch.library.register_fake(BACKWARD)
 def _backward_fake(
-    grad_output, grad_h_n, grad_c_n, h0, c0, weight_hh, weight_hr, lengths, output, gates,
-    cells, projected, mode, activation, reset_after, reverse, has_bias,
+    grad_output, grad_h_n, grad_c_n, h0, c0, weight_hh, weight_hr, lengths, resets, reset_h,
+    reset_c, output, gates, cells, projected, mode, activation, reset_after, reverse, has_bias,
 ):
     seq_len, batch, out_size = output.shape
     gate_size = weight_hh.shape[0]
@@ -116,26 +121,36 @@ def _backward_fake(
         new((gate_size, out_size)),
         new((gate_size,)) if has_bias else new((0,)),
         new((out_size, hidden)) if weight_hr is not None else new((0,)),
+        new((batch, out_size)) if resets is not None else new((0,)),
+        new((batch, hidden)) if resets is not None and reset_c is not None else new((0,)),
     )
+
+
+# The forward op's tensor inputs, in schema order; those after lengths and resets have a
+# gradient. Then its codes: mode, activation, reset_after, reverse, and training.
+_INPUTS = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "lengths", "resets",
+           "reset_h", "reset_c")
+_DIFFERENTIABLE = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "reset_h",
+                   "reset_c")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths = inputs[:7]
-    ctx.codes = inputs[7:11]  # mode, activation, reset_after, reverse
-    ctx.training = inputs[11]
+    count = len(_INPUTS)
+    ctx.codes = inputs[count:count + 4]  # mode, activation, reset_after, reverse
+    ctx.training = inputs[count + 4]
     out, _, _, gates, cells, projected = output
     ctx.mark_non_differentiable(gates, cells, projected)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(
-        gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, out, gates, cells, projected
-    )
+    ctx.save_for_backward(*inputs[:count], out, gates, cells, projected)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
-    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, out, gates, cells, projected = (
-        ctx.saved_tensors
-    )
+    saved = dict(zip(_INPUTS, ctx.saved_tensors))
+    out, gates, cells, projected = ctx.saved_tensors[len(_INPUTS):]
+    h0, c0, lengths = saved["h0"], saved["c0"], saved["lengths"]
+    resets, reset_h, reset_c = saved["resets"], saved["reset_h"], saved["reset_c"]
     mode, activation, reset_after, reverse = ctx.codes
+    needs = dict(zip(_INPUTS, ctx.needs_input_grad))
     if torch.is_grad_enabled():
         grads = _reference_backward(ctx, grad_output, grad_h_n, grad_c_n)
     else:
@@ -149,38 +164,45 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
         grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
         if grad_c_n is None:
             grad_c_n = torch.zeros_like(c0) if lstm else out.new_empty((0,))
-        grads = torch.ops.rnnkit.cpu_recurrence_backward(
-            grad_output, grad_h_n, grad_c_n, h0, c0, weight_hh, weight_hr, lengths, out, gates,
-            cells, projected, mode, activation, reset_after, reverse, bias_hh is not None,
+        found = torch.ops.rnnkit.cpu_recurrence_backward(
+            grad_output, grad_h_n, grad_c_n, h0, c0, saved["weight_hh"], saved["weight_hr"],
+            lengths, resets, reset_h, reset_c, out, gates, cells, projected, mode, activation,
+            reset_after, reverse, saved["bias_hh"] is not None,
         )
         grads = [
-            g if t is not None and needed else None
-            for g, t, needed in zip(
-                grads,
-                (gates_x, h0, c0, weight_hh, bias_hh, weight_hr),
-                ctx.needs_input_grad[:6],
-            )
+            g if saved[name] is not None and needs[name] else None
+            for g, name in zip(found, _DIFFERENTIABLE)
         ]
-    return (*grads, None, None, None, None, None, None)
+    by_name = dict(zip(_DIFFERENTIABLE, grads))
+    return (*(by_name.get(name) for name in _INPUTS), None, None, None, None, None)
 
 
 def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | None]:
-    """Differentiable gradients for create_graph=True: rerun the segment on the reference path."""
-    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths = ctx.saved_tensors[:7]
+    """Differentiable gradients for create_graph=True: rerun the segment on the reference path.
+
+    Returns the gradients of the tensors named in :data:`_DIFFERENTIABLE`, in that order.
+    """
+    saved = dict(zip(_INPUTS, ctx.saved_tensors))
     mode, activation, reset_after, reverse = ctx.codes
     spec = CellSpec(MODES[mode], TABLE[activation].name, reset_after)
+    h0, c0, reset_h, reset_c = saved["h0"], saved["c0"], saved["reset_h"], saved["reset_c"]
     state = (h0,) if c0 is None else (h0, c0)
+    reset_state = None
+    if saved["resets"] is not None:
+        reset_state = (reset_h,) if c0 is None else (reset_h, reset_c)
     output, final = reference.recurrence(
-        spec, gates_x, state, weight_hh, bias_hh, weight_hr, lengths, reverse
+        spec, saved["gates_x"], state, saved["weight_hh"], saved["bias_hh"],
+        saved["weight_hr"], saved["lengths"], reverse, saved["resets"], reset_state,
     )
     pairs = [(o, g) for o, g in zip((output, *final), (grad_output, grad_h_n, grad_c_n))]
     pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
-    inputs = (gates_x, h0, c0, weight_hh, bias_hh, weight_hr)
+    inputs = tuple(saved[name] for name in _DIFFERENTIABLE)
+    needs = dict(zip(_INPUTS, ctx.needs_input_grad))
     wanted = [
-        i for i, t in enumerate(inputs)
-        if t is not None and ctx.needs_input_grad[i] and t.requires_grad
+        i for i, (name, t) in enumerate(zip(_DIFFERENTIABLE, inputs))
+        if t is not None and needs[name] and t.requires_grad
     ]
-    grads: list[Tensor | None] = [None] * 6
+    grads: list[Tensor | None] = [None] * len(inputs)
     if not pairs or not wanted:
         return grads
     found = torch.autograd.grad(
@@ -266,28 +288,41 @@ def recurrence(
     weight_hr: Tensor | None,
     lengths: Tensor | None,
     reverse: bool,
+    resets: Tensor | None = None,
+    reset_state: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The compiled twin of :func:`rnnkit.ops.reference.recurrence` (same arguments, results).
 
+    ``resets`` (``(T, B)`` codes, any integer or bool dtype) and ``reset_state`` (shaped like
+    ``state``) come together or not at all.
+
     Raises:
         RuntimeError: the kernels could not be built (dispatch checks this first).
+        ValueError: ``resets`` without ``reset_state``, or the other way round.
     """
     # While tracing, the fake rule builds the kernels instead (no locks or I/O in the graph).
     error = None if torch.compiler.is_compiling() else _build.status()
     if error is not None:
         raise RuntimeError(f"rnnkit: the cpu backend is unavailable: {error}")
-    tensors = (gates_x, *state, weight_hh, bias_hh, weight_hr)
+    if (resets is None) != (reset_state is None):
+        raise ValueError("resets and reset_state go together")
+    lstm = spec.mode == "lstm"
+    reset_h = reset_c = None
+    if resets is not None:
+        resets = resets.to(torch.int8)
+        reset_h, reset_c = reset_state[0], (reset_state[1] if lstm else None)
+    tensors = (gates_x, *state, weight_hh, bias_hh, weight_hr, reset_h, reset_c)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors
     )
-    c0 = state[1] if spec.mode == "lstm" else None
+    c0 = state[1] if lstm else None
     output, h_n, c_n, *_ = torch.ops.rnnkit.cpu_recurrence_forward(
-        gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths,
+        gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c,
         MODES.index(spec.mode),
         code(spec.nonlinearity) if spec.mode == "rnn" else 0,
         spec.reset_after, reverse, training,
     )
-    return output, ((h_n, c_n) if spec.mode == "lstm" else (h_n,))
+    return output, ((h_n, c_n) if lstm else (h_n,))
 
 
 def lstm_layer(

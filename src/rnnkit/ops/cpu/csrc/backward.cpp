@@ -10,11 +10,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace rnnkit_cpu {
 namespace {
@@ -24,16 +26,38 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
                      bool reset_after, const T* grad_output, T* dh, T* dc, const T* h0,
                      const T* c0, const Packed<T>& rec, const Packed<T>& proj, bool project,
                      const T* output, const T* gates, const T* cells, T* dgx, T* dhh, T* carry,
-                     T* dhs, T* dm) {
+                     T* dhs, T* dm, const ResetStates<T>& resets, T* dreset_h, T* dreset_c) {
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const int64_t W = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
   const V zero(T(0));
+  // The state step t of row b started from: a reset row's reset_state or h0/c0, else the
+  // initial state at its first step, else the neighbouring step's output (or saved cell).
   auto previous_h = [&](int64_t t, int64_t b) {
+    if (const int code = steps.reset(t, b)) return resets.h[code] + b * Hout;
     return steps.first(t, b) ? h0 + b * Hout : output + (steps.previous(t) * B + b) * Hout;
   };
   auto previous_c = [&](int64_t t, int64_t b) {
+    if (const int code = steps.reset(t, b)) return resets.c[code] + b * H;
     return steps.first(t, b) ? c0 + b * H : cells + (steps.previous(t) * B + b) * H;
+  };
+  // At a reset row the gradient of step t's start state, columns [j0, j1) of dh (and of dc
+  // for units [k0, k1)), goes to reset_state (plane 0 of dreset_*, code 1) or to h0/c0 (plane
+  // 1, code 2), not to step t-1: it is added there and zeroed here.
+  auto route_resets = [&](int64_t t, T* dh_start, int64_t j0, int64_t j1, int64_t k0,
+                          int64_t k1) {
+    if (steps.resets == nullptr) return;
+    for (int64_t b = 0; b < B; ++b) {
+      const int code = steps.reset(t, b);
+      if (code == 0) continue;
+      T* from = dh_start + b * Hout;
+      T* to = dreset_h + ((code - 1) * B + b) * Hout;
+      for (int64_t j = j0; j < j1; ++j) to[j] += from[j], from[j] = T(0);
+      if (mode != kLSTM) continue;
+      T* from_c = dc + b * H;
+      T* to_c = dreset_c + ((code - 1) * B + b) * H;
+      for (int64_t k = k0; k < k1; ++k) to_c[k] += from_c[k], from_c[k] = T(0);
+    }
   };
   // LSTM: the gate gradients of units [j0, j1) in row b at time t, into dgx, and the cell's
   // gradient carried to t - 1; without a projection also carry, the part of dh_{t-1} that
@@ -98,6 +122,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           for (int64_t b = 0; b < B; ++b) {
             std::copy(carry + b * Hout + c0, carry + b * Hout + c1, dh + b * Hout + c0);
           }
+          route_resets(t, dh, c0, c1, c0, c1);  // this thread's columns and units (H == Hout)
         }
       };
 #ifdef _OPENMP
@@ -217,17 +242,20 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
       for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) { lstm_units(t, b, j0, j1); });
       step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
     }
+    route_resets(t, carry, 0, Hout, 0, H);
     std::copy(carry, carry + B * Hout, dh);
   }
 }
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     const Tensor& grad_output_in, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
-    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
+    const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
+    const std::optional<Tensor>& reset_c_in, const Tensor& output_in, const Tensor& gates_in,
+    const Tensor& cells_in,
     const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
     bool reverse, bool has_bias) {
   const Tensor grad_output = grad_output_in.contiguous();
@@ -257,8 +285,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor dm = at::empty({B, H}, opts);
   Tensor grad_w_hh = at::empty({GH, Hout}, opts);
   Tensor grad_w_hr = project ? at::empty({Hout, H}, opts) : at::empty({0}, opts);
+  const Resets resets = checked_resets(resets_in, reset_h_in, reset_c_in, T_, B, H, Hout, lstm);
+  // The start-state gradients of the reset rows, summed: plane 0 for reset_state (code 1),
+  // plane 1 for h0/c0 (code 2).
+  const bool resetting = resets.codes.defined();
+  Tensor dreset_h = at::zeros({resetting ? 2 : 0, B, Hout}, opts);
+  Tensor dreset_c = at::zeros({resetting && lstm ? 2 : 0, B, H}, opts);
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  resets.attach(steps);
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnkit_cpu_recurrence_backward", [&] {
     using T = scalar_t;
     const bool blocked = B > 1;
@@ -275,7 +310,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
                        output.data_ptr<T>(), gates.data_ptr<T>(),
                        lstm ? cells.data_ptr<T>() : nullptr, dgx.data_ptr<T>(),
                        dhh.data_ptr<T>(), carry.data_ptr<T>(),
-                       project ? dhs.data_ptr<T>() : nullptr, dm.data_ptr<T>());
+                       project ? dhs.data_ptr<T>() : nullptr, dm.data_ptr<T>(),
+                       resets.states<T>(h0, c0), dreset_h.data_ptr<T>(),
+                       dreset_c.data_ptr<T>());
 
     // dW_hh = sum_t dgates_t^T h_{t-1}. Every step but each sequence's first takes h_{t-1}
     // from the neighbouring output, so that part is one GEMM over the shifted output (its
@@ -295,6 +332,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
       std::copy(dg + (t0 * B + b) * GH, dg + (t0 * B + b + 1) * GH, fp + b * GH);
     }
     matmul<T>(rz, B, Hout, fp, 1, GH, h0.data_ptr<T>(), Hout, rows > 0, gw, Hout);
+    if (resetting) {
+      // A reset row met the state it was assumed to start from above (the neighbouring
+      // output, or h0); add its gradient times (the state it started from - that one).
+      std::vector<int64_t> reset_rows;
+      for (int64_t t = 0; t < T_; ++t) {
+        for (int64_t b = 0; b < B; ++b) {
+          if (steps.reset(t, b)) reset_rows.push_back(t * B + b);
+        }
+      }
+      const int64_t n = static_cast<int64_t>(reset_rows.size());
+      Tensor picked = at::empty({n, GH}, opts), moved = at::empty({n, Hout}, opts);
+      T *pg = picked.data_ptr<T>(), *pm = moved.data_ptr<T>();
+      const ResetStates<T> starts = resets.states<T>(h0, c0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t t = reset_rows[i] / B, b = reset_rows[i] % B;
+        const T* start = starts.h[steps.reset(t, b)] + b * Hout;
+        const T* assumed = steps.first(t, b) ? h0.data_ptr<T>() + b * Hout
+                                             : out + (steps.previous(t) * B + b) * Hout;
+        std::copy(dg + reset_rows[i] * GH, dg + (reset_rows[i] + 1) * GH, pg + i * GH);
+        for (int64_t j = 0; j < Hout; ++j) pm[i * Hout + j] = start[j] - assumed[j];
+      }
+      matmul<T>(rz, n, Hout, pg, 1, GH, pm, Hout, true, gw, Hout);
+    }
     if (rz != GH) {
       // GRU with the reset before the matmul: W_hn meets r * h_{t-1}, saved in the gates.
       matmul<T>(H, T_ * B, Hout, dg + 2 * H, 1, GH, gates.data_ptr<T>() + 3 * H, 4 * H, false,
@@ -306,7 +366,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     }
   });
   Tensor grad_b_hh = has_bias ? at::sum(dhh.view({T_ * B, GH}), {0}) : at::empty({0}, opts);
-  return {dgx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr};
+  Tensor grad_reset_h = at::empty({0}, opts), grad_reset_c = at::empty({0}, opts);
+  if (resetting) {
+    dh.add_(dreset_h[1]), grad_reset_h = dreset_h[0];
+    if (lstm) dc.add_(dreset_c[1]), grad_reset_c = dreset_c[0];
+  }
+  return {dgx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr, grad_reset_h, grad_reset_c};
 }
 
 }  // namespace rnnkit_cpu

@@ -15,6 +15,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -53,6 +54,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   if (step1 < 0) step1 = s.T;
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
+  const ResetStates<T>* resets = steps.resets ? &io.resets : nullptr;
   // W_hh packed gate-interleaved: the fused LSTM step, or the fused GRU step (reset after).
   const T* lstm_packed = mode == kLSTM ? fused_packed : nullptr;
   if (fused_packed && !project) {
@@ -69,11 +71,13 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       const T* gx = gates_x + (t - gx_t0) * B * GH;
       T* saved = save ? gates + t * gates_stride : nullptr;
       if (mode == kLSTM) {
-        const LstmStep<T> st{H, Hout, GH, gx, bias, from, to, output + t * B * Hout, nullptr, c,
-                             save ? cells + t * cells_stride : nullptr, saved, &steps, t};
+        LstmStep<T> st{H, Hout, GH, gx, bias, from, to, output + t * B * Hout, nullptr, c,
+                       save ? cells + t * cells_stride : nullptr, saved, &steps, t};
+        st.resets = resets;  // every thread reads whole rows of `from`: selected per row
         lstm_panels<T>(st, B, fused_packed, p0, p1);
       } else {
-        const GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t};
+        const GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t,
+                            resets};
         gru_panels<T>(st, B, fused_packed, p0, p1);
       }
     });
@@ -84,6 +88,15 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
     const T* gx = gates_x + (t - gx_t0) * B * GH;
     T* out = output + t * B * Hout;
     T* saved = gates + t * gates_stride;
+    if (resets) {
+      // The steps below read their start from h (and c): put each reset row's start there.
+      for (int64_t b = 0; b < B; ++b) {
+        const int code = steps.reset(t, b);
+        if (code == 0) continue;
+        std::copy(resets->h[code] + b * Hout, resets->h[code] + (b + 1) * Hout, h + b * Hout);
+        if (c) std::copy(resets->c[code] + b * H, resets->c[code] + (b + 1) * H, c + b * H);
+      }
+    }
     if (mode == kRNN) {
       step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
       dispatch_activation(activation, [&](auto a) {
@@ -195,7 +208,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Tensor& gates_x_in, const Tensor& h0, const std::optional<Tensor>& c0,
     const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
-    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool training) {
+    const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
+    const std::optional<Tensor>& reset_c_in, int64_t mode, int64_t activation,
+    bool reset_after, bool reverse, bool training) {
   TORCH_CHECK(gates_x_in.dim() == 3, "rnnkit: gates_x must be (T, B, G*H)");
   const Tensor gates_x = gates_x_in.contiguous();
   const Tensor weight_hh = weight_hh_in.contiguous();
@@ -209,8 +224,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout;
   const auto opts = gates_x.options();
 
-  Tensor h = h0.contiguous().clone();
-  Tensor c = mode == kLSTM ? c0->contiguous().clone() : at::empty({0}, opts);
+  const Tensor h_first = h0.contiguous();
+  const Tensor c_first = mode == kLSTM ? c0->contiguous() : Tensor();
+  Tensor h = h_first.clone();
+  Tensor c = mode == kLSTM ? c_first.clone() : at::empty({0}, opts);
+  const Resets resets =
+      checked_resets(resets_in, reset_h_in, reset_c_in, T_, B, H, Hout, mode == kLSTM);
   Tensor output = call_buffer({T_, B, Hout}, opts);
   const int64_t saved_width = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
   // When no backward will follow, the per-step buffers are one step deep and reused.
@@ -224,6 +243,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  resets.attach(steps);
   // LSTM, and GRU with the reset after the product, with whole vectors of hidden units run
   // the fused step (else the general path), which packs W_hh gate-interleaved; the other step
   // kernels read W_hh^T, W_hr^T (k-major copies).
@@ -263,6 +283,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     io.hh = hh.data_ptr<T>();
     io.proj_out = project ? proj_out.data_ptr<T>() : nullptr;
     io.h_spare = h_spare.defined() ? h_spare.data_ptr<T>() : nullptr;
+    io.resets = resets.states<T>(h_first, c_first);
     forward_kernel<T>(s, steps, Cell{mode, activation, reset_after}, w, io);
   });
   if (!training) {

@@ -47,6 +47,7 @@ struct ForwardBuffers {
   T* hh = nullptr;             // one step's product with W_hh, (B, G*H)
   T* proj_out = nullptr;       // one step's product with W_hr, (B, Hout)
   T* h_spare = nullptr;        // the fused loop's second state buffer, (B, Hout)
+  ResetStates<T> resets;       // where reset rows start from (with Steps::resets)
 };
 
 // Steps [step0, step1) of the loop (all by default). forward.cpp, for float and double.

@@ -39,12 +39,24 @@ struct LstmStep {
   int64_t t;
   // gx laid out per panel, (B, H / U, 4, U), as the in-loop projection writes it; else (B, 4H).
   bool interleaved = false;
+  // The states reset rows start from (steps->reset); nullptr: none, or already in h_in and c.
+  const ResetStates<T>* resets = nullptr;
 };
 
-// acc[r][g] += sum_k h[r, k] panel[k][g] for R rows of h (row stride Hout) and the G gates
-// of U units in a gate-interleaved panel (Hout, G, U): one register block of the fused step.
+// The row a block's row b starts its step from: h_in's, or with a reset the state it names.
+template <typename T>
+inline const T* start_row(const T* h_in, int64_t width, const ResetStates<T>* resets,
+                          const Steps& steps, int64_t t, int64_t b, int& code) {
+  code = resets ? steps.reset(t, b) : 0;
+  return (code ? resets->h[code] : h_in) + b * width;
+}
+
+// acc[r][g] += sum_k h[r][k] panel[k][g] for R state rows (each Hout long, wherever it lives)
+// and the G gates of U units in a gate-interleaved panel (Hout, G, U): one register block of
+// the fused step.
 template <typename T, int R, int G>
-inline void gate_products(int64_t Hout, const T* h, const T* panel, Vec<T> (&acc)[R][G]) {
+inline void gate_products(int64_t Hout, const T* const (&h)[R], const T* panel,
+                          Vec<T> (&acc)[R][G]) {
   using V = Vec<T>;
   constexpr int64_t U = Vec<T>::size();
   // Few rows have few accumulator chains: split k S ways to hide the FMA latency, up to about
@@ -66,7 +78,7 @@ inline void gate_products(int64_t Hout, const T* h, const T* panel, Vec<T> (&acc
         V m[G];
         for (int g = 0; g < G; ++g) m[g] = V::loadu(w + g * U);
         for (int r = 0; r < R; ++r) {
-          const V a(h[r * Hout + k + q]);
+          const V a(h[r][k + q]);
           for (int g = 0; g < G; ++g) part[q][r][g] = at::vec::fmadd(a, m[g], part[q][r][g]);
         }
       }
@@ -77,7 +89,7 @@ inline void gate_products(int64_t Hout, const T* h, const T* panel, Vec<T> (&acc
     V m[G];
     for (int g = 0; g < G; ++g) m[g] = V::loadu(w + g * U);
     for (int r = 0; r < R; ++r) {
-      const V a(h[r * Hout + k]);
+      const V a(h[r][k]);
       for (int g = 0; g < G; ++g) part[0][r][g] = at::vec::fmadd(a, m[g], part[0][r][g]);
     }
   }
@@ -96,19 +108,22 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
   constexpr int64_t U = lstm_unit<T>();
   const int64_t H = s.H, Hout = s.Hout;
   V acc[R][4];
+  const T* h_start[R];
+  int code[R];
   for (int r = 0; r < R; ++r) {
+    h_start[r] = start_row(s.h_in, Hout, s.resets, *s.steps, s.t, b0 + r, code[r]);
     for (int g = 0; g < 4; ++g) {
       const int64_t gx_at = s.interleaved ? 4 * u0 + g * U : g * H + u0;
       acc[r][g] = V::loadu(s.gx + (b0 + r) * s.GH + gx_at) + V::loadu(s.bias + g * H + u0);
     }
   }
-  gate_products<T, R, 4>(Hout, s.h_in + b0 * Hout, panel, acc);
+  gate_products<T, R, 4>(Hout, h_start, panel, acc);
   const V zero(T(0));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r;
     const bool on = s.steps->active(s.t, b);
     const int64_t at = b * H + u0;
-    const V c_old = V::loadu(s.c + at);
+    const V c_old = V::loadu((code[r] ? s.resets->c[code[r]] : s.c) + at);
     const LstmPoint<T> p = lstm_forward<T>(acc[r][0], acc[r][1], acc[r][2], acc[r][3], c_old);
     if (s.gates) p.store_gates(s.gates + b * 4 * H + u0, H);
     const V y = p.y;
@@ -118,7 +133,7 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
     if (s.m) {
       y.store(s.m + at);
     } else {
-      (on ? y : V::loadu(s.h_in + b * Hout + u0)).store(s.h_out + at);
+      (on ? y : V::loadu(h_start[r] + u0)).store(s.h_out + at);
       (on ? y : zero).store(s.out + at);
     }
   }
@@ -139,6 +154,7 @@ struct GruStep {
   T* gates;        // saved r, z, n, W_hn h + b_hn, (B, 4H), or nullptr
   const Steps* steps;
   int64_t t;
+  const ResetStates<T>* resets = nullptr;  // as LstmStep's
 };
 
 // Rows b0 .. b0+R of units u0 .. u0+U; panel is (H, 3, U).
@@ -147,20 +163,23 @@ inline void gru_block(const GruStep<T>& s, const T* panel, int64_t b0, int64_t u
   using V = Vec<T>;
   const int64_t H = s.H;
   V acc[R][3];
+  const T* h_start[R];
   for (int r = 0; r < R; ++r) {
+    int code;
+    h_start[r] = start_row(s.h_in, H, s.resets, *s.steps, s.t, b0 + r, code);
     const T* gx = s.gx + (b0 + r) * 3 * H + u0;
     acc[r][0] = V::loadu(gx) + V::loadu(s.bias + u0);
     acc[r][1] = V::loadu(gx + H) + V::loadu(s.bias + H + u0);
     acc[r][2] = V::loadu(s.bias + 2 * H + u0);
   }
-  gate_products<T, R, 3>(H, s.h_in + b0 * H, panel, acc);
+  gate_products<T, R, 3>(H, h_start, panel, acc);
   const V zero(T(0));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r, at = b * H + u0;
     const V reset = sigmoid(acc[r][0]), update = sigmoid(acc[r][1]);
     const V cand =
         gru_candidate_after<T>(V::loadu(s.gx + b * 3 * H + 2 * H + u0), reset, acc[r][2]);
-    const V h_old = V::loadu(s.h_in + at);
+    const V h_old = V::loadu(h_start[r] + u0);
     const V y = gru_output<T>(update, cand, h_old);
     if (s.gates) {
       T* g = s.gates + b * 4 * H + u0;

@@ -12,7 +12,11 @@
 // Layout (row-major, as the Python side passes it): gates_x (T, B, G*H), h0 (B, Hout),
 // c0 (B, H), weight_hh (G*H, Hout), bias_hh (G*H), weight_hr (Hout, H), lengths (B,) int64.
 // A row b is "active" at time t when t < lengths[b]; inactive rows hold their state and
-// write zero output, so a reverse pass starts at each sequence's own last step.
+// write zero output, so a reverse pass starts at each sequence's own last step. With resets
+// (T, B) int8 and reset_h (B, Hout), reset_c (B, H), an active row whose code at t is 1 or 2
+// starts step t from reset_state or from h0/c0 instead of the carried state: forward selects
+// that row's start per step; backward sends the gradient reaching it to reset_state or h0/c0
+// rather than to step t-1. The saved sequences keep the carried states.
 //
 // The ops are declared (schema, fake and autograd) in rnnkit/ops/cpu/_ops.py; these files only
 // add their CPU kernels (register.cpp). The files, one job each:
@@ -47,11 +51,14 @@ struct Shape {
 };
 
 // Where a step's previous state lives: the initial state at a sequence's first step, else
-// the output (or saved cell) of the neighbouring time step.
+// the output (or saved cell) of the neighbouring time step; and, with per-step resets, which
+// rows start a step from another state instead (Call.resets).
 struct Steps {
   int64_t T;
   bool reverse;
-  const int64_t* lengths;  // nullptr: every sequence is T long
+  const int64_t* lengths;          // nullptr: every sequence is T long
+  const int8_t* resets = nullptr;  // (T, B) reset codes, or nullptr: no resets
+  int64_t B = 0;                   // rows per step of `resets`
 
   bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }
   bool first(int64_t t, int64_t b) const {
@@ -59,10 +66,64 @@ struct Steps {
     return t == (lengths == nullptr ? T : lengths[b]) - 1;
   }
   int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
+  // The state row b starts step t from: 0, the carried state; 1, reset_state; 2, the call's
+  // initial state. A step past the row's length ignores its code, as it ignores the rest.
+  int reset(int64_t t, int64_t b) const {
+    if (resets == nullptr || !active(t, b)) return 0;
+    const int code = resets[t * B + b];
+    return code == 1 || code == 2 ? code : 0;
+  }
+};
+
+// The states a reset row starts from, indexed by its code: [1] reset_state, [2] the call's
+// initial state (h0, c0 as given: the loops overwrite their own copies). h rows are Hout
+// long, c rows H.
+template <typename T>
+struct ResetStates {
+  const T* h[3] = {nullptr, nullptr, nullptr};
+  const T* c[3] = {nullptr, nullptr, nullptr};
 };
 
 inline Tensor optional_or_empty(const std::optional<Tensor>& t) {
   return t.has_value() ? t->contiguous() : Tensor();
+}
+
+// A call's resets as the kernels read them: the codes (T, B) int8 and reset_state, contiguous;
+// all undefined without resets.
+struct Resets {
+  Tensor codes, h, c;
+
+  void attach(Steps& steps) const {
+    if (!codes.defined()) return;
+    steps.resets = codes.data_ptr<int8_t>();
+    steps.B = codes.size(1);
+  }
+  // Code 1 starts from reset_state, code 2 from the call's initial state h0 (and c0).
+  template <typename T>
+  ResetStates<T> states(const Tensor& h0, const Tensor& c0) const {
+    ResetStates<T> states;
+    if (!codes.defined()) return states;
+    states.h[1] = h.data_ptr<T>(), states.h[2] = h0.data_ptr<T>();
+    if (c.defined()) states.c[1] = c.data_ptr<T>(), states.c[2] = c0.data_ptr<T>();
+    return states;
+  }
+};
+
+inline Resets checked_resets(const std::optional<Tensor>& codes,
+                             const std::optional<Tensor>& reset_h,
+                             const std::optional<Tensor>& reset_c, int64_t T, int64_t B,
+                             int64_t H, int64_t Hout, bool lstm) {
+  if (!codes.has_value()) return {};
+  TORCH_CHECK(codes->scalar_type() == at::kChar && codes->dim() == 2 && codes->size(0) == T &&
+                  codes->size(1) == B,
+              "rnnkit: resets must be (T, B) int8");
+  TORCH_CHECK(reset_h.has_value() && reset_h->dim() == 2 && reset_h->size(0) == B &&
+                  reset_h->size(1) == Hout,
+              "rnnkit: resets need reset_h (B, Hout)");
+  TORCH_CHECK(!lstm || (reset_c.has_value() && reset_c->dim() == 2 && reset_c->size(0) == B &&
+                        reset_c->size(1) == H),
+              "rnnkit: LSTM resets need reset_c (B, H)");
+  return {codes->contiguous(), reset_h->contiguous(), lstm ? reset_c->contiguous() : Tensor()};
 }
 
 // The ops' CPU kernels, registered in register.cpp; argument order and results as the
@@ -73,14 +134,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Tensor& gates_x_in, const Tensor& h0, const std::optional<Tensor>& c0,
     const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
-    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool training);
+    const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
+    const std::optional<Tensor>& reset_c_in, int64_t mode, int64_t activation,
+    bool reset_after, bool reverse, bool training);
 
 // backward.cpp
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     const Tensor& grad_output_in, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
-    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
+    const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
+    const std::optional<Tensor>& reset_c_in, const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
     const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
     bool reverse, bool has_bias);
 

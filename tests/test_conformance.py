@@ -4,8 +4,9 @@ Each backend is run through the one planning point (:func:`rnnkit.ops.dispatch.r
 so a call it cannot serve falls back there; the harness asserts that it either served the call
 (outputs, final states and every gradient equal the reference path's) or named why not. The
 grid: every activation of the table, both GRU formulations, LSTM with and without projection,
-lengths, both directions, the fused input projection, and state resets. Each backend runs in the
-most precise dtype it serves here (float64 for the compiled CPU kernels, float32 for Triton).
+lengths, both directions, the fused input projection, state resets and masks with holes. Each
+backend runs in the most precise dtype it serves here (float64 for the compiled CPU kernels,
+float32 for Triton).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _make(spec, proj, dtype, device, *, lengths, resets, reverse=False, project=False,
-          grad=True, seed=0, steps=4, batch=3, hidden=20, features=5):
+          grad=True, seed=0, steps=4, batch=3, hidden=20, features=5, mask=False):
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -84,6 +85,10 @@ def _make(spec, proj, dtype, device, *, lengths, resets, reverse=False, project=
         codes[:, 0] = 0  # one row never resets
         fields.update(resets=codes.to(device),
                       reset_state=tuple(rand(batch, size) for size in sizes))
+    if mask:
+        holes = torch.rand(steps, batch, generator=generator) < 0.6
+        holes[:, 0] = True
+        fields.update(mask=holes.to(device), carry_masked_output=seed % 2 == 1)
     return Call(**fields)
 
 
@@ -143,6 +148,18 @@ def test_backend_equals_reference_with_resets(name, cell_id, spec, proj, reverse
     dtype = _dtype(name, device)
     _check(name, _make(spec, proj, dtype, device, lengths=True, resets=True, reverse=reverse),
            dtype)
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("cell_id, spec, proj", [CELLS[0], *CELLS[-4:]],
+                         ids=[c[0] for c in [CELLS[0], *CELLS[-4:]]])
+@pytest.mark.parametrize("seed", [0, 1], ids=["zero-output", "carried-output"])
+def test_backend_equals_reference_with_mask(name, cell_id, spec, proj, seed):
+    """Masks with holes (Call.mask), with the skipped steps' output zero or carried."""
+    device = _device(name)
+    dtype = _dtype(name, device)
+    _check(name, _make(spec, proj, dtype, device, lengths=True, resets=False, reverse=seed == 1,
+                       mask=True, seed=seed), dtype)
 
 
 @pytest.mark.parametrize("name", FUSED)

@@ -32,6 +32,8 @@ class ElmanLoopBackend(BackendBase):
             return "only Elman RNN calls"
         if call.leading.dtype not in (torch.float32, torch.float64):
             return f"dtype {call.leading.dtype} is not served"
+        if call.mask is not None:
+            return "masks with holes are not served"
         return None
 
     def run(self, call):

@@ -190,18 +190,24 @@ def _lengths(
     return values.to(device), values
 
 
-def resets(
-    value: object, shape: tuple[int, int], batched: bool, batch_first: bool, device: torch.device
+def per_step(
+    what: str,
+    value: object,
+    shape: tuple[int, int],
+    batched: bool,
+    batch_first: bool,
+    device: torch.device,
 ) -> Tensor:
-    """Validate ``resets`` and return it time-first, ``(T, B)`` bool on ``device``.
+    """Validate a per-step boolean tensor (``resets``, ``mask``); return it ``(T, B)`` on
+    ``device``.
 
-    ``shape`` is the input's time-first ``(T, B)``; ``resets`` must be ``(T, B)``, ``(B, T)``
+    ``shape`` is the input's time-first ``(T, B)``; ``value`` must be ``(T, B)``, ``(B, T)``
     with ``batch_first``, or ``(T,)`` for unbatched input.
     """
     if not isinstance(value, Tensor):
-        raise TypeError(f"resets must be a boolean tensor, got {type(value).__name__}")
+        raise TypeError(f"{what} must be a boolean tensor, got {type(value).__name__}")
     if value.dtype != torch.bool:
-        raise TypeError(f"resets must be a boolean tensor, got dtype {value.dtype}")
+        raise TypeError(f"{what} must be a boolean tensor, got dtype {value.dtype}")
     steps, batch = shape
     if not batched:
         expected, layout = (steps,), "(L,) for unbatched input"
@@ -211,14 +217,13 @@ def resets(
         expected, layout = (steps, batch), "(L, N)"
     if tuple(value.shape) != expected:
         raise ValueError(
-            f"resets must have shape {expected}, {layout} like the input, "
+            f"{what} must have shape {expected}, {layout} like the input, "
             f"got {tuple(value.shape)}"
         )
     value = value.to(device)
     if not batched:
         return value[:, None]
     return value.t() if batch_first else value
-
 
 def rows(value: object, batch: int | None, device: torch.device, what: str = "rows") -> Tensor:
     """A per-row boolean mask ``(N,)`` on ``device``, from a mask or from row indices.

@@ -102,6 +102,7 @@ class RecurrentLayer(nn.Module):
         *,
         learn_initial_state: bool = False,
         backend: str | None = None,
+        zero_output_for_mask: bool = True,
     ) -> None:
         super().__init__()
         input_size = _checks.positive_int("input_size", input_size)
@@ -135,6 +136,7 @@ class RecurrentLayer(nn.Module):
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         self.learn_initial_state = learn_initial_state
+        self.zero_output_for_mask = _checks.boolean("zero_output_for_mask", zero_output_for_mask)
 
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
@@ -349,7 +351,7 @@ class RecurrentLayer(nn.Module):
                 stacked.append(tensor if batched else tensor.unsqueeze(1))
         return [tuple(s[i] for s in stacked) for i in range(count)]
 
-    def forward(self, input, hx=None, *, lengths=None, resets=None):
+    def forward(self, input, hx=None, *, lengths=None, resets=None, mask=None):
         """Run the layer.
 
         Args:
@@ -369,14 +371,19 @@ class RecurrentLayer(nn.Module):
                 layer's initial state (zeros or the learnable one); ``hx`` applies to the
                 first segment only, so ``resets[0]`` true ignores it for that sequence. Every
                 layer and both directions reset; steps past ``lengths`` are ignored.
+            mask: optional boolean tensor shaped like ``resets``, holes allowed (Keras's
+                ``mask``): a false step is skipped, so the state carries over it unchanged, and
+                its output is zero (with ``zero_output_for_mask=False``, the carried ``h``, as
+                Keras repeats the last output). Combines with ``lengths``; not with
+                ``resets`` or a PackedSequence.
 
         Returns:
             ``(output, h_n)``, or ``(output, (h_n, c_n))`` for LSTM. ``output`` has the
             layout of ``input`` with ``D*H_out`` features; a PackedSequence in gives one out.
 
         Raises:
-            ValueError, TypeError: for input, state, lengths or resets of the wrong kind or
-            shape.
+            ValueError, TypeError: for input, state, lengths, resets or mask of the wrong kind
+            or shape, and for mask with resets or a PackedSequence.
         """
         # Checks need only a dtype and device. Reading weight_ih_l0 here would compute it twice
         # when it is parametrized; forward computes each weight once, in _run_direction.
@@ -385,11 +392,12 @@ class RecurrentLayer(nn.Module):
         if packed is not None:
             if lengths is not None:
                 raise ValueError("lengths must not be given with a PackedSequence input")
-            if resets is not None:
-                raise ValueError(
-                    "resets must not be given with a PackedSequence input; pass the padded "
-                    "batch with lengths= instead"
-                )
+            for name, given in (("resets", resets), ("mask", mask)):
+                if given is not None:
+                    raise ValueError(
+                        f"{name} must not be given with a PackedSequence input; pass the "
+                        "padded batch with lengths= instead"
+                    )
             _checks.input_tensor(packed.data, reference, self.input_size, (2, 2), "input")
             x, lengths = pad_packed_sequence(packed)
             batched = True
@@ -408,8 +416,18 @@ class RecurrentLayer(nn.Module):
             # The kernels need at least one step: a sequence of length 0 runs one step that
             # is undone below (its state stays the initial state, its output zero).
             lengths, empty = _checks.lengths_with_empty(lengths, batch_size, seq_len, x.device)
+        if resets is not None and mask is not None:
+            raise ValueError(
+                "resets and mask cannot be combined yet (a reset on a masked step has no "
+                "defined meaning); give one of them"
+            )
         if resets is not None:
-            resets = _checks.resets(resets, x.shape[:2], batched, self.batch_first, x.device)
+            resets = _checks.per_step(
+                "resets", resets, x.shape[:2], batched, self.batch_first, x.device
+            )
+        if mask is not None:
+            mask = _checks.per_step("mask", mask, x.shape[:2], batched, self.batch_first,
+                                    x.device)
         states = self._initial_states(hx, batch_size, batched, reference)
         directions = _reset_codes(resets, lengths, self.bidirectional)
         initial = self.initial_state(batch_size) if resets is not None else None
@@ -423,7 +441,7 @@ class RecurrentLayer(nn.Module):
                 reset_state = None if initial is None else tuple(s[index] for s in initial)
                 output, final = self._run_direction(
                     layer_input, states[index], layer, direction, lengths,
-                    directions[direction], reset_state,
+                    directions[direction], reset_state, mask,
                 )
                 outputs.append(output)
                 finals.append(final)
@@ -437,7 +455,12 @@ class RecurrentLayer(nn.Module):
         )
         if empty is not None:
             rows = empty.view(1, -1, 1)
-            output = torch.where(rows, torch.zeros_like(output), output)
+            if self.zero_output_for_mask:
+                skipped = torch.zeros_like(output)
+            else:  # every step of an empty sequence repeats the last layer's initial h
+                last = range((self.num_layers - 1) * self.num_directions, len(states))
+                skipped = torch.cat([states[i][0] for i in last], -1).to(output.dtype)
+            output = torch.where(rows, skipped, output)
             final_states = tuple(
                 torch.where(rows, torch.stack([s[i] for s in states]).to(final.dtype), final)
                 for i, final in enumerate(final_states)
@@ -460,6 +483,7 @@ class RecurrentLayer(nn.Module):
         lengths: Tensor | None,
         resets: Tensor | None,
         reset_state: State | None,
+        mask: Tensor | None,
     ) -> tuple[Tensor, State]:
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         # Read each weight once: a parametrized weight is computed on every access.
@@ -481,6 +505,8 @@ class RecurrentLayer(nn.Module):
                 reverse=bool(direction),
                 resets=resets,
                 reset_state=reset_state,
+                mask=mask,
+                carry_masked_output=not self.zero_output_for_mask,
                 backend=self.backend,
             )
         )
@@ -495,6 +521,7 @@ class RecurrentLayer(nn.Module):
             "dropout": 0.0,
             "bidirectional": False,
             "learn_initial_state": False,
+            "zero_output_for_mask": True,
         }
         for name, default in defaults.items():
             if getattr(self, name) != default:
@@ -533,12 +560,14 @@ class RNN(RecurrentLayer):
         proj_size: int = 0,
         learn_initial_state: bool = False,
         backend: str | None = None,
+        zero_output_for_mask: bool = True,
     ) -> None:
         self.nonlinearity = check_activation(nonlinearity)
         super().__init__(
             CellSpec("rnn", nonlinearity=self.nonlinearity), input_size, hidden_size,
             num_layers, bias, batch_first, dropout, bidirectional, proj_size, device, dtype,
             learn_initial_state=learn_initial_state, backend=backend,
+            zero_output_for_mask=zero_output_for_mask,
         )
 
     def extra_repr(self) -> str:
@@ -574,6 +603,7 @@ class GRU(RecurrentLayer):
         reset_after: bool = True,
         learn_initial_state: bool = False,
         backend: str | None = None,
+        zero_output_for_mask: bool = True,
     ) -> None:
         reset_after = _checks.boolean("reset_after", reset_after)
         self.reset_after = reset_after
@@ -581,6 +611,7 @@ class GRU(RecurrentLayer):
             CellSpec("gru", reset_after=reset_after), input_size, hidden_size, num_layers,
             bias, batch_first, dropout, bidirectional, proj_size, device, dtype,
             learn_initial_state=learn_initial_state, backend=backend,
+            zero_output_for_mask=zero_output_for_mask,
         )
 
     def extra_repr(self) -> str:
@@ -617,11 +648,13 @@ class LSTM(RecurrentLayer):
         *,
         learn_initial_state: bool = False,
         backend: str | None = None,
+        zero_output_for_mask: bool = True,
     ) -> None:
         super().__init__(
             CellSpec("lstm"), input_size, hidden_size, num_layers, bias, batch_first,
             dropout, bidirectional, proj_size, device, dtype,
             learn_initial_state=learn_initial_state, backend=backend,
+            zero_output_for_mask=zero_output_for_mask,
         )
 
     def get_expected_cell_size(

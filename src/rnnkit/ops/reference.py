@@ -42,6 +42,8 @@ def recurrence(
     reverse: bool,
     resets: Tensor | None = None,
     reset_state: State | None = None,
+    mask: Tensor | None = None,
+    carry_masked_output: bool = False,
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction over a whole sequence.
 
@@ -56,25 +58,31 @@ def recurrence(
         resets, reset_state: per-step reset codes ``(T, B)`` and the state a code-1 reset
             starts from (see :class:`rnnkit.ops.spec.Call`); a step past a sequence's length
             ignores its code, as it ignores everything else.
+        mask: ``(T, B)`` bool or ``None``; a false step is skipped like a step past a length.
+        carry_masked_output: a skipped step outputs the carried ``h`` instead of zeros.
 
     Returns:
         ``output`` of shape ``(T, B, H_out)``, zero past each sequence's length, and the
         final state tuple, taken at each sequence's own last step.
     """
     seq_len = gates_x.shape[0]
-    mask = step_mask(lengths, seq_len)
+    active_steps = step_mask(lengths, seq_len)
+    if mask is not None:
+        holes = mask.unsqueeze(-1)
+        active_steps = holes if active_steps is None else active_steps & holes
     initial = state
     outputs: list[Tensor] = [gates_x] * seq_len
     for t in range(seq_len - 1, -1, -1) if reverse else range(seq_len):
         start = state if resets is None else apply_resets(resets[t], state, reset_state, initial)
         new_state = step(spec, gates_x[t], start, weight_hh, bias_hh, weight_hr)
-        if mask is None:
+        if active_steps is None:
             state = new_state
             outputs[t] = new_state[0]
         else:
-            active = mask[t]
+            active = active_steps[t]
             state = tuple(torch.where(active, new, old) for new, old in zip(new_state, state))
-            outputs[t] = torch.where(active, new_state[0], torch.zeros_like(new_state[0]))
+            skipped = state[0] if carry_masked_output else torch.zeros_like(new_state[0])
+            outputs[t] = torch.where(active, new_state[0], skipped)
     return torch.stack(outputs), state
 
 
@@ -90,7 +98,8 @@ class ReferenceBackend(BackendBase):
     def run(self, call: Call) -> tuple[Tensor, State]:
         return recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
-            call.lengths, call.reverse, call.resets, call.reset_state,
+            call.lengths, call.reverse, call.resets, call.reset_state, call.mask,
+            call.carry_masked_output,
         )
 
 

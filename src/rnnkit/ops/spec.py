@@ -63,6 +63,10 @@ class Call:
             ``0`` carries the state on, ``1`` replaces it with ``reset_state``, ``2`` with the
             call's initial ``state`` (a reverse direction's first segment starts from ``hx``).
         reset_state: the state a code-1 reset starts from, shaped like ``state``.
+        mask: ``(T, B)`` bool, or ``None``: a false step is skipped (the state carries over
+            unchanged), as a step past a sequence's length is; holes are allowed.
+        carry_masked_output: a skipped step outputs the carried ``h`` (Keras's
+            ``zero_output_for_mask=False``) instead of zeros.
         backend: the backend the caller asked for (``None``: ``RNNKIT_BACKEND``, else auto).
         time_axis: ``False`` for a cell's single step, which has no time axis of its own
             (exported as plain ops rather than as one recurrence).
@@ -81,6 +85,8 @@ class Call:
     reverse: bool = False
     resets: Tensor | None = None
     reset_state: State | None = None
+    mask: Tensor | None = None
+    carry_masked_output: bool = False
     backend: str | None = None
     time_axis: bool = True
 
@@ -110,7 +116,7 @@ class Call:
         found: list[Tensor] = []
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name in ("lengths", "resets"):
+            if field.name in ("lengths", "resets", "mask"):
                 continue
             if isinstance(value, Tensor):
                 found.append(value)
@@ -131,7 +137,7 @@ class Call:
         changes = {}
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name in ("lengths", "resets"):
+            if field.name in ("lengths", "resets", "mask"):
                 continue
             if isinstance(value, Tensor):
                 changes[field.name] = value.to(dtype)

@@ -28,7 +28,7 @@ OPSET = 14  # ONNX RNN/GRU/LSTM as of opset 14 (layout attribute)
 def native(call: Call) -> bool:
     """Whether ONNX has this layer-direction as one operator."""
     spec = call.spec
-    if call.resets is not None:
+    if call.resets is not None or call.mask is not None:
         return False
     if spec.mode == "rnn":
         return isinstance(spec.nonlinearity, str) and ROWS[spec.nonlinearity].onnx is not None
@@ -75,16 +75,6 @@ def _operator(call: Call) -> tuple[Tensor, State]:
     return results[0].squeeze(1), tuple(r.squeeze(0) for r in results[1:])
 
 
-def _within_lengths_reversed(tensor: Tensor, lengths: Tensor | None) -> Tensor:
-    """Each sequence's first ``length`` steps in reverse order (steps past it stay put)."""
-    if lengths is None:
-        return tensor.flip(0)
-    steps = torch.arange(tensor.shape[0], device=tensor.device)[:, None]
-    index = torch.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)
-    index = index.reshape(*index.shape, *(1 for _ in tensor.shape[2:]))
-    return tensor.gather(0, index.expand_as(tensor))
-
-
 def _scan(call: Call) -> tuple[Tensor, State]:
     """A scan over time whose body is the reference step, masked by lengths."""
     spec = call.spec
@@ -95,12 +85,14 @@ def _scan(call: Call) -> tuple[Tensor, State]:
     time = torch.arange(steps, device=gates_x.device)[:, None]
     lengths = call.lengths
     active = (time < lengths[None, :]) if lengths is not None else time < steps
-    active = active.expand(steps, batch)[..., None]
+    active = active.expand(steps, batch)
+    if call.mask is not None:
+        active = active & call.mask
+    active = active[..., None]
     codes = call.resets if call.resets is not None else gates_x.new_zeros(
         (steps, batch), dtype=torch.int8)
-    if call.reverse:  # run forward over each sequence reversed within its own length
-        gates_x = _within_lengths_reversed(gates_x, lengths)
-        codes = _within_lengths_reversed(codes, lengths)
+    if call.reverse:  # steps past a length come first, inactive, as in the reference loop
+        gates_x, codes, active = gates_x.flip(0), codes.flip(0), active.flip(0)
     # Copies: scan refuses tensors that alias each other (the initial and the reset state are
     # often one and the same tensor).
     initial = tuple(s.clone() for s in call.state)
@@ -113,10 +105,11 @@ def _scan(call: Call) -> tuple[Tensor, State]:
         start = apply_resets(code, state, reset_state, initial)
         new = step(spec, gates, start, weight_hh, bias_hh, weight_hr)
         kept = tuple(torch.where(mask, n, o) for n, o in zip(new, state))
-        return kept, torch.where(mask, new[0], torch.zeros_like(new[0]))
+        skipped = kept[0].clone() if call.carry_masked_output else torch.zeros_like(new[0])
+        return kept, torch.where(mask, new[0], skipped)
 
     # The carry starts as a copy: scan refuses a carry that aliases a tensor the body reads.
     final, output = scan(body, tuple(s.clone() for s in initial), (gates_x, codes, active))
     if call.reverse:
-        output = _within_lengths_reversed(output, lengths)
+        output = output.flip(0)
     return output, tuple(final)

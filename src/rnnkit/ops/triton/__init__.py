@@ -85,8 +85,8 @@ class TritonBackend(BackendBase):
             if spec.nonlinearity not in served:
                 return (f"activation {spec.nonlinearity!r} has no triton kernel "
                         f"(served: {sorted(served)})")
-        if call.resets is not None and not _autograd.SERVES_RESETS:
-            return "state resets are not in the triton kernels yet"
+        if call.mask is not None:
+            return "masks with holes are not in the triton kernels yet (lengths are)"
         tensors = call.tensors()
         dtype = call.leading.dtype
         if dtype not in DTYPES:

@@ -16,9 +16,6 @@ from rnnkit.ops.spec import CellSpec
 
 SCHEDULES = ("persistent", "step")
 
-# Whether the kernels apply per-step state resets (Call.resets).
-SERVES_RESETS = True
-
 
 def interpreting() -> bool:
     """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""

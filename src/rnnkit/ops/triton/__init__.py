@@ -37,9 +37,11 @@ Matmuls accumulate in fp32. fp32 inputs use IEEE matmuls, or TF32 on CUDA when
 too).
 
 Serves: named RNN activations, both GRU formulations, LSTM with or without projection,
-``lengths``, ``reverse`` and per-step state ``resets`` (selected per row inside the time
-loop); fp32, fp16, bf16 (bf16 not under the interpreter). CUDA tensors, or CPU tensors when
-``TRITON_INTERPRET=1``. Everything else falls back to the reference path
+``lengths``, ``reverse``, masks with holes (``Call.mask``: a skipped step outputs zeros or,
+with ``carry_masked_output``, the carried ``h``, whose gradient then flows into the carried
+state) and per-step state ``resets`` (selected per row inside the time loop); fp32, fp16, bf16
+(bf16 not under the interpreter). CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``.
+Everything else falls back to the reference path
 with a reason, through :mod:`rnnkit.ops.dispatch`.
 """
 
@@ -85,8 +87,6 @@ class TritonBackend(BackendBase):
             if spec.nonlinearity not in served:
                 return (f"activation {spec.nonlinearity!r} has no triton kernel "
                         f"(served: {sorted(served)})")
-        if call.mask is not None:
-            return "masks with holes are not in the triton kernels yet (lengths are)"
         tensors = call.tensors()
         dtype = call.leading.dtype
         if dtype not in DTYPES:
@@ -110,7 +110,8 @@ class TritonBackend(BackendBase):
         """:func:`rnnkit.ops.reference.recurrence`'s semantics."""
         return _autograd.recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
-            call.lengths, call.reverse, call.resets, call.reset_state,
+            call.lengths, call.reverse, call.resets, call.reset_state, call.mask,
+            call.carry_masked_output,
         )
 
 

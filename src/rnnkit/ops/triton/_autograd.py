@@ -141,13 +141,23 @@ def _reset_args(resets: Tensor | None, reset_h: Tensor | None, reset_c: Tensor |
             dummy if reset_c is None else reset_c.contiguous())
 
 
+def _mask_arg(mask: Tensor | None, dummy: Tensor) -> Tensor:
+    """The kernels' ``mk_ptr``: the ``(T, B)`` mask as contiguous int8, or a dummy."""
+    if mask is None:
+        return dummy
+    return mask.to(device=dummy.device, dtype=torch.int8).contiguous()
+
+
 def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
             bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
             reverse: bool, resets: Tensor | None = None, reset_h: Tensor | None = None,
-            reset_c: Tensor | None = None) -> dict[str, Tensor]:
+            reset_c: Tensor | None = None, mask: Tensor | None = None,
+            carry_masked_output: bool = False) -> dict[str, Tensor]:
     """Run the forward kernels; returns the output, the state sequences and saved buffers.
 
     With ``resets``, ``hseq``/``cseq`` hold the carried states (before each step's reset).
+    ``mask`` ``(T, B)`` skips its false steps; with ``carry_masked_output`` a skipped step
+    (a hole, or past a length) outputs the carried ``h`` instead of zeros.
     """
     k = kernels()
     mode = mode_code(spec, weight_hr)
@@ -173,13 +183,16 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
         weight_hh if bias_hh is None else bias_hh.contiguous(),
         weight_hh if weight_hr is None else weight_hr.contiguous(),
         dummy if lengths is None else lengths.contiguous(),
+        _mask_arg(mask, dummy),
         *_reset_args(resets, reset_h, reset_c, dummy),
         hseq, cseq, out, pre, aux,
     )
     consts = dict(
         MODE=mode, ACT=k.ACTIVATION_CODES[spec.nonlinearity] if spec.mode == "rnn" else 0,
         G=spec.num_gates, HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None,
-        REVERSE=reverse, HAS_RESETS=resets is not None, PRECISION=_precision(dtype, device),
+        REVERSE=reverse, HAS_RESETS=resets is not None, HAS_MASK=mask is not None,
+        CARRY_OUT=bool(carry_masked_output) and (mask is not None or lengths is not None),
+        PRECISION=_precision(dtype, device),
         **_blocks(batch, hidden, device),
     )
     _launch(k.forward_kernel, args, (seq_len, batch, hidden, hidden_out), consts,
@@ -192,7 +205,7 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
 def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor | None,
              lengths: Tensor | None, reverse: bool, grad_out: Tensor, grad_h: Tensor,
              grad_c: Tensor | None, resets: Tensor | None = None, reset_h: Tensor | None = None,
-             reset_c: Tensor | None = None) -> dict[str, Tensor]:
+             reset_c: Tensor | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
     """Run the backward kernels, then the weight gradients as single matmuls over all steps.
 
     With ``resets``, the kernels sum each reset row's start-state gradient into ``dreset_h``
@@ -228,7 +241,7 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
     weight_hh = weight_hh.contiguous()
     args = (
         weight_hh, weight_hh if weight_hr is None else weight_hr.contiguous(),
-        dummy if lengths is None else lengths.contiguous(), *reset_args,
+        dummy if lengths is None else lengths.contiguous(), _mask_arg(mask, dummy), *reset_args,
         hseq, saved["cseq"], saved["pre"], aux,
         grad_out.float().contiguous(), dhseq, dcseq, dgx, dghh, gaux, dreset_h, dreset_c,
     )
@@ -281,11 +294,12 @@ class TritonRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, reverse, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths,
-                resets, reset_h, reset_c):
+                resets, reset_h, reset_c, mask=None, carry_masked_output=False):
         saved = forward(spec, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, reverse,
-                        resets, reset_h, reset_c)
+                        resets, reset_h, reset_c, mask, carry_masked_output)
         ctx.spec, ctx.reverse = spec, reverse
-        optional = (c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c)
+        ctx.carry_masked_output = carry_masked_output
+        optional = (c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask)
         ctx.has = [x is not None for x in optional]
         ctx.buffers = {key: saved[key] for key in ("mode", "consts")}
         inputs = [x for x in (gates_x, h0, weight_hh, *optional) if x is not None]
@@ -305,28 +319,28 @@ class TritonRecurrence(torch.autograd.Function):
         hseq, cseq, pre, aux = tensors[-4:]
         inputs = iter(tensors[:-4])
         gates_x, h0, weight_hh = next(inputs), next(inputs), next(inputs)
-        c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c = (
+        c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask = (
             next(inputs) if has else None for has in ctx.has)
         differentiable = (gates_x, h0, c0, weight_hh, bias_hh, weight_hr, reset_h, reset_c)
         needs = (*ctx.needs_input_grad[2:8], *ctx.needs_input_grad[10:12])
         if torch.is_grad_enabled():
-            grads = _reference_grads(ctx, differentiable, needs, lengths, resets, grad_out,
-                                     grad_h, grad_c)
+            grads = _reference_grads(ctx, differentiable, needs, lengths, resets, mask,
+                                     grad_out, grad_h, grad_c)
         else:
             saved = {"hseq": hseq, "cseq": cseq, "pre": pre, "aux": aux,
                      **ctx.buffers}
             result = backward(ctx.spec, saved, weight_hh, weight_hr, lengths, ctx.reverse,
-                              grad_out, grad_h, grad_c, resets, reset_h, reset_c)
+                              grad_out, grad_h, grad_c, resets, reset_h, reset_c, mask)
             names = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "reset_h",
                      "reset_c")
             grads = [
                 None if tensor is None or not need else result[name].to(tensor.dtype)
                 for name, tensor, need in zip(names, differentiable, needs)
             ]
-        return (None, None, *grads[:6], None, None, *grads[6:])
+        return (None, None, *grads[:6], None, None, *grads[6:], None, None)
 
 
-def _reference_grads(ctx, inputs, needs, lengths, resets, grad_out, grad_h, grad_c):
+def _reference_grads(ctx, inputs, needs, lengths, resets, mask, grad_out, grad_h, grad_c):
     """Gradients through the reference path, themselves differentiable (double backward)."""
     gates_x, h0, c0, weight_hh, bias_hh, weight_hr, reset_h, reset_c = inputs
     state = (h0,) if c0 is None else (h0, c0)
@@ -334,7 +348,8 @@ def _reference_grads(ctx, inputs, needs, lengths, resets, grad_out, grad_h, grad
     if resets is not None:
         reset_state = (reset_h,) if reset_c is None else (reset_h, reset_c)
     output, final = reference.recurrence(ctx.spec, gates_x, state, weight_hh, bias_hh,
-                                         weight_hr, lengths, ctx.reverse, resets, reset_state)
+                                         weight_hr, lengths, ctx.reverse, resets, reset_state,
+                                         mask, ctx.carry_masked_output)
     wanted = [i for i, (tensor, need) in enumerate(zip(inputs, needs))
               if tensor is not None and need]
     outputs = (output, *final)
@@ -350,7 +365,8 @@ def _reference_grads(ctx, inputs, needs, lengths, resets, grad_out, grad_h, grad
 def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weight_hh: Tensor,
                bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
                reverse: bool, resets: Tensor | None = None,
-               reset_state: tuple[Tensor, ...] | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+               reset_state: tuple[Tensor, ...] | None = None, mask: Tensor | None = None,
+               carry_masked_output: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
     """:func:`rnnkit.ops.reference.recurrence`'s contract, served by the triton kernels."""
     if (resets is None) != (reset_state is None):
         raise ValueError("resets and reset_state go together")
@@ -360,5 +376,6 @@ def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weigh
         reset_h = reset_state[0]
         reset_c = reset_state[1] if len(reset_state) > 1 else None
     results = TritonRecurrence.apply(spec, reverse, gates_x, state[0], c0, weight_hh, bias_hh,
-                                     weight_hr, lengths, resets, reset_h, reset_c)
+                                     weight_hr, lengths, resets, reset_h, reset_c, mask,
+                                     bool(carry_masked_output))
     return results[0], tuple(results[1:])

@@ -10,6 +10,11 @@ the time index: ``t = s``, or ``T - 1 - s`` when running in reverse):
 - in backward, ``dhseq``/``dcseq`` mirror ``hseq``/``cseq``, and ``dgx``/``dghh``
   ``(T, B, GH)`` receive the gradients of the input and recurrent pre-activations.
 
+Holes (constexpr ``HAS_MASK``): ``mask`` ``(T, B)`` int8, by ``t``; a step runs where
+``t < lengths[b]`` (with ``HAS_LENGTHS``) and ``mask[t, b] != 0``, and is skipped otherwise
+(state carried, output zero). With constexpr ``CARRY_OUT`` a skipped step outputs the carried
+``h`` instead, and backward adds that output's gradient to the carried state's.
+
 State resets (constexpr ``HAS_RESETS``): ``resets`` ``(T, B)`` int8 holds the codes by ``t``,
 ``reset_h`` ``(B, H_OUT)`` and ``reset_c`` ``(B, H)`` the state code 1 starts from. ``hseq[s]``
 stays the *carried* state (what an inactive step passes on); wherever a step reads its
@@ -158,13 +163,21 @@ def _tile(tile, tiles_n, B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS: tl.constexpr):
-    """``(BLOCK_B, 1)`` mask: step ``t`` lies inside sequence ``b``."""
+def _active(len_ptr, mk_ptr, t, B, offs_b, b_mask, HAS_LENGTHS: tl.constexpr,
+            HAS_MASK: tl.constexpr):
+    """``(BLOCK_B, 1)`` mask: step ``t`` runs for sequence ``b``.
+
+    It runs when it lies inside the sequence (``t < lengths[b]``, with ``HAS_LENGTHS``) and
+    is not a hole of the mask (``mask[t, b] != 0``, with ``HAS_MASK``).
+    """
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + offs_b, mask=b_mask, other=0)
         active = t < lens
     else:
         active = offs_b >= 0
+    if HAS_MASK:
+        keep = tl.load(mk_ptr + t * B + offs_b, mask=b_mask, other=0)
+        active = active & (keep != 0)
     return active[:, None]
 
 
@@ -323,11 +336,12 @@ def _sync(counter_ptr, nprog, count, SYNC: tl.constexpr):
 @triton.jit
 def _forward_phase(
     PHASE: tl.constexpr, s, pid, nprog,
-    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
+    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
     hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
     T, B, H, H_OUT,
     MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
+    HAS_MASK: tl.constexpr, CARRY_OUT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -354,7 +368,7 @@ def _forward_phase(
     out = out_ptr + t * B * H_OUT
     for tile in range(pid, tiles, nprog):
         offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
-        active = _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS)
+        active = _active(len_ptr, mk_ptr, t, B, offs_b, b_mask, HAS_LENGTHS, HAS_MASK)
         code = _codes(rs_ptr, t, B, offs_b, b_mask, HAS_RESETS)
         if MODE == MODE_LSTM_PROJ and PHASE == 1:
             # h = W_hr m, m = o * tanh(c) from phase 0.
@@ -421,18 +435,23 @@ def _forward_phase(
             h_cast = h_new.to(h_keep.dtype)
             tl.store(h_next + offs_b[:, None] * H_OUT + offs_n[None, :],
                      tl.where(active, h_cast, h_keep), mask=mask)
+            if CARRY_OUT:  # a skipped step outputs the state it carries
+                skipped = h_keep
+            else:
+                skipped = 0.0
             tl.store(out + offs_b[:, None] * H_OUT + offs_n[None, :],
-                     tl.where(active, h_cast, 0.0).to(h_cast.dtype), mask=mask)
+                     tl.where(active, h_cast, skipped).to(h_cast.dtype), mask=mask)
 
 
 # step_start changes every launch of the step schedule: one compiled variant serves all.
 @triton.jit(do_not_specialize=["step_start"])
 def forward_kernel(
-    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
+    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
     hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr, counter_ptr,
     T, B, H, H_OUT, step_start, num_steps,
     MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
+    HAS_MASK: tl.constexpr, CARRY_OUT: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -449,10 +468,10 @@ def forward_kernel(
         for phase in tl.static_range(PHASE_FIRST, PHASE_LAST + 1):
             _forward_phase(
                 phase, s, pid, nprog,
-                gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
+                gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
                 hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
                 T, B, H, H_OUT,
-                MODE, ACT, G, HAS_BIAS, HAS_LENGTHS, REVERSE, HAS_RESETS,
+                MODE, ACT, G, HAS_BIAS, HAS_LENGTHS, REVERSE, HAS_RESETS, HAS_MASK, CARRY_OUT,
                 BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
             )
             _sync(counter_ptr, nprog, i * (PHASE_LAST - PHASE_FIRST + 1) + phase - PHASE_FIRST + 1,
@@ -465,12 +484,13 @@ def forward_kernel(
 @triton.jit
 def _backward_phase(
     PHASE: tl.constexpr, s, pid, nprog,
-    w_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
+    w_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
     hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
     dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr,
     T, B, H, H_OUT,
     MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
+    HAS_MASK: tl.constexpr, CARRY_OUT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -498,7 +518,7 @@ def _backward_phase(
     dghh = dghh_ptr + s * B * GH
     for tile in range(pid, tiles, nprog):
         offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
-        active = _active(len_ptr, t, offs_b, b_mask, HAS_LENGTHS)
+        active = _active(len_ptr, mk_ptr, t, B, offs_b, b_mask, HAS_LENGTHS, HAS_MASK)
         code = _codes(rs_ptr, t, B, offs_b, b_mask, HAS_RESETS)
         if LAST:
             carry = _load(dh_next, H_OUT, offs_b, offs_n, mask)
@@ -517,6 +537,8 @@ def _backward_phase(
             if HAS_RESETS:  # a reset row's start state is not the carried one
                 _add_reset_grad(drh_ptr, H_OUT, B, code, active, offs_b, offs_n, mask, dh)
                 dh = tl.where((code == 1) | (code == 2), 0.0, dh)
+            if CARRY_OUT:  # a skipped step's output is the carried state itself
+                carry += _load(dout, H_OUT, offs_b, offs_n, mask)
             _store(dh_prev, H_OUT, offs_b, offs_n, mask, tl.where(active, dh, carry))
         elif MODE == MODE_LSTM_PROJ and PHASE == 0:
             grad_h = _load(dh_next, H_OUT, offs_b, offs_n, mask) + _load(
@@ -591,12 +613,13 @@ def _backward_phase(
 
 @triton.jit(do_not_specialize=["step_start"])
 def backward_kernel(
-    w_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
+    w_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
     hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
     dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr, counter_ptr,
     T, B, H, H_OUT, step_start, num_steps,
     MODE: tl.constexpr, ACT: tl.constexpr, G: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
+    HAS_MASK: tl.constexpr, CARRY_OUT: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -609,11 +632,11 @@ def backward_kernel(
         for phase in tl.static_range(PHASE_FIRST, PHASE_LAST + 1):
             _backward_phase(
                 phase, s, pid, nprog,
-                w_hh_ptr, w_hr_ptr, len_ptr, rs_ptr, rh_ptr, rc_ptr,
+                w_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
                 hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
                 dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr,
                 T, B, H, H_OUT,
-                MODE, ACT, G, HAS_LENGTHS, REVERSE, HAS_RESETS,
+                MODE, ACT, G, HAS_LENGTHS, REVERSE, HAS_RESETS, HAS_MASK, CARRY_OUT,
                 BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
             )
             _sync(counter_ptr, nprog, i * (PHASE_LAST - PHASE_FIRST + 1) + phase - PHASE_FIRST + 1,

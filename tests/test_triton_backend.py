@@ -44,11 +44,11 @@ FP16_ATOL = 2e-2
 
 
 def make_call(spec, *, hidden=20, proj=0, seq_len=4, batch=3, lengths=None, bias=True,
-              dtype=torch.float32, seed=0, resets=None):
+              dtype=torch.float32, seed=0, resets=None, mask=None, carry_masked_output=False):
     """Random inputs of one layer-direction; every floating tensor requires grad.
 
     ``resets``: the ``(T, B)`` reset codes as nested lists; a random ``reset_state`` comes
-    with them.
+    with them. ``mask``: the ``(T, B)`` steps that run, as nested lists of 0/1.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -71,6 +71,9 @@ def make_call(spec, *, hidden=20, proj=0, seq_len=4, batch=3, lengths=None, bias
     if resets is not None:
         call["resets"] = torch.tensor(resets, dtype=torch.int8)
         call["reset_state"] = tuple(rand(*s.shape) for s in state)
+    if mask is not None:
+        call["mask"] = torch.tensor(mask, dtype=torch.bool)
+        call["carry_masked_output"] = carry_masked_output
     return call
 
 
@@ -84,7 +87,8 @@ def run(fn, spec, call, reverse):
     """Outputs, final states and the gradients of every input of one layer-direction."""
     output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"], call["bias_hh"],
                        call["weight_hr"], call["lengths"], reverse, call.get("resets"),
-                       call.get("reset_state"))
+                       call.get("reset_state"), call.get("mask"),
+                       call.get("carry_masked_output", False))
     results = [output, *final]
     # A weighted sum, so every output position gets a different gradient.
     loss = sum((r.float() * torch.linspace(-1, 1, r.numel()).view_as(r)).sum() for r in results)
@@ -196,6 +200,37 @@ def test_resets_equal_reference(spec, proj, schedule, monkeypatch):
         # The reset states really got gradients (the last leaves).
         for grad in actual[-len(call["reset_state"]):]:
             assert grad.abs().max() > 0
+
+
+# (T, B) = (5, 3) holes: row 0 skips its first step, row 1 its last step within length 3, row 2
+# the steps 2 and 3 in a row; with lengths [5, 3, 4], steps past a length are skipped as well.
+MASK = [[0, 1, 1], [1, 0, 1], [1, 1, 0], [0, 0, 0], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("schedule", host.SCHEDULES)
+@pytest.mark.parametrize("carry", [False, True], ids=["zero-output", "carried-output"])
+@pytest.mark.parametrize("spec,proj", [
+    (CellSpec("rnn", "silu"), 0),
+    (CellSpec("gru"), 0),
+    (CellSpec("gru", reset_after=False), 0),
+    (CellSpec("lstm"), 0),
+    (CellSpec("lstm"), 12),
+], ids=["rnn", "gru-after", "gru-before", "lstm", "lstm-proj"])
+def test_masks_with_holes_equal_reference(spec, proj, carry, schedule, monkeypatch):
+    # Outputs, final states and every gradient: forward at full length, and reverse with
+    # lengths. With carried output, a skipped step's output is the carried h, so its gradient
+    # must flow into the carried state.
+    monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", schedule)
+    for reverse, lengths in [(False, None), (True, [5, 3, 4])]:
+        call = make_call(spec, proj=proj, seq_len=5, lengths=lengths, mask=MASK,
+                         carry_masked_output=carry)
+        actual = run(host.recurrence, spec, call, reverse)
+        expected = run(reference.recurrence, spec, call, reverse)
+        assert_close_all(actual, expected, FP32_ATOL, 1e-5)
+        skipped = ~call["mask"]
+        if lengths is not None:
+            skipped |= torch.arange(5)[:, None] >= torch.tensor(lengths)[None, :]
+        assert (actual[0][skipped].abs().max() > 0) == carry
 
 
 def packed_and_lengths(batch_first_input, lengths):
@@ -334,19 +369,22 @@ def test_bad_schedule_name_is_a_clear_error(monkeypatch):
         host.schedule()
 
 
-@pytest.mark.parametrize("spec,resets", [
-    (CellSpec("rnn", "silu"), None),
-    (CellSpec("lstm"), None),
-    (CellSpec("lstm"), [[1, 0], [2, 1], [0, 2]]),
-], ids=["rnn", "lstm", "lstm-resets"])
-def test_double_backward_equals_reference(spec, resets):
-    call = make_call(spec, hidden=8, seq_len=3, batch=2, lengths=[3, 2], resets=resets)
+@pytest.mark.parametrize("spec,resets,mask", [
+    (CellSpec("rnn", "silu"), None, None),
+    (CellSpec("lstm"), None, None),
+    (CellSpec("lstm"), [[1, 0], [2, 1], [0, 2]], None),
+    (CellSpec("gru"), None, [[0, 1], [1, 0], [1, 1]]),
+], ids=["rnn", "lstm", "lstm-resets", "gru-holes-carried-output"])
+def test_double_backward_equals_reference(spec, resets, mask):
+    call = make_call(spec, hidden=8, seq_len=3, batch=2, lengths=[3, 2], resets=resets,
+                     mask=mask, carry_masked_output=True)
     wrt = [call["gates_x"], call["weight_hh"], *call.get("reset_state", ())]
     results = []
     for fn in (reference.recurrence, host.recurrence):
         output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"],
                            call["bias_hh"], None, call["lengths"], False, call.get("resets"),
-                           call.get("reset_state"))
+                           call.get("reset_state"), call.get("mask"),
+                           call.get("carry_masked_output", False))
         loss = (output**2).sum() + final[-1].sum()
         grad_w, = torch.autograd.grad(loss, call["weight_hh"], create_graph=True)
         second = torch.autograd.grad((grad_w**2).sum(), wrt)
@@ -362,9 +400,10 @@ from triton.compiler import ASTSource
 from rnnkit.ops.triton import _kernels as k
 
 
-def compile_for_hopper(kernel, mode, pointer_types, phases, resets):
+def compile_for_hopper(kernel, mode, pointer_types, phases, resets, mask=False):
     consts = dict(MODE=mode, ACT=5, G=4 if mode >= k.LSTM else 3, HAS_BIAS=True,
-                  HAS_LENGTHS=True, REVERSE=True, HAS_RESETS=resets,
+                  HAS_LENGTHS=True, REVERSE=True, HAS_RESETS=resets, HAS_MASK=mask,
+                  CARRY_OUT=mask,
                   PHASE_FIRST=0, PHASE_LAST=phases - 1,
                   SYNC=k.SYNC_GRID.value, BLOCK_B=16, BLOCK_N=32, BLOCK_K=64, PRECISION="ieee")
     pointers = iter(pointer_types)
@@ -383,8 +422,8 @@ def compile_for_hopper(kernel, mode, pointer_types, phases, resets):
 
 
 half, f32 = "*fp16", "*fp32"
-forward = [half] * 4 + ["*i64", "*i8", half, half, half, f32, half, f32, f32, "*i32"]
-backward = [half, half, "*i64", "*i8", half, half, half] + [f32] * 11 + ["*i32"]
+forward = [half] * 4 + ["*i64", "*i8", "*i8", half, half, half, f32, half, f32, f32, "*i32"]
+backward = [half, half, "*i64", "*i8", "*i8", half, half, half] + [f32] * 11 + ["*i32"]
 json.dump([
     compile_for_hopper(k.forward_kernel, k.LSTM_PROJ, forward, k.FORWARD_PHASES[k.LSTM_PROJ],
                        False),
@@ -397,6 +436,11 @@ json.dump([
                        k.BACKWARD_PHASES[k.GRU_BEFORE], True),
     compile_for_hopper(k.backward_kernel, k.LSTM_PROJ, backward,
                        k.BACKWARD_PHASES[k.LSTM_PROJ], True),
+    # With holes and carried outputs.
+    compile_for_hopper(k.forward_kernel, k.GRU_BEFORE, forward, k.FORWARD_PHASES[k.GRU_BEFORE],
+                       False, True),
+    compile_for_hopper(k.backward_kernel, k.LSTM_PROJ, backward,
+                       k.BACKWARD_PHASES[k.LSTM_PROJ], False, True),
 ], sys.stdout)
 """
 

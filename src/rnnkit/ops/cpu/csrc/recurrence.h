@@ -22,6 +22,7 @@
 // add their CPU kernels (register.cpp). The files, one job each:
 //   vec_math.h        vector width, sigmoid/tanh, the RNN activations and their derivatives
 //   threads.h         per-call buffers, the OpenMP frame of the fused loops, row splits
+//   buffers.cpp       the per-call buffers: freed large ones kept for the next call
 //   gemm.h, gemm.cpp  the register-blocked products and the weight packers
 //   cells.h           each cell's pointwise math, forward and backward, written once
 //   fused_steps.h     the LSTM and GRU steps fused into their W_hh product

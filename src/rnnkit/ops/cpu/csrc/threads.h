@@ -1,16 +1,11 @@
-// Threads and buffers: the per-call buffers (huge-page advice), the OpenMP region the fused
-// loops run in, and the split of an elementwise pass over the (B, H) grid.
+// Threads and buffers: the per-call buffers (kept for reuse, buffers.cpp), the OpenMP region
+// the fused loops run in, and the split of an elementwise pass over the (B, H) grid.
 #pragma once
 
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -19,24 +14,10 @@ namespace rnnkit_cpu {
 
 using at::Tensor;
 
-// A buffer that one call fills: at::empty, with its 2 MiB-aligned interior advised as
-// transparent huge pages when it is large. glibc maps every buffer over 32 MiB afresh on each
-// call, and under a hypervisor each first touch of a 4 KiB page faults at about 1 us: a
-// (100, 64, 2048) float buffer took 13 ms to fill fresh, and 2.4 ms advised (measured here).
-// The advice is only advice: where transparent huge pages are off, nothing changes.
-inline Tensor call_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  Tensor t = at::empty(sizes, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (t.nbytes() >= 8 * kHuge) {
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
+// A buffer that one call fills (uninitialised). From 1 MiB on it comes from a cache of blocks
+// that earlier calls freed (at most 256 MiB kept), already mapped: a training loop reuses its
+// memory each step rather than faulting it in afresh (buffers.cpp).
+Tensor call_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts);
 
 // Runs fn(thread) on `threads` OpenMP threads of one parallel region (fn may meet the others
 // at `#pragma omp barrier`), each marked to ATen as inside a parallel region so nested

@@ -175,19 +175,25 @@ def test_persistent_schedule_matches_step_schedule_bitwise(spec, options, monkey
     assert_close_all(persistent, run(reference.recurrence, spec, call, True), FP32_ATOL)
 
 
+# One cell of each mode the kernels tell apart (RNN, GRU both ways, LSTM with and without
+# projection), for the resets and masks tests.
+EVERY_MODE = [
+    (CellSpec("rnn", "silu"), 0),
+    (CellSpec("gru"), 0),
+    (CellSpec("gru", reset_after=False), 0),
+    (CellSpec("lstm"), 0),
+    (CellSpec("lstm"), 12),
+]
+EVERY_MODE_IDS = ["rnn", "gru-after", "gru-before", "lstm", "lstm-proj"]
+
+
 # (T, B) = (4, 3) codes: each row resets to reset_state (1) and to the initial state (2). With
 # lengths [4, 2, 3], rows 1 and 2 carry codes on steps past their length, which must be ignored.
 RESET_CODES = [[1, 2, 0], [0, 1, 2], [2, 0, 1], [0, 1, 2]]
 
 
 @pytest.mark.parametrize("schedule", host.SCHEDULES)
-@pytest.mark.parametrize("spec,proj", [
-    (CellSpec("rnn", "silu"), 0),
-    (CellSpec("gru"), 0),
-    (CellSpec("gru", reset_after=False), 0),
-    (CellSpec("lstm"), 0),
-    (CellSpec("lstm"), 12),
-], ids=["rnn", "gru-after", "gru-before", "lstm", "lstm-proj"])
+@pytest.mark.parametrize("spec,proj", EVERY_MODE, ids=EVERY_MODE_IDS)
 def test_resets_equal_reference(spec, proj, schedule, monkeypatch):
     # Outputs, final states and every gradient, reset_state's included: forward at full
     # length, and reverse with lengths.
@@ -209,13 +215,7 @@ MASK = [[0, 1, 1], [1, 0, 1], [1, 1, 0], [0, 0, 0], [1, 1, 1]]
 
 @pytest.mark.parametrize("schedule", host.SCHEDULES)
 @pytest.mark.parametrize("carry", [False, True], ids=["zero-output", "carried-output"])
-@pytest.mark.parametrize("spec,proj", [
-    (CellSpec("rnn", "silu"), 0),
-    (CellSpec("gru"), 0),
-    (CellSpec("gru", reset_after=False), 0),
-    (CellSpec("lstm"), 0),
-    (CellSpec("lstm"), 12),
-], ids=["rnn", "gru-after", "gru-before", "lstm", "lstm-proj"])
+@pytest.mark.parametrize("spec,proj", EVERY_MODE, ids=EVERY_MODE_IDS)
 def test_masks_with_holes_equal_reference(spec, proj, carry, schedule, monkeypatch):
     # Outputs, final states and every gradient: forward at full length, and reverse with
     # lengths. With carried output, a skipped step's output is the carried h, so its gradient

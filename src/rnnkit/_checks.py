@@ -119,6 +119,13 @@ def state_pair(hx: object) -> tuple[Tensor, Tensor]:
     return hx[0], hx[1]
 
 
+def _integers(values: Sequence, message: str) -> Tensor:
+    """Integers (numpy's too, not bools) as an int64 tensor; else ``TypeError(message)``."""
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+        raise TypeError(message)
+    return torch.tensor([int(v) for v in values], dtype=torch.int64)
+
+
 def lengths(
     value: object, batch_size: int, seq_len: int, device: torch.device, minimum: int = 1
 ) -> Tensor:
@@ -166,9 +173,7 @@ def _lengths(
             return value.detach().to(device=device, dtype=torch.int64), None
         values = value.detach().to("cpu", torch.int64)
     elif isinstance(value, Sequence) and not isinstance(value, str):
-        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
-            raise TypeError(f"lengths must hold integers, got {list(value)!r}")
-        values = torch.tensor([int(v) for v in value], dtype=torch.int64)
+        values = _integers(value, f"lengths must hold integers, got {list(value)!r}")
     else:
         raise TypeError(
             f"lengths must be a 1-D integer tensor or a list of ints, got {type(value).__name__}"
@@ -248,9 +253,9 @@ def rows(value: object, batch: int | None, device: torch.device, what: str = "ro
             )
         indices = value.detach().to("cpu", torch.int64)
     elif isinstance(value, Sequence) and not isinstance(value, str):
-        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
-            raise TypeError(f"{what} must be a boolean mask or integer indices, got {value!r}")
-        indices = torch.tensor([int(v) for v in value], dtype=torch.int64)
+        indices = _integers(
+            value, f"{what} must be a boolean mask or integer indices, got {value!r}"
+        )
     else:
         raise TypeError(
             f"{what} must be a boolean mask or integer indices, got {type(value).__name__}"

@@ -15,6 +15,8 @@ from torch import Tensor
 from rnnkit.ops.activations import Activation
 
 State = tuple[Tensor, ...]  # (h,) or, for LSTM, (h, c)
+# Call fields that hold integer or boolean tensors: never cast, never differentiated.
+_INTEGER_FIELDS = ("lengths", "resets", "mask")
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class Call:
         found: list[Tensor] = []
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name in ("lengths", "resets", "mask"):
+            if field.name in _INTEGER_FIELDS:
                 continue
             if isinstance(value, Tensor):
                 found.append(value)
@@ -137,7 +139,7 @@ class Call:
         changes = {}
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name in ("lengths", "resets", "mask"):
+            if field.name in _INTEGER_FIELDS:
                 continue
             if isinstance(value, Tensor):
                 changes[field.name] = value.to(dtype)

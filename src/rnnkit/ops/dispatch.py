@@ -183,7 +183,7 @@ def run(call: Call) -> tuple[Tensor, State]:
     device_type = call.leading.device.type
     if torch.is_autocast_enabled(device_type) and not torch.compiler.is_exporting():
         if call.input is not None:
-            call = call.projected(F.linear(call.input, call.weight_ih, call.bias_ih))
+            call = _projected(call, F.linear)
         call = call.cast(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
             return _run_planned(call, requested)
@@ -196,6 +196,16 @@ def _run_planned(call: Call, requested: str) -> tuple[Tensor, State]:
         # Logging and warnings cannot be traced; eager runs report the same choice.
         _note_fallback(requested, chosen.passed_over)
     if call.input is not None and not chosen.fuse_projection:
-        call = call.projected(chosen.backend.project(call.input, call.weight_ih, call.bias_ih))
+        call = _projected(call, chosen.backend.project)
     return chosen.backend.run(call)
+
+
+def _projected(call: Call, project) -> Call:
+    """``call`` with its input replaced by ``W_ih x + b_ih``, or, with ``norm_ih``, by
+    ``LN(W_ih x) * gain + bias + b_ih`` (see :class:`rnnkit.ops.spec.Call`)."""
+    if call.norm_ih is None:
+        return call.projected(project(call.input, call.weight_ih, call.bias_ih))
+    gain, bias = call.norm_ih
+    gates_x = F.layer_norm(project(call.input, call.weight_ih, None), gain.shape, gain, bias)
+    return call.projected(gates_x if call.bias_ih is None else gates_x + call.bias_ih)
 

@@ -25,14 +25,35 @@ class CellSpec:
 
     Attributes:
         mode: ``"rnn"``, ``"gru"`` or ``"lstm"``.
-        nonlinearity: the RNN activation, a name from :data:`rnnkit.activations.ACTIVATIONS`
-            or a callable (RNN only).
+        nonlinearity: the activation, a name from :data:`rnnkit.activations.ACTIVATIONS` or a
+            callable: RNN's nonlinearity, GRU's candidate activation, LSTM's cell-input and
+            cell-output activation (Keras's ``activation``). ``"tanh"`` for GRU and LSTM.
+        recurrent_activation: the GRU/LSTM gate activation (Keras's ``recurrent_activation``),
+            ``"sigmoid"`` by default; unused by RNN.
         reset_after: the GRU formulation (GRU only); ``True`` is torch's and cuDNN's.
+        zoneout: the zoneout probability ``p``. A call with ``zoneout_h`` (training) keeps
+            each unit's previous value where the mask is 1; a call without it (evaluation)
+            uses the expectation ``h = p h_prev + (1 - p) h_new`` (and the same for ``c``).
+        layer_norm: LSTM/GRU with layer-normalized gate products: the call carries
+            ``norm_ih``, ``norm_hh`` and (LSTM) ``norm_cell``.
     """
 
     mode: str
     nonlinearity: Activation = "tanh"
     reset_after: bool = True
+    recurrent_activation: Activation = "sigmoid"
+    zoneout: float = 0.0
+    layer_norm: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """Whether the cell is torch.nn's own: default GRU/LSTM activations, no zoneout, no
+        layer norm. Backends that have kernels only for torch.nn's cells check this."""
+        if self.zoneout or self.layer_norm:
+            return False
+        if self.mode == "rnn":
+            return True
+        return self.nonlinearity == "tanh" and self.recurrent_activation == "sigmoid"
 
     @property
     def num_gates(self) -> int:
@@ -69,6 +90,24 @@ class Call:
             unchanged), as a step past a sequence's length is; holes are allowed.
         carry_masked_output: a skipped step outputs the carried ``h`` (Keras's
             ``zero_output_for_mask=False``) instead of zeros.
+        hidden_dropout: ``(B, H_out)`` recurrent-dropout multipliers (0, or ``1/(1-p)``), or
+            ``None``: ``h`` is multiplied by it where it enters the recurrent product
+            ``W_hh h`` (only there: the carried state and the output are not dropped), the
+            same mask at every step of the call.
+        zoneout_h: ``(T, B, H_out)`` zoneout masks in training (1 keeps the unit's previous
+            value, 0 takes the new one), or ``None`` (no zoneout, or its expectation in
+            evaluation when ``spec.zoneout > 0``); ``zoneout_c``: the same for LSTM's ``c``,
+            ``(T, B, H)``. Applied after the cell, before lengths, masks and resets:
+            ``h_t = m * h_prev + (1 - m) * h_new``, where ``h_prev`` is the state the step
+            started from (after its reset).
+        norm_ih: ``(gain, bias)``, each ``(G*H,)``: ``gates_x = LN(W_ih x) * gain + bias +
+            b_ih``, normalized over the whole gate vector with eps 1e-5. It is applied by the
+            projection, so a call that carries ``gates_x`` has it applied already and this
+            field is ``None``; a backend that fuses the projection must refuse it.
+        norm_hh: ``(gain, bias)``, each ``(G*H,)``: ``gates_h = LN(W_hh h) * gain + bias +
+            b_hh`` at every step.
+        norm_cell: ``(gain, bias)``, each ``(H,)`` (LSTM): ``h = o * act(LN(c_new) * gain +
+            bias)``; ``c_new`` itself is carried unnormalized.
         backend: the backend the caller asked for (``None``: ``RNNKIT_BACKEND``, else auto).
         time_axis: ``False`` for a cell's single step, which has no time axis of its own
             (exported as plain ops rather than as one recurrence).
@@ -89,6 +128,12 @@ class Call:
     reset_state: State | None = None
     mask: Tensor | None = None
     carry_masked_output: bool = False
+    hidden_dropout: Tensor | None = None
+    zoneout_h: Tensor | None = None
+    zoneout_c: Tensor | None = None
+    norm_ih: tuple[Tensor, Tensor] | None = None
+    norm_hh: tuple[Tensor, Tensor] | None = None
+    norm_cell: tuple[Tensor, Tensor] | None = None
     backend: str | None = None
     time_axis: bool = True
 
@@ -99,6 +144,14 @@ class Call:
             raise ValueError("a Call with input needs weight_ih")
         if (self.resets is None) != (self.reset_state is None):
             raise ValueError("a Call takes resets and reset_state together")
+        if self.gates_x is not None and self.norm_ih is not None:
+            raise ValueError("norm_ih belongs to the projection; a Call with gates_x has none")
+
+    @property
+    def regularized(self) -> bool:
+        """Whether the call asks for anything beyond torch.nn's cells: recurrent dropout,
+        zoneout, layer norm or other GRU/LSTM activations (see :attr:`CellSpec.plain`)."""
+        return not self.spec.plain or self.hidden_dropout is not None
 
     @property
     def leading(self) -> Tensor:
@@ -132,7 +185,9 @@ class Call:
 
     def projected(self, gates_x: Tensor) -> Call:
         """This call with its input replaced by the input projection ``gates_x``."""
-        return replace(self, gates_x=gates_x, input=None, weight_ih=None, bias_ih=None)
+        return replace(
+            self, gates_x=gates_x, input=None, weight_ih=None, bias_ih=None, norm_ih=None
+        )
 
     def cast(self, dtype) -> Call:
         """This call with every floating-point tensor cast to ``dtype`` (autocast)."""

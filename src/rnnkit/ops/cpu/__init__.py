@@ -36,6 +36,9 @@ class CpuBackend(BackendBase):
             return "a callable nonlinearity runs only on the reference path"
         if spec.mode == "rnn" and spec.nonlinearity not in _ops.ACTIVATIONS:
             return f"no compiled kernel for the nonlinearity {spec.nonlinearity!r}"
+        if call.regularized:
+            return ("recurrent dropout, zoneout, layer norm and other gate activations are not "
+                    "in the compiled kernels yet")
         if call.mask is not None:
             return "masks with holes are not in the compiled kernels yet (lengths are)"
         if call.resets is not None and not _ops.SERVES_RESETS:

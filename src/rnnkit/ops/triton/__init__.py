@@ -87,6 +87,9 @@ class TritonBackend(BackendBase):
             if spec.nonlinearity not in served:
                 return (f"activation {spec.nonlinearity!r} has no triton kernel "
                         f"(served: {sorted(served)})")
+        if call.regularized:
+            return ("recurrent dropout, zoneout, layer norm and other gate activations are not "
+                    "in the triton kernels yet")
         tensors = call.tensors()
         dtype = call.leading.dtype
         if dtype not in DTYPES:

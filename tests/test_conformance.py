@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -255,3 +256,46 @@ def test_layers_on_backend_equal_reference_layers(name, config):
     for index, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance,
                                    msg=lambda m, i=index: f"result {i}: {m}")
+
+
+# The compiled CPU kernels in both dtypes, on both of their step paths (hidden 32: the fused
+# LSTM/GRU steps, whole vectors of units; hidden 20: the general steps), with masks whose
+# holes include a masked first step and a fully masked row, alone and with resets.
+
+CPU_CELLS = [CELLS[0], CELLS[4], *CELLS[-4:]]  # tanh, silu (saves its derivative), GRU, LSTM
+
+
+def _cpu_dtype_call(spec, proj, dtype, *, hidden, reverse, carry, resets, batch=4, steps=6,
+                    seed=3):
+    call = _make(spec, proj, dtype, torch.device("cpu"), lengths=True, resets=resets,
+                 reverse=reverse, mask=True, seed=seed, steps=steps, batch=batch,
+                 hidden=hidden)
+    holes = call.mask.clone()
+    holes[0 if reverse else steps - 1, 2] = False  # a row's first step (in its direction)
+    holes[:, 3] = False  # a row that never runs
+    lengths = torch.tensor([steps, 2, steps - 1, steps][:batch])
+    return replace(call, mask=holes, lengths=lengths, carry_masked_output=carry)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell_id, spec, proj", CPU_CELLS, ids=[c[0] for c in CPU_CELLS])
+@pytest.mark.parametrize("hidden", [32, 20], ids=["fused", "general"])
+@pytest.mark.parametrize("reverse, carry, resets", [
+    (False, False, False), (True, True, False), (False, True, True), (True, False, True),
+], ids=["forward-zero", "reverse-carry", "forward-carry-resets", "reverse-zero-resets"])
+def test_cpu_kernels_equal_reference_with_mask(dtype, cell_id, spec, proj, hidden, reverse,
+                                               carry, resets):
+    if _device("cpu").type != "cpu":
+        pytest.fail("the cpu backend runs on the CPU")
+    call = _cpu_dtype_call(spec, proj, dtype, hidden=hidden, reverse=reverse, carry=carry,
+                           resets=resets)
+    assert dispatch.registered()["cpu"].unsupported_reason(call) is None
+    _check("cpu", call, dtype)
+
+
+@pytest.mark.parametrize("cell_id, spec, proj", CPU_CELLS[-3:], ids=[c[0] for c in CPU_CELLS[-3:]])
+def test_cpu_kernels_equal_reference_with_mask_threaded(cell_id, spec, proj):
+    """Big enough steps that the LSTM's backward splits its loop over threads."""
+    call = _cpu_dtype_call(spec, proj, torch.float64, hidden=64, reverse=False, carry=True,
+                           resets=False, batch=4, steps=5)
+    _check("cpu", call, torch.float64)

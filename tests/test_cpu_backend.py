@@ -9,6 +9,7 @@ per machine; later runs load the cached build).
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -241,15 +242,31 @@ def test_layer_gradgradcheck_on_cpu_backend(counted):
     assert counted
 
 
+def _forward_args(**given):
+    """The forward op's arguments in schema order: those given, None for the other optional
+    tensors, 0 and False for the other codes."""
+    schema = torch.ops.rnnkit.cpu_recurrence_forward.default._schema
+    args = []
+    for argument in schema.arguments:
+        if argument.name in given:
+            args.append(given.pop(argument.name))
+        else:
+            kind = str(argument.type)
+            assert kind in ("Optional[Tensor]", "int", "bool"), (argument.name, kind)
+            args.append({"int": 0, "bool": False}.get(kind))
+    assert not given, f"not in the schema: {sorted(given)}"
+    return tuple(args)
+
+
 @pytest.mark.parametrize("spec, project", [GRAD_SPECS[1], GRAD_SPECS[4], GRAD_SPECS[5]])
 def test_opcheck(spec, project):
     """torch.library's own checks of the schema, fake (meta) rule and autograd registration."""
     gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(spec, project)
-    c0 = state[1] if spec.mode == "lstm" else None
-    args = (
-        gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths, None, None, None,
-        _ops.MODES.index(spec.mode), ACTIVATIONS.index(spec.nonlinearity), spec.reset_after,
-        True, True,
+    args = _forward_args(
+        gates_x=gates_x, h0=state[0], c0=state[1] if spec.mode == "lstm" else None,
+        weight_hh=weight_hh, bias_hh=bias_hh, weight_hr=weight_hr, lengths=lengths,
+        mode=_ops.MODES.index(spec.mode), activation=ACTIVATIONS.index(spec.nonlinearity),
+        reset_after=spec.reset_after, reverse=True, training=True,
     )
     torch.library.opcheck(torch.ops.rnnkit.cpu_recurrence_forward.default, args)
 
@@ -267,8 +284,9 @@ def _reset_state(state, seed=7):
     )
 
 
-def _with_resets(spec, project, lengths, reverse, codes):
-    """fn(gates_x, *state, weight_hh, bias_hh, [weight_hr], *reset_state) and its tensors."""
+def _with_resets(spec, project, lengths, reverse, codes, **options):
+    """fn(gates_x, *state, weight_hh, bias_hh, [weight_hr], *reset_state) and its tensors;
+    ``options`` go to the op's wrapper as they are (mask, carry_masked_output)."""
     gates_x, state, weight_hh, bias_hh, weight_hr, _ = _op_inputs(spec, project)
     reset_state = _reset_state(state)
     tensors = [gates_x, *state, weight_hh, bias_hh, *([weight_hr] if project else []),
@@ -279,7 +297,8 @@ def _with_resets(spec, project, lengths, reverse, codes):
         state, (w_hh, b_hh), rest = rest[:count], rest[count:count + 2], rest[count + 2:]
         w_hr, rest = (rest[0], rest[1:]) if project else (None, rest)
         output, final = _ops.recurrence(
-            spec, gx, tuple(state), w_hh, b_hh, w_hr, lengths, reverse, codes, tuple(rest)
+            spec, gx, tuple(state), w_hh, b_hh, w_hr, lengths, reverse, codes, tuple(rest),
+            **options,
         )
         return (output, *final)
 
@@ -303,12 +322,57 @@ def test_opcheck_with_resets(spec, project):
     gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(spec, project)
     reset_state = _reset_state(state)
     lstm = spec.mode == "lstm"
-    args = (
-        gates_x, state[0], state[1] if lstm else None, weight_hh, bias_hh, weight_hr, lengths,
-        RESET_CODES, reset_state[0], reset_state[1] if lstm else None,
-        _ops.MODES.index(spec.mode), 0, spec.reset_after, True, True,
+    args = _forward_args(
+        gates_x=gates_x, h0=state[0], c0=state[1] if lstm else None, weight_hh=weight_hh,
+        bias_hh=bias_hh, weight_hr=weight_hr, lengths=lengths, resets=RESET_CODES,
+        reset_h=reset_state[0], reset_c=reset_state[1] if lstm else None,
+        mode=_ops.MODES.index(spec.mode), reset_after=spec.reset_after, reverse=True,
+        training=True,
     )
     torch.library.opcheck(torch.ops.rnnkit.cpu_recurrence_forward.default, args)
+
+
+# A mask for _op_inputs' (T=4, B=3) calls with lengths [4, 2, 3]: holes mid-sequence, at a
+# sequence's first step in either direction, and past a length (where it changes nothing).
+HOLES = torch.tensor([[False, True, True], [True, True, False], [False, False, True],
+                      [True, True, False]])
+
+
+@pytest.mark.parametrize("spec, project", GRAD_SPECS, ids=lambda v: str(v))
+@pytest.mark.parametrize("reverse, carry", [(False, False), (True, True)],
+                         ids=["forward-zero", "reverse-carry"])
+def test_gradcheck_and_gradgradcheck_with_mask(spec, project, reverse, carry):
+    """Every gradient through masked holes, the skipped steps' output zero or the carried
+    state (whose gradient then reaches the state it carries), with resets too."""
+    fn, tensors = _with_resets(spec, project, torch.tensor([4, 2, 3]), reverse, RESET_CODES,
+                               mask=HOLES, carry_masked_output=carry)
+    assert torch.autograd.gradcheck(fn, tensors)
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("spec, project", [GRAD_SPECS[3], GRAD_SPECS[5]], ids=lambda v: str(v))
+def test_opcheck_with_mask(spec, project):
+    gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(spec, project)
+    args = _forward_args(
+        gates_x=gates_x, h0=state[0], c0=state[1] if spec.mode == "lstm" else None,
+        weight_hh=weight_hh, bias_hh=bias_hh, weight_hr=weight_hr, lengths=lengths, mask=HOLES,
+        mode=_ops.MODES.index(spec.mode), reset_after=spec.reset_after, reverse=True,
+        carry_output=True, training=True,
+    )
+    torch.library.opcheck(torch.ops.rnnkit.cpu_recurrence_forward.default, args)
+
+
+def test_masks_are_served_by_the_cpu_backend():
+    """Masks run on the compiled recurrence; LSTM inference's fused layer path declines them
+    (and a carried output), running the projection first instead."""
+    call = _call(CellSpec("lstm"))
+    with_mask = replace(call, mask=torch.ones(3, 2, dtype=torch.bool))
+    assert choose(with_mask, "auto") == ("cpu", None)
+    from_input = replace(call, gates_x=None, input=torch.zeros(3, 2, 5),
+                         weight_ih=torch.zeros(16, 5))
+    assert cpu_backend.fuses_projection(from_input)
+    assert not cpu_backend.fuses_projection(replace(from_input, mask=with_mask.mask))
+    assert not cpu_backend.fuses_projection(replace(from_input, carry_masked_output=True))
 
 
 def test_resets_are_served_by_the_cpu_backend():

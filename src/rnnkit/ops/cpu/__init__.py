@@ -39,8 +39,6 @@ class CpuBackend(BackendBase):
         if call.regularized:
             return ("recurrent dropout, zoneout, layer norm and other gate activations are not "
                     "in the compiled kernels yet")
-        if call.mask is not None:
-            return "masks with holes are not in the compiled kernels yet (lengths are)"
         if call.resets is not None and not _ops.SERVES_RESETS:
             return "state resets are not compiled into these kernels yet"
         dtype = call.leading.dtype
@@ -70,14 +68,16 @@ class CpuBackend(BackendBase):
     def fuses_projection(self, call: Call) -> bool:
         """LSTM inference computes ``W_ih x + b_ih`` a few steps at a time inside its loop.
 
-        Only for LSTM calls with a time axis that need no gradient and carry no resets;
-        anything else runs as :meth:`project` then the recurrence.
+        Only for LSTM calls with a time axis that need no gradient and carry no resets, mask
+        or carried output; anything else runs as :meth:`project` then the recurrence.
         """
         return (
             call.spec.mode == "lstm"
             and call.input is not None
             and call.time_axis
             and call.resets is None
+            and call.mask is None
+            and not call.carry_masked_output
             and not call.needs_grad()
         )
 
@@ -92,7 +92,8 @@ class CpuBackend(BackendBase):
             )
         return _ops.recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
-            call.lengths, call.reverse, call.resets, call.reset_state,
+            call.lengths, call.reverse, call.resets, call.reset_state, call.mask,
+            call.carry_masked_output,
         )
 
 

@@ -6,6 +6,8 @@ Two ops, declared here and given CPU kernels by ``csrc/`` (forward.cpp, backward
   returns what backward needs (gate activations, LSTM cells, projection inputs). With
   ``resets`` (``(T, B)`` int8 codes, see :class:`rnnkit.ops.spec.Call`), a row starts a step
   from ``reset_h``/``reset_c`` (code 1) or ``h0``/``c0`` (code 2) instead of the carried state.
+  With ``mask`` (``(T, B)`` bool), a false step is skipped as a step past a length is: the
+  state carries over, and the output is zero, or the carried ``h`` with ``carry_output``.
 - ``rnnkit::cpu_recurrence_backward`` runs backpropagation through time and returns the
   gradients of ``gates_x``, the initial state(s), ``weight_hh``, ``bias_hh``, ``weight_hr``
   and, with resets, ``reset_h`` and ``reset_c`` (empty without).
@@ -40,15 +42,16 @@ torch.library.define(
     FORWARD,
     "(Tensor gates_x, Tensor h0, Tensor? c0, Tensor weight_hh, Tensor? bias_hh, "
     "Tensor? weight_hr, Tensor? lengths, Tensor? resets, Tensor? reset_h, Tensor? reset_c, "
-    "int mode, int activation, bool reset_after, bool reverse, bool training) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? mask, int mode, int activation, bool reset_after, bool reverse, "
+    "bool carry_output, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     BACKWARD,
     "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, Tensor? c0, "
     "Tensor weight_hh, Tensor? weight_hr, Tensor? lengths, Tensor? resets, Tensor? reset_h, "
-    "Tensor? reset_c, Tensor output, Tensor gates, Tensor cells, Tensor projected, int mode, "
-    "int activation, bool reset_after, bool reverse, bool has_bias) "
+    "Tensor? reset_c, Tensor? mask, Tensor output, Tensor gates, Tensor cells, "
+    "Tensor projected, int mode, int activation, bool reset_after, bool reverse, "
+    "bool carry_output, bool has_bias) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
@@ -81,8 +84,8 @@ def _num_gates(mode: int) -> int:
 
 @torch.library.register_fake(FORWARD)
 def _forward_fake(
-    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mode,
-    activation, reset_after, reverse, training,
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask,
+    mode, activation, reset_after, reverse, carry_output, training,
 ):
     # Tracing is the last moment before a compiled graph may call the kernel: build it now.
     _build.status()
@@ -108,7 +111,8 @@ def _forward_fake(
 @torch.library.register_fake(BACKWARD)
 def _backward_fake(
     grad_output, grad_h_n, grad_c_n, h0, c0, weight_hh, weight_hr, lengths, resets, reset_h,
-    reset_c, output, gates, cells, projected, mode, activation, reset_after, reverse, has_bias,
+    reset_c, mask, output, gates, cells, projected, mode, activation, reset_after, reverse,
+    carry_output, has_bias,
 ):
     seq_len, batch, out_size = output.shape
     gate_size = weight_hh.shape[0]
@@ -126,18 +130,18 @@ def _backward_fake(
     )
 
 
-# The forward op's tensor inputs, in schema order; those after lengths and resets have a
-# gradient. Then its codes: mode, activation, reset_after, reverse, and training.
+# The forward op's tensor inputs, in schema order; those in _DIFFERENTIABLE have a gradient.
+# Then its codes: mode, activation, reset_after, reverse, carry_output, and training.
 _INPUTS = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "lengths", "resets",
-           "reset_h", "reset_c")
+           "reset_h", "reset_c", "mask")
 _DIFFERENTIABLE = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "reset_h",
                    "reset_c")
 
 
 def _setup_context(ctx, inputs, output) -> None:
     count = len(_INPUTS)
-    ctx.codes = inputs[count:count + 4]  # mode, activation, reset_after, reverse
-    ctx.training = inputs[count + 4]
+    ctx.codes = inputs[count:count + 5]  # mode, activation, reset_after, reverse, carry_output
+    ctx.training = inputs[count + 5]
     out, _, _, gates, cells, projected = output
     ctx.mark_non_differentiable(gates, cells, projected)
     ctx.set_materialize_grads(False)
@@ -149,7 +153,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
     out, gates, cells, projected = ctx.saved_tensors[len(_INPUTS):]
     h0, c0, lengths = saved["h0"], saved["c0"], saved["lengths"]
     resets, reset_h, reset_c = saved["resets"], saved["reset_h"], saved["reset_c"]
-    mode, activation, reset_after, reverse = ctx.codes
+    mode, activation, reset_after, reverse, carry_output = ctx.codes
     needs = dict(zip(_INPUTS, ctx.needs_input_grad))
     if torch.is_grad_enabled():
         grads = _reference_backward(ctx, grad_output, grad_h_n, grad_c_n)
@@ -166,15 +170,15 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
             grad_c_n = torch.zeros_like(c0) if lstm else out.new_empty((0,))
         found = torch.ops.rnnkit.cpu_recurrence_backward(
             grad_output, grad_h_n, grad_c_n, h0, c0, saved["weight_hh"], saved["weight_hr"],
-            lengths, resets, reset_h, reset_c, out, gates, cells, projected, mode, activation,
-            reset_after, reverse, saved["bias_hh"] is not None,
+            lengths, resets, reset_h, reset_c, saved["mask"], out, gates, cells, projected, mode,
+            activation, reset_after, reverse, carry_output, saved["bias_hh"] is not None,
         )
         grads = [
             g if saved[name] is not None and needs[name] else None
             for g, name in zip(found, _DIFFERENTIABLE)
         ]
     by_name = dict(zip(_DIFFERENTIABLE, grads))
-    return (*(by_name.get(name) for name in _INPUTS), None, None, None, None, None)
+    return (*(by_name.get(name) for name in _INPUTS), None, None, None, None, None, None)
 
 
 def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | None]:
@@ -183,7 +187,7 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | N
     Returns the gradients of the tensors named in :data:`_DIFFERENTIABLE`, in that order.
     """
     saved = dict(zip(_INPUTS, ctx.saved_tensors))
-    mode, activation, reset_after, reverse = ctx.codes
+    mode, activation, reset_after, reverse, carry_output = ctx.codes
     spec = CellSpec(MODES[mode], TABLE[activation].name, reset_after)
     h0, c0, reset_h, reset_c = saved["h0"], saved["c0"], saved["reset_h"], saved["reset_c"]
     state = (h0,) if c0 is None else (h0, c0)
@@ -193,6 +197,7 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | N
     output, final = reference.recurrence(
         spec, saved["gates_x"], state, saved["weight_hh"], saved["bias_hh"],
         saved["weight_hr"], saved["lengths"], reverse, saved["resets"], reset_state,
+        saved["mask"], carry_output,
     )
     pairs = [(o, g) for o, g in zip((output, *final), (grad_output, grad_h_n, grad_c_n))]
     pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
@@ -290,6 +295,8 @@ def recurrence(
     reverse: bool,
     resets: Tensor | None = None,
     reset_state: tuple[Tensor, ...] | None = None,
+    mask: Tensor | None = None,
+    carry_masked_output: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The compiled twin of :func:`rnnkit.ops.reference.recurrence` (same arguments, results).
 
@@ -318,9 +325,9 @@ def recurrence(
     c0 = state[1] if lstm else None
     output, h_n, c_n, *_ = torch.ops.rnnkit.cpu_recurrence_forward(
         gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c,
-        MODES.index(spec.mode),
+        mask, MODES.index(spec.mode),
         code(spec.nonlinearity) if spec.mode == "rnn" else 0,
-        spec.reset_after, reverse, training,
+        spec.reset_after, reverse, carry_masked_output, training,
     )
     return output, ((h_n, c_n) if lstm else (h_n,))
 

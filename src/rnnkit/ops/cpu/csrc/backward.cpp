@@ -21,25 +21,69 @@
 namespace rnnkit_cpu {
 namespace {
 
+// The weights the backward steps read, packed once per call.
 template <typename T>
-void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t activation,
-                     bool reset_after, const T* grad_output, T* dh, T* dc, const T* h0,
-                     const T* c0, const Packed<T>& rec, const Packed<T>& proj, bool project,
-                     const T* output, const T* gates, const T* cells, T* dgx, T* dhh, T* carry,
-                     T* dhs, T* dm, const ResetStates<T>& resets, T* dreset_h, T* dreset_c) {
+struct BackwardWeights {
+  Packed<T> rec;         // W_hh (G*H x Hout), for dh_{t-1} = dgates W_hh
+  Packed<T> proj;        // W_hr (Hout x H), for the LSTM projection
+  bool project = false;  // LSTM with a projection
+};
+
+// What the backward steps read (the forward's saved sequences) and write.
+template <typename T>
+struct BackwardBuffers {
+  const T* grad_output = nullptr;  // (T, B, Hout)
+  T* dh = nullptr;                 // the state's gradient (B, Hout), from grad_h_n on
+  T* dc = nullptr;                 // the cell's (B, H), from grad_c_n on (LSTM)
+  const T* h0 = nullptr;           // initial state (B, Hout), and c0 (B, H)
+  const T* c0 = nullptr;
+  const T* output = nullptr;       // the forward's saved sequences
+  const T* gates = nullptr;
+  const T* cells = nullptr;
+  T* dgx = nullptr;                // (T, B, G*H): the gradient at the gate pre-activations
+  T* dhh = nullptr;                // the part that meets W_hh (GRU, reset after), else dgx
+  T* carry = nullptr;              // one step's dh_{t-1}, (B, Hout)
+  T* dhs = nullptr;                // (T, B, Hout): dh at the projection's output (projected)
+  T* dm = nullptr;                 // one step's scratch, (B, H)
+  ResetStates<T> resets;           // where reset rows started from
+  T* dreset_h = nullptr;           // (2, B, Hout) and (2, B, H): the reset rows' start
+  T* dreset_c = nullptr;           // gradients, to reset_state (0) and to h0/c0 (1)
+};
+
+template <typename T>
+void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
+                     const BackwardWeights<T>& w, const BackwardBuffers<T>& io) {
+  const int64_t mode = cell.mode, activation = cell.activation;
+  const bool reset_after = cell.reset_after;
+  const Packed<T>& rec = w.rec;
+  const Packed<T>& proj = w.proj;
+  const bool project = w.project;
+  const T *grad_output = io.grad_output, *h0 = io.h0, *c0 = io.c0, *output = io.output;
+  const T *gates = io.gates, *cells = io.cells;
+  T *dh = io.dh, *dc = io.dc, *dgx = io.dgx, *dhh = io.dhh, *carry = io.carry, *dhs = io.dhs;
+  T *dm = io.dm, *dreset_h = io.dreset_h, *dreset_c = io.dreset_c;
+  const ResetStates<T>& resets = io.resets;
   using V = Vec<T>;
   const int64_t T_ = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const int64_t W = mode == kRNN ? (keeps_derivative(activation) ? H : 0) : 4 * H;
   const V zero(T(0));
-  // The state step t of row b started from: a reset row's reset_state or h0/c0, else the
-  // initial state at its first step, else the neighbouring step's output (or saved cell).
+  // The state active step t of row b started from: a reset row's reset_state or h0/c0, else
+  // the initial state before its first active step, else that of its last active step.
   auto previous_h = [&](int64_t t, int64_t b) {
     if (const int code = steps.reset(t, b)) return resets.h[code] + b * Hout;
-    return steps.first(t, b) ? h0 + b * Hout : output + (steps.previous(t) * B + b) * Hout;
+    const int64_t from = steps.start_time(t, b);
+    return from < 0 ? h0 + b * Hout : output + (from * B + b) * Hout;
   };
   auto previous_c = [&](int64_t t, int64_t b) {
     if (const int code = steps.reset(t, b)) return resets.c[code] + b * H;
-    return steps.first(t, b) ? c0 + b * H : cells + (steps.previous(t) * B + b) * H;
+    const int64_t from = steps.start_time(t, b);
+    return from < 0 ? c0 + b * H : cells + (from * B + b) * H;
+  };
+  // A skipped step passes the state's gradient on to t - 1, with its output's gradient when
+  // it outputs the carried state (Steps::carry_output).
+  auto skipped = [&](const T* gout, int64_t at, int64_t n) {
+    const V d = V::loadu(dh + at, n);
+    (steps.carry_output ? d + V::loadu(gout + at, n) : d).store(carry + at, n);
   };
   // At a reset row the gradient of step t's start state, columns [j0, j1) of dh (and of dc
   // for units [k0, k1)), goes to reset_state (plane 0 of dreset_*, code 1) or to h0/c0 (plane
@@ -61,7 +105,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
   };
   // LSTM: the gate gradients of units [j0, j1) in row b at time t, into dgx, and the cell's
   // gradient carried to t - 1; without a projection also carry, the part of dh_{t-1} that
-  // does not come from the product with W_hh (dh itself for a row past its length, else 0).
+  // does not come from the product with W_hh (see `skipped` for a skipped row, else 0).
   auto lstm_units = [&](int64_t t, int64_t b, int64_t j0, int64_t j1) {
     const T* gout = grad_output + t * B * Hout;
     const T* c_t = cells + t * B * H;
@@ -72,7 +116,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
     for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
       if (!on) {
         for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
-        if (!project) V::loadu(dh + row + j, n).store(carry + row + j, n);
+        if (!project) skipped(gout, row + j, n);
         return;
       }
       const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
@@ -149,7 +193,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
             const V d = V::loadu(dh + row + j, n);
             if (!on) {
               zero.store(dg + row + j, n);
-              d.store(carry + row + j, n);
+              skipped(gout, row + j, n);
               return;
             }
             V derivative;
@@ -176,7 +220,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
               zero.store(dgb + k * H + j, n);
               zero.store(drb + k * H + j, n);
             }
-            V::loadu(dh + row + j, n).store(carry + row + j, n);
+            skipped(gout, row + j, n);
             return;
           }
           const V r = V::loadu(g + j, n), z = V::loadu(g + H + j, n);
@@ -201,7 +245,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           if (!on) {
             for (int64_t k = 0; k < 3; ++k) zero.store(dgb + k * H + j, n);
-            V::loadu(dh + row + j, n).store(carry + row + j, n);
+            skipped(gout, row + j, n);
             return;
           }
           const V z = V::loadu(g + H + j, n), cand = V::loadu(g + 2 * H + j, n);
@@ -234,7 +278,7 @@ void backward_kernel(const Shape& s, const Steps& steps, int64_t mode, int64_t a
           for (int64_t j = 0; j < Hout; ++j) {
             const int64_t k = b * Hout + j;
             dh_t[k] = on ? dh[k] + gout[k] : T(0);
-            carry[k] = on ? T(0) : dh[k];
+            carry[k] = on ? T(0) : (steps.carry_output ? dh[k] + gout[k] : dh[k]);
           }
         }
         step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
@@ -254,10 +298,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
-    const std::optional<Tensor>& reset_c_in, const Tensor& output_in, const Tensor& gates_in,
-    const Tensor& cells_in,
+    const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
+    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
     const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
-    bool reverse, bool has_bias) {
+    bool reverse, bool carry_output, bool has_bias) {
   const Tensor grad_output = grad_output_in.contiguous();
   const Tensor h0 = h0_in.contiguous();
   const Tensor c0 = optional_or_empty(c0_in);
@@ -293,7 +337,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
   Tensor dreset_c = at::zeros({resetting && lstm ? 2 : 0, B, H}, opts);
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  steps.B = B;
   resets.attach(steps);
+  const Masks masks = checked_masks(mask_in, carry_output, steps, B);
+  masks.attach(steps);
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnkit_cpu_recurrence_backward", [&] {
     using T = scalar_t;
     const bool blocked = B > 1;
@@ -304,19 +351,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     const Packed<T> proj = project ? pack<T>(Hout, H, weight_hr.data_ptr<T>(), H, blocked,
                                              packed_proj)
                                    : Packed<T>{};
-    backward_kernel<T>(s, steps, mode, activation, reset_after, grad_output.data_ptr<T>(),
-                       dh.data_ptr<T>(), lstm ? dc.data_ptr<T>() : nullptr,
-                       h0.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr, rec, proj, project,
-                       output.data_ptr<T>(), gates.data_ptr<T>(),
-                       lstm ? cells.data_ptr<T>() : nullptr, dgx.data_ptr<T>(),
-                       dhh.data_ptr<T>(), carry.data_ptr<T>(),
-                       project ? dhs.data_ptr<T>() : nullptr, dm.data_ptr<T>(),
-                       resets.states<T>(h0, c0), dreset_h.data_ptr<T>(),
-                       dreset_c.data_ptr<T>());
+    BackwardWeights<T> w;
+    w.rec = rec, w.proj = proj, w.project = project;
+    BackwardBuffers<T> io;
+    io.grad_output = grad_output.data_ptr<T>();
+    io.dh = dh.data_ptr<T>(), io.dc = lstm ? dc.data_ptr<T>() : nullptr;
+    io.h0 = h0.data_ptr<T>(), io.c0 = lstm ? c0.data_ptr<T>() : nullptr;
+    io.output = output.data_ptr<T>(), io.gates = gates.data_ptr<T>();
+    io.cells = lstm ? cells.data_ptr<T>() : nullptr;
+    io.dgx = dgx.data_ptr<T>(), io.dhh = dhh.data_ptr<T>(), io.carry = carry.data_ptr<T>();
+    io.dhs = project ? dhs.data_ptr<T>() : nullptr, io.dm = dm.data_ptr<T>();
+    io.resets = resets.states<T>(h0, c0);
+    io.dreset_h = dreset_h.data_ptr<T>(), io.dreset_c = dreset_c.data_ptr<T>();
+    backward_kernel<T>(s, steps, Cell{mode, activation, reset_after}, w, io);
 
-    // dW_hh = sum_t dgates_t^T h_{t-1}. Every step but each sequence's first takes h_{t-1}
-    // from the neighbouring output, so that part is one GEMM over the shifted output (its
-    // rows at a first step meet a zero output or a zero gradient); the first steps meet h0.
+    // dW_hh = sum_t dgates_t^T h_{t-1}. Most steps start from the neighbouring step's output,
+    // so that part is one GEMM over the shifted output (skipped rows meet a zero gradient);
+    // the rest, where a row started from another state (the initial state, a reset's, or its
+    // last active step's across a masked hole), add their gradient times (the state they
+    // started from - the one assumed).
     const T* dg = dhh.data_ptr<T>();
     const T* out = output.data_ptr<T>();
     T* gw = grad_w_hh.data_ptr<T>();
@@ -325,36 +378,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     const T* dg_main = reverse ? dg : dg + B * GH;
     const T* out_main = reverse ? out + B * Hout : out;
     matmul<T>(rz, rows, Hout, dg_main, 1, GH, out_main, Hout, false, gw, Hout);
-    Tensor first = at::empty({B, GH}, opts);
-    T* fp = first.data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t t0 = reverse ? (steps.lengths ? steps.lengths[b] : T_) - 1 : 0;
-      std::copy(dg + (t0 * B + b) * GH, dg + (t0 * B + b + 1) * GH, fp + b * GH);
-    }
-    matmul<T>(rz, B, Hout, fp, 1, GH, h0.data_ptr<T>(), Hout, rows > 0, gw, Hout);
-    if (resetting) {
-      // A reset row met the state it was assumed to start from above (the neighbouring
-      // output, or h0); add its gradient times (the state it started from - that one).
-      std::vector<int64_t> reset_rows;
-      for (int64_t t = 0; t < T_; ++t) {
-        for (int64_t b = 0; b < B; ++b) {
-          if (steps.reset(t, b)) reset_rows.push_back(t * B + b);
+    const ResetStates<T> starts = resets.states<T>(h0, c0);
+    const T* h_first = h0.data_ptr<T>();
+    auto start_of = [&](int64_t t, int64_t b) -> const T* {
+      if (const int code = steps.reset(t, b)) return starts.h[code] + b * Hout;
+      const int64_t from = steps.start_time(t, b);
+      return from < 0 ? h_first + b * Hout : out + (from * B + b) * Hout;
+    };
+    auto assumed_of = [&](int64_t t, int64_t b) -> const T* {
+      const bool first_step = t == (reverse ? T_ - 1 : 0);
+      return first_step ? nullptr : out + (steps.previous(t) * B + b) * Hout;
+    };
+    std::vector<int64_t> moved_rows;
+    for (int64_t t = 0; t < T_; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        if (steps.active(t, b) && start_of(t, b) != assumed_of(t, b)) {
+          moved_rows.push_back(t * B + b);
         }
       }
-      const int64_t n = static_cast<int64_t>(reset_rows.size());
-      Tensor picked = at::empty({n, GH}, opts), moved = at::empty({n, Hout}, opts);
-      T *pg = picked.data_ptr<T>(), *pm = moved.data_ptr<T>();
-      const ResetStates<T> starts = resets.states<T>(h0, c0);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t t = reset_rows[i] / B, b = reset_rows[i] % B;
-        const T* start = starts.h[steps.reset(t, b)] + b * Hout;
-        const T* assumed = steps.first(t, b) ? h0.data_ptr<T>() + b * Hout
-                                             : out + (steps.previous(t) * B + b) * Hout;
-        std::copy(dg + reset_rows[i] * GH, dg + (reset_rows[i] + 1) * GH, pg + i * GH);
-        for (int64_t j = 0; j < Hout; ++j) pm[i * Hout + j] = start[j] - assumed[j];
-      }
-      matmul<T>(rz, n, Hout, pg, 1, GH, pm, Hout, true, gw, Hout);
     }
+    const int64_t n = static_cast<int64_t>(moved_rows.size());
+    Tensor picked = at::empty({n, GH}, opts), moved = at::empty({n, Hout}, opts);
+    T *pg = picked.data_ptr<T>(), *pm = moved.data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = moved_rows[i] / B, b = moved_rows[i] % B;
+      const T *start = start_of(t, b), *assumed = assumed_of(t, b);
+      std::copy(dg + moved_rows[i] * GH, dg + (moved_rows[i] + 1) * GH, pg + i * GH);
+      for (int64_t j = 0; j < Hout; ++j) {
+        pm[i * Hout + j] = assumed ? start[j] - assumed[j] : start[j];
+      }
+    }
+    matmul<T>(rz, n, Hout, pg, 1, GH, pm, Hout, true, gw, Hout);
     if (rz != GH) {
       // GRU with the reset before the matmul: W_hn meets r * h_{t-1}, saved in the gates.
       matmul<T>(H, T_ * B, Hout, dg + 2 * H, 1, GH, gates.data_ptr<T>() + 3 * H, 4 * H, false,

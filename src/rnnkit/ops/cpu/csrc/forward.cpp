@@ -24,14 +24,43 @@ namespace rnnkit_cpu {
 namespace {
 
 // One vector of a row's new state in a general step: an active row writes it to h and the
-// output; a row past its length keeps its h and outputs zero.
+// output; a skipped row (past its length, or masked) keeps its h and outputs zero, or its h
+// with Steps::carry_output.
 template <typename T>
-inline void store_state(bool on, const Vec<T>& y, T* h, T* out, int64_t count) {
-  if (on) y.store(h, count);
-  (on ? y : Vec<T>(T(0))).store(out, count);
+inline void store_state(const Steps& steps, bool on, const Vec<T>& y, T* h, T* out,
+                        int64_t count) {
+  if (on) {
+    y.store(h, count), y.store(out, count);
+  } else {
+    (steps.carry_output ? Vec<T>::loadu(h, count) : Vec<T>(T(0))).store(out, count);
+  }
 }
 
 }  // namespace
+
+Masks checked_masks(const std::optional<Tensor>& mask, bool carry_output, const Steps& steps,
+                    int64_t B) {
+  Masks masks;
+  masks.carry_output = carry_output;
+  if (!mask.has_value()) return masks;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 &&
+                  mask->size(0) == steps.T && mask->size(1) == B,
+              "rnnkit: mask must be (T, B) bool");
+  masks.mask = mask->contiguous();
+  masks.start_times = at::empty({steps.T, B}, masks.mask.options().dtype(at::kLong));
+  Steps masked = steps;
+  masked.mask = masks.mask.data_ptr<bool>(), masked.B = B;
+  int64_t* start = masks.start_times.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = -1;
+    for (int64_t step = 0; step < steps.T; ++step) {
+      const int64_t t = steps.reverse ? steps.T - 1 - step : step;
+      start[t * B + b] = last;
+      if (masked.active(t, b)) last = t;
+    }
+  }
+  return masks;
+}
 
 template <typename T>
 void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
@@ -109,7 +138,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
             V derivative;
             const V y = rnn_forward<A, T>(preactivation(x, r, bias, j, n), derivative);
             if constexpr (keeps_derivative(A)) derivative.store(db + j, n);
-            store_state(on, y, hb + j, ob + j, n);
+            store_state(steps, on, y, hb + j, ob + j, n);
           });
         });
       });
@@ -127,7 +156,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
           const V y = gru_output<T>(z, cand, V::loadu(hb + j, n));
           r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
           hn.store(g + 3 * H + j, n);
-          store_state(on, y, hb + j, ob + j, n);
+          store_state(steps, on, y, hb + j, ob + j, n);
         });
       });
     } else if (mode == kGRU) {
@@ -154,7 +183,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
           const V z = V::loadu(g + H + j, n);
           const V y = gru_output<T>(z, cand, V::loadu(hb + j, n));
           cand.store(g + 2 * H + j, n);
-          store_state(on, y, hb + j, ob + j, n);
+          store_state(steps, on, y, hb + j, ob + j, n);
         });
       });
     } else if (lstm_packed) {
@@ -186,7 +215,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
           if (project) {
             y.store(m + b * H + j, n);
           } else {
-            store_state(on, y, h + b * H + j, out + b * H + j, n);
+            store_state(steps, on, y, h + b * H + j, out + b * H + j, n);
           }
         });
       });
@@ -197,7 +226,8 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         const bool on = steps.active(t, b);
         for (int64_t j = 0; j < Hout; ++j) {
           if (on) h[b * Hout + j] = proj_out[b * Hout + j];
-          out[b * Hout + j] = on ? proj_out[b * Hout + j] : T(0);
+          out[b * Hout + j] = on ? proj_out[b * Hout + j]
+                                 : (steps.carry_output ? h[b * Hout + j] : T(0));
         }
       }
     }
@@ -209,8 +239,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
-    const std::optional<Tensor>& reset_c_in, int64_t mode, int64_t activation,
-    bool reset_after, bool reverse, bool training) {
+    const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
+    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool carry_output,
+    bool training) {
   TORCH_CHECK(gates_x_in.dim() == 3, "rnnkit: gates_x must be (T, B, G*H)");
   const Tensor gates_x = gates_x_in.contiguous();
   const Tensor weight_hh = weight_hh_in.contiguous();
@@ -243,7 +274,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t stride = training ? B : 0;  // rows per time step in the saved buffers
 
   Steps steps{T_, reverse, lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  steps.B = B;
   resets.attach(steps);
+  const Masks masks = checked_masks(mask_in, carry_output, steps, B);
+  masks.attach(steps);
   // LSTM, and GRU with the reset after the product, with whole vectors of hidden units run
   // the fused step (else the general path), which packs W_hh gate-interleaved; the other step
   // kernels read W_hh^T, W_hr^T (k-major copies).

@@ -10,13 +10,6 @@
 
 namespace rnnkit_cpu {
 
-// Which cell the loop runs.
-struct Cell {
-  int64_t mode;         // Mode
-  int64_t activation;   // Activation (RNN only)
-  bool reset_after;     // GRU formulation: reset after the product (torch's), else before
-};
-
 // The weights the steps read, packed once per call.
 template <typename T>
 struct ForwardWeights {

@@ -133,8 +133,9 @@ inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t
     if (s.m) {
       y.store(s.m + at);
     } else {
-      (on ? y : V::loadu(h_start[r] + u0)).store(s.h_out + at);
-      (on ? y : zero).store(s.out + at);
+      const V h_old = V::loadu(h_start[r] + u0);  // a skipped row has no reset
+      (on ? y : h_old).store(s.h_out + at);
+      (on ? y : s.steps->carry_output ? h_old : zero).store(s.out + at);
     }
   }
 }
@@ -187,7 +188,7 @@ inline void gru_block(const GruStep<T>& s, const T* panel, int64_t b0, int64_t u
     }
     const bool on = s.steps->active(s.t, b);
     (on ? y : h_old).store(s.h_out + at);
-    (on ? y : zero).store(s.out + at);
+    (on ? y : s.steps->carry_output ? h_old : zero).store(s.out + at);
   }
 }
 

@@ -16,7 +16,12 @@
 // (T, B) int8 and reset_h (B, Hout), reset_c (B, H), an active row whose code at t is 1 or 2
 // starts step t from reset_state or from h0/c0 instead of the carried state: forward selects
 // that row's start per step; backward sends the gradient reaching it to reset_state or h0/c0
-// rather than to step t-1. The saved sequences keep the carried states.
+// rather than to step t-1. The saved sequences keep the carried states. With a mask (T, B)
+// bool, a row is active only where it is also true: a hole is skipped as a step past a length
+// is, and the step after it starts from the state of the row's last active step (backward
+// finds it through Steps::start_time). With carry_output, a skipped step outputs the carried
+// h instead of zero (Keras's zero_output_for_mask=False), and backward passes that output's
+// gradient on to the state it carries.
 //
 // The ops are declared (schema, fake and autograd) in rnnkit/ops/cpu/_ops.py; these files only
 // add their CPU kernels (register.cpp). The files, one job each:
@@ -51,24 +56,46 @@ struct Shape {
   int64_t T, B, H, Hout, G;
 };
 
-// Where a step's previous state lives: the initial state at a sequence's first step, else
-// the output (or saved cell) of the neighbouring time step; and, with per-step resets, which
-// rows start a step from another state instead (Call.resets).
+// Which cell the loop runs.
+struct Cell {
+  int64_t mode;         // Mode
+  int64_t activation;   // Activation (RNN only)
+  bool reset_after;     // GRU formulation: reset after the product (torch's), else before
+};
+
+// Which rows run at each step, and where a step's previous state lives: the initial state
+// at a sequence's first step, else the output (or saved cell) of the neighbouring time step;
+// with per-step resets, which rows start a step from another state instead (Call.resets);
+// with a mask, which steps are skipped as steps past a length are (Call.mask).
 struct Steps {
   int64_t T;
   bool reverse;
   const int64_t* lengths;          // nullptr: every sequence is T long
   const int8_t* resets = nullptr;  // (T, B) reset codes, or nullptr: no resets
-  int64_t B = 0;                   // rows per step of `resets`
+  int64_t B = 0;                   // rows per step of `resets` and `mask`
+  const bool* mask = nullptr;      // (T, B), false where a step is skipped; nullptr: none
+  // With a mask, (T, B): the time of row b's last active step before t (in the direction of
+  // the loop), or -1 when there is none and the step starts from the initial state.
+  const int64_t* start_times = nullptr;
+  bool carry_output = false;       // a skipped step outputs the carried h instead of zero
 
-  bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }
+  bool active(int64_t t, int64_t b) const {
+    return (lengths == nullptr || t < lengths[b]) && (mask == nullptr || mask[t * B + b]);
+  }
   bool first(int64_t t, int64_t b) const {
     if (!reverse) return t == 0;
     return t == (lengths == nullptr ? T : lengths[b]) - 1;
   }
   int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
+  // The time whose output (and saved cell) holds the state an active step t of row b carries
+  // on from, or -1 for the initial state.
+  int64_t start_time(int64_t t, int64_t b) const {
+    if (start_times != nullptr) return start_times[t * B + b];
+    return first(t, b) ? -1 : previous(t);
+  }
   // The state row b starts step t from: 0, the carried state; 1, reset_state; 2, the call's
-  // initial state. A step past the row's length ignores its code, as it ignores the rest.
+  // initial state. A skipped step (past the row's length, or masked) ignores its code, as it
+  // ignores the rest.
   int reset(int64_t t, int64_t b) const {
     if (resets == nullptr || !active(t, b)) return 0;
     const int code = resets[t * B + b];
@@ -110,6 +137,24 @@ struct Resets {
   }
 };
 
+// A call's mask as the kernels read it: (T, B) bool, and the start times of its rows (see
+// Steps::start_times); both undefined without a mask.
+struct Masks {
+  Tensor mask, start_times;
+  bool carry_output = false;
+
+  void attach(Steps& steps) const {
+    steps.carry_output = carry_output;
+    if (!mask.defined()) return;
+    steps.mask = mask.data_ptr<bool>();
+    steps.B = mask.size(1);
+    steps.start_times = start_times.data_ptr<int64_t>();
+  }
+};
+
+Masks checked_masks(const std::optional<Tensor>& mask, bool carry_output, const Steps& steps,
+                    int64_t B);
+
 inline Resets checked_resets(const std::optional<Tensor>& codes,
                              const std::optional<Tensor>& reset_h,
                              const std::optional<Tensor>& reset_c, int64_t T, int64_t B,
@@ -136,8 +181,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
-    const std::optional<Tensor>& reset_c_in, int64_t mode, int64_t activation,
-    bool reset_after, bool reverse, bool training);
+    const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
+    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool carry_output,
+    bool training);
 
 // backward.cpp
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
@@ -145,9 +191,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
-    const std::optional<Tensor>& reset_c_in, const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
+    const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
+    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
     const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
-    bool reverse, bool has_bias);
+    bool reverse, bool carry_output, bool has_bias);
 
 // linear.cpp
 Tensor linear_forward(const Tensor& input, const Tensor& weight_in,

@@ -31,7 +31,7 @@ _TORCH_TO_ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2], "rnn": [0]}
 
 def onnx_translation_table() -> dict[Any, Callable]:
     """The ``custom_translation_table`` that lets ``torch.onnx.export`` handle rnnkit layers."""
-    return {export_op.recurrence_op._opoverload: _recurrence_to_onnx}
+    return {export_op.recurrence_op(): _recurrence_to_onnx}
 
 
 def export_onnx(
@@ -81,13 +81,23 @@ def _reorder_gates(tensor, mode: str, hidden_size: int):
 
 def _recurrence_to_onnx(
     input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths,
-    mode: str, nonlinearity: str, reset_after: bool, reverse: bool,
+    mode: str, activation: int, reset_after: bool, reverse: bool,
 ):
     """Translate one ``rnnkit_export::recurrence`` call; returns ``(Y, Y_h, Y_c)``.
 
-    The op is recorded only for layer-directions ONNX has as an operator (the others are a
-    ``scan``, which the exporter translates itself).
+    Raises:
+        ValueError: ONNX has no operator for the layer-direction (an LSTM projection, an RNN
+            activation ONNX does not name); ``torch.onnx.export`` of the module itself
+            records those as a ``Scan``.
     """
+    nonlinearity = TABLE[activation].name
+    if weight_hr is not None or (mode == "rnn" and nonlinearity not in _NATIVE_RNN_ACTIVATIONS):
+        what = "an LSTM with proj_size" if weight_hr is not None else f"RNN {nonlinearity!r}"
+        raise ValueError(
+            f"ONNX has no operator for {what}; export the module with torch.onnx.export "
+            "(or rnnkit.export.export_onnx) rather than a torch.export program, and it "
+            "becomes an ONNX Scan"
+        )
     return _native(input, weight_ih, bias_ih, weight_hh, bias_hh, h0, c0, lengths, mode,
                    nonlinearity, reset_after, reverse)
 

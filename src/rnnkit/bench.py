@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 import rnnkit
+from rnnkit.ops.cpu import _build
 
 CELLS = ("RNN", "GRU", "LSTM")
 GRID = ((1, 128, 500), (16, 256, 200), (64, 512, 100), (32, 1024, 50))
@@ -364,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             f"rnnkit bench --resets: {args.device} {args.dtype}, {torch.get_num_threads()} "
             f"threads, median of {args.repeats}, forward+backward"
         )
+        if args.device == "cpu":
+            print(f"cpu: {_build.summary()}")
         results = run_resets(args)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -375,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         f"rnnkit bench: {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats}; ratio = torch.nn time / rnnkit time (input size = H)"
     )
+    if args.device == "cpu":
+        print(f"cpu: {_build.summary()}")
     print(_header())
     results = run(args)
     if args.out is not None:

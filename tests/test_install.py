@@ -132,6 +132,21 @@ def test_compiler_errors_drop_ninjas_lines_and_the_command():
     ]
 
 
+# What rnnkit info and rnnkit bench say ---------------------------------------------------
+
+def test_info_and_the_bench_header_name_the_loaded_kernels(monkeypatch, capsys):
+    from rnnkit import bench, cli
+
+    assert _build.status() is None
+    kernels = _build.loaded()
+    line = next(text for text in cli.info_lines() if text.startswith("cpu: "))
+    assert line.startswith(f"cpu: kernels {kernels.variant} ({kernels.how}; "), line
+    assert f"; {torch.get_num_threads()} torch threads; BLAS " in line, line
+    monkeypatch.setattr(bench, "run", lambda args: {})
+    assert bench.main(["--quick"]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+
+
 # The installed wheel ----------------------------------------------------------------------
 
 def _run(command, timeout, **kwargs):

@@ -82,8 +82,9 @@ def source_tag(source_dir: Path | None = None) -> str:
     other's build, and a prebuilt library is stale once any of them changes.
     """
     digest = hashlib.sha1()
+    source_dir = source_dir or SOURCE_DIR
     try:
-        files = sorted(p for p in (source_dir or SOURCE_DIR).iterdir() if p.suffix in (".cpp", ".h"))
+        files = sorted(p for p in source_dir.iterdir() if p.suffix in (".cpp", ".h"))
         for path in files:
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     except OSError:

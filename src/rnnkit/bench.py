@@ -135,6 +135,13 @@ def capability_line() -> str:
     )
 
 
+def kernels_line() -> str:
+    """The compiled CPU kernels rnnkit loaded (their ISA, prebuilt or built, and why)."""
+    error = _build.status()
+    kernels = _build.loaded()
+    return kernels.describe() if error is None and kernels else f"unavailable ({error})"
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -345,6 +352,7 @@ def _context(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "rnnkit": rnnkit.__version__,
         "machine": platform.processor() or platform.machine(),
+        "cpu_kernels": kernels_line() if args.device == "cpu" else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -407,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the process exit status."""
     args = _parse(argv)
     print(capability_line() + ("; one busy process competing" if args.contended else ""))
+    if args.device == "cpu":
+        print(f"rnnkit CPU kernels: {kernels_line()}")
     with contended(args.contended):
         return _main(args)
 
@@ -417,8 +427,6 @@ def _main(args: argparse.Namespace) -> int:
             f"rnnkit bench --resets: {args.device} {args.dtype}, {torch.get_num_threads()} "
             f"threads, median of {args.repeats}, forward+backward"
         )
-        if args.device == "cpu":
-            print(f"cpu: {_build.summary()}")
         results = run_resets(args)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -430,8 +438,6 @@ def _main(args: argparse.Namespace) -> int:
         f"rnnkit bench: {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats}; ratio = torch.nn time / rnnkit time (input size = H)"
     )
-    if args.device == "cpu":
-        print(f"cpu: {_build.summary()}")
     print(_header())
     results = run(args)
     if args.out is not None:

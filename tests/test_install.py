@@ -111,10 +111,12 @@ def test_a_stale_library_falls_back_to_the_on_demand_build(package, monkeypatch)
     monkeypatch.setattr(_build, "_kernels", None)
     monkeypatch.delenv("RNNKIT_CPU_BUILD", raising=False)
     built = []
-    monkeypatch.setattr(_jit, "build", lambda v: built.append(v) or ("no compiler here", None))
+    monkeypatch.setattr(_jit, "build",
+                        lambda v, because: built.append((v, because)) or ("no compiler", None))
     reason = _build._build()
-    assert built == [variant]
-    assert reason.startswith("no compiler here") and "stale" in reason
+    assert built == [(variant, f"{variant.library}.so is stale: csrc/ has changed since it "
+                                "was built")]
+    assert reason.startswith("no compiler;") and "stale" in reason
 
 
 def test_compiler_errors_drop_ninjas_lines_and_the_command():

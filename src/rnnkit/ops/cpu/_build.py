@@ -140,31 +140,31 @@ def _build() -> str | None:
                       "using 'auto'", RuntimeWarning, stacklevel=4)
         mode = "auto"
     if mode == "auto":
-        library, reason = prebuilt(variant)
-        fallback = None
-        if library is None and reason.startswith("no prebuilt"):
+        library, because = prebuilt(variant)
+        found, found_why = variant, why
+        if library is None and because.startswith("no prebuilt"):
             # An install built with fewer variants: a weaker prebuilt one beats compiling.
             weaker = cpu_variants()[: cpu_variants().index(variant)]
             fallback = next((v for v in reversed(weaker) if prebuilt(v)[0] is not None), None)
-        if fallback is not None:
-            library, why = prebuilt(fallback)[0], f"{why}, but only {fallback.name} is installed"
-            variant = fallback
+            if fallback is not None:
+                library, found = prebuilt(fallback)[0], fallback
+                found_why = f"{why}, but only {fallback.name} is installed"
         if library is not None:
             try:
                 torch.ops.load_library(str(library))
             except (OSError, RuntimeError) as error:
-                reason = f"loading {library.name} failed: {error}"
+                because = f"loading {library.name} failed: {error}"
             else:
-                _kernels = Kernels(variant.name, "prebuilt", str(library), why)
+                _kernels = Kernels(found.name, "prebuilt", str(library), found_why)
                 return None
-        why = f"{why}; {reason}"
     else:
-        why = f"{why}; RNNKIT_CPU_BUILD=jit"
+        because = "RNNKIT_CPU_BUILD=jit"
+    why = f"{why}; {because}"
     from rnnkit.ops.cpu import _jit
 
-    error, library = _jit.build(variant)
+    error, library = _jit.build(variant, because)
     if error is not None:
-        return error if mode == "jit" else f"{error}; {reason}"
+        return error if mode == "jit" else f"{error}; {because}"
     _kernels = Kernels(variant.name, "jit", str(library), why)
     return None
 

@@ -44,10 +44,11 @@ def build_directory(variant: Variant) -> Path:
     return Path(root) / extension_name(variant)
 
 
-def build(variant: Variant) -> tuple[str | None, Path | None]:
+def build(variant: Variant, because: str | None = None) -> tuple[str | None, Path | None]:
     """Build (or reuse the cached build of) `variant` and load it.
 
-    Returns `(None, library)` when loaded, else `(reason, None)`.
+    `because` says why no prebuilt library is used; the notice on stderr repeats it. Returns
+    `(None, library)` when loaded, else `(reason, None)`.
     """
     from torch.utils import cpp_extension
 
@@ -75,8 +76,9 @@ def build(variant: Variant) -> tuple[str | None, Path | None]:
         if not cpp_extension.is_ninja_available():
             return ("building the kernels on demand needs ninja "
                     "(pip install 'rnnkit[jit]' or pip install ninja)"), None
-        print(f"rnnkit: compiling the CPU kernels for {variant.name} ({_estimate()}, once; "
-              f"cached in {folder})", file=sys.stderr, flush=True)
+        why = f"{because}; " if because else ""
+        print(f"rnnkit: compiling the CPU kernels for {variant.name} ({why}{_estimate()}, "
+              f"once; cached in {folder})", file=sys.stderr, flush=True)
         try:
             cpp_extension.load(
                 name=name,

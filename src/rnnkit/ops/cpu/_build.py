@@ -1,14 +1,14 @@
 """Load the compiled CPU kernels: the prebuilt library for this CPU, or an on-demand build.
 
 `pip install` compiles the kernels once per instruction set (see `setup.py` and
-[`rnnkit.ops.cpu._variants`]) into shared libraries beside this module. The first
-[`status`][rnnkit.ops.cpu._build.status] call picks a variant as ATen does:
+`rnnkit.ops.cpu._variants`) into shared libraries beside this module. The first
+`status` call picks a variant as ATen does:
 `torch.backends.cpu.get_cpu_capability()`, which honours `ATEN_CPU_CAPABILITY`, or
 `RNNKIT_CPU_ISA=generic|avx2|avx512` (refused with a warning when the CPU lacks it). It loads
 that variant's prebuilt library when it is fresh: built against this torch, and from the
 sources in `csrc/` beside it when they are there (a source checkout whose kernels were edited
 since has stale libraries). Otherwise, or with `RNNKIT_CPU_BUILD=jit`, the developer build of
-[`rnnkit.ops.cpu._jit`] compiles that variant into torch's extension cache. Only one library
+`rnnkit.ops.cpu._jit` compiles that variant into torch's extension cache. Only one library
 is ever loaded in a process: they all register the same `rnnkit::cpu_*` kernels.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from rnnkit.ops.cpu import _variants
+from rnnkit.ops.cpu import _jit, _variants
 from rnnkit.ops.cpu._variants import Variant
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """What [`status`][rnnkit.ops.cpu._build.status] loaded: the variant, from where, and why.
+    """What `status` loaded: the variant, from where, and why.
 
     `how` is `"prebuilt"` (installed with the package) or `"jit"` (built on demand).
     """
@@ -75,7 +75,7 @@ def cached_status() -> str | None:
 
 def loaded() -> Kernels | None:
     """The kernels loaded in this process, or `None` before the first successful
-    [`status`][rnnkit.ops.cpu._build.status]."""
+    `status`."""
     return _kernels
 
 
@@ -160,8 +160,6 @@ def _build() -> str | None:
     else:
         because = "RNNKIT_CPU_BUILD=jit"
     why = f"{why}; {because}"
-    from rnnkit.ops.cpu import _jit
-
     error, library = _jit.build(variant, because)
     if error is not None:
         return error if mode == "jit" else f"{error}; {because}"

@@ -4,7 +4,7 @@ ATen's vector types (`at::vec::Vectorized`) take their width from the `CPU_CAPAB
 macro the file is compiled with, so each variant below is the same sources compiled with its
 own macro and the matching `-m` flags, never `-march=native`: a library built on one machine
 must run on every CPU that has its instruction set. `setup.py` builds every variant into the
-package at install time and the on-demand developer build ([`rnnkit.ops.cpu._jit`]) uses the
+package at install time and the on-demand developer build (`rnnkit.ops.cpu._jit`) uses the
 same flags, so both give identical kernels.
 
 This module imports nothing from rnnkit or torch: `setup.py` loads it by path, before the

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 import rnnkit
+from rnnkit.ops.cpu import _build
 
 CELLS = ("RNN", "GRU", "LSTM")
 GRID = ((1, 128, 500), (16, 256, 200), (64, 512, 100), (32, 1024, 50))
@@ -132,6 +133,13 @@ def capability_line() -> str:
         f"{torch.get_num_threads()} threads, torch BLAS {blas}"
         f"{', oneDNN' if torch.backends.mkldnn.is_available() else ''}"
     )
+
+
+def kernels_line() -> str:
+    """The compiled CPU kernels rnnkit loaded (their ISA, prebuilt or built, and why)."""
+    error = _build.status()
+    kernels = _build.loaded()
+    return kernels.describe() if error is None and kernels else f"unavailable ({error})"
 
 
 def _sync(device: str) -> None:
@@ -344,6 +352,7 @@ def _context(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "rnnkit": rnnkit.__version__,
         "machine": platform.processor() or platform.machine(),
+        "cpu_kernels": kernels_line() if args.device == "cpu" else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -406,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the process exit status."""
     args = _parse(argv)
     print(capability_line() + ("; one busy process competing" if args.contended else ""))
+    if args.device == "cpu":
+        print(f"rnnkit CPU kernels: {kernels_line()}")
     with contended(args.contended):
         return _main(args)
 

@@ -195,6 +195,7 @@ def info_lines() -> list[str]:
         devices = ", ".join(backend.device_types)
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"  {name} ({devices}): {status}")
+    lines.append(f"cpu: {_cpu_summary()}")
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -217,6 +218,15 @@ def info_lines() -> list[str]:
     if env:
         lines.append(f"RNNKIT_BACKEND={env} overrides 'auto' as the default backend of layers")
     return lines
+
+
+def _cpu_summary() -> str:
+    """The compiled CPU kernels' ISA and why, torch's threads and BLAS (see _build.summary)."""
+    try:
+        from rnnkit.ops.cpu import _build
+    except Exception as error:  # an install without the cpu backend still prints the rest
+        return f"compiled kernels not importable ({type(error).__name__}: {error})"
+    return _build.summary()
 
 
 def _triton_status() -> str:

@@ -1,9 +1,10 @@
 """The ``"cpu"`` backend: compiled C++ time loops, forward and backward, for CPU tensors.
 
-Importing this package declares the ``rnnkit::cpu_*`` custom ops (:mod:`._ops`). The C++
-sources (``csrc/``) are built on first use and cached; without a compiler, or when the build
-fails, the backend reports itself unavailable (one warning) and calls fall back to the
-reference path.
+Importing this package declares the `rnnkit::cpu_*` custom ops (`_ops`). Their C++ kernels
+(`csrc/`) are compiled at install, once per instruction set, and the first use loads the one
+this CPU runs best (`_build`); a source checkout with edited kernels compiles them on demand
+(`_jit`). Without kernels the backend reports itself unavailable (one warning, with the
+reason) and calls fall back to the reference path.
 """
 
 from __future__ import annotations

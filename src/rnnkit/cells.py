@@ -150,7 +150,7 @@ class _CellBase(nn.Module):
 
         Raises:
             ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
-            and got.
+                and got.
         """
         return _from_weights.build(
             cls, weight_ih, weight_hh, bias_ih, bias_hh, None, initial_state, requires_grad,

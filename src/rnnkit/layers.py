@@ -302,7 +302,7 @@ class RecurrentLayer(nn.Module):
 
         Raises:
             ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
-            and got; ``num_layers``, ``bidirectional`` or ``dropout`` among ``options``.
+                and got; ``num_layers``, ``bidirectional`` or ``dropout`` among ``options``.
         """
         return _from_weights.build(
             cls, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, initial_state,
@@ -383,7 +383,7 @@ class RecurrentLayer(nn.Module):
 
         Raises:
             ValueError, TypeError: for input, state, lengths, resets or mask of the wrong kind
-            or shape, and for mask with resets or a PackedSequence.
+                or shape, and for mask with resets or a PackedSequence.
         """
         # Checks need only a dtype and device. Reading weight_ih_l0 here would compute it twice
         # when it is parametrized; forward computes each weight once, in _run_direction.

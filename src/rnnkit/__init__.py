@@ -1,6 +1,6 @@
 """rnnkit: recurrent layers for PyTorch.
 
-torch.nn-compatible RNN, GRU and LSTM layers and cells, with any nonlinearity, ``lengths=``
+torch.nn-compatible RNN, GRU and LSTM layers and cells, with any nonlinearity, `lengths=`
 without sorting, learnable initial states, both GRU formulations and higher-order gradients.
 """
 

@@ -1,17 +1,17 @@
-"""``python -m rnnkit bench``: rnnkit's layers against torch.nn's, in one process.
+"""`python -m rnnkit bench`: rnnkit's layers against torch.nn's, in one process.
 
-For every cell (RNN, GRU, LSTM) and grid point ``(B, H, T)`` (input size ``H``), the two
+For every cell (RNN, GRU, LSTM) and grid point `(B, H, T)` (input size `H`), the two
 layers get the same weights and input. Each repeat times torch.nn forward (no grad),
 rnnkit forward, torch.nn forward+backward and rnnkit forward+backward back to back, so
 load changes on the machine hit both sides alike; each figure is the median over the repeats.
-The table shows ``torch.nn time / rnnkit time`` (above 1: rnnkit is faster).
+The table shows `torch.nn time / rnnkit time` (above 1: rnnkit is faster).
 
 Training peak memory (forward+backward, parameters and input excluded) is measured with
-``torch.profiler``'s ``profile_memory``: every allocation and free the CPU allocator sees,
+`torch.profiler`'s `profile_memory`: every allocation and free the CPU allocator sees,
 in time order, summed to a running total whose maximum is the peak. On CUDA it is
-``torch.cuda.max_memory_allocated`` above the memory in use before the step.
+`torch.cuda.max_memory_allocated` above the memory in use before the step.
 
-Results go to ``DIR/bench-<device>.json`` and ``DIR/bench-<device>.png`` with ``--out DIR``.
+Results go to `DIR/bench-<device>.json` and `DIR/bench-<device>.png` with `--out DIR`.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _timed(fn: Callable[[], None], device: str) -> float:
 
 
 def _peak_memory(fn: Callable[[], None], device: str) -> int:
-    """Bytes allocated at the peak of ``fn`` above what was allocated before it."""
+    """Bytes allocated at the peak of `fn` above what was allocated before it."""
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()

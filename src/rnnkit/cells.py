@@ -1,9 +1,9 @@
 r"""The single-step cell modules: RNNCell, GRUCell and LSTMCell.
 
-Their math lives in :mod:`rnnkit.ops.cell_math` (re-exported here: :func:`rnn_step`,
-:func:`gru_step`, :func:`lstm_step`, :func:`step`), where every backend's reference path and
-the tests use it. A cell's step runs as a one-step :class:`~rnnkit.ops.spec.Call` through the
-same plan as the layers.
+Their math lives in `rnnkit.ops.cell_math` (re-exported here: [`rnn_step`][rnnkit.cells.rnn_step],
+[`gru_step`][rnnkit.cells.gru_step], [`lstm_step`][rnnkit.cells.lstm_step], `step`), where every
+backend's reference path and the tests use it. A cell's step runs as a one-step
+[`Call`][rnnkit.ops.spec.Call] through the same plan as the layers.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ _Cell = TypeVar("_Cell", bound="_CellBase")
 class _CellBase(nn.Module):
     """Shared parameters, checks and dispatch of the single-step cells.
 
-    As torch.nn's cells, ``input_size`` and ``hidden_size`` may be zero (a step then gives
-    ``(N, 0)`` states, or uses only the biases and ``hx``), sizes may be any integer type
-    (numpy's too), ``bias`` may be 0 or 1, and parameters and inputs may be complex.
+    As torch.nn's cells, `input_size` and `hidden_size` may be zero (a step then gives
+    `(N, 0)` states, or uses only the biases and `hx`), sizes may be any integer type
+    (numpy's too), `bias` may be 0 or 1, and parameters and inputs may be complex.
     """
 
     def __init__(
@@ -88,8 +88,8 @@ class _CellBase(nn.Module):
                 nn.init.uniform_(param, -bound, bound)
 
     def initial_state(self, batch_size: int | None) -> State:
-        """The state a step starts from when ``hx`` is not given, as a tuple: ``(N, H)``
-        (``(H,)`` for ``batch_size=None``), the learnable ``initial_h``/``initial_c`` or zeros."""
+        """The state a step starts from when `hx` is not given, as a tuple: `(N, H)`
+        (`(H,)` for `batch_size=None`), the learnable `initial_h`/`initial_c` or zeros."""
         sizes = (self.hidden_size,) * self.spec.num_states
         return initial_state(self, (), batch_size, sizes)
 
@@ -138,15 +138,15 @@ class _CellBase(nn.Module):
         requires_grad: bool = True,
         **options: Any,
     ) -> _Cell:
-        r"""A cell whose parameters are the given tensors (Flux's ``RNNCell(σ, Wi, Wh, b, h0)``).
+        r"""A cell whose parameters are the given tensors (Flux's `RNNCell(σ, Wi, Wh, b, h0)`).
 
-        Sizes are read from the shapes: ``weight_ih`` ``(G*H, H_in)``, ``weight_hh`` ``(G*H, H)``,
-        biases ``(G*H,)`` (G = 1, 3, 4 for RNN, GRU, LSTM). With one bias given, the other is a
-        frozen zero. ``initial_state`` (``(H,)`` or ``(1, H)``; for LSTM a pair) becomes the
-        learnable ``initial_h`` / ``initial_c``. The tensors become the parameters without a copy;
-        ``requires_grad`` says whether they train. ``options`` go to the constructor:
-        ``nonlinearity`` (RNNCell), ``reset_after`` (GRUCell), ``backend``. See
-        :func:`rnnkit._from_weights.build` for the full rules.
+        Sizes are read from the shapes: `weight_ih` `(G*H, H_in)`, `weight_hh` `(G*H, H)`,
+        biases `(G*H,)` (G = 1, 3, 4 for RNN, GRU, LSTM). With one bias given, the other is a
+        frozen zero. `initial_state` (`(H,)` or `(1, H)`; for LSTM a pair) becomes the
+        learnable `initial_h` / `initial_c`. The tensors become the parameters without a copy;
+        `requires_grad` says whether they train. `options` go to the constructor:
+        `nonlinearity` (RNNCell), `reset_after` (GRUCell), `backend`. See
+        `rnnkit._from_weights.build` for the full rules.
 
         Raises:
             ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
@@ -167,21 +167,21 @@ class _CellBase(nn.Module):
 
 
 class RNNCell(_CellBase):
-    r"""An Elman cell, :math:`h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})`.
+    r"""An Elman cell, $h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})$.
 
     Args:
-        input_size: features of ``x``.
-        hidden_size: features of ``h``.
-        bias: add ``bias_ih`` and ``bias_hh``.
-        nonlinearity: ``'tanh'``, ``'relu'``, another name of
-            :data:`rnnkit.activations.ACTIVATIONS`, or any elementwise callable.
-        learn_initial_state: add a trainable ``initial_h`` used when ``hx`` is not given.
-        backend: ``"auto"``, ``"reference"`` or another registered backend; ``None`` reads
-            ``RNNKIT_BACKEND`` and defaults to ``"auto"``.
+        input_size: features of `x`.
+        hidden_size: features of `h`.
+        bias: add `bias_ih` and `bias_hh`.
+        nonlinearity: `'tanh'`, `'relu'`, another name of
+            `rnnkit.activations.ACTIVATIONS`, or any elementwise callable.
+        learn_initial_state: add a trainable `initial_h` used when `hx` is not given.
+        backend: `"auto"`, `"reference"` or another registered backend; `None` reads
+            `RNNKIT_BACKEND` and defaults to `"auto"`.
 
     Shapes:
-        ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: ``(N, H)`` or ``(H)``; returns ``h'``
-        of the same shape as ``hx``.
+        `input`: `(N, H_in)` or `(H_in)`; `hx`: `(N, H)` or `(H)`; returns `h'`
+        of the same shape as `hx`.
     """
 
     cell_kind = "rnn"
@@ -212,15 +212,16 @@ class RNNCell(_CellBase):
 
 
 class GRUCell(_CellBase):
-    r"""A GRU cell; see :func:`gru_step` for the equations of both formulations.
+    r"""A GRU cell; see [`gru_step`][rnnkit.cells.gru_step] for the equations of both formulations.
 
     Args:
-        input_size, hidden_size, bias, learn_initial_state, backend: as for :class:`RNNCell`.
-        reset_after: ``True`` (torch, cuDNN, MLX, Keras default) applies the reset gate after
-            the recurrent matmul; ``False`` (Cho et al. 2014, Flux's GRUv3) before it.
+        input_size, hidden_size, bias, learn_initial_state, backend: as for
+            [`RNNCell`][rnnkit.RNNCell].
+        reset_after: `True` (torch, cuDNN, MLX, Keras default) applies the reset gate after
+            the recurrent matmul; `False` (Cho et al. 2014, Flux's GRUv3) before it.
 
     Shapes:
-        ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: ``(N, H)`` or ``(H)``; returns ``h'``.
+        `input`: `(N, H_in)` or `(H_in)`; `hx`: `(N, H)` or `(H)`; returns `h'`.
     """
 
     cell_kind = "gru"
@@ -253,15 +254,15 @@ class GRUCell(_CellBase):
 
 
 class LSTMCell(_CellBase):
-    r"""An LSTM cell; see :func:`lstm_step` for the equations.
+    r"""An LSTM cell; see [`lstm_step`][rnnkit.cells.lstm_step] for the equations.
 
     Args:
-        input_size, hidden_size, bias, backend: as for :class:`RNNCell`.
-        learn_initial_state: add trainable ``initial_h`` and ``initial_c``.
+        input_size, hidden_size, bias, backend: as for [`RNNCell`][rnnkit.RNNCell].
+        learn_initial_state: add trainable `initial_h` and `initial_c`.
 
     Shapes:
-        ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: a pair ``(h, c)`` of ``(N, H)`` or
-        ``(H)``; returns ``(h', c')``.
+        `input`: `(N, H_in)` or `(H_in)`; `hx`: a pair `(h, c)` of `(N, H)` or
+        `(H)`; returns `(h', c')`.
     """
 
     cell_kind = "lstm"

@@ -1,6 +1,6 @@
-"""The ``rnnkit`` command (also ``python -m rnnkit``): ``demo``, ``bench`` and ``info``.
+"""The `rnnkit` command (also `python -m rnnkit`): `demo`, `bench` and `info`.
 
-``main(argv)`` returns the exit status instead of exiting, so it can be called from tests:
+`main(argv)` returns the exit status instead of exiting, so it can be called from tests:
 0 on success, 1 when something needed is missing, 2 for bad options.
 """
 
@@ -22,7 +22,7 @@ demo.json into --out."""
 
 
 def _whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number of at least ``minimum`` (0 or 1)."""
+    """An argparse `type`: a whole number of at least `minimum` (0 or 1)."""
     bound = "> 0" if minimum == 1 else f">= {minimum}"
 
     def parse(text: str) -> int:
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``rnnkit`` command line with ``argv`` (default: ``sys.argv[1:]``).
+    """Run the `rnnkit` command line with `argv` (default: `sys.argv[1:]`).
 
     Returns:
         The exit status: 0 on success, 1 when an optional part is missing, 2 for bad options.
@@ -170,7 +170,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def info_lines() -> list[str]:
-    """The lines ``rnnkit info`` prints: versions, backends, and what ``auto`` picks."""
+    """The lines `rnnkit info` prints: versions, backends, and what `auto` picks."""
     import os
 
     import torch

@@ -1,25 +1,27 @@
-r"""The ``rnnkit demo`` training run: a sequence classifier on scikit-learn's handwritten digits.
+r"""The `rnnkit demo` training run: a sequence classifier on scikit-learn's handwritten digits.
 
-The data is :func:`sklearn.datasets.load_digits`, which ships inside scikit-learn (1,797 images of
+The data is `sklearn.datasets.load_digits`, which ships inside scikit-learn (1,797 images of
 8x8 pixels, 16 grey levels, ten classes), so nothing is downloaded. Two readings are offered:
 
-- ``digits``: each image is a sequence of its 8 rows, top to bottom, each row a step of 8 pixels.
-- ``digits-columns``: each image is a sequence of its columns, left to right, with the blank
+- `digits`: each image is a sequence of its 8 rows, top to bottom, each row a step of 8 pixels.
+- `digits-columns`: each image is a sequence of its columns, left to right, with the blank
   columns at both edges dropped, so sequences are 2 to 8 steps long. They are padded to 8 and
-  the true lengths go to the layer as ``lengths=``. (No variable-length data set ships inside
-  the packages rnnkit depends on, so this reading of the same images shows ``lengths=`` instead.)
+  the true lengths go to the layer as `lengths=`. (No variable-length data set ships inside
+  the packages rnnkit depends on, so this reading of the same images shows `lengths=` instead.)
 
-The model reads the sequence with an rnnkit :class:`~rnnkit.RNN`, :class:`~rnnkit.GRU` or
-:class:`~rnnkit.LSTM` layer and classifies the last hidden state with a linear layer:
+The model reads the sequence with an rnnkit [`RNN`][rnnkit.RNN], [`GRU`][rnnkit.GRU] or
+[`LSTM`][rnnkit.LSTM] layer and classifies the last hidden state with a linear layer:
 
-.. math:: \hat y = \mathrm{softmax}(W h_{T} + b)
+$$
+\hat y = \mathrm{softmax}(W h_{T} + b)
+$$
 
-where :math:`h_T` is the state after each sequence's own last step.
+where $h_T$ is the state after each sequence's own last step.
 
-The run writes into its output directory ``curves.png`` (loss and accuracy per epoch),
-``predictions.png`` (some test images with their predicted labels), ``model.pt`` (the
-state_dict) and ``demo.json`` (the settings, the history and the test accuracy), so that
-:func:`load_model` and :func:`evaluate_saved` can rebuild the model and score it again.
+The run writes into its output directory `curves.png` (loss and accuracy per epoch),
+`predictions.png` (some test images with their predicted labels), `model.pt` (the
+state_dict) and `demo.json` (the settings, the history and the test accuracy), so that
+`load_model` and `evaluate_saved` can rebuild the model and score it again.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class DemoConfig:
 
 @dataclass
 class Split:
-    """Sequences ``(N, T, 8)`` in [0, 1], labels ``(N,)`` and lengths ``(N,)`` (None: all T)."""
+    """Sequences `(N, T, 8)` in [0, 1], labels `(N,)` and lengths `(N,)` (None: all T)."""
 
     inputs: Tensor
     labels: Tensor
@@ -122,7 +124,7 @@ class DemoResult:
 class DigitClassifier(nn.Module):
     """An rnnkit recurrent layer over the steps, then a linear layer on the last state.
 
-    ``forward(inputs (N, T, 8), lengths (N,) or None) -> logits (N, 10)``.
+    `forward(inputs (N, T, 8), lengths (N,) or None) -> logits (N, 10)`.
     """
 
     def __init__(self, cell: str, hidden_size: int, backend: str | None = None) -> None:
@@ -138,9 +140,9 @@ class DigitClassifier(nn.Module):
 
 
 def load_data(data: str, seed: int, limit: int | None = None) -> tuple[Split, Split]:
-    """The train and test splits (80/20, stratified, shuffled by ``seed``).
+    """The train and test splits (80/20, stratified, shuffled by `seed`).
 
-    ``limit`` keeps a stratified subset of that many images first (for quick runs).
+    `limit` keeps a stratified subset of that many images first (for quick runs).
 
     Raises:
         DemoError: when scikit-learn is not installed.
@@ -188,7 +190,7 @@ def _as_split(data: str, images: np.ndarray, labels: np.ndarray) -> Split:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split) -> tuple[float, int, float]:
-    """``(accuracy, number correct, mean cross-entropy)`` of ``model`` on ``split``."""
+    """`(accuracy, number correct, mean cross-entropy)` of `model` on `split`."""
     model.eval()
     logits = model(split.inputs, split.lengths)
     correct = int((logits.argmax(dim=1) == split.labels).sum())
@@ -197,10 +199,10 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, int, float]:
 
 
 def prepare_out_dir(out: str | Path) -> Path:
-    """Create ``out`` if needed and make sure files can be written there.
+    """Create `out` if needed and make sure files can be written there.
 
     Raises:
-        DemoError: when ``out`` is a file, lies under a file, or is not writable.
+        DemoError: when `out` is a file, lies under a file, or is not writable.
     """
     path = Path(out)
     try:
@@ -222,10 +224,10 @@ def run(config: DemoConfig, out: str | Path, *, progress: bool = True,
         config: the settings.
         out: output directory; created if missing.
         progress: show a tqdm progress bar (on stderr) with the live loss.
-        stream: where the summary lines go (``None``: standard output).
+        stream: where the summary lines go (`None`: standard output).
 
     Raises:
-        DemoError: unwritable ``out`` or a missing ``demo`` extra (scikit-learn, matplotlib,
+        DemoError: unwritable `out` or a missing `demo` extra (scikit-learn, matplotlib,
             tqdm).
     """
     out_dir = prepare_out_dir(out)
@@ -320,7 +322,7 @@ def _train_and_save(config, out_dir, train, test, progress, stream, tqdm) -> Dem
 
 
 def load_model(out: str | Path) -> tuple[DigitClassifier, DemoConfig]:
-    """Rebuild the model a run saved in ``out`` from ``demo.json`` and ``model.pt``."""
+    """Rebuild the model a run saved in `out` from `demo.json` and `model.pt`."""
     out_dir = Path(out)
     summary = json.loads((out_dir / SUMMARY_FILE).read_text())
     config = DemoConfig(**summary["config"])
@@ -331,7 +333,7 @@ def load_model(out: str | Path) -> tuple[DigitClassifier, DemoConfig]:
 
 
 def evaluate_saved(out: str | Path) -> float:
-    """Test accuracy of the model saved in ``out``, on the same held-out split it was scored on."""
+    """Test accuracy of the model saved in `out`, on the same held-out split it was scored on."""
     model, config = load_model(out)
     _, test = load_data(config.data, config.seed, config.limit)
     return evaluate(model, test)[0]
@@ -360,7 +362,7 @@ def plot_curves(history: dict[str, list[float]], config: DemoConfig, path: str) 
 def plot_predictions(
     test: Split, predicted: Tensor, config: DemoConfig, path: str, count: int = 24
 ) -> None:
-    """``count`` test images with predicted (and, when wrong, true) labels.
+    """`count` test images with predicted (and, when wrong, true) labels.
 
     Mistakes come first (up to half the grid), so the picture shows what the model gets wrong.
     """

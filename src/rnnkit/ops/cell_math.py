@@ -1,6 +1,6 @@
 r"""The cell math: one small function per recurrence, written like its equations.
 
-``gates_x`` is the input projection :math:`W_{ih} x_t + b_{ih}` (computed for all steps at once
+`gates_x` is the input projection $W_{ih} x_t + b_{ih}$ (computed for all steps at once
 by the caller), so each function holds only the part that depends on the previous state. The
 reference backend runs these functions, and the tests hold every fused kernel equal to them.
 """
@@ -18,7 +18,7 @@ from rnnkit.ops.spec import CellSpec, State
 def rnn_step(
     gates_x: Tensor, hidden: Tensor, weight_hh: Tensor, bias_hh: Tensor | None, nonlinearity
 ) -> Tensor:
-    r""":math:`h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})`."""
+    r"""$h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})$."""
     return resolve_activation(nonlinearity)(gates_x + F.linear(hidden, weight_hh, bias_hh))
 
 
@@ -31,14 +31,17 @@ def gru_step(
 ) -> Tensor:
     r"""One GRU step.
 
-    .. math::
-        r = \sigma(W_{ir} x + b_{ir} + W_{hr} h + b_{hr}) \\
-        z = \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}) \\
-        n = \tanh(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn}))
-            \quad\text{(reset\_after=True)} \\
-        n = \tanh(W_{in} x + b_{in} + W_{hn} (r \odot h) + b_{hn})
-            \quad\text{(reset\_after=False)} \\
-        h' = (1 - z) \odot n + z \odot h
+    $$
+    \begin{gathered}
+    r = \sigma(W_{ir} x + b_{ir} + W_{hr} h + b_{hr}) \\
+    z = \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}) \\
+    n = \tanh(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn}))
+        \quad\text{(reset\_after=True)} \\
+    n = \tanh(W_{in} x + b_{in} + W_{hn} (r \odot h) + b_{hn})
+        \quad\text{(reset\_after=False)} \\
+    h' = (1 - z) \odot n + z \odot h
+    \end{gathered}
+    $$
     """
     x_r, x_z, x_n = gates_x.chunk(3, dim=-1)
     hidden_size = hidden.shape[-1]
@@ -69,10 +72,13 @@ def lstm_step(
 ) -> tuple[Tensor, Tensor]:
     r"""One LSTM step, with optional projection.
 
-    .. math::
-        i, f, g, o = \sigma, \sigma, \tanh, \sigma \,(W_{ih} x + b_{ih} + W_{hh} h + b_{hh}) \\
-        c' = f \odot c + i \odot g \\
-        h' = o \odot \tanh(c') \quad (\text{then } h' \leftarrow W_{hr} h' \text{ if projecting})
+    $$
+    \begin{gathered}
+    i, f, g, o = \sigma, \sigma, \tanh, \sigma \,(W_{ih} x + b_{ih} + W_{hh} h + b_{hh}) \\
+    c' = f \odot c + i \odot g \\
+    h' = o \odot \tanh(c') \quad (\text{then } h' \leftarrow W_{hr} h' \text{ if projecting})
+    \end{gathered}
+    $$
     """
     gates = gates_x + F.linear(hidden, weight_hh, bias_hh)
     in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=-1)
@@ -91,7 +97,7 @@ def step(
     bias_hh: Tensor | None,
     weight_hr: Tensor | None = None,
 ) -> State:
-    """One step of ``spec``'s recurrence; ``state`` is ``(h,)`` or, for LSTM, ``(h, c)``."""
+    """One step of `spec`'s recurrence; `state` is `(h,)` or, for LSTM, `(h, c)`."""
     if spec.mode == "rnn":
         return (rnn_step(gates_x, state[0], weight_hh, bias_hh, spec.nonlinearity),)
     if spec.mode == "gru":

@@ -1,11 +1,11 @@
-"""Build the C++ kernels on first use, with :func:`torch.utils.cpp_extension.load`, and cache them.
+"""Build the C++ kernels on first use, with `torch.utils.cpp_extension.load`, and cache them.
 
-The sources are every ``.cpp`` file in ``csrc/`` beside this module, with the headers there
-on the include path. The build lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions``) and is reused by later processes; the extension's name
+The sources are every `.cpp` file in `csrc/` beside this module, with the headers there
+on the include path. The build lands in torch's extension cache (`TORCH_EXTENSIONS_DIR`, by
+default `~/.cache/torch_extensions`) and is reused by later processes; the extension's name
 carries a hash of every source and header, so a change to any of them builds anew. Loading
-the library adds CPU kernels to the ``rnnkit::cpu_*`` ops declared in
-:mod:`rnnkit.ops.cpu._ops`.
+the library adds CPU kernels to the `rnnkit::cpu_*` ops declared in
+`rnnkit.ops.cpu._ops`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SOURCE_DIR = Path(__file__).with_name("csrc")
 
 
 def _sources() -> list[Path]:
-    """The files compiled, in a fixed order: every ``.cpp`` in :data:`SOURCE_DIR`."""
+    """The files compiled, in a fixed order: every `.cpp` in `SOURCE_DIR`."""
     return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
@@ -63,7 +63,7 @@ _error: str | None = None
 
 
 def status() -> str | None:
-    """``None`` when the kernels are loaded (building them if needed), else why not."""
+    """`None` when the kernels are loaded (building them if needed), else why not."""
     global _loaded, _error
     if _loaded or _error is not None:
         return _error
@@ -83,7 +83,7 @@ def status() -> str | None:
 
 
 def cached_status() -> str | None:
-    """The outcome so far, without building: ``None`` when loaded or not yet tried."""
+    """The outcome so far, without building: `None` when loaded or not yet tried."""
     return _error
 
 

@@ -1,17 +1,17 @@
-"""Layer-directions while exporting: ONNX-exportable operations, or one ``torch.library`` op.
+"""Layer-directions while exporting: ONNX-exportable operations, or one `torch.library` op.
 
-``torch.export`` would trace a Python loop over time into ``T`` copies of the step, which fixes
-the sequence length. While exporting, the plan (:func:`rnnkit.ops.dispatch.plan`) sends every
-layer-direction to :data:`BACKEND` instead:
+`torch.export` would trace a Python loop over time into `T` copies of the step, which fixes
+the sequence length. While exporting, the plan ([`rnnkit.ops.dispatch.plan`][]) sends every
+layer-direction to `BACKEND` instead:
 
-- under ``torch.onnx.export``, :mod:`.onnx_lowering` records ONNX's own ``RNN``/``GRU``/``LSTM``
-  operator or a ``scan`` over time, so plain ``torch.onnx.export(..., dynamo=True)`` needs no
+- under `torch.onnx.export`, `onnx_lowering` records ONNX's own `RNN`/`GRU`/`LSTM`
+  operator or a `scan` over time, so plain `torch.onnx.export(..., dynamo=True)` needs no
   extra argument;
-- under ``torch.export``, a layer-direction that ONNX has as an operator is recorded as one
-  opaque op, ``rnnkit_export::recurrence``, with symbolic shapes (``rnnkit.export``'s
-  translation table turns it into that operator); anything else is the same ``scan``.
+- under `torch.export`, a layer-direction that ONNX has as an operator is recorded as one
+  opaque op, `rnnkit_export::recurrence`, with symbolic shapes (`rnnkit.export`'s
+  translation table turns it into that operator); anything else is the same `scan`.
 
-Run eagerly, the op computes ``W_ih x + b_ih`` and calls :func:`rnnkit.ops.reference.recurrence`.
+Run eagerly, the op computes `W_ih x + b_ih` and calls [`rnnkit.ops.reference.recurrence`][].
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def recurrence_op(
     reset_after: bool,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(output (T, B, H_out), h_n (B, H_out), c_n (B, H))``; ``c_n`` is a copy of ``h_n``
+    """`(output (T, B, H_out), h_n (B, H_out), c_n (B, H))`; `c_n` is a copy of `h_n`
     for RNN and GRU, which have no cell state."""
     spec = CellSpec(mode, nonlinearity=nonlinearity, reset_after=reset_after)
     gates_x = F.linear(input, weight_ih, bias_ih)
@@ -68,9 +68,9 @@ def _(input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths,
 
 
 class ExportBackend(BackendBase):
-    """Records a layer-direction as ``rnnkit_export::recurrence``; used only while exporting.
+    """Records a layer-direction as `rnnkit_export::recurrence`; used only while exporting.
 
-    The plan picks it itself (it is not registered): it serves calls with ``input`` and a
+    The plan picks it itself (it is not registered): it serves calls with `input` and a
     time axis, the projection included.
     """
 

@@ -169,19 +169,22 @@ class _CellBase(nn.Module):
 class RNNCell(_CellBase):
     r"""An Elman cell, $h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})$.
 
-    Args:
-        input_size: features of `x`.
-        hidden_size: features of `h`.
-        bias: add `bias_ih` and `bias_hh`.
-        nonlinearity: `'tanh'`, `'relu'`, another name of
-            `rnnkit.activations.ACTIVATIONS`, or any elementwise callable.
-        learn_initial_state: add a trainable `initial_h` used when `hx` is not given.
-        backend: `"auto"`, `"reference"` or another registered backend; `None` reads
-            `RNNKIT_BACKEND` and defaults to `"auto"`.
+    Arguments and parameters are torch.nn.RNNCell's; `nonlinearity` may be any activation,
+    and the keyword-only arguments are rnnkit's own. Call it as described under
+    [`forward`][rnnkit.RNNCell.forward].
 
-    Shapes:
-        `input`: `(N, H_in)` or `(H_in)`; `hx`: `(N, H)` or `(H)`; returns `h'`
-        of the same shape as `hx`.
+    Args:
+        input_size: the number of features `H_in` of `x`.
+        hidden_size: the number of features `H` of `h`.
+        bias: if `False`, the cell has no `bias_ih` and `bias_hh`.
+        nonlinearity: `'tanh'`, `'relu'`, another name of
+            [`ACTIVATIONS`][rnnkit.activations.ACTIVATIONS], or any elementwise callable.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        learn_initial_state: add a trainable `initial_h` of shape `(H,)`, used when `hx` is
+            not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
+            another registered backend, as for [`RNN`][rnnkit.RNN].
     """
 
     cell_kind = "rnn"
@@ -205,6 +208,20 @@ class RNNCell(_CellBase):
         )
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        r"""One step: $h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})$.
+
+        Args:
+            input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
+            hx: `h`, `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or to the learnable
+                initial state.
+
+        Returns:
+            `h'`, shaped like `hx`: `(N, H)`, or `(H,)` unbatched.
+
+        Raises:
+            ValueError, TypeError: `input` or a state of the wrong rank, size, dtype or
+                device, naming what was expected and what came.
+        """
         return self._run(input, None if hx is None else (hx,))[0]
 
     def extra_repr(self) -> str:
@@ -214,14 +231,21 @@ class RNNCell(_CellBase):
 class GRUCell(_CellBase):
     r"""A GRU cell; see [`gru_step`][rnnkit.cells.gru_step] for the equations of both formulations.
 
+    Arguments and parameters are torch.nn.GRUCell's; the keyword-only arguments are
+    rnnkit's own. Call it as described under [`forward`][rnnkit.GRUCell.forward].
+
     Args:
-        input_size, hidden_size, bias, learn_initial_state, backend: as for
-            [`RNNCell`][rnnkit.RNNCell].
+        input_size: the number of features `H_in` of `x`.
+        hidden_size: the number of features `H` of `h`.
+        bias: if `False`, the cell has no `bias_ih` and `bias_hh`.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
         reset_after: `True` (torch, cuDNN, MLX, Keras default) applies the reset gate after
             the recurrent matmul; `False` (Cho et al. 2014, Flux's GRUv3) before it.
-
-    Shapes:
-        `input`: `(N, H_in)` or `(H_in)`; `hx`: `(N, H)` or `(H)`; returns `h'`.
+        learn_initial_state: add a trainable `initial_h` of shape `(H,)`, used when `hx` is
+            not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
+            another registered backend, as for [`RNN`][rnnkit.RNN].
     """
 
     cell_kind = "gru"
@@ -246,6 +270,20 @@ class GRUCell(_CellBase):
         )
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """One step (equations under [`gru_step`][rnnkit.cells.gru_step]).
+
+        Args:
+            input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
+            hx: `h`, `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or to the learnable
+                initial state.
+
+        Returns:
+            `h'`, shaped like `hx`: `(N, H)`, or `(H,)` unbatched.
+
+        Raises:
+            ValueError, TypeError: `input` or a state of the wrong rank, size, dtype or
+                device, naming what was expected and what came.
+        """
         return self._run(input, None if hx is None else (hx,))[0]
 
     def extra_repr(self) -> str:
@@ -256,13 +294,19 @@ class GRUCell(_CellBase):
 class LSTMCell(_CellBase):
     r"""An LSTM cell; see [`lstm_step`][rnnkit.cells.lstm_step] for the equations.
 
-    Args:
-        input_size, hidden_size, bias, backend: as for [`RNNCell`][rnnkit.RNNCell].
-        learn_initial_state: add trainable `initial_h` and `initial_c`.
+    Arguments and parameters are torch.nn.LSTMCell's; the keyword-only arguments are
+    rnnkit's own. Call it as described under [`forward`][rnnkit.LSTMCell.forward].
 
-    Shapes:
-        `input`: `(N, H_in)` or `(H_in)`; `hx`: a pair `(h, c)` of `(N, H)` or
-        `(H)`; returns `(h', c')`.
+    Args:
+        input_size: the number of features `H_in` of `x`.
+        hidden_size: the number of features `H` of `h` and `c`.
+        bias: if `False`, the cell has no `bias_ih` and `bias_hh`.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        learn_initial_state: add trainable `initial_h` and `initial_c`, each of shape
+            `(H,)`, used when `hx` is not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
+            another registered backend, as for [`RNN`][rnnkit.RNN].
     """
 
     cell_kind = "lstm"
@@ -286,6 +330,20 @@ class LSTMCell(_CellBase):
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
+        """One step (equations under [`lstm_step`][rnnkit.cells.lstm_step]).
+
+        Args:
+            input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
+            hx: the pair `(h, c)`, each `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or
+                to the learnable initial state.
+
+        Returns:
+            The pair `(h', c')`, each shaped like `h`.
+
+        Raises:
+            ValueError, TypeError: `input` or a state of the wrong rank, size, dtype or
+                device, naming what was expected and what came.
+        """
         if hx is not None:
             hx = _checks.state_pair(hx)
         hidden, cell = self._run(input, hx)

@@ -352,7 +352,11 @@ class RecurrentLayer(nn.Module):
         return [tuple(s[i] for s in stacked) for i in range(count)]
 
     def forward(self, input, hx=None, *, lengths=None, resets=None, mask=None):
-        """Run the layer.
+        """Run the layer over a batch of sequences.
+
+        Shapes: `L` steps, `N` sequences, `H_in` = `input_size`, `D` = 2 if `bidirectional`
+        else 1, `H_out` = `proj_size` if it is set (LSTM) else `hidden_size`, `H_cell` =
+        `hidden_size`.
 
         Args:
             input: `(L, N, H_in)`, `(N, L, H_in)` with `batch_first`, unbatched
@@ -532,14 +536,39 @@ class RecurrentLayer(nn.Module):
 class RNN(RecurrentLayer):
     r"""An Elman RNN, $h_t = \sigma(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})$.
 
-    Arguments, parameters and shapes are torch.nn.RNN's. Beyond torch:
+    Arguments, parameters (`weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`,
+    `bias_hh_l{k}`, with `_reverse` for the second direction) and shapes are torch.nn.RNN's;
+    `nonlinearity` may be any activation, and the keyword-only arguments are rnnkit's own.
+    Call it as described under [`forward`][rnnkit.RNN.forward].
 
     Args:
+        input_size: the number of features `H_in` of each input step.
+        hidden_size: the number of features `H` of the hidden state.
+        num_layers: how many layers are stacked; layer `k > 0` reads the output of layer
+            `k - 1`.
         nonlinearity: `'tanh'`, `'relu'`, another name of
-            `rnnkit.activations.ACTIVATIONS`, or any elementwise callable (as MLX).
-        learn_initial_state: add a trainable `initial_h` of shape `(D*num_layers, H)`,
-            used when `hx` is not given.
-        backend: `"auto"` (default), `"reference"`, `"cpu"` or `"triton"`.
+            [`ACTIVATIONS`][rnnkit.activations.ACTIVATIONS], or any elementwise callable (as
+            MLX allows).
+        bias: if `False`, the layers have no `bias_ih_l{k}` and `bias_hh_l{k}`.
+        batch_first: if `True`, `input` and `output` are `(N, L, H)` instead of `(L, N, H)`;
+            the states keep `(D*num_layers, N, H)`.
+        dropout: the probability of dropout on the output of every layer but the last, in
+            training mode.
+        bidirectional: if `True`, each layer also runs in reverse (`D = 2`) and its output
+            concatenates both directions.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        proj_size: must be 0; only [`LSTM`][rnnkit.LSTM] has a projection (accepted for
+            code that passes torch's arguments by name).
+        learn_initial_state: add a trainable `initial_h` of shape `(D*num_layers, H)`, used
+            when `hx` is not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"` takes the first
+            registered backend that serves the call, `"reference"` the plain PyTorch path,
+            `"cpu"` or `"triton"` that fused kernel (falling back to the reference path with a
+            warning when it cannot serve a call).
+        zero_output_for_mask: with `mask=` in [`forward`][rnnkit.RNN.forward], `True` makes
+            the output of a skipped step zero; `False` repeats the carried `h` there, as
+            Keras does.
     """
 
     cell_kind = "rnn"
@@ -577,12 +606,36 @@ class RNN(RecurrentLayer):
 class GRU(RecurrentLayer):
     r"""A multi-layer GRU with torch.nn.GRU's arguments, parameters and shapes.
 
-    See [`rnnkit.cells.gru_step`][] for the equations.
+    See [`rnnkit.cells.gru_step`][] for the equations. The keyword-only arguments are
+    rnnkit's own. Call it as described under [`forward`][rnnkit.GRU.forward].
 
     Args:
-        reset_after: `True` (default; torch, cuDNN, MLX, Keras) or `False` (Cho et al.
-            2014, Keras `reset_after=False`, Flux's GRUv3).
-        learn_initial_state, backend: as for [`RNN`][rnnkit.RNN].
+        input_size: the number of features `H_in` of each input step.
+        hidden_size: the number of features `H` of the hidden state.
+        num_layers: how many layers are stacked; layer `k > 0` reads the output of layer
+            `k - 1`.
+        bias: if `False`, the layers have no `bias_ih_l{k}` and `bias_hh_l{k}`.
+        batch_first: if `True`, `input` and `output` are `(N, L, H)` instead of `(L, N, H)`;
+            the states keep `(D*num_layers, N, H)`.
+        dropout: the probability of dropout on the output of every layer but the last, in
+            training mode.
+        bidirectional: if `True`, each layer also runs in reverse (`D = 2`) and its output
+            concatenates both directions.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        proj_size: must be 0; only [`LSTM`][rnnkit.LSTM] has a projection.
+        reset_after: `True` (torch, cuDNN, MLX, Keras) applies the reset gate after the
+            recurrent matmul; `False` (Cho et al. 2014, Keras `reset_after=False`, Flux's
+            GRUv3) before it.
+        learn_initial_state: add a trainable `initial_h` of shape `(D*num_layers, H)`, used
+            when `hx` is not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"` takes the first
+            registered backend that serves the call, `"reference"` the plain PyTorch path,
+            `"cpu"` or `"triton"` that fused kernel (falling back to the reference path with a
+            warning when it cannot serve a call).
+        zero_output_for_mask: with `mask=` in [`forward`][rnnkit.GRU.forward], `True` makes
+            the output of a skipped step zero; `False` repeats the carried `h` there, as
+            Keras does.
     """
 
     cell_kind = "gru"
@@ -625,10 +678,36 @@ class LSTM(RecurrentLayer):
     See [`rnnkit.cells.lstm_step`][] for the equations. `proj_size > 0` adds
     `weight_hr_l{k}` and makes `h` of size `proj_size`.
 
+    Call it as described under [`forward`][rnnkit.LSTM.forward]; `hx` and the final state
+    are pairs `(h, c)`.
+
     Args:
+        input_size: the number of features `H_in` of each input step.
+        hidden_size: the number of features `H` of the cell state `c` (`H_cell`), and of `h`
+            unless `proj_size > 0`.
+        num_layers: how many layers are stacked; layer `k > 0` reads the output of layer
+            `k - 1`.
+        bias: if `False`, the layers have no `bias_ih_l{k}` and `bias_hh_l{k}`.
+        batch_first: if `True`, `input` and `output` are `(N, L, H)` instead of `(L, N, H)`;
+            the states keep `(D*num_layers, N, H)`.
+        dropout: the probability of dropout on the output of every layer but the last, in
+            training mode.
+        bidirectional: if `True`, each layer also runs in reverse (`D = 2`) and its output
+            concatenates both directions.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        proj_size: if `> 0`, `h` is projected to this size (`H_out = proj_size`) by
+            `weight_hr_l{k}` of shape `(proj_size, hidden_size)`; must be below
+            `hidden_size`.
         learn_initial_state: add trainable `initial_h` `(D*num_layers, H_out)` and
-            `initial_c` `(D*num_layers, H_cell)`.
-        backend: as for [`RNN`][rnnkit.RNN].
+            `initial_c` `(D*num_layers, H_cell)`, used when `hx` is not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"` takes the first
+            registered backend that serves the call, `"reference"` the plain PyTorch path,
+            `"cpu"` or `"triton"` that fused kernel (falling back to the reference path with a
+            warning when it cannot serve a call).
+        zero_output_for_mask: with `mask=` in [`forward`][rnnkit.LSTM.forward], `True` makes
+            the output of a skipped step zero; `False` repeats the carried `h` there, as
+            Keras does.
     """
 
     cell_kind = "lstm"

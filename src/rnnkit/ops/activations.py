@@ -65,6 +65,8 @@ TABLE: tuple[ActivationRow, ...] = (
 
 ROWS: dict[str, ActivationRow] = {row.name: row for row in TABLE}
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {row.name: row.function for row in TABLE}
+"""The named nonlinearities, name to function (`"tanh"`, `"relu"`, `"silu"`, ...), one per
+row of `TABLE`, in its order."""
 CODES: dict[str, int] = {row.name: code for code, row in enumerate(TABLE)}
 
 

@@ -52,13 +52,14 @@ def recurrence(
         spec: the cell kind and options.
         gates_x: `(T, B, G*H)`, the input projection `W_ih x + b_ih` of every step.
         state: `(h0,)` or `(h0, c0)`; `h0` is `(B, H_out)`, `c0` is `(B, H)`.
-        weight_hh: `(G*H, H_out)`; bias_hh: `(G*H,)` or `None`.
+        weight_hh: `(G*H, H_out)`.
+        bias_hh: `(G*H,)` or `None`.
         weight_hr: LSTM projection `(H_out, H)` or `None`.
         lengths: `(B,)` int64 on `gates_x`'s device, or `None` for full length.
         reverse: run from each sequence's own last step back to step 0.
-        resets, reset_state: per-step reset codes `(T, B)` and the state a code-1 reset
-            starts from (see [`rnnkit.ops.spec.Call`][]); a step past a sequence's length
-            ignores its code, as it ignores everything else.
+        resets: per-step reset codes `(T, B)` (see [`rnnkit.ops.spec.Call`][]), or `None`; a
+            step past a sequence's length ignores its code, as it ignores everything else.
+        reset_state: the state a code-1 reset starts from.
         mask: `(T, B)` bool or `None`; a false step is skipped like a step past a length.
         carry_masked_output: a skipped step outputs the carried `h` instead of zeros.
 

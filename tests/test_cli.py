@@ -100,3 +100,47 @@ def test_bench_subcommand_forwards_to_the_benchmark(tmp_path, capsys):
     status = cli.main(["bench", "--quick", "--repeats", "5", "--no-memory", "--out", str(tmp_path)])
     assert status == 0
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))
+
+
+HEAVY = ("torch", "rnnkit.layers", "rnnkit.ops.dispatch", "keras", "matplotlib", "sklearn",
+         "mlx", "triton")
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["bench"]])
+def test_help_imports_nothing_heavy(command):
+    """`--help` answers before torch, the layers or the plotting libraries are imported."""
+    script = (
+        "import contextlib, io, sys\n"
+        "from rnnkit import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        f"        status = cli.main({command + ['--help']!r})\n"
+        "    except SystemExit as exit_:\n"
+        "        status = exit_.code\n"
+        "assert status in (0, None), status\n"
+        "assert 'usage: rnnkit' in out.getvalue(), out.getvalue()\n"
+        f"print(sorted(name for name in {HEAVY!r} if name in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"--help imported {result.stdout.strip()}"
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "info"])
+def test_every_subcommand_names_itself_as_the_rnnkit_command(command, capsys):
+    try:
+        status = cli.main([command, "--help"])
+    except SystemExit as exit_:  # bench parses its own options and exits after --help
+        status = exit_.code
+    assert status in (0, None)
+    usage = capsys.readouterr().out
+    assert usage.startswith(f"usage: rnnkit {command} "), usage
+    assert "python -m" not in usage
+
+
+def test_a_bad_backend_exits_2_naming_the_choices(capsys):
+    assert cli.main(["demo", "--backend", "nope", *TINY]) == 2
+    error = capsys.readouterr().err
+    assert "backend must be one of" in error and "'reference'" in error and "'nope'" in error

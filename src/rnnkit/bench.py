@@ -1,4 +1,4 @@
-"""`python -m rnnkit bench`: rnnkit's layers against torch.nn's, in one process.
+"""`rnnkit bench`: rnnkit's layers against torch.nn's, in one process.
 
 For every cell (RNN, GRU, LSTM) and grid point `(B, H, T)` (input size `H`), the two
 layers get the same weights and input. Each repeat times torch.nn forward (no grad),
@@ -26,11 +26,21 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+import rnnkit  # light: its layers load on first use
 
-import rnnkit
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported by _import_torch() once the arguments parse, so `rnnkit bench --help`
+# answers without loading it; everything below runs after main() has called it.
+torch: Any = None
+
+
+def _import_torch() -> None:
+    global torch
+    import torch
 
 CELLS = ("RNN", "GRU", "LSTM")
 GRID = ((1, 128, 500), (16, 256, 200), (64, 512, 100), (32, 1024, 50))
@@ -52,7 +62,7 @@ GPU_TARGETS = {
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m rnnkit bench",
+        prog="rnnkit bench",
         description="Time rnnkit's RNN/GRU/LSTM against torch.nn (ratio torch.nn / rnnkit).",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -77,6 +87,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "CleanRL's per-step loop over torch.nn.LSTM and against rnnkit without resets",
     )
     args = parser.parse_args(argv)
+    _import_torch()
     if args.repeats < 5:
         parser.error(f"--repeats must be at least 5, got {args.repeats}")
     if args.device == "cuda" and not torch.cuda.is_available():

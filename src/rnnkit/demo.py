@@ -47,6 +47,7 @@ MODEL_FILE = "model.pt"
 SUMMARY_FILE = "demo.json"
 CURVES_FILE = "curves.png"
 PREDICTIONS_FILE = "predictions.png"
+RIGHT_COLOUR, WRONG_COLOUR = "tab:green", "tab:red"  # of the labels in predictions.png
 
 
 @dataclass
@@ -291,9 +292,13 @@ def evaluate_saved(out: str | Path) -> float:
     return evaluate(model, test)[0]
 
 
-def plot_curves(history: dict[str, list[float]], config: DemoConfig, path: str) -> None:
-    """Loss (left) and accuracy (right) per epoch, train and test, saved as a PNG."""
-    figure, canvas = _figure(figsize=(9, 3.6))
+def plot_curves(history: dict[str, list[float]], config: DemoConfig, path: str):
+    """Loss (left) and accuracy (right) per epoch, train and test, saved as a PNG.
+
+    Returns:
+        The matplotlib `Figure`.
+    """
+    figure, canvas = _figure(figsize=(9, 3.9))
     epochs = range(1, len(history["train_loss"]) + 1)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, history["train_loss"], marker="o", label="train")
@@ -302,21 +307,33 @@ def plot_curves(history: dict[str, list[float]], config: DemoConfig, path: str) 
     accuracy_axes.plot(epochs, history["train_accuracy"], marker="o", label="train")
     accuracy_axes.plot(epochs, history["test_accuracy"], marker="o", label="test")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    accuracy_axes.set_ylim(top=1.0)
+    accuracy_axes.set_ylim(top=1.02)  # a little room, so points at 1.0 show whole
+    from matplotlib.ticker import MaxNLocator
+
     for axes in (loss_axes, accuracy_axes):
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # One legend for both panels, under them: inside, it would cover the accuracy curves as
+    # they approach 1.0 (or the loss curves of a short run).
+    handles, labels = accuracy_axes.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
     figure.suptitle(f"rnnkit demo: {config.cell.upper()} on {config.data}")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     canvas.print_png(path)
+    return figure
 
 
 def plot_predictions(
     test: Split, predicted: Tensor, config: DemoConfig, path: str, count: int = 24
-) -> None:
+):
     """`count` test images with predicted (and, when wrong, true) labels.
 
     Mistakes come first (up to half the grid), so the picture shows what the model gets wrong.
+    A legend under the grid says what the colours mean: green, the prediction is right; red,
+    it is wrong, with the true label in brackets.
+
+    Returns:
+        The matplotlib `Figure`.
     """
     count = min(count, len(test))
     wrong = (predicted != test.labels).nonzero().flatten().tolist()[: count // 2]
@@ -324,7 +341,7 @@ def plot_predictions(
     shown = wrong + [i for i in range(len(test)) if i not in skipped][: count - len(wrong)]
     columns = 8
     rows = math.ceil(count / columns)
-    figure, canvas = _figure(figsize=(columns * 1.1, rows * 1.35 + 0.4))
+    figure, canvas = _figure(figsize=(columns * 1.1, rows * 1.35 + 0.8))
     axes_grid = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for index, axes in enumerate(axes_grid):
         axes.set_axis_off()
@@ -335,10 +352,19 @@ def plot_predictions(
         axes.imshow(test.images[item], cmap="gray_r", vmin=0, vmax=1)
         ok = guess == truth
         label = f"{guess}" if ok else f"{guess} (true {truth})"
-        axes.set_title(label, color="tab:green" if ok else "tab:red", fontsize=9)
-    figure.suptitle(f"{config.cell.upper()} predictions on held-out digits", fontsize=10)
-    figure.tight_layout()
+        axes.set_title(label, color=RIGHT_COLOUR if ok else WRONG_COLOUR, fontsize=9)
+    figure.suptitle(f"{config.cell.upper()} predictions on held-out digits "
+                    "(above each image: the predicted label)", fontsize=10)
+    from matplotlib.patches import Patch
+
+    figure.legend(
+        handles=[Patch(color=RIGHT_COLOUR, label="right"),
+                 Patch(color=WRONG_COLOUR, label="wrong: predicted (true label)")],
+        loc="lower center", ncol=2, frameon=False, fontsize=9,
+    )
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     canvas.print_png(path)
+    return figure
 
 
 def _figure(figsize: tuple[float, float]):

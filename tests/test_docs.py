@@ -113,6 +113,22 @@ def test_api_parameter_tables_show_the_real_defaults(site):
     assert checked > 50  # the tables were found
 
 
+RETURNS = re.compile(r'doc-section-title">Returns:</span>.*?<tbody>(.*?)</tbody>', re.S)
+RETURN_ROW = re.compile(r'<tr class="doc-section-item">\s*<td>(.*?)</td>', re.S)
+
+
+def test_api_returns_sections_are_not_split_into_lines(site):
+    """A continuation line of a Returns description at the first line's indentation reads as a
+    second, untyped return value; the table then shows one sentence cut across rows."""
+    checked = 0
+    for name, html in _api_pages(site).items():
+        for section in RETURNS.finditer(html):
+            types = [_text(cell).strip() for cell in RETURN_ROW.findall(section.group(1))]
+            checked += 1
+            assert len(types) == 1 or all(types), f"api/{name}: Returns split into {types}"
+    assert checked > 5
+
+
 def test_forward_is_documented_for_every_layer_and_cell(site):
     pages = _api_pages(site)
     tables = {obj: (params, rows) for html in pages.values()

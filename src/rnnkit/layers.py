@@ -383,7 +383,7 @@ class RecurrentLayer(nn.Module):
 
         Returns:
             `(output, h_n)`, or `(output, (h_n, c_n))` for LSTM. `output` has the
-            layout of `input` with `D*H_out` features; a PackedSequence in gives one out.
+                layout of `input` with `D*H_out` features; a PackedSequence in gives one out.
 
         Raises:
             ValueError, TypeError: for input, state, lengths, resets or mask of the wrong kind

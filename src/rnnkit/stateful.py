@@ -182,7 +182,7 @@ class Stateful(nn.Module):
 
         Returns:
             A layer's output for this chunk (`(L, N, H_out)` in the input's layout), or a
-            cell's new hidden state `h'`. Entries with length `0` are zero.
+                cell's new hidden state `h'`. Entries with length `0` are zero.
         """
         if self._is_cell:
             return self._forward_cell(input, lengths, resets)

@@ -121,7 +121,7 @@ class GoBackwards(nn.Module):
 
         Returns:
             `(output, h_n)`, or `(output, (h_n, c_n))` for LSTM, as the layer returns them,
-            with `output` in the reversed time order described above.
+                with `output` in the reversed time order described above.
 
         Raises:
             TypeError: `input` is a PackedSequence (its layout has no place for Keras's

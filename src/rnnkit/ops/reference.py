@@ -65,7 +65,7 @@ def recurrence(
 
     Returns:
         `output` of shape `(T, B, H_out)`, zero past each sequence's length, and the
-        final state tuple, taken at each sequence's own last step.
+            final state tuple, taken at each sequence's own last step.
     """
     seq_len = gates_x.shape[0]
     active_steps = step_mask(lengths, seq_len)

@@ -79,6 +79,10 @@ def test_info_prints_versions_and_backends(capsys):
     assert "python " in printed
     assert "reference: available" in printed
     assert "cpu tensors: " in printed and "cuda tensors: " in printed
+    from rnnkit.ops import cpu
+
+    if cpu.library_path() is not None:
+        assert f"cpu library (load it to run AOTInductor packages): {cpu.library_path()}" in printed
 
 
 def test_python_dash_m_matches_console_script_entry(tmp_path):

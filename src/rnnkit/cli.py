@@ -202,6 +202,9 @@ def info_lines() -> list[str]:
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"  {name} ({devices}): {status}")
     lines.append(f"cpu: {_cpu_summary()}")
+    library = _cpu_library()
+    if library is not None:
+        lines.append(f"cpu library (load it to run AOTInductor packages): {library}")
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -224,6 +227,14 @@ def info_lines() -> list[str]:
     if env:
         lines.append(f"RNNKIT_BACKEND={env} overrides 'auto' as the default backend of layers")
     return lines
+
+
+def _cpu_library() -> str | None:
+    try:
+        from rnnkit.ops import cpu
+    except Exception:  # reported by _cpu_summary
+        return None
+    return cpu.library_path()
 
 
 def _cpu_summary() -> str:

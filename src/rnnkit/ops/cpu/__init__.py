@@ -101,3 +101,18 @@ class CpuBackend(BackendBase):
 BACKEND = CpuBackend()
 
 __all__ = ["BACKEND", "CpuBackend"]
+
+
+def library_path() -> str | None:
+    """The compiled library this process uses (loading it if needed), or `None` when the
+    kernels are unavailable. It defines the `rnnkit::cpu_*` kernels and `rnnkit_export::
+    recurrence`; a C++ program running an AOTInductor package loads it (docs/deploy.md)."""
+    if _build.status() is not None:
+        return None
+    return _build.loaded().path
+
+
+def loaded_how() -> str | None:
+    """`"prebuilt"` (installed with the package), `"jit"` (built on demand) or `None`."""
+    kernels = _build.loaded()
+    return None if kernels is None else kernels.how

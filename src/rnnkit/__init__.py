@@ -46,9 +46,12 @@ def __getattr__(name: str) -> Any:
         _load_all()
         return globals()[name]
     if not name.startswith("__") and importlib.util.find_spec(f"rnnkit.{name}") is not None:
-        # A submodule reached as an attribute (`rnnkit.ops.dispatch`), as it could be when
-        # `import rnnkit` loaded everything: load the public names too, then the submodule.
-        _load_all()
+        # A submodule reached as an attribute, which worked when `import rnnkit` loaded
+        # everything. `rnnkit.ops.dispatch` needs the modules under ops loaded, as the layers
+        # load them. Any other name loads only that submodule: `from rnnkit import cli` passes
+        # through here too, and must stay light.
+        if name == "ops":
+            _load_all()
         return importlib.import_module(f"rnnkit.{name}")
     raise AttributeError(f"module 'rnnkit' has no attribute {name!r}")
 

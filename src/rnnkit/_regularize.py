@@ -124,3 +124,19 @@ def dropout_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
 def zoneout_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
     """Zoneout masks of `shape`: 1 (keep the previous value) with probability `p`, else 0."""
     return torch.empty(shape).bernoulli_(p).to(like.device, like.dtype)
+
+
+def refuse_export(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`masks`, unless a graph is being exported: masks drawn while tracing would be frozen
+    into the graph as constants.
+
+    Raises:
+        ValueError: exporting with training masks.
+    """
+    if masks and torch.compiler.is_exporting():
+        raise ValueError(
+            "cannot export a layer in training mode with recurrent dropout, input dropout or "
+            "zoneout: their masks are drawn per call; export the model in eval() (dropout is "
+            "then the identity and zoneout its expectation)"
+        )
+    return masks

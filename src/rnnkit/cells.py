@@ -105,7 +105,7 @@ class _CellBase(nn.Module):
         """Draw per-sequence dropout masks: `input` `(N, H_in)` (`input_dropout`) and
         `hidden` `(N, H)` (`recurrent_dropout`), pre-scaled multipliers drawn on the CPU from
         torch's default generator. Pass them as `dropout_masks=` at every step of a sequence
-        for variational dropout ([`Stateful`][rnnkit.Stateful] does); without them each step
+        for variational dropout (`rnnkit.Stateful` does); without them each step
         draws its own."""
         reference = self.weight_ih
         masks: dict[str, Tensor] = {}
@@ -167,8 +167,8 @@ class _CellBase(nn.Module):
         return state
 
     def _masks(self, given, batch_size: int) -> dict[str, Tensor]:
-        """This step's masks in training: `given` (from [`sequence_masks`]
-        [rnnkit.GRUCell.sequence_masks]) or fresh ones, and fresh zoneout masks."""
+        """This step's masks in training: `given` (from `sequence_masks`) or fresh ones,
+        and fresh zoneout masks."""
         if not self.training:
             return {}
         if given is not None and not isinstance(given, dict):
@@ -189,7 +189,7 @@ class _CellBase(nn.Module):
             for name in ("zoneout_h", "zoneout_c")[: self.spec.num_states]:
                 masks[name] = _regularize.zoneout_mask(
                     (1, batch_size, self.hidden_size), self.spec.zoneout, self.weight_ih)
-        return masks
+        return _regularize.refuse_export(masks)
 
     @classmethod
     def from_weights(
@@ -303,9 +303,9 @@ class GRUCell(_CellBase):
             `layer_norm_hh_weight`, `layer_norm_hh_bias`).
         recurrent_dropout, input_dropout: dropout of `h` where it enters the recurrent
             product and of `x`, scaled by $1/(1-p)$, in training. A step cannot know where a
-            sequence starts: pass the masks of [`sequence_masks`][rnnkit.GRUCell.sequence_masks]
+            sequence starts: pass the masks of `sequence_masks`
             as `dropout_masks=` at every step for variational dropout (as
-            [`Stateful`][rnnkit.Stateful] does); without them each step draws its own.
+            `rnnkit.Stateful` does); without them each step draws its own.
 
     Shapes:
         ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: ``(N, H)`` or ``(H)``; returns ``h'``.

@@ -380,7 +380,7 @@ class RecurrentLayer(nn.Module):
         CPU from torch's default generator (so `torch.manual_seed` reproduces them on every
         device and backend). Empty when both probabilities are 0. Pass the result as
         `forward(..., dropout_masks=)` to reuse the masks over several calls, as
-        [`Stateful`][rnnkit.Stateful] does across the chunks of a sequence.
+        `rnnkit.Stateful` does across the chunks of a sequence.
         """
         reference = next(self.parameters())
         out_size = self.proj_size or self.hidden_size
@@ -424,7 +424,7 @@ class RecurrentLayer(nn.Module):
                 Keras repeats the last output). Combines with ``lengths``; not with
                 ``resets`` or a PackedSequence.
             dropout_masks: in training, the masks to use instead of fresh ones: a dict from
-                [`sequence_masks`][rnnkit.GRU.sequence_masks] (unbatched input: `N` = 1);
+                `sequence_masks` (unbatched input: `N` = 1);
                 it may also hold zoneout masks `zoneout_h_l{k}` `(L, N, H_out)` and (LSTM)
                 `zoneout_c_l{k}` `(L, N, H)` (1 keeps the previous value), with `_reverse`
                 for the reverse direction. Ignored in evaluation.
@@ -607,7 +607,7 @@ class RecurrentLayer(nn.Module):
         for key, shape in expected.items():
             if key.startswith("zoneout") and key not in masks:
                 masks[key] = _regularize.zoneout_mask(shape, self.spec.zoneout, reference)
-        return masks
+        return _regularize.refuse_export(masks)
 
     def _mask_shapes(self, batch_size: int, seq_len: int) -> dict[str, tuple[int, ...]]:
         """Every mask a training call uses, by key, with its shape."""

@@ -87,14 +87,22 @@ class ExportBackend(BackendBase):
         """Record the op; the nonlinearity must be a name (a callable has no ONNX form).
 
         Raises:
-            TypeError: the nonlinearity is a callable.
+            TypeError: the nonlinearity or gate activation is a callable.
+            ValueError: the call carries training masks (recurrent dropout, zoneout).
         """
         spec = call.spec
-        if not isinstance(spec.nonlinearity, str):
-            raise TypeError(
-                "cannot export an RNN whose nonlinearity is a callable "
-                f"({activation_name(spec.nonlinearity)}); use one of the named activations in "
-                "rnnkit.ACTIVATIONS"
+        for function in (spec.nonlinearity, spec.recurrent_activation):
+            if not isinstance(function, str):
+                raise TypeError(
+                    "cannot export an RNN whose nonlinearity is a callable "
+                    f"({activation_name(function)}); use one of the named activations in "
+                    "rnnkit.ACTIVATIONS"
+                )
+        if call.hidden_dropout is not None or call.zoneout_h is not None:
+            raise ValueError(
+                "cannot export a layer in training mode with recurrent dropout, input dropout "
+                "or zoneout: their masks are drawn per call; export the model in eval() "
+                "(dropout is then the identity and zoneout its expectation)"
             )
         if torch.onnx.is_in_onnx_export() or not onnx_lowering.native(call):
             # The op below stands for ONNX's own RNN/GRU/LSTM operators; everything else

@@ -21,7 +21,7 @@ import rnnkit
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNABLE_PAGES = ["index.md", "from-torch.md", "lengths.md", "from-flux.md", "from-mlx.md",
-                  "rl-resets.md", "backends.md"]
+                  "rl-resets.md", "backends.md", "regularization.md"]
 # Examples that use features from other modules run once those modules are present.
 OPTIONAL_NAMES = {"rnnkit.Stateful": lambda: hasattr(rnnkit, "Stateful"),
                   "mlx.": lambda: importlib.util.find_spec("mlx") is not None}

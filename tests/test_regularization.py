@@ -383,3 +383,21 @@ def test_bad_options_are_refused():
         layer(x, dropout_masks={"input_l0": torch.ones(2, 3)})
     with pytest.raises(TypeError, match="dropout_masks must be a dict"):
         layer(x, dropout_masks=[torch.ones(2, 4)])
+
+
+@pytest.mark.parametrize("module, option", [
+    (rnnkit.GRU(3, 4, recurrent_activation="hard_sigmoid"), "recurrent_activation"),
+    (rnnkit.LSTM(3, 4, layer_norm=True), "layer_norm"),
+    (rnnkit.LSTMCell(3, 4, zoneout=0.1), "zoneout"),
+    (rnnkit.RNN(3, 4, recurrent_dropout=0.2), "recurrent_dropout"),
+    (rnnkit.GRUCell(3, 4, activation="relu"), "activation"),
+])
+def test_to_torch_refuses_what_torch_nn_lacks(module, option):
+    with pytest.raises(ValueError, match=f"torch.nn has no {option} for its"):
+        rnnkit.interop.to_torch(module)
+
+
+def test_to_torch_keeps_a_forget_bias_layer():
+    layer = rnnkit.LSTM(3, 4, forget_bias=1.0)
+    copy = rnnkit.interop.to_torch(layer)
+    assert torch.equal(copy.bias_ih_l0, layer.bias_ih_l0)

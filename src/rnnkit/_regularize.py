@@ -140,3 +140,30 @@ def refuse_export(masks: dict[str, Tensor]) -> dict[str, Tensor]:
             "then the identity and zoneout its expectation)"
         )
     return masks
+
+
+def check_plain(module, library: str) -> None:
+    """Refuse the options `library`'s layers lack: zoneout, layer norm, recurrent or input
+    dropout, and GRU/LSTM activations other than tanh and sigmoid (`forget_bias` is an
+    initial value only and converts).
+
+    Raises:
+        ValueError: naming the option.
+    """
+    spec = module.spec
+    found = []
+    if spec.mode != "rnn" and spec.nonlinearity != "tanh":
+        found.append("activation")
+    if spec.mode != "rnn" and spec.recurrent_activation != "sigmoid":
+        found.append("recurrent_activation")
+    for name in ("zoneout", "layer_norm"):
+        if getattr(spec, name):
+            found.append(name)
+    for name in ("recurrent_dropout", "input_dropout"):
+        if getattr(module, name, 0.0):
+            found.append(name)
+    if found:
+        raise ValueError(
+            f"{library} has no {', '.join(found)} for its {type(module).__name__}, so this "
+            "layer cannot be converted exactly; convert one built without them"
+        )

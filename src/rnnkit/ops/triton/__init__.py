@@ -36,7 +36,17 @@ Matmuls accumulate in fp32. fp32 inputs use IEEE matmuls, or TF32 on CUDA when
 ``torch.backends.cudnn.allow_tf32`` is set (torch's default, under which cuDNN's RNNs use TF32
 too).
 
-Serves: named RNN activations, both GRU formulations, LSTM with or without projection,
+Recurrent dropout (constexpr ``HAS_DROPOUT``) multiplies the start state by
+``Call.hidden_dropout`` where it enters ``W_hh`` (and GRU's ``W_hn (r * h)``); backward
+multiplies ``dgates @ W_hh`` by it, and ``dW_hh`` is formed against the dropped states.
+Zoneout (``ZONE_H``, ``ZONE_C``) mixes each new state with the step's start state after the
+cell, by the training masks ``Call.zoneout_h``/``zoneout_c`` read at step ``t`` or by the
+evaluation expectation ``spec.zoneout``; backward splits the state's gradient between the
+start state (the kept part) and the cell. GRU's and LSTM's activations (constexpr ``ACT``,
+``GATE``) are any row of the table with a Triton formula.
+
+Serves: named activations (RNN's nonlinearity, GRU's and LSTM's activation and recurrent
+activation), recurrent dropout and zoneout, both GRU formulations, LSTM with or without projection,
 ``lengths``, ``reverse``, masks with holes (``Call.mask``: a skipped step outputs zeros or,
 with ``carry_masked_output``, the carried ``h``, whose gradient then flows into the carried
 state) and per-step state ``resets`` (selected per row inside the time loop); fp32, fp16, bf16
@@ -80,16 +90,20 @@ class TritonBackend(BackendBase):
 
     def unsupported_reason(self, call: Call) -> str | None:
         spec = call.spec
-        if spec.mode == "rnn":
-            if not isinstance(spec.nonlinearity, str):
-                return "the nonlinearity is a callable; triton kernels serve the named activations"
-            served = _autograd.kernels().ACTIVATION_CODES
-            if spec.nonlinearity not in served:
-                return (f"activation {spec.nonlinearity!r} has no triton kernel "
+        served = _autograd.kernels().ACTIVATION_CODES
+        activations = {"nonlinearity": spec.nonlinearity}
+        if spec.mode != "rnn":
+            activations["recurrent_activation"] = spec.recurrent_activation
+        for role, activation in activations.items():
+            if not isinstance(activation, str):
+                return (f"the {role} is a callable; triton kernels serve the named "
+                        "activations")
+            if activation not in served:
+                return (f"activation {activation!r} has no triton kernel "
                         f"(served: {sorted(served)})")
-        if call.regularized:
-            return ("recurrent dropout, zoneout, layer norm and other gate activations are not "
-                    "in the triton kernels yet")
+        if spec.layer_norm or call.norm_hh is not None or call.norm_cell is not None:
+            return ("layer norm (norm_hh, norm_cell) is not in the triton kernels yet; they "
+                    "serve recurrent dropout, zoneout and the gate activations")
         tensors = call.tensors()
         dtype = call.leading.dtype
         if dtype not in DTYPES:
@@ -114,7 +128,8 @@ class TritonBackend(BackendBase):
         return _autograd.recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
             call.lengths, call.reverse, call.resets, call.reset_state, call.mask,
-            call.carry_masked_output,
+            call.carry_masked_output, hidden_dropout=call.hidden_dropout,
+            zoneout_h=call.zoneout_h, zoneout_c=call.zoneout_c,
         )
 
 

@@ -148,16 +148,53 @@ def _mask_arg(mask: Tensor | None, dummy: Tensor) -> Tensor:
     return mask.to(device=dummy.device, dtype=torch.int8).contiguous()
 
 
+def _regularizer_args(spec: CellSpec, hidden_dropout: Tensor | None,
+                      zoneout_h: Tensor | None, zoneout_c: Tensor | None,
+                      dummy: Tensor) -> tuple[tuple, dict[str, int | bool]]:
+    """The kernels' ``hd_ptr, zh_ptr, zc_ptr, zoneout_p`` and their constexpr switches.
+
+    Zoneout follows :func:`rnnkit.ops.cell_math.zoned`: none when ``spec.zoneout`` is 0; the
+    training masks when ``zoneout_h`` is given (``c`` takes ``zoneout_c``, or the expectation
+    without it); otherwise the evaluation expectation with ``p = spec.zoneout``.
+    """
+    k = kernels()
+
+    def slab(tensor):
+        return dummy if tensor is None else tensor.to(dummy.device).contiguous()
+
+    zone_h = zone_c = k.ZONE_NONE.value
+    if spec.zoneout:
+        zone_h = k.ZONE_MASK.value if zoneout_h is not None else k.ZONE_EXPECT.value
+        if spec.mode == "lstm":
+            masked = zoneout_h is not None and zoneout_c is not None
+            zone_c = k.ZONE_MASK.value if masked else k.ZONE_EXPECT.value
+    args = (slab(hidden_dropout), slab(zoneout_h if zone_h == k.ZONE_MASK.value else None),
+            slab(zoneout_c if zone_c == k.ZONE_MASK.value else None), float(spec.zoneout))
+    return args, {"HAS_DROPOUT": hidden_dropout is not None, "ZONE_H": zone_h,
+                  "ZONE_C": zone_c}
+
+
+def _activation_codes(spec: CellSpec) -> dict[str, int]:
+    """``ACT`` (RNN's nonlinearity, GRU's candidate, LSTM's cell activation) and ``GATE``."""
+    codes = kernels().ACTIVATION_CODES
+    gate = codes[spec.recurrent_activation] if spec.mode != "rnn" else 0
+    return {"ACT": codes[spec.nonlinearity], "GATE": gate}
+
+
 def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
             bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
             reverse: bool, resets: Tensor | None = None, reset_h: Tensor | None = None,
             reset_c: Tensor | None = None, mask: Tensor | None = None,
-            carry_masked_output: bool = False) -> dict[str, Tensor]:
+            carry_masked_output: bool = False, hidden_dropout: Tensor | None = None,
+            zoneout_h: Tensor | None = None,
+            zoneout_c: Tensor | None = None) -> dict[str, Tensor]:
     """Run the forward kernels; returns the output, the state sequences and saved buffers.
 
     With ``resets``, ``hseq``/``cseq`` hold the carried states (before each step's reset).
     ``mask`` ``(T, B)`` skips its false steps; with ``carry_masked_output`` a skipped step
-    (a hole, or past a length) outputs the carried ``h`` instead of zeros.
+    (a hole, or past a length) outputs the carried ``h`` instead of zeros. ``hidden_dropout``
+    multiplies the start state where it enters ``W_hh``; zoneout (``spec.zoneout``, with the
+    masks ``zoneout_h``/``zoneout_c`` in training) mixes the new state with the start state.
     """
     k = kernels()
     mode = mode_code(spec, weight_hr)
@@ -178,6 +215,7 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
     aux = torch.empty(seq_len, batch, hidden, **f32) if mode in (
         k.GRU_AFTER, k.GRU_BEFORE, k.LSTM_PROJ) else dummy
     weight_hh = weight_hh.contiguous()
+    regularizers, switches = _regularizer_args(spec, hidden_dropout, zoneout_h, zoneout_c, dummy)
     args = (
         gates_x.contiguous(), weight_hh,
         weight_hh if bias_hh is None else bias_hh.contiguous(),
@@ -185,13 +223,15 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
         dummy if lengths is None else lengths.contiguous(),
         _mask_arg(mask, dummy),
         *_reset_args(resets, reset_h, reset_c, dummy),
+        *regularizers,
         hseq, cseq, out, pre, aux,
     )
     consts = dict(
-        MODE=mode, ACT=k.ACTIVATION_CODES[spec.nonlinearity] if spec.mode == "rnn" else 0,
+        MODE=mode, **_activation_codes(spec),
         G=spec.num_gates, HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None,
         REVERSE=reverse, HAS_RESETS=resets is not None, HAS_MASK=mask is not None,
         CARRY_OUT=bool(carry_masked_output) and (mask is not None or lengths is not None),
+        **switches,
         PRECISION=_precision(dtype, device),
         **_blocks(batch, hidden, device),
     )
@@ -199,7 +239,7 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
             k.FORWARD_PHASES[mode], _phase_columns(mode, hidden, hidden_out, False), seq_len,
             False, device)
     return {"out": out, "hseq": hseq, "cseq": cseq, "pre": pre, "aux": aux, "mode": mode,
-            "consts": consts}
+            "consts": consts, "regularizers": regularizers}
 
 
 def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor | None,
@@ -242,7 +282,7 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
     args = (
         weight_hh, weight_hh if weight_hr is None else weight_hr.contiguous(),
         dummy if lengths is None else lengths.contiguous(), _mask_arg(mask, dummy), *reset_args,
-        hseq, saved["cseq"], saved["pre"], aux,
+        *saved["regularizers"], hseq, saved["cseq"], saved["pre"], aux,
         grad_out.float().contiguous(), dhseq, dcseq, dgx, dghh, gaux, dreset_h, dreset_c,
     )
     consts = {key: value for key, value in saved["consts"].items() if key != "HAS_BIAS"}
@@ -256,7 +296,10 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
         codes, reset_h = reset_args[0], reset_args[1]
         codes = (codes.flip(0) if reverse else codes).unsqueeze(-1)
         h_prev = torch.where(codes == 1, reset_h, torch.where(codes == 2, hseq[0], h_prev))
-    h_prev = h_prev.reshape(-1, hidden_out).float()
+    h_prev = h_prev.float()
+    if saved["consts"]["HAS_DROPOUT"]:  # W_hh saw h_in = h_start * hidden_dropout
+        h_prev = h_prev * saved["regularizers"][0]
+    h_prev = h_prev.reshape(-1, hidden_out)
     if mode == k.GRU_BEFORE:
         grad_w_hh = torch.cat([
             flat[:, : 2 * hidden].T @ h_prev, flat[:, 2 * hidden:].T @ aux.reshape(-1, hidden)
@@ -294,14 +337,18 @@ class TritonRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, reverse, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths,
-                resets, reset_h, reset_c, mask=None, carry_masked_output=False):
+                resets, reset_h, reset_c, mask=None, carry_masked_output=False,
+                hidden_dropout=None, zoneout_h=None, zoneout_c=None):
         saved = forward(spec, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, reverse,
-                        resets, reset_h, reset_c, mask, carry_masked_output)
+                        resets, reset_h, reset_c, mask, carry_masked_output, hidden_dropout,
+                        zoneout_h, zoneout_c)
         ctx.spec, ctx.reverse = spec, reverse
         ctx.carry_masked_output = carry_masked_output
+        # The masks are inputs without gradients; saved for double backward's reference run.
+        ctx.masks = (hidden_dropout, zoneout_h, zoneout_c)
         optional = (c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask)
         ctx.has = [x is not None for x in optional]
-        ctx.buffers = {key: saved[key] for key in ("mode", "consts")}
+        ctx.buffers = {key: saved[key] for key in ("mode", "consts", "regularizers")}
         inputs = [x for x in (gates_x, h0, weight_hh, *optional) if x is not None]
         # Not the output itself: changing it in place must not break backward.
         ctx.save_for_backward(*inputs, saved["hseq"], saved["cseq"], saved["pre"], saved["aux"])
@@ -337,7 +384,7 @@ class TritonRecurrence(torch.autograd.Function):
                 None if tensor is None or not need else result[name].to(tensor.dtype)
                 for name, tensor, need in zip(names, differentiable, needs)
             ]
-        return (None, None, *grads[:6], None, None, *grads[6:], None, None)
+        return (None, None, *grads[:6], None, None, *grads[6:], None, None, None, None, None)
 
 
 def _reference_grads(ctx, inputs, needs, lengths, resets, mask, grad_out, grad_h, grad_c):
@@ -347,9 +394,12 @@ def _reference_grads(ctx, inputs, needs, lengths, resets, mask, grad_out, grad_h
     reset_state = None
     if resets is not None:
         reset_state = (reset_h,) if reset_c is None else (reset_h, reset_c)
+    hidden_dropout, zoneout_h, zoneout_c = ctx.masks
     output, final = reference.recurrence(ctx.spec, gates_x, state, weight_hh, bias_hh,
                                          weight_hr, lengths, ctx.reverse, resets, reset_state,
-                                         mask, ctx.carry_masked_output)
+                                         mask, ctx.carry_masked_output,
+                                         hidden_dropout=hidden_dropout, zoneout_h=zoneout_h,
+                                         zoneout_c=zoneout_c)
     wanted = [i for i, (tensor, need) in enumerate(zip(inputs, needs))
               if tensor is not None and need]
     outputs = (output, *final)
@@ -366,7 +416,9 @@ def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weigh
                bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
                reverse: bool, resets: Tensor | None = None,
                reset_state: tuple[Tensor, ...] | None = None, mask: Tensor | None = None,
-               carry_masked_output: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+               carry_masked_output: bool = False, *, hidden_dropout: Tensor | None = None,
+               zoneout_h: Tensor | None = None,
+               zoneout_c: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """:func:`rnnkit.ops.reference.recurrence`'s contract, served by the triton kernels."""
     if (resets is None) != (reset_state is None):
         raise ValueError("resets and reset_state go together")
@@ -377,5 +429,6 @@ def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weigh
         reset_c = reset_state[1] if len(reset_state) > 1 else None
     results = TritonRecurrence.apply(spec, reverse, gates_x, state[0], c0, weight_hh, bias_hh,
                                      weight_hr, lengths, resets, reset_h, reset_c, mask,
-                                     bool(carry_masked_output))
+                                     bool(carry_masked_output), hidden_dropout, zoneout_h,
+                                     zoneout_c)
     return results[0], tuple(results[1:])

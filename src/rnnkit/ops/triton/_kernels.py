@@ -84,6 +84,8 @@ ZONE_NONE = tl.constexpr(0)
 ZONE_EXPECT = tl.constexpr(1)
 ZONE_MASK = tl.constexpr(2)
 
+LAYER_NORM_EPS = tl.constexpr(1e-5)  # torch.nn.LayerNorm's, as rnnkit.ops.cell_math
+
 # Synchronisation between phases (constexpr SYNC).
 SYNC_NONE = tl.constexpr(0)  # one launch per phase: the launch boundary is the barrier
 SYNC_PROGRAM = tl.constexpr(1)  # one persistent program: only its own threads need to agree
@@ -336,6 +338,107 @@ def _recurrent_gates(h_ptr, init_ptr, reset_ptr, code, hd_ptr, offs_b, b_mask, H
 
 
 @triton.jit
+def _normed_gates(raw_ptr, gain_ptr, bias_ptr, b_hh_ptr, offs_b, b_mask, H, offs_n, n_mask, mask,
+                  NUM_GATES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``LN(W_hh h_in) * gain + bias + b_hh`` at ``g*H + n`` for gates ``g < NUM_GATES``, the
+    raw product ``W_hh h_in`` read from ``raw`` ``(B, NUM_GATES*H)`` and normalized over the
+    whole row (as :func:`_recurrent_gates`, gates past ``NUM_GATES`` are zeros)."""
+    GH = NUM_GATES * H
+    mean, rstd = _row_stats(raw_ptr, GH, offs_b, b_mask, GH, BLOCK_B, BLOCK_N)
+    acc0 = _normed(raw_ptr, gain_ptr, bias_ptr, GH, offs_b, offs_n, mask, n_mask, mean, rstd)
+    acc1 = acc0 * 0.0
+    acc2 = acc0 * 0.0
+    acc3 = acc0 * 0.0
+    if NUM_GATES > 1:
+        acc1 = _normed(raw_ptr + H, gain_ptr + H, bias_ptr + H, GH, offs_b, offs_n, mask, n_mask,
+                       mean, rstd)
+    if NUM_GATES > 2:
+        acc2 = _normed(raw_ptr + 2 * H, gain_ptr + 2 * H, bias_ptr + 2 * H, GH, offs_b, offs_n,
+                       mask, n_mask, mean, rstd)
+    if NUM_GATES > 3:
+        acc3 = _normed(raw_ptr + 3 * H, gain_ptr + 3 * H, bias_ptr + 3 * H, GH, offs_b, offs_n,
+                       mask, n_mask, mean, rstd)
+    if HAS_BIAS:
+        acc0 += tl.load(b_hh_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 1:
+            acc1 += tl.load(b_hh_ptr + H + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 2:
+            acc2 += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+        if NUM_GATES > 3:
+            acc3 += tl.load(b_hh_ptr + 3 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _row_sum(x):
+    """``(BLOCK_B, 1)`` sums of the rows of ``x`` (``tl.reduce`` with this module's own
+    combine function: ``tl.sum`` is one of triton's ``@triton.jit`` helpers)."""
+    return tl.reduce(x, 1, _add)[:, None]
+
+
+@triton.jit
+def _row_stats(ptr, row_stride, offs_b, b_mask, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Mean and ``1 / sqrt(var + 1e-5)`` of the first ``N`` columns of each row, ``(BLOCK_B,
+    1)`` each: layer norm's statistics (biased variance, as torch), in two passes."""
+    total = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        total += _load(ptr, row_stride, offs_b, offs, b_mask[:, None] & (offs < N)[None, :])
+    mean = _row_sum(total) / N
+    total = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        tile_mask = b_mask[:, None] & (offs < N)[None, :]
+        centered = tl.where(tile_mask, _load(ptr, row_stride, offs_b, offs, tile_mask) - mean, 0.0)
+        total += centered * centered
+    return mean, 1.0 / tl.sqrt(_row_sum(total) / N + LAYER_NORM_EPS)
+
+
+@triton.jit
+def _normed(x_ptr, gain_ptr, bias_ptr, row_stride, offs_b, offs_n, mask, n_mask, mean, rstd):
+    """A tile of ``LN(x) * gain + bias``, columns ``offs_n`` (the row statistics given)."""
+    gain = tl.load(gain_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return (_load(x_ptr, row_stride, offs_b, offs_n, mask) - mean) * rstd * gain + bias
+
+
+@triton.jit
+def _norm_grad_stats(dy_ptr, x_ptr, gain_ptr, row_stride, offs_b, b_mask, N, mean, rstd,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row means of ``dy * gain`` and of ``dy * gain * xhat``, ``(BLOCK_B, 1)`` each: what
+    layer norm's backward subtracts."""
+    total = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    total_x = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs < N
+        tile_mask = b_mask[:, None] & n_mask[None, :]
+        gain = tl.load(gain_ptr + offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        dxhat = _load(dy_ptr, row_stride, offs_b, offs, tile_mask) * gain
+        xhat = (_load(x_ptr, row_stride, offs_b, offs, tile_mask) - mean) * rstd
+        total += dxhat
+        total_x += tl.where(tile_mask, dxhat * xhat, 0.0)
+    return _row_sum(total) / N, _row_sum(total_x) / N
+
+
+@triton.jit
+def _norm_grad(dy_ptr, x_ptr, gain_ptr, row_stride, offs_b, offs_n, mask, n_mask, mean, rstd,
+               mean_dxhat, mean_dxhat_xhat):
+    """A tile of layer norm's input gradient, ``rstd * (dxhat - mean(dxhat) - xhat *
+    mean(dxhat * xhat))`` with ``dxhat = dy * gain``."""
+    gain = tl.load(gain_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    xhat = (_load(x_ptr, row_stride, offs_b, offs_n, mask) - mean) * rstd
+    dxhat = _load(dy_ptr, row_stride, offs_b, offs_n, mask) * gain
+    return rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
+
+
+@triton.jit
 def _grid_barrier(counter_ptr, target):
     """Wait until every program has arrived; ``target`` grows by ``nprog`` at each barrier.
 
@@ -365,13 +468,14 @@ def _sync(counter_ptr, nprog, count, SYNC: tl.constexpr):
 def _forward_phase(
     PHASE: tl.constexpr, s, pid, nprog,
     gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
-    hd_ptr, zh_ptr, zc_ptr, zoneout_p,
+    hd_ptr, zh_ptr, zc_ptr, zoneout_p, nhg_ptr, nhb_ptr, ncg_ptr, ncb_ptr, raw_ptr, craw_ptr,
     hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
     T, B, H, H_OUT,
     MODE: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, G: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
     HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr, CARRY_OUT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr,
+    NORM_HH: tl.constexpr, NORM_CELL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -380,14 +484,19 @@ def _forward_phase(
     else:
         t = s
     GH = G * H
-    # LSTM_PROJ's second phase produces h (H_OUT columns); every other phase H columns.
-    if MODE == MODE_LSTM_PROJ and PHASE == 1:
+    # The phases of a step (see forward_phases): [raw W_hh h_in, with NORM_HH], the gates and
+    # the cell, [h = o * act(LN(c)), with NORM_CELL], [GRU_BEFORE's candidate or LSTM_PROJ's
+    # W_hr]; the last one writes h.
+    CELL: tl.constexpr = 1 if NORM_HH else 0
+    CELL_OUT: tl.constexpr = CELL + 1 if NORM_CELL else CELL
+    SECOND: tl.constexpr = CELL_OUT + 1
+    TWO_PHASES: tl.constexpr = MODE == MODE_GRU_BEFORE or MODE == MODE_LSTM_PROJ
+    WRITE_H: tl.constexpr = PHASE == (SECOND if TWO_PHASES else CELL_OUT)
+    # LSTM_PROJ's projection produces h (H_OUT columns); every other phase H columns.
+    if MODE == MODE_LSTM_PROJ and PHASE == SECOND:
         N = H_OUT
     else:
         N = H
-    # Phase 0 of GRU_BEFORE and of LSTM_PROJ leaves h to the next phase.
-    TWO_PHASES: tl.constexpr = MODE == MODE_GRU_BEFORE or MODE == MODE_LSTM_PROJ
-    WRITE_H: tl.constexpr = not (TWO_PHASES and PHASE == 0)
     tiles_n = (N + BLOCK_N - 1) // BLOCK_N
     tiles = (B + BLOCK_B - 1) // BLOCK_B * tiles_n
     h_prev = hseq_ptr + s * B * H_OUT
@@ -396,15 +505,29 @@ def _forward_phase(
     pre = pre_ptr + s * B * GH
     aux = aux_ptr + s * B * H
     out = out_ptr + t * B * H_OUT
+    raw = raw_ptr + s * B * GH
+    craw = craw_ptr + s * B * H
     for tile in range(pid, tiles, nprog):
         offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
         active = _active(len_ptr, mk_ptr, t, B, offs_b, b_mask, HAS_LENGTHS, HAS_MASK)
         code = _codes(rs_ptr, t, B, offs_b, b_mask, HAS_RESETS)
-        if MODE == MODE_LSTM_PROJ and PHASE == 1:
+        if NORM_HH and PHASE == 0:
+            # The raw recurrent product of every gate this tile owns, normalized next phase.
+            hh0, hh1, hh2, hh3 = _recurrent_gates(
+                h_prev, hseq_ptr, rh_ptr, code, hd_ptr, offs_b, b_mask, H_OUT, w_hh_ptr,
+                b_hh_ptr, H, offs_n, n_mask, G, False, HAS_RESETS, HAS_DROPOUT,
+                BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            _store(raw, GH, offs_b, offs_n, mask, hh0)
+            _store(raw + H, GH, offs_b, offs_n, mask, hh1)
+            if G > 2:
+                _store(raw + 2 * H, GH, offs_b, offs_n, mask, hh2)
+            if G > 3:
+                _store(raw + 3 * H, GH, offs_b, offs_n, mask, hh3)
+        elif MODE == MODE_LSTM_PROJ and PHASE == SECOND:
             # h = W_hr m, m = o * act(c) from phase 0.
             h_new = _mm(aux, H, offs_b, b_mask, H, w_hr_ptr, 1, H, offs_n, n_mask,
                         BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
-        elif MODE == MODE_GRU_BEFORE and PHASE == 1:
+        elif MODE == MODE_GRU_BEFORE and PHASE == SECOND:
             # n = act(x_n + W_hn (r * h_in) + b_hn), r * h_in from phase 0.
             n_pre = _load(gx + 2 * H, GH, offs_b, offs_n, mask) + _mm(
                 aux, H, offs_b, b_mask, H, w_hh_ptr + 2 * H * H_OUT, 1, H_OUT, offs_n, n_mask,
@@ -416,13 +539,27 @@ def _forward_phase(
             h_old = _start(h_prev, hseq_ptr, rh_ptr, code, H_OUT, offs_b, offs_n, mask,
                            HAS_RESETS).to(tl.float32)
             h_new = (1.0 - update) * _activate(n_pre, ACT) + update * h_old
+        elif NORM_CELL and PHASE == CELL_OUT:
+            # h = o * act(LN(c) * gain + bias), c from the cell phase (carried unnormalized).
+            mean, rstd = _row_stats(craw, H, offs_b, b_mask, H, BLOCK_B, BLOCK_N)
+            shown = _normed(craw, ncg_ptr, ncb_ptr, H, offs_b, offs_n, mask, n_mask, mean, rstd)
+            h_new = _activate(_load(pre + 3 * H, GH, offs_b, offs_n, mask), GATE) * _activate(
+                shown, ACT)
+            if MODE == MODE_LSTM_PROJ:
+                _store(aux, H, offs_b, offs_n, mask, h_new)
         else:
-            # Phase 0: the recurrent matmul of every gate this tile owns, then the cell math.
+            # The cell phase: the recurrent gates this tile owns (the matmul, or the layer norm
+            # of the raw product), then the cell math.
             NUM_GATES: tl.constexpr = 2 if MODE == MODE_GRU_BEFORE else G
-            hh0, hh1, hh2, hh3 = _recurrent_gates(
-                h_prev, hseq_ptr, rh_ptr, code, hd_ptr, offs_b, b_mask, H_OUT, w_hh_ptr,
-                b_hh_ptr, H, offs_n, n_mask, NUM_GATES, HAS_BIAS, HAS_RESETS, HAS_DROPOUT,
-                BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            if NORM_HH:
+                hh0, hh1, hh2, hh3 = _normed_gates(
+                    raw, nhg_ptr, nhb_ptr, b_hh_ptr, offs_b, b_mask, H, offs_n, n_mask, mask,
+                    NUM_GATES, HAS_BIAS, BLOCK_B, BLOCK_N)
+            else:
+                hh0, hh1, hh2, hh3 = _recurrent_gates(
+                    h_prev, hseq_ptr, rh_ptr, code, hd_ptr, offs_b, b_mask, H_OUT, w_hh_ptr,
+                    b_hh_ptr, H, offs_n, n_mask, NUM_GATES, HAS_BIAS, HAS_RESETS, HAS_DROPOUT,
+                    BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
             a0 = _load(gx, GH, offs_b, offs_n, mask) + hh0
             _store(pre, GH, offs_b, offs_n, mask, a0)
             if MODE == MODE_RNN:
@@ -453,9 +590,12 @@ def _forward_phase(
                     c_old = _start(cseq_ptr + s * B * H, cseq_ptr, rc_ptr, code, H, offs_b, offs_n,
                                    mask, HAS_RESETS).to(tl.float32)
                     c_new = _activate(a1, GATE) * c_old + _activate(a0, GATE) * _activate(a2, ACT)
-                    h_new = _activate(a3, GATE) * _activate(c_new, ACT)
-                    if MODE == MODE_LSTM_PROJ:
-                        _store(aux, H, offs_b, offs_n, mask, h_new)
+                    if NORM_CELL:  # h in the next phase, from the whole row of c
+                        _store(craw, H, offs_b, offs_n, mask, c_new)
+                    else:
+                        h_new = _activate(a3, GATE) * _activate(c_new, ACT)
+                        if MODE == MODE_LSTM_PROJ:
+                            _store(aux, H, offs_b, offs_n, mask, h_new)
                     if ZONE_C != ZONE_NONE:  # after the cell: h above saw the new c
                         keep = _keep(zc_ptr + t * B * H, H, offs_b, offs_n, mask, zoneout_p,
                                      ZONE_C)
@@ -489,13 +629,14 @@ def _forward_phase(
 @triton.jit(do_not_specialize=["step_start"])
 def forward_kernel(
     gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
-    hd_ptr, zh_ptr, zc_ptr, zoneout_p,
+    hd_ptr, zh_ptr, zc_ptr, zoneout_p, nhg_ptr, nhb_ptr, ncg_ptr, ncb_ptr, raw_ptr, craw_ptr,
     hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr, counter_ptr,
     T, B, H, H_OUT, step_start, num_steps,
     MODE: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, G: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
     HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr, CARRY_OUT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr,
+    NORM_HH: tl.constexpr, NORM_CELL: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -513,11 +654,11 @@ def forward_kernel(
             _forward_phase(
                 phase, s, pid, nprog,
                 gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
-                hd_ptr, zh_ptr, zc_ptr, zoneout_p,
-                hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
+                hd_ptr, zh_ptr, zc_ptr, zoneout_p, nhg_ptr, nhb_ptr, ncg_ptr, ncb_ptr, raw_ptr,
+                craw_ptr, hseq_ptr, cseq_ptr, out_ptr, pre_ptr, aux_ptr,
                 T, B, H, H_OUT,
                 MODE, ACT, GATE, G, HAS_BIAS, HAS_LENGTHS, REVERSE, HAS_RESETS, HAS_MASK,
-                CARRY_OUT, HAS_DROPOUT, ZONE_H, ZONE_C,
+                CARRY_OUT, HAS_DROPOUT, ZONE_H, ZONE_C, NORM_HH, NORM_CELL,
                 BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
             )
             _sync(counter_ptr, nprog, i * (PHASE_LAST - PHASE_FIRST + 1) + phase - PHASE_FIRST + 1,
@@ -528,17 +669,37 @@ def forward_kernel(
 
 
 @triton.jit
+def _cell_grad_h(s, t, B, H, H_OUT, w_hr_ptr, dhseq_ptr, dout_ptr, gaux_ptr, zh_ptr, zoneout_p,
+                 offs_b, b_mask, offs_n, n_mask, mask,
+                 MODE: tl.constexpr, ZONE_H: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """The gradient of the cell's own ``h`` (before zoneout; LSTM_PROJ: of ``o * act(c)``)."""
+    if MODE == MODE_LSTM_PROJ:
+        grad_h = _mm(gaux_ptr + s * B * H_OUT, H_OUT, offs_b, b_mask, H_OUT, w_hr_ptr, H, 1,
+                     offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        grad_h = _load(dhseq_ptr + (s + 1) * B * H_OUT, H_OUT, offs_b, offs_n, mask) + _load(
+            dout_ptr + t * B * H_OUT, H_OUT, offs_b, offs_n, mask)
+        if ZONE_H != ZONE_NONE:
+            grad_h = grad_h * (1.0 - _keep(zh_ptr + t * B * H_OUT, H_OUT, offs_b, offs_n, mask,
+                                           zoneout_p, ZONE_H))
+    return grad_h
+
+
+@triton.jit
 def _backward_phase(
     PHASE: tl.constexpr, s, pid, nprog,
     w_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
-    hd_ptr, zh_ptr, zc_ptr, zoneout_p,
-    hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
+    hd_ptr, zh_ptr, zc_ptr, zoneout_p, nhg_ptr, ncg_ptr, ncb_ptr, raw_ptr, craw_ptr, draw_ptr,
+    dcy_ptr, hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
     dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr,
     T, B, H, H_OUT,
     MODE: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, G: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
     HAS_MASK: tl.constexpr, CARRY_OUT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr,
+    NORM_HH: tl.constexpr, NORM_CELL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -547,8 +708,12 @@ def _backward_phase(
     else:
         t = s
     GH = G * H
-    THREE_PHASES: tl.constexpr = MODE == MODE_GRU_BEFORE or MODE == MODE_LSTM_PROJ
-    LAST: tl.constexpr = PHASE == (2 if THREE_PHASES else 1)
+    # The phases of a step, backward (see phase_columns): [LSTM_PROJ: the gradient of W_hr's
+    # output], [NORM_CELL: the gradient of LN(c) and of o], the cell's gradients,
+    # [GRU_BEFORE: through W_hn (r * h_in)], [NORM_HH: through LN(W_hh h_in)], dh_prev.
+    CELL: tl.constexpr = (1 if MODE == MODE_LSTM_PROJ else 0) + (1 if NORM_CELL else 0)
+    LAST: tl.constexpr = PHASE == (
+        CELL + 1 + (1 if MODE == MODE_GRU_BEFORE else 0) + (1 if NORM_HH else 0))
     # The last phase and LSTM_PROJ's first produce H_OUT columns; the others H columns.
     if LAST or (MODE == MODE_LSTM_PROJ and PHASE == 0):
         N = H_OUT
@@ -565,6 +730,10 @@ def _backward_phase(
     dgx = dgx_ptr + s * B * GH
     dghh = dghh_ptr + s * B * GH
     zh = zh_ptr + t * B * H_OUT
+    raw = raw_ptr + s * B * GH
+    craw = craw_ptr + s * B * H
+    draw = draw_ptr + s * B * GH
+    dcy = dcy_ptr + s * B * H
     for tile in range(pid, tiles, nprog):
         offs_b, offs_n, b_mask, n_mask, mask = _tile(tile, tiles_n, B, N, BLOCK_B, BLOCK_N)
         active = _active(len_ptr, mk_ptr, t, B, offs_b, b_mask, HAS_LENGTHS, HAS_MASK)
@@ -579,7 +748,11 @@ def _backward_phase(
                 K = 2 * H
             else:
                 K = GH
-            dh = _mm(dghh, GH, offs_b, b_mask, K, w_hh_ptr, H_OUT, 1, offs_n, n_mask,
+            if NORM_HH:  # the gradient of the raw product, from the phase before
+                d_raw = draw
+            else:
+                d_raw = dghh
+            dh = _mm(d_raw, GH, offs_b, b_mask, K, w_hh_ptr, H_OUT, 1, offs_n, n_mask,
                      BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
             if MODE == MODE_GRU_BEFORE:
                 dh += _load(gaux, H_OUT, offs_b, offs_n, mask)  # through W_hn (r * h_in)
@@ -603,7 +776,29 @@ def _backward_phase(
             if ZONE_H != ZONE_NONE:
                 grad_h = grad_h * (1.0 - _keep(zh, H_OUT, offs_b, offs_n, mask, zoneout_p, ZONE_H))
             _store(gaux, H_OUT, offs_b, offs_n, mask, tl.where(active, grad_h, 0.0))
-        elif MODE == MODE_GRU_BEFORE and PHASE == 1:
+        elif NORM_HH and PHASE == CELL + 1:
+            # Through the layer norm of W_hh h_in: every gate of this tile's columns.
+            mean, rstd = _row_stats(raw, GH, offs_b, b_mask, GH, BLOCK_B, BLOCK_N)
+            mean_dxhat, mean_dxhat_xhat = _norm_grad_stats(
+                dghh, raw, nhg_ptr, GH, offs_b, b_mask, GH, mean, rstd, BLOCK_B, BLOCK_N)
+            for g in tl.static_range(G):
+                _store(draw + g * H, GH, offs_b, offs_n, mask, _norm_grad(
+                    dghh + g * H, raw + g * H, nhg_ptr + g * H, GH, offs_b, offs_n, mask, n_mask,
+                    mean, rstd, mean_dxhat, mean_dxhat_xhat))
+        elif NORM_CELL and PHASE == CELL - 1:
+            # h = o * act(y), y = LN(c) * gain + bias: the gradients of y (kept for the next
+            # phase's row sums) and of o.
+            grad_h = _cell_grad_h(s, t, B, H, H_OUT, w_hr_ptr, dhseq_ptr, dout_ptr, gaux_ptr,
+                                  zh_ptr, zoneout_p, offs_b, b_mask, offs_n, n_mask, mask,
+                                  MODE, ZONE_H, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
+            mean, rstd = _row_stats(craw, H, offs_b, b_mask, H, BLOCK_B, BLOCK_N)
+            shown = _normed(craw, ncg_ptr, ncb_ptr, H, offs_b, offs_n, mask, n_mask, mean, rstd)
+            o_pre = _load(pre + 3 * H, GH, offs_b, offs_n, mask)
+            d_shown = grad_h * _activate(o_pre, GATE) * _activate_grad(shown, ACT)
+            d_o = grad_h * _activate(shown, ACT) * _activate_grad(o_pre, GATE)
+            _store(dcy, H, offs_b, offs_n, mask, tl.where(active, d_shown, 0.0))
+            _store(dgx + 3 * H, GH, offs_b, offs_n, mask, tl.where(active, d_o, 0.0))
+        elif MODE == MODE_GRU_BEFORE and PHASE == CELL + 1:
             # d(r*h_in) = dn_pre @ W_hn; then the reset gate, and d(r*h_in) * r towards dh_prev.
             d_rh = _mm(dghh + 2 * H, GH, offs_b, b_mask, H, w_hh_ptr + 2 * H * H_OUT, H_OUT, 1,
                        offs_n, n_mask, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
@@ -618,16 +813,11 @@ def _backward_phase(
             _store(gaux, H_OUT, offs_b, offs_n, mask, d_rh * _activate(r_pre, GATE))
         else:
             # The cell's own gradients: H columns, all elementwise. grad_h is the gradient of
-            # the cell's h, before zoneout.
-            if MODE == MODE_LSTM_PROJ:
-                grad_h = _mm(gaux, H_OUT, offs_b, b_mask, H_OUT, w_hr_ptr, H, 1, offs_n, n_mask,
-                             BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
-            else:
-                grad_h = _load(dh_next, H_OUT, offs_b, offs_n, mask) + _load(
-                    dout, H_OUT, offs_b, offs_n, mask)
-                if ZONE_H != ZONE_NONE:
-                    grad_h = grad_h * (1.0 - _keep(zh, H_OUT, offs_b, offs_n, mask, zoneout_p,
-                                                   ZONE_H))
+            # the cell's h, before zoneout (with NORM_CELL, the phase before used it).
+            if not NORM_CELL:
+                grad_h = _cell_grad_h(s, t, B, H, H_OUT, w_hr_ptr, dhseq_ptr, dout_ptr, gaux_ptr,
+                                      zh_ptr, zoneout_p, offs_b, b_mask, offs_n, n_mask, mask,
+                                      MODE, ZONE_H, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION)
             if MODE == MODE_RNN:
                 d_a = grad_h * _activate_grad(_load(pre, GH, offs_b, offs_n, mask), ACT)
                 _store(dgx, GH, offs_b, offs_n, mask, tl.where(active, d_a, 0.0))
@@ -665,8 +855,6 @@ def _backward_phase(
                 a_g = _activate(g_pre, ACT)
                 c_old = _start(cseq_ptr + s * B * H, cseq_ptr, rc_ptr, code, H, offs_b, offs_n,
                                mask, HAS_RESETS).to(tl.float32)
-                c_new = a_f * c_old + a_i * a_g
-                act_c = _activate(c_new, ACT)
                 # dc_carry is the gradient of the carried c (after zoneout).
                 dc_carry = _load(dcseq_ptr + (s + 1) * B * H, H, offs_b, offs_n, mask)
                 if ZONE_C != ZONE_NONE:
@@ -674,15 +862,23 @@ def _backward_phase(
                     dc = dc_carry * (1.0 - keep_c)
                 else:
                     dc = dc_carry
-                dc = dc + grad_h * _activate(o_pre, GATE) * _activate_grad(c_new, ACT)
+                if NORM_CELL:  # through LN(c); o's gradient came from the phase before
+                    mean, rstd = _row_stats(craw, H, offs_b, b_mask, H, BLOCK_B, BLOCK_N)
+                    mean_dxhat, mean_dxhat_xhat = _norm_grad_stats(
+                        dcy, craw, ncg_ptr, H, offs_b, b_mask, H, mean, rstd, BLOCK_B, BLOCK_N)
+                    dc = dc + _norm_grad(dcy, craw, ncg_ptr, H, offs_b, offs_n, mask, n_mask, mean,
+                                         rstd, mean_dxhat, mean_dxhat_xhat)
+                else:
+                    c_new = a_f * c_old + a_i * a_g
+                    dc = dc + grad_h * _activate(o_pre, GATE) * _activate_grad(c_new, ACT)
+                    d_o = grad_h * _activate(c_new, ACT) * _activate_grad(o_pre, GATE)
+                    _store(dgx + 3 * H, GH, offs_b, offs_n, mask, tl.where(active, d_o, 0.0))
                 d_i = tl.where(active, dc * a_g * _activate_grad(i_pre, GATE), 0.0)
                 d_f = tl.where(active, dc * c_old * _activate_grad(f_pre, GATE), 0.0)
                 d_g = tl.where(active, dc * a_i * _activate_grad(g_pre, ACT), 0.0)
-                d_o = tl.where(active, grad_h * act_c * _activate_grad(o_pre, GATE), 0.0)
                 _store(dgx, GH, offs_b, offs_n, mask, d_i)
                 _store(dgx + H, GH, offs_b, offs_n, mask, d_f)
                 _store(dgx + 2 * H, GH, offs_b, offs_n, mask, d_g)
-                _store(dgx + 3 * H, GH, offs_b, offs_n, mask, d_o)
                 dc_prev = dc * a_f
                 if ZONE_C != ZONE_NONE:
                     dc_prev += dc_carry * keep_c
@@ -696,13 +892,15 @@ def _backward_phase(
 @triton.jit(do_not_specialize=["step_start"])
 def backward_kernel(
     w_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr, hd_ptr, zh_ptr, zc_ptr,
-    zoneout_p, hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
+    zoneout_p, nhg_ptr, ncg_ptr, ncb_ptr, raw_ptr, craw_ptr, draw_ptr, dcy_ptr,
+    hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
     dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr, counter_ptr,
     T, B, H, H_OUT, step_start, num_steps,
     MODE: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, G: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_RESETS: tl.constexpr,
     HAS_MASK: tl.constexpr, CARRY_OUT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr,
+    NORM_HH: tl.constexpr, NORM_CELL: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -716,12 +914,12 @@ def backward_kernel(
             _backward_phase(
                 phase, s, pid, nprog,
                 w_hh_ptr, w_hr_ptr, len_ptr, mk_ptr, rs_ptr, rh_ptr, rc_ptr,
-                hd_ptr, zh_ptr, zc_ptr, zoneout_p,
-                hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
+                hd_ptr, zh_ptr, zc_ptr, zoneout_p, nhg_ptr, ncg_ptr, ncb_ptr, raw_ptr, craw_ptr,
+                draw_ptr, dcy_ptr, hseq_ptr, cseq_ptr, pre_ptr, aux_ptr,
                 dout_ptr, dhseq_ptr, dcseq_ptr, dgx_ptr, dghh_ptr, gaux_ptr, drh_ptr, drc_ptr,
                 T, B, H, H_OUT,
                 MODE, ACT, GATE, G, HAS_LENGTHS, REVERSE, HAS_RESETS, HAS_MASK, CARRY_OUT,
-                HAS_DROPOUT, ZONE_H, ZONE_C,
+                HAS_DROPOUT, ZONE_H, ZONE_C, NORM_HH, NORM_CELL,
                 BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
             )
             _sync(counter_ptr, nprog, i * (PHASE_LAST - PHASE_FIRST + 1) + phase - PHASE_FIRST + 1,

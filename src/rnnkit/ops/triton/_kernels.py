@@ -25,6 +25,18 @@ state goes to ``dreset_h`` ``(2, B, H_OUT)`` / ``dreset_c`` ``(2, B, H)`` (plane
 plane 1: code 2; summed over steps, each tile by its one owner, so no atomics) and the carried
 state gets none.
 
+Issue 14's fields (constexpr switches, each off by default): ``HAS_DROPOUT`` multiplies the
+start state by ``hidden_dropout`` ``(B, H_OUT)`` where it enters ``W_hh`` (and GRU_BEFORE's
+``W_hn (r * h)``); ``ZONE_H``/``ZONE_C`` mix the new state with the start state after the cell
+(``ZONE_MASK``: the masks ``zoneout_h`` ``(T, B, H_OUT)`` / ``zoneout_c`` ``(T, B, H)`` by
+``t``; ``ZONE_EXPECT``: the probability ``zoneout_p``); ``ACT`` and ``GATE`` pick the cell's
+activation and the gates' from the table. ``NORM_HH`` keeps the raw ``W_hh h_in`` in ``raw``
+``(T, B, GH)`` and normalizes it with ``nhg``/``nhb`` a phase later (backward: ``draw``, its
+gradient); ``NORM_CELL`` keeps LSTM's new ``c`` in ``craw`` ``(T, B, H)`` and forms
+``h = o * act(LN(c) * ncg + ncb)`` a phase later (backward: ``dcy``, the gradient of
+``LN(c) * ncg + ncb``). The cell phase keeps each cell's gate math; the norms change only
+where its recurrent gates come from and, for LSTM, the phase that forms ``h``.
+
 A *phase* is the part of a step that needs no other program's result of the same step. Each
 phase is a loop over ``(batch block, column block)`` tiles, ``for tile in range(pid, tiles,
 nprog)``, so the same code runs one tile per program (one launch per step and phase) or many

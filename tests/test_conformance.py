@@ -398,3 +398,77 @@ def test_cpu_kernels_equal_reference_with_mask_threaded(cell_id, spec, proj):
     call = _cpu_dtype_call(spec, proj, torch.float64, hidden=64, reverse=False, carry=True,
                            resets=False, batch=4, steps=5)
     _check("cpu", call, torch.float64)
+
+
+# Issue 14's fields (recurrent dropout, zoneout, gate activations, layer norm), on every fused
+# backend that serves them; the Triton kernels serve all of them (norm_hh for LSTM and the
+# reset-after GRU only), a backend that does not must name why.
+
+REGULARIZED_CELLS = [
+    ("rnn", CellSpec("rnn"), 0),
+    ("gru-after", CellSpec("gru"), 0),
+    ("gru-before", CellSpec("gru", reset_after=False), 0),
+    ("lstm", CellSpec("lstm"), 0),
+    ("lstm-proj", CellSpec("lstm"), 3),
+]
+# (id, spec changes, fields): "dropout", "zoneout" (training masks) and "norms" ask for the
+# call's tensors; zoneout without masks is the evaluation expectation.
+REGULARIZED_CASES = [
+    ("dropout", {}, ("dropout",)),
+    ("zoneout-train", {"zoneout": 0.3}, ("zoneout",)),
+    ("zoneout-eval", {"zoneout": 0.3}, ()),
+    ("gates", {"nonlinearity": "softsign", "recurrent_activation": "hard_sigmoid"}, ()),
+    ("layer-norm", {"layer_norm": True}, ("norms",)),
+    ("all", {"zoneout": 0.5, "recurrent_activation": "hard_sigmoid", "layer_norm": True},
+     ("dropout", "zoneout", "norms", "resets", "mask")),
+]
+
+
+def _regularized(spec, proj, dtype, device, changes, wanted, seed=3):
+    """`_make`'s call with issue 14's fields: masks without gradients, norms with them."""
+    hidden, batch, steps = 8, 3, 4
+    spec = replace(spec, **changes)
+    call = _make(spec, proj, dtype, device, lengths=True, resets="resets" in wanted,
+                 reverse=True, seed=seed, steps=steps, batch=batch, hidden=hidden,
+                 mask="mask" in wanted)
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def draw(*shape, scale=1.0, offset=0.0, grad=False):
+        t = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale + offset
+        return t.to(device, dtype).requires_grad_(grad)
+
+    def bernoulli(p, *shape):
+        return (torch.rand(*shape, generator=generator) < p).to(device, dtype)
+
+    out_size = proj or hidden
+    fields = {}
+    if "dropout" in wanted:
+        fields["hidden_dropout"] = (1 - bernoulli(0.3, batch, out_size)) / 0.7
+    if "zoneout" in wanted:
+        fields["zoneout_h"] = bernoulli(spec.zoneout, steps, batch, out_size)
+        if spec.mode == "lstm":
+            fields["zoneout_c"] = bernoulli(spec.zoneout, steps, batch, hidden)
+    if "norms" in wanted:
+        if spec.mode == "lstm" or (spec.mode == "gru" and spec.reset_after):
+            gates = spec.num_gates * hidden
+            fields["norm_hh"] = (draw(gates, scale=0.3, offset=1.0, grad=True),
+                                 draw(gates, scale=0.2, grad=True))
+        if spec.mode == "lstm":
+            fields["norm_cell"] = (draw(hidden, scale=0.3, offset=1.0, grad=True),
+                                   draw(hidden, scale=0.2, grad=True))
+    return replace(call, spec=spec, **fields)
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("case, changes, wanted", REGULARIZED_CASES,
+                         ids=[c[0] for c in REGULARIZED_CASES])
+@pytest.mark.parametrize("cell_id, spec, proj", REGULARIZED_CELLS,
+                         ids=[c[0] for c in REGULARIZED_CELLS])
+def test_regularized_calls_equal_reference_or_name_why(name, cell_id, spec, proj, case, changes,
+                                                       wanted):
+    device = _device(name)
+    dtype = _dtype(name, device)
+    call = _regularized(spec, proj, dtype, device, changes, wanted)
+    if name == "triton":  # the Triton kernels serve every one of these calls
+        assert dispatch.registered()[name].unsupported_reason(call) is None
+    _check(name, call, dtype)

@@ -243,16 +243,17 @@ def test_layer_gradgradcheck_on_cpu_backend(counted):
 
 def _forward_args(**given):
     """The forward op's arguments in schema order: those given, None for the other optional
-    tensors, 0 and False for the other codes."""
+    tensors, zero or False for the other codes."""
     schema = torch.ops.rnnkit.cpu_recurrence_forward.default._schema
+    given.setdefault("gate_activation", CODES["sigmoid"])
     args = []
     for argument in schema.arguments:
         if argument.name in given:
             args.append(given.pop(argument.name))
         else:
             kind = str(argument.type)
-            assert kind in ("Optional[Tensor]", "int", "bool"), (argument.name, kind)
-            args.append({"int": 0, "bool": False}.get(kind))
+            assert kind in ("Optional[Tensor]", "int", "float", "bool"), (argument.name, kind)
+            args.append({"int": 0, "float": 0.0, "bool": False}.get(kind))
     assert not given, f"not in the schema: {sorted(given)}"
     return tuple(args)
 

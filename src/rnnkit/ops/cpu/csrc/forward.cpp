@@ -86,6 +86,11 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   const ResetStates<T>* resets = steps.resets ? &io.resets : nullptr;
   // W_hh packed gate-interleaved: the fused LSTM step, or the fused GRU step (reset after).
   const T* lstm_packed = mode == kLSTM ? fused_packed : nullptr;
+  const Regularization<T>& reg = io.reg;
+  const bool zoned = reg.zoned();
+  // The fused steps' regularized instance: dropout, zoneout or other activations.
+  const bool regularized = reg.dropout != nullptr || zoned || !cell.plain();
+  const CodedActs<T> coded{cell.gate_activation, activation};
   if (fused_packed && !project) {
     // The whole loop in one parallel region: each thread owns a fixed share of the hidden
     // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
@@ -103,17 +108,24 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         LstmStep<T> st{H, Hout, GH, gx, bias, from, to, output + t * B * Hout, nullptr, c,
                        save ? cells + t * cells_stride : nullptr, saved, &steps, t};
         st.resets = resets;  // every thread reads whole rows of `from`: selected per row
-        lstm_panels<T>(st, B, fused_packed, p0, p1);
+        st.reg = &reg, st.acts = coded;
+        if (regularized) {
+          lstm_panels<T, true>(st, B, fused_packed, p0, p1);
+        } else {
+          lstm_panels<T>(st, B, fused_packed, p0, p1);
+        }
       } else {
-        const GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t,
-                            resets};
-        gru_panels<T>(st, B, fused_packed, p0, p1);
+        GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t, resets};
+        st.reg = &reg, st.acts = coded;
+        if (regularized) {
+          gru_panels<T, true>(st, B, fused_packed, p0, p1);
+        } else {
+          gru_panels<T>(st, B, fused_packed, p0, p1);
+        }
       }
     });
     return;
   }
-  const Regularization<T>& reg = io.reg;
-  const bool zoned = reg.zoned();
   // The general steps, for the cell's activations (acts: PlainActs or CodedActs).
   auto general_steps = [&](const auto& acts) {
   for (int64_t step = step0; step < step1; ++step) {
@@ -207,11 +219,15 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       // Projected (the loop above serves the rest): the fused cell step writes o * tanh(c)
       // into m, and h = W_hr m follows below.
       const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
-      const LstmStep<T> st{H, Hout, GH, gx, bias, h, nullptr, out,
-                           projected + t * projected_stride, c,
-                           save ? cells + t * cells_stride : nullptr, save ? saved : nullptr,
-                           &steps, t};
-      lstm_step<T>(st, B, lstm_packed);
+      LstmStep<T> st{H, Hout, GH, gx, bias, h, nullptr, out, projected + t * projected_stride,
+                     c, save ? cells + t * cells_stride : nullptr, save ? saved : nullptr,
+                     &steps, t};
+      st.reg = &reg, st.acts = coded;
+      if (regularized) {
+        lstm_step<T, true>(st, B, lstm_packed);
+      } else {
+        lstm_step<T>(st, B, lstm_packed);
+      }
     } else {
       step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
       T* cell_out = cells + t * cells_stride;
@@ -318,7 +334,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const int64_t unit = gates_x.scalar_type() == at::kFloat ? Vec<float>::size()
                                                            : Vec<double>::size();
   const bool fused = (lstm || (mode == kGRU && reset_after)) && H > 0 && Hout > 0 &&
-                     H % unit == 0 && !regs.any() && cell.plain();
+                     H % unit == 0;
   const Tensor w_t = fused ? Tensor() : weight_hh.t().contiguous();
   const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {

@@ -186,7 +186,6 @@ struct Regularizers {
   Tensor dropout, zone_h, zone_c;
   double zoneout = 0;
 
-  bool any() const { return dropout.defined() || zone_h.defined() || zoneout != 0; }
   template <typename T>
   Regularization<T> view() const {
     Regularization<T> reg;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rnnkit import bench
 
@@ -46,3 +47,20 @@ def test_quick_resets_bench_writes_json(tmp_path, capsys):
     assert set(row["all_s"]) == {"loop", "resets", "plain", "torch"}
     assert all(len(v) == 5 for v in row["all_s"].values())
     assert row["speedup_vs_loop"] > 0 and row["overhead_vs_plain"] > 0
+
+
+def test_contended_runs_one_busy_process_and_stops_it():
+    import multiprocessing
+
+    with bench.contended():
+        (worker,) = multiprocessing.active_children()
+        assert worker.is_alive()
+    assert not worker.is_alive()
+    with bench.contended(False):
+        assert multiprocessing.active_children() == []
+
+
+def test_capability_line_names_isa_threads_and_blas():
+    line = bench.capability_line()
+    assert torch.backends.cpu.get_cpu_capability() in line
+    assert f"{torch.get_num_threads()} threads" in line and "BLAS" in line

@@ -193,6 +193,7 @@ def test_named_activations_follow_the_elman_equation(name):
         "gelu": torch.nn.functional.gelu, "softsign": lambda t: t / (1 + t.abs()),
         "hardtanh": lambda t: t.clamp(-1, 1),
         "softplus": lambda t: torch.where(t > 20, t, torch.log1p(torch.exp(t))),
+        "hard_sigmoid": lambda t: (t / 6 + 0.5).clamp(0, 1),  # Keras 3's definition
     }[name]
     torch.testing.assert_close(cell(x, h), reference(pre), atol=1e-12, rtol=0)
 

@@ -109,7 +109,11 @@ def assert_close_all(actual, expected, atol, rtol=1e-6):
 @st.composite
 def configurations(draw):
     mode = draw(st.sampled_from(["rnn", "gru", "lstm"]))
-    spec = CellSpec(mode, draw(st.sampled_from(sorted(ACTIVATIONS))), draw(st.booleans()))
+    # RNN: the rows the kernels have a formula for (the rest are refused, test_conformance).
+    # GRU/LSTM: torch.nn's tanh; other activations are regularized calls, refused for now.
+    served = sorted(name for name in ACTIVATIONS if name in host.kernels().ACTIVATION_CODES)
+    activation = draw(st.sampled_from(served)) if mode == "rnn" else "tanh"
+    spec = CellSpec(mode, activation, draw(st.booleans()))
     hidden = draw(st.integers(1, 24))
     batch = draw(st.integers(1, 5))
     seq_len = draw(st.integers(1, 4))

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -71,6 +72,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-memory", action="store_true", help="skip the training peak memory comparison"
     )
     parser.add_argument(
+        "--contended", action="store_true",
+        help="run one busy Python process beside the measurement (a competing job)",
+    )
+    parser.add_argument(
         "--resets", action="store_true",
         help="the recurrent-RL case instead of the grid: LSTM 512->128, T=128, B=8 and 64, "
         "1%% of steps resetting, forward+backward; rnnkit's one call with resets= against "
@@ -86,6 +91,47 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cpu" and args.dtype in ("bfloat16", "float16"):
         parser.error(f"--dtype {args.dtype} is for --device cuda; the cpu kernels are fp32/fp64")
     return args
+
+
+def _busy_loop() -> None:
+    """A competing job: plain Python arithmetic until killed (one core's worth of load)."""
+    total = 0
+    while True:
+        for i in range(1_000_000):
+            total += i * i
+
+
+@contextlib.contextmanager
+def contended(enabled: bool = True):
+    """Run one busy background process (not pinned to a core) while the block runs.
+
+    This is the load of a data-loader worker or another job on a workstation: with 2 cores,
+    one of the two threads of a measurement loses its core from time to time.
+    """
+    if not enabled:
+        yield
+        return
+    import multiprocessing
+
+    worker = multiprocessing.get_context("spawn").Process(target=_busy_loop, daemon=True)
+    worker.start()
+    try:
+        time.sleep(0.5)  # let it reach its loop
+        yield
+    finally:
+        worker.kill()
+        worker.join()
+
+
+def capability_line() -> str:
+    """What the figures ran on: the CPU's vector ISA as torch sees it, threads, torch's BLAS."""
+    found = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    blas = found.group(1) if found else "unknown"
+    return (
+        f"CPU: {platform.machine()}, torch capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads, torch BLAS {blas}"
+        f"{', oneDNN' if torch.backends.mkldnn.is_available() else ''}"
+    )
 
 
 def _sync(device: str) -> None:
@@ -359,6 +405,12 @@ def _plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the process exit status."""
     args = _parse(argv)
+    print(capability_line() + ("; one busy process competing" if args.contended else ""))
+    with contended(args.contended):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.resets:
         print(
             f"rnnkit bench --resets: {args.device} {args.dtype}, {torch.get_num_threads()} "

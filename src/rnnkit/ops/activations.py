@@ -61,6 +61,8 @@ TABLE: tuple[ActivationRow, ...] = (
     ActivationRow("hardtanh", F.hardtanh, "hard_tanh", "hard_tanh", "HardTanh", None),
     ActivationRow("softplus", F.softplus, "softplus", "softplus", "Softplus", "Softplus",
                   saves_derivative=True),
+    # Keras 3's hard_sigmoid, relu6(x + 3) / 6 (Keras 2's was clip(0.2 x + 0.5, 0, 1)).
+    ActivationRow("hard_sigmoid", F.hardsigmoid, "hard_sigmoid", None, None, None),
 )
 
 ROWS: dict[str, ActivationRow] = {row.name: row for row in TABLE}

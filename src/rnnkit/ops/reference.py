@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.ops.backend import BackendBase
-from rnnkit.ops.cell_math import step
+from rnnkit.ops.cell_math import Norm, step, zoned
 from rnnkit.ops.spec import Call, CellSpec, State
 
 
@@ -44,6 +44,12 @@ def recurrence(
     reset_state: State | None = None,
     mask: Tensor | None = None,
     carry_masked_output: bool = False,
+    *,
+    hidden_dropout: Tensor | None = None,
+    zoneout_h: Tensor | None = None,
+    zoneout_c: Tensor | None = None,
+    norm_hh: Norm | None = None,
+    norm_cell: Norm | None = None,
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction over a whole sequence.
 
@@ -60,6 +66,11 @@ def recurrence(
             ignores its code, as it ignores everything else.
         mask: ``(T, B)`` bool or ``None``; a false step is skipped like a step past a length.
         carry_masked_output: a skipped step outputs the carried ``h`` instead of zeros.
+        hidden_dropout, zoneout_h, zoneout_c, norm_hh, norm_cell: recurrent dropout,
+            zoneout and layer norm, as the fields of :class:`rnnkit.ops.spec.Call`. One step:
+            its start state (after its reset), `h_in = h_start * hidden_dropout` into the
+            recurrent product only, the cell, zoneout against the start state, then lengths
+            and masks.
 
     Returns:
         ``output`` of shape ``(T, B, H_out)``, zero past each sequence's length, and the
@@ -74,7 +85,14 @@ def recurrence(
     outputs: list[Tensor] = [gates_x] * seq_len
     for t in range(seq_len - 1, -1, -1) if reverse else range(seq_len):
         start = state if resets is None else apply_resets(resets[t], state, reset_state, initial)
-        new_state = step(spec, gates_x[t], start, weight_hh, bias_hh, weight_hr)
+        new_state = step(
+            spec, gates_x[t], start, weight_hh, bias_hh, weight_hr,
+            hidden_dropout=hidden_dropout, norm_hh=norm_hh, norm_cell=norm_cell,
+        )
+        if spec.zoneout:  # the masks of time step t, in either direction
+            masks = None if zoneout_h is None else (
+                zoneout_h[t], None if zoneout_c is None else zoneout_c[t])
+            new_state = zoned(spec, start, new_state, masks)
         if active_steps is None:
             state = new_state
             outputs[t] = new_state[0]
@@ -99,7 +117,9 @@ class ReferenceBackend(BackendBase):
         return recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
             call.lengths, call.reverse, call.resets, call.reset_state, call.mask,
-            call.carry_masked_output,
+            call.carry_masked_output, hidden_dropout=call.hidden_dropout,
+            zoneout_h=call.zoneout_h, zoneout_c=call.zoneout_c, norm_hh=call.norm_hh,
+            norm_cell=call.norm_cell,
         )
 
 

@@ -79,8 +79,9 @@ class CpuBackend(BackendBase):
     def fuses_projection(self, call: Call) -> bool:
         """LSTM inference computes ``W_ih x + b_ih`` a few steps at a time inside its loop.
 
-        Only for LSTM calls with a time axis that need no gradient and carry no resets, mask
-        or carried output; anything else runs as :meth:`project` then the recurrence.
+        Only for LSTM calls with a time axis that need no gradient and carry no resets, mask,
+        carried output or regularization (dropout, zoneout, layer norm, other activations);
+        anything else runs as :meth:`project` then the recurrence.
         """
         return (
             call.spec.mode == "lstm"

@@ -330,7 +330,9 @@ def recurrence(
     """The compiled twin of :func:`rnnkit.ops.reference.recurrence` (same arguments, results).
 
     ``resets`` (``(T, B)`` codes, any integer or bool dtype) and ``reset_state`` (shaped like
-    ``state``) come together or not at all.
+    ``state``) come together or not at all. ``mask``, ``carry_masked_output``,
+    ``hidden_dropout``, ``zoneout_h`` and ``zoneout_c`` are the fields of
+    :class:`rnnkit.ops.spec.Call`; the zoneout masks act only when ``spec.zoneout`` is nonzero.
 
     Raises:
         RuntimeError: the kernels could not be built (dispatch checks this first).
@@ -352,6 +354,8 @@ def recurrence(
         t is not None and t.requires_grad for t in tensors
     )
     c0 = state[1] if lstm else None
+    if not spec.zoneout:  # as the reference path: the masks act only with a zoneout probability
+        zoneout_h = zoneout_c = None
     output, h_n, c_n, *_ = torch.ops.rnnkit.cpu_recurrence_forward(
         gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c,
         mask, hidden_dropout, zoneout_h, zoneout_c, MODES.index(spec.mode),

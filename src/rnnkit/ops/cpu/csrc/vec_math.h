@@ -46,8 +46,13 @@ enum Activation : int64_t {
   kSoftsign = 6,
   kHardtanh = 7,
   kSoftplus = 8,
-  kHardSigmoid = 9,  // Keras 3's: clip(x / 6 + 1/2, 0, 1)
+  kHardSigmoid = 9,  // Keras 3's: relu6(x + 3) / 6 = clip(x / 6 + 1/2, 0, 1)
 };
+
+// hard_sigmoid's slope inside (-3, 3). torch's hardsigmoid backward uses the float constant
+// for every dtype, and the reference path is torch's: the kernels round alike.
+template <typename T>
+constexpr T kHardSigmoidSlope = static_cast<T>(1.0f / 6.0f);
 
 // ---------------------------------------------------------------------------------------
 // Elementwise math, on whole vectors. Each activation gives its value and its derivative at
@@ -121,8 +126,9 @@ inline Vec<T> activate(const Vec<T>& x, Vec<T>& derivative) {
     derivative = x.gt(Vec<T>(T(-1))) * x.lt(one);
     return at::vec::clamp(x, Vec<T>(T(-1)), one);
   } else if constexpr (A == kHardSigmoid) {
-    const Vec<T> y = at::vec::clamp(x / Vec<T>(T(6)) + Vec<T>(T(0.5)), Vec<T>(T(0)), one);
-    derivative = y.gt(Vec<T>(T(0))) * y.lt(one) * Vec<T>(T(1) / T(6));
+    // As torch's relu6(x + 3) / 6, so the values round alike.
+    const Vec<T> y = at::vec::clamp((x + Vec<T>(T(3))) / Vec<T>(T(6)), Vec<T>(T(0)), one);
+    derivative = y.gt(Vec<T>(T(0))) * y.lt(one) * Vec<T>(kHardSigmoidSlope<T>);
     return y;
   } else {
     static_assert(A == kSoftplus);
@@ -152,7 +158,7 @@ inline Vec<T> derivative_from_output(const Vec<T>& y) {
   } else if constexpr (A == kHardtanh) {
     return y.gt(Vec<T>(T(-1))) * y.lt(one);
   } else if constexpr (A == kHardSigmoid) {
-    return y.gt(Vec<T>(T(0))) * y.lt(one) * Vec<T>(T(1) / T(6));
+    return y.gt(Vec<T>(T(0))) * y.lt(one) * Vec<T>(kHardSigmoidSlope<T>);
   } else {
     static_assert(A == kSilu || A == kGelu || A == kSoftplus,
                   "this activation saves its derivative");

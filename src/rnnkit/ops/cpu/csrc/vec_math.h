@@ -49,10 +49,10 @@ enum Activation : int64_t {
   kHardSigmoid = 9,  // Keras 3's: relu6(x + 3) / 6 = clip(x / 6 + 1/2, 0, 1)
 };
 
-// hard_sigmoid's slope inside (-3, 3). torch's hardsigmoid backward uses the float constant
-// for every dtype, and the reference path is torch's: the kernels round alike.
+// hard_sigmoid's slope inside (-3, 3); the reference path's hardtanh(x + 3, 0, 6) / 6 has it
+// exactly (F.hardsigmoid's own backward would use the float 1/6 in double).
 template <typename T>
-constexpr T kHardSigmoidSlope = static_cast<T>(1.0f / 6.0f);
+constexpr T kHardSigmoidSlope = T(1) / T(6);
 
 // ---------------------------------------------------------------------------------------
 // Elementwise math, on whole vectors. Each activation gives its value and its derivative at
@@ -126,8 +126,9 @@ inline Vec<T> activate(const Vec<T>& x, Vec<T>& derivative) {
     derivative = x.gt(Vec<T>(T(-1))) * x.lt(one);
     return at::vec::clamp(x, Vec<T>(T(-1)), one);
   } else if constexpr (A == kHardSigmoid) {
-    // As torch's relu6(x + 3) / 6, so the values round alike.
-    const Vec<T> y = at::vec::clamp((x + Vec<T>(T(3))) / Vec<T>(T(6)), Vec<T>(T(0)), one);
+    // As the reference path's hardtanh(x + 3, 0, 6) / 6, so the values round alike.
+    const Vec<T> y =
+        at::vec::clamp(x + Vec<T>(T(3)), Vec<T>(T(0)), Vec<T>(T(6))) / Vec<T>(T(6));
     derivative = y.gt(Vec<T>(T(0))) * y.lt(one) * Vec<T>(kHardSigmoidSlope<T>);
     return y;
   } else {

@@ -472,3 +472,85 @@ def test_regularized_calls_equal_reference_or_name_why(name, cell_id, spec, proj
     if name == "triton":  # the Triton kernels serve every one of these calls
         assert dispatch.registered()[name].unsupported_reason(call) is None
     _check(name, call, dtype)
+
+
+# Recurrent dropout, zoneout (training masks, and the evaluation expectation), layer norm and
+# GRU/LSTM gate activations (Call.hidden_dropout, zoneout_h/_c, norm_hh/_cell, CellSpec's
+# zoneout, layer_norm, nonlinearity and recurrent_activation), alone and together with masks
+# and resets, on the compiled CPU kernels in both dtypes (the grid above runs every backend
+# in its most precise one). Hidden 32 runs their fused steps, 20 their general steps; a case
+# they refuse must name why (see _check).
+
+CPU_REGULARIZED = {
+    "dropout": dict(dropout=True),
+    "zoneout-train": dict(zoneout=0.3, zone_masks=True),
+    "zoneout-eval": dict(zoneout=0.3),
+    "activations": dict(nonlinearity="softsign", recurrent_activation="hard_sigmoid"),
+    "layer-norm": dict(layer_norm=True),
+    "relu": dict(nonlinearity="relu"),
+    # tanh and hard_sigmoid: relu or hardtanh here magnify float32's rounding past the
+    # tolerance on either path (both as far from the float64 result)
+    "all-with-mask-resets": dict(dropout=True, zoneout=0.2, zone_masks=True, mask=True,
+                                 resets=True, recurrent_activation="hard_sigmoid"),
+}
+
+
+def _cpu_is_option(case, spec):
+    """Gate activations, zoneout and layer norm are GRU/LSTM options; layer norm is defined
+    for the reset-after GRU only (test_regularized_reference.py)."""
+    options = CPU_REGULARIZED[case]
+    if spec.mode == "rnn" and set(options) - {"dropout", "mask", "resets"}:
+        return False
+    return not (options.get("layer_norm") and spec.mode == "gru" and not spec.reset_after)
+
+
+# (case, id, spec, projection size) for rnn-tanh, both GRUs, LSTM and the projected LSTM
+CPU_REGULARIZED_GRID = [(case, *cell) for case in CPU_REGULARIZED
+                        for cell in [CELLS[0], *CELLS[-4:]] if _cpu_is_option(case, cell[1])]
+
+
+def _cpu_regularized(spec, proj, dtype, *, hidden, case, reverse):
+    options = CPU_REGULARIZED[case]
+    spec = replace(spec, zoneout=options.get("zoneout", 0.0),
+                   layer_norm=options.get("layer_norm", False),
+                   **{key: options[key] for key in ("nonlinearity", "recurrent_activation")
+                      if key in options})
+    call = _make(spec, proj, dtype, torch.device("cpu"), lengths=True,
+                 resets=options.get("resets", False), reverse=reverse,
+                 mask=options.get("mask", False), seed=5, steps=5, batch=3, hidden=hidden)
+    generator = torch.Generator().manual_seed(6)
+    batch, steps, out_size = 3, 5, proj or hidden
+
+    def bits(*shape, p):
+        return (torch.rand(*shape, generator=generator) < p).to(dtype)
+
+    def rand(*shape, shift=0.0):
+        t = torch.randn(*shape, generator=generator, dtype=torch.float64) * 0.2 + shift
+        return t.to(dtype).requires_grad_(True)
+
+    fields = {}
+    if options.get("dropout"):
+        fields["hidden_dropout"] = bits(batch, out_size, p=0.7) / 0.7
+    if options.get("zone_masks"):
+        fields["zoneout_h"] = bits(steps, batch, out_size, p=spec.zoneout)
+        if spec.mode == "lstm":
+            fields["zoneout_c"] = bits(steps, batch, hidden, p=spec.zoneout)
+    if spec.layer_norm:
+        gates = spec.num_gates * hidden
+        fields["norm_hh"] = (rand(gates, shift=1.0), rand(gates))
+        if spec.mode == "lstm":
+            fields["norm_cell"] = (rand(hidden, shift=1.0), rand(hidden))
+    return replace(call, **fields)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case, cell_id, spec, proj", CPU_REGULARIZED_GRID,
+                         ids=[f"{g[0]}-{g[1]}" for g in CPU_REGULARIZED_GRID])
+@pytest.mark.parametrize("hidden, reverse", [(32, False), (20, True)],
+                         ids=["h32-forward", "h20-reverse"])
+def test_cpu_kernels_equal_reference_regularized(dtype, case, cell_id, spec, proj, hidden,
+                                                 reverse):
+    if _device("cpu").type != "cpu":
+        pytest.fail("the cpu backend runs on the CPU")
+    _check("cpu", _cpu_regularized(spec, proj, dtype, hidden=hidden, case=case,
+                                   reverse=reverse), dtype)

@@ -248,16 +248,17 @@ def test_layer_gradgradcheck_on_cpu_backend(counted):
 
 def _forward_args(**given):
     """The forward op's arguments in schema order: those given, None for the other optional
-    tensors, 0 and False for the other codes."""
+    tensors, zero or False for the other codes."""
     schema = torch.ops.rnnkit.cpu_recurrence_forward.default._schema
+    given.setdefault("gate_activation", CODES["sigmoid"])
     args = []
     for argument in schema.arguments:
         if argument.name in given:
             args.append(given.pop(argument.name))
         else:
             kind = str(argument.type)
-            assert kind in ("Optional[Tensor]", "int", "bool"), (argument.name, kind)
-            args.append({"int": 0, "bool": False}.get(kind))
+            assert kind in ("Optional[Tensor]", "int", "float", "bool"), (argument.name, kind)
+            args.append({"int": 0, "float": 0.0, "bool": False}.get(kind))
     assert not given, f"not in the schema: {sorted(given)}"
     return tuple(args)
 
@@ -290,7 +291,7 @@ def _reset_state(state, seed=7):
 
 def _with_resets(spec, project, lengths, reverse, codes, **options):
     """fn(gates_x, *state, weight_hh, bias_hh, [weight_hr], *reset_state) and its tensors;
-    ``options`` go to the op's wrapper as they are (mask, carry_masked_output)."""
+    `options` go to the op's wrapper as they are (mask, carry_masked_output)."""
     gates_x, state, weight_hh, bias_hh, weight_hr, _ = _op_inputs(spec, project)
     reset_state = _reset_state(state)
     tensors = [gates_x, *state, weight_hh, bias_hh, *([weight_hr] if project else []),
@@ -890,3 +891,52 @@ def test_large_call_buffers_are_seen_by_the_memory_profiler():
         del out
     sizes = [e.cpu_memory_usage for e in prof.events() if e.name == "rnnkit::cpu_linear"]
     assert sizes == [8192 * 64 * 4]
+
+
+@pytest.mark.parametrize("spec, project", [
+    (CellSpec("gru", "softsign", True, "softsign", zoneout=0.3), False),
+    (CellSpec("gru", reset_after=False, zoneout=0.3), False),
+    (CellSpec("lstm", recurrent_activation="hardtanh", zoneout=0.3), True),
+    (CellSpec("rnn", "tanh"), False),
+], ids=["gru-coded", "gru-before", "lstm-proj", "rnn"])
+def test_gradcheck_and_gradgradcheck_regularized(spec, project):
+    """Every gradient through recurrent dropout, zoneout masks and coded activations, with
+    lengths, holes and resets; the masks themselves get none. The second order runs on the
+    reference twin."""
+    gates_x, state, weight_hh, bias_hh, weight_hr, lengths = _op_inputs(spec, project)
+    generator = torch.Generator().manual_seed(11)
+    out_size, hidden = state[0].shape[1], weight_hh.shape[0] // spec.num_gates
+    dropout = (torch.rand(3, out_size, generator=generator) < 0.7).double() / 0.7
+    zoned = spec.mode != "rnn"
+    zone_h = (torch.rand(4, 3, out_size, generator=generator) < 0.3).double() if zoned else None
+    zone_c = (torch.rand(4, 3, hidden, generator=generator) < 0.3).double()
+    zone_c = zone_c if spec.mode == "lstm" else None
+    fn, tensors = _with_resets(spec, project, lengths, False, RESET_CODES, mask=HOLES,
+                               hidden_dropout=dropout, zoneout_h=zone_h, zoneout_c=zone_c)
+    assert torch.autograd.gradcheck(fn, tensors)
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+def test_regularized_calls_are_served_or_named():
+    """The cpu backend serves dropout, zoneout and GRU/LSTM activations whose derivative reads
+    off their output, and names each thing it refuses."""
+    lstm = _call(CellSpec("lstm"))
+    served = [
+        replace(lstm, hidden_dropout=torch.ones(2, 4)),
+        replace(lstm, spec=CellSpec("lstm", zoneout=0.2), zoneout_h=torch.zeros(3, 2, 4)),
+        replace(lstm, spec=CellSpec("lstm", "relu", recurrent_activation="hard_sigmoid")),
+        replace(_call(CellSpec("rnn")), hidden_dropout=torch.ones(2, 4)),
+    ]
+    for call in served:
+        assert choose(call, "auto") == ("cpu", None), call.spec
+    refused = {
+        "layer norm": replace(lstm, spec=CellSpec("lstm", layer_norm=True),
+                              norm_hh=(torch.ones(16), torch.zeros(16))),
+        "zoneout on an RNN": replace(_call(CellSpec("rnn")), spec=CellSpec("rnn", zoneout=0.1)),
+        "recurrent_activation 'silu'": replace(
+            lstm, spec=CellSpec("lstm", recurrent_activation="silu")),
+        "callable nonlinearity": replace(lstm, spec=CellSpec("lstm", torch.tanh)),
+    }
+    for words, call in refused.items():
+        reason = cpu_backend.unsupported_reason(call)
+        assert reason is not None and words in reason, (words, reason)

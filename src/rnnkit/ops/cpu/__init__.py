@@ -20,7 +20,9 @@ DTYPES = (torch.float32, torch.float64)
 
 
 class CpuBackend(BackendBase):
-    """Serves named-activation RNN, GRU and LSTM recurrences on float32/float64 CPU tensors."""
+    """Serves named-activation RNN, GRU and LSTM recurrences on float32/float64 CPU tensors,
+    with lengths, resets, masks, recurrent dropout, zoneout (GRU, LSTM) and other GRU/LSTM
+    activations; layer norm runs on the reference path."""
 
     name = "cpu"
     device_types = ("cpu",)
@@ -35,11 +37,20 @@ class CpuBackend(BackendBase):
         spec = call.spec
         if spec.mode == "rnn" and not isinstance(spec.nonlinearity, str):
             return "a callable nonlinearity runs only on the reference path"
-        if spec.mode == "rnn" and spec.nonlinearity not in _ops.ACTIVATIONS:
+        if spec.mode == "rnn" and not _ops.served_activation(spec.nonlinearity):
             return f"no compiled kernel for the nonlinearity {spec.nonlinearity!r}"
-        if call.regularized:
-            return ("recurrent dropout, zoneout, layer norm and other gate activations are not "
-                    "in the compiled kernels yet")
+        if spec.mode != "rnn":
+            for role, name in (("nonlinearity", spec.nonlinearity),
+                               ("recurrent_activation", spec.recurrent_activation)):
+                if not isinstance(name, str):
+                    return f"a callable {role} runs only on the reference path"
+                if not _ops.served_activation(name, _ops.CELL_ACTIVATIONS):
+                    return (f"no compiled {spec.mode.upper()} kernel for the {role} {name!r} "
+                            f"(these are: {', '.join(_ops.CELL_ACTIVATIONS)})")
+        if spec.layer_norm or call.norm_hh is not None or call.norm_cell is not None:
+            return "layer norm is not in the compiled kernels yet"
+        if spec.mode == "rnn" and (spec.zoneout or call.zoneout_h is not None):
+            return "zoneout on an RNN is not in the compiled kernels (GRU and LSTM have it)"
         if call.resets is not None and not _ops.SERVES_RESETS:
             return "state resets are not compiled into these kernels yet"
         dtype = call.leading.dtype
@@ -69,8 +80,9 @@ class CpuBackend(BackendBase):
     def fuses_projection(self, call: Call) -> bool:
         """LSTM inference computes `W_ih x + b_ih` a few steps at a time inside its loop.
 
-        Only for LSTM calls with a time axis that need no gradient and carry no resets, mask
-        or carried output; anything else runs as `project` then the recurrence.
+        Only for LSTM calls with a time axis that need no gradient and carry no resets, mask,
+        carried output or regularization (dropout, zoneout, layer norm, other activations);
+        anything else runs as `project` then the recurrence.
         """
         return (
             call.spec.mode == "lstm"
@@ -79,6 +91,8 @@ class CpuBackend(BackendBase):
             and call.resets is None
             and call.mask is None
             and not call.carry_masked_output
+            and not call.regularized
+            and call.norm_ih is None
             and not call.needs_grad()
         )
 
@@ -94,7 +108,7 @@ class CpuBackend(BackendBase):
         return _ops.recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
             call.lengths, call.reverse, call.resets, call.reset_state, call.mask,
-            call.carry_masked_output,
+            call.carry_masked_output, call.hidden_dropout, call.zoneout_h, call.zoneout_c,
         )
 
 

@@ -8,6 +8,10 @@ Two ops, declared here and given CPU kernels by `csrc/` (forward.cpp, backward.c
   from `reset_h`/`reset_c` (code 1) or `h0`/`c0` (code 2) instead of the carried state.
   With `mask` (`(T, B)` bool), a false step is skipped as a step past a length is: the
   state carries over, and the output is zero, or the carried `h` with `carry_output`.
+  `hidden_dropout` (`(B, H_out)`) multiplies `h` where it enters $W_{hh} h$;
+  `zoneout_h`/`zoneout_c` (`(T, B, H_out)`, `(T, B, H)`) keep a unit's start value where
+  1, and without them a nonzero `zoneout` keeps that proportion (evaluation); GRU and LSTM
+  run `activation` (the candidate's and cell's) and `gate_activation` (the gates').
 - `rnnkit::cpu_recurrence_backward` runs backpropagation through time and returns the
   gradients of `gates_x`, the initial state(s), `weight_hh`, `bias_hh`, `weight_hr`
   and, with resets, `reset_h` and `reset_c` (empty without).
@@ -23,17 +27,27 @@ import torch
 from torch import Tensor
 
 from rnnkit.ops import reference
-from rnnkit.ops.activations import TABLE, code
+from rnnkit.ops.activations import CODES, TABLE, code
 from rnnkit.ops.cpu import _build
-from rnnkit.ops.spec import CellSpec
+from rnnkit.ops.spec import Call, CellSpec
 
 MODES = ("rnn", "gru", "lstm")
 
 # Whether the kernels apply per-step state resets (Call.resets).
 SERVES_RESETS = True
-# The named activations csrc/vec_math.h has a formula for (their codes come from the table).
+# The named activations csrc/vec_math.h has a formula for, in the order of its codes (which
+# must be their rows in the table: see served_activation).
 ACTIVATIONS = ("tanh", "relu", "identity", "sigmoid", "silu", "gelu", "softsign", "hardtanh",
-               "softplus")
+               "softplus", "hard_sigmoid")
+# Those whose derivative the kernels read off their output: the GRU/LSTM activations they run.
+CELL_ACTIVATIONS = ("tanh", "relu", "identity", "sigmoid", "softsign", "hardtanh",
+                    "hard_sigmoid")
+
+
+def served_activation(name: object, among: tuple[str, ...] = ACTIVATIONS) -> bool:
+    """Whether the kernels have `name`'s formula under the code the table gives it."""
+    return (isinstance(name, str) and name in among and name in CODES
+            and CODES[name] == ACTIVATIONS.index(name))
 
 FORWARD = "rnnkit::cpu_recurrence_forward"
 BACKWARD = "rnnkit::cpu_recurrence_backward"
@@ -42,16 +56,18 @@ torch.library.define(
     FORWARD,
     "(Tensor gates_x, Tensor h0, Tensor? c0, Tensor weight_hh, Tensor? bias_hh, "
     "Tensor? weight_hr, Tensor? lengths, Tensor? resets, Tensor? reset_h, Tensor? reset_c, "
-    "Tensor? mask, int mode, int activation, bool reset_after, bool reverse, "
-    "bool carry_output, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? mask, Tensor? hidden_dropout, Tensor? zoneout_h, Tensor? zoneout_c, int mode, "
+    "int activation, bool reset_after, bool reverse, bool carry_output, int gate_activation, "
+    "float zoneout, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     BACKWARD,
     "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, Tensor? c0, "
     "Tensor weight_hh, Tensor? weight_hr, Tensor? lengths, Tensor? resets, Tensor? reset_h, "
-    "Tensor? reset_c, Tensor? mask, Tensor output, Tensor gates, Tensor cells, "
-    "Tensor projected, int mode, int activation, bool reset_after, bool reverse, "
-    "bool carry_output, bool has_bias) "
+    "Tensor? reset_c, Tensor? mask, Tensor? hidden_dropout, Tensor? zoneout_h, "
+    "Tensor? zoneout_c, Tensor output, Tensor gates, Tensor cells, Tensor projected, int mode, "
+    "int activation, bool reset_after, bool reverse, bool carry_output, int gate_activation, "
+    "float zoneout, bool has_bias) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
@@ -85,7 +101,8 @@ def _num_gates(mode: int) -> int:
 @torch.library.register_fake(FORWARD)
 def _forward_fake(
     gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask,
-    mode, activation, reset_after, reverse, carry_output, training,
+    hidden_dropout, zoneout_h, zoneout_c, mode, activation, reset_after, reverse, carry_output,
+    gate_activation, zoneout, training,
 ):
     # Tracing is the last moment before a compiled graph may call the kernel: build it now.
     _build.status()
@@ -111,8 +128,8 @@ def _forward_fake(
 @torch.library.register_fake(BACKWARD)
 def _backward_fake(
     grad_output, grad_h_n, grad_c_n, h0, c0, weight_hh, weight_hr, lengths, resets, reset_h,
-    reset_c, mask, output, gates, cells, projected, mode, activation, reset_after, reverse,
-    carry_output, has_bias,
+    reset_c, mask, hidden_dropout, zoneout_h, zoneout_c, output, gates, cells, projected, mode,
+    activation, reset_after, reverse, carry_output, gate_activation, zoneout, has_bias,
 ):
     seq_len, batch, out_size = output.shape
     gate_size = weight_hh.shape[0]
@@ -131,17 +148,19 @@ def _backward_fake(
 
 
 # The forward op's tensor inputs, in schema order; those in _DIFFERENTIABLE have a gradient.
-# Then its codes: mode, activation, reset_after, reverse, carry_output, and training.
+# Then its codes (_CODES), and training.
 _INPUTS = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "lengths", "resets",
-           "reset_h", "reset_c", "mask")
+           "reset_h", "reset_c", "mask", "hidden_dropout", "zoneout_h", "zoneout_c")
+_CODES = ("mode", "activation", "reset_after", "reverse", "carry_output", "gate_activation",
+          "zoneout")
 _DIFFERENTIABLE = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "reset_h",
                    "reset_c")
 
 
 def _setup_context(ctx, inputs, output) -> None:
     count = len(_INPUTS)
-    ctx.codes = inputs[count:count + 5]  # mode, activation, reset_after, reverse, carry_output
-    ctx.training = inputs[count + 5]
+    ctx.codes = dict(zip(_CODES, inputs[count:count + len(_CODES)]))
+    ctx.training = inputs[count + len(_CODES)]
     out, _, _, gates, cells, projected = output
     ctx.mark_non_differentiable(gates, cells, projected)
     ctx.set_materialize_grads(False)
@@ -153,7 +172,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
     out, gates, cells, projected = ctx.saved_tensors[len(_INPUTS):]
     h0, c0, lengths = saved["h0"], saved["c0"], saved["lengths"]
     resets, reset_h, reset_c = saved["resets"], saved["reset_h"], saved["reset_c"]
-    mode, activation, reset_after, reverse, carry_output = ctx.codes
+    codes = ctx.codes
     needs = dict(zip(_INPUTS, ctx.needs_input_grad))
     if torch.is_grad_enabled():
         grads = _reference_backward(ctx, grad_output, grad_h_n, grad_c_n)
@@ -163,22 +182,23 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
                 "rnnkit: cpu_recurrence_forward ran with training=False, so it saved nothing "
                 "for backward; call it with training=True when gradients are needed"
             )
-        lstm = mode == MODES.index("lstm")
+        lstm = codes["mode"] == MODES.index("lstm")
         grad_output = torch.zeros_like(out) if grad_output is None else grad_output
         grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
         if grad_c_n is None:
             grad_c_n = torch.zeros_like(c0) if lstm else out.new_empty((0,))
         found = torch.ops.rnnkit.cpu_recurrence_backward(
             grad_output, grad_h_n, grad_c_n, h0, c0, saved["weight_hh"], saved["weight_hr"],
-            lengths, resets, reset_h, reset_c, saved["mask"], out, gates, cells, projected, mode,
-            activation, reset_after, reverse, carry_output, saved["bias_hh"] is not None,
+            lengths, resets, reset_h, reset_c, saved["mask"], saved["hidden_dropout"],
+            saved["zoneout_h"], saved["zoneout_c"], out, gates, cells, projected, *codes.values(),
+            saved["bias_hh"] is not None,
         )
         grads = [
             g if saved[name] is not None and needs[name] else None
             for g, name in zip(found, _DIFFERENTIABLE)
         ]
     by_name = dict(zip(_DIFFERENTIABLE, grads))
-    return (*(by_name.get(name) for name in _INPUTS), None, None, None, None, None, None)
+    return (*(by_name.get(name) for name in _INPUTS), *(None for _ in _CODES), None)
 
 
 def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | None]:
@@ -187,18 +207,24 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | N
     Returns the gradients of the tensors named in `_DIFFERENTIABLE`, in that order.
     """
     saved = dict(zip(_INPUTS, ctx.saved_tensors))
-    mode, activation, reset_after, reverse, carry_output = ctx.codes
-    spec = CellSpec(MODES[mode], TABLE[activation].name, reset_after)
+    codes = ctx.codes
+    spec = CellSpec(
+        MODES[codes["mode"]], TABLE[codes["activation"]].name, codes["reset_after"],
+        recurrent_activation=TABLE[codes["gate_activation"]].name, zoneout=codes["zoneout"],
+    )
     h0, c0, reset_h, reset_c = saved["h0"], saved["c0"], saved["reset_h"], saved["reset_c"]
     state = (h0,) if c0 is None else (h0, c0)
     reset_state = None
     if saved["resets"] is not None:
         reset_state = (reset_h,) if c0 is None else (reset_h, reset_c)
-    output, final = reference.recurrence(
-        spec, saved["gates_x"], state, saved["weight_hh"], saved["bias_hh"],
-        saved["weight_hr"], saved["lengths"], reverse, saved["resets"], reset_state,
-        saved["mask"], carry_output,
-    )
+    output, final = reference.BACKEND.run(Call(
+        spec=spec, state=state, weight_hh=saved["weight_hh"], bias_hh=saved["bias_hh"],
+        weight_hr=saved["weight_hr"], gates_x=saved["gates_x"], lengths=saved["lengths"],
+        reverse=codes["reverse"], resets=saved["resets"], reset_state=reset_state,
+        mask=saved["mask"], carry_masked_output=codes["carry_output"],
+        hidden_dropout=saved["hidden_dropout"], zoneout_h=saved["zoneout_h"],
+        zoneout_c=saved["zoneout_c"],
+    ))
     pairs = [(o, g) for o, g in zip((output, *final), (grad_output, grad_h_n, grad_c_n))]
     pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
     inputs = tuple(saved[name] for name in _DIFFERENTIABLE)
@@ -297,11 +323,16 @@ def recurrence(
     reset_state: tuple[Tensor, ...] | None = None,
     mask: Tensor | None = None,
     carry_masked_output: bool = False,
+    hidden_dropout: Tensor | None = None,
+    zoneout_h: Tensor | None = None,
+    zoneout_c: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The compiled twin of [`rnnkit.ops.reference.recurrence`][] (same arguments, results).
 
     `resets` (`(T, B)` codes, any integer or bool dtype) and `reset_state` (shaped like
-    `state`) come together or not at all.
+    `state`) come together or not at all. `mask`, `carry_masked_output`, `hidden_dropout`,
+    `zoneout_h` and `zoneout_c` are the fields of [`Call`][rnnkit.ops.spec.Call]; the zoneout
+    masks act only when `spec.zoneout` is nonzero.
 
     Raises:
         RuntimeError: the kernels could not be built (dispatch checks this first).
@@ -323,11 +354,13 @@ def recurrence(
         t is not None and t.requires_grad for t in tensors
     )
     c0 = state[1] if lstm else None
+    if not spec.zoneout:  # as the reference path: the masks act only with a zoneout probability
+        zoneout_h = zoneout_c = None
     output, h_n, c_n, *_ = torch.ops.rnnkit.cpu_recurrence_forward(
         gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c,
-        mask, MODES.index(spec.mode),
-        code(spec.nonlinearity) if spec.mode == "rnn" else 0,
-        spec.reset_after, reverse, carry_masked_output, training,
+        mask, hidden_dropout, zoneout_h, zoneout_c, MODES.index(spec.mode),
+        code(spec.nonlinearity), spec.reset_after, reverse, carry_masked_output,
+        code(spec.recurrent_activation), float(spec.zoneout), training,
     )
     return output, ((h_n, c_n) if lstm else (h_n,))
 

@@ -45,6 +45,8 @@ struct BackwardBuffers {
   T* carry = nullptr;              // one step's dh_{t-1}, (B, Hout)
   T* dhs = nullptr;                // (T, B, Hout): dh at the projection's output (projected)
   T* dm = nullptr;                 // one step's scratch, (B, H)
+  T* dh_in = nullptr;              // one step's gradient of the dropped state, (B, Hout)
+  Regularization<T> reg;           // recurrent dropout and zoneout, as in the forward
   ResetStates<T> resets;           // where reset rows started from
   T* dreset_h = nullptr;           // (2, B, Hout) and (2, B, H): the reset rows' start
   T* dreset_c = nullptr;           // gradients, to reset_state (0) and to h0/c0 (1)
@@ -103,10 +105,43 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       for (int64_t k = k0; k < k1; ++k) to_c[k] += from_c[k], from_c[k] = T(0);
     }
   };
+  const Regularization<T>& reg = io.reg;
+  const bool zoned = reg.zoned();
+  const V one(T(1));
+  // The gradient reaching the state through the product with W_hh: `product` (the gradient
+  // of what entered it, columns [j0, j1)) into carry, times the dropout mask if any.
+  auto add_dropped = [&](const T* product, int64_t j0, int64_t j1) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = b * Hout;
+      for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+        const V d = V::loadu(product + row + j, n) * V::loadu(reg.dropout + row + j, n);
+        (V::loadu(carry + row + j, n) + d).store(carry + row + j, n);
+      });
+    }
+  };
+  // carry += dX (B x K, leading dimension ldx) W (the rows of W_hh in `weights`), through the
+  // dropout mask if any.
+  auto product_into_carry = [&](int64_t K, const T* dx, const Packed<T>& weights) {
+    if (reg.dropout == nullptr) {
+      step_mm<T>(B, K, Hout, dx, GH, weights, true, carry, Hout);
+      return;
+    }
+    step_mm<T>(B, K, Hout, dx, GH, weights, false, io.dh_in, Hout);
+    add_dropped(io.dh_in, 0, Hout);
+  };
+  // The state's gradient d at an active step, split by zoneout: the part that reaches the new
+  // state (returned) and the part kept for the start (added to `kept`, carry's row).
+  auto zone_split = [&](int64_t t, int64_t b, int64_t j, int64_t n, const V& d, V& kept) {
+    if (!zoned) return d;
+    const V keep = reg.keep_h(t, B, b, Hout, j, n);
+    kept = kept + keep * d;
+    return (one - keep) * d;
+  };
   // LSTM: the gate gradients of units [j0, j1) in row b at time t, into dgx, and the cell's
   // gradient carried to t - 1; without a projection also carry, the part of dh_{t-1} that
-  // does not come from the product with W_hh (see `skipped` for a skipped row, else 0).
-  auto lstm_units = [&](int64_t t, int64_t b, int64_t j0, int64_t j1) {
+  // does not come from the product with W_hh (see `skipped` for a skipped row, else 0, or
+  // zoneout's share).
+  auto lstm_units = [&](const auto& acts, int64_t t, int64_t b, int64_t j0, int64_t j1) {
     const T* gout = grad_output + t * B * Hout;
     const T* c_t = cells + t * B * H;
     const bool on = steps.active(t, b);
@@ -121,17 +156,27 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       }
       const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
       const V gg = V::loadu(g + 2 * H + j, n), o = V::loadu(g + 3 * H + j, n);
+      const V c_old = V::loadu(cp + j, n);
+      V kept = zero;
       const V d = project ? V::loadu(dm + row + j, n)
-                          : V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-      const LstmGrad<T> grad =
-          lstm_backward<T>(i, f, gg, o, V::loadu(c_t + row + j, n), V::loadu(cp + j, n), d,
-                           V::loadu(dc + row + j, n));
+                          : zone_split(t, b, j, n,
+                                       V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n),
+                                       kept);
+      V dc_new = V::loadu(dc + row + j, n), dc_kept = zero;
+      V c_new = V::loadu(c_t + row + j, n);
+      if (zoned) {  // the saved cell is the zoned state: the cell's own output is recomputed
+        const V keep = reg.keep_c(t, B, b, H, j, n);
+        dc_kept = keep * dc_new, dc_new = (one - keep) * dc_new;
+        c_new = lstm_cell(i, f, gg, c_old);
+      }
+      const LstmGrad<T> grad = lstm_backward<T>(i, f, gg, o, c_new, c_old, d, dc_new, acts);
       grad.di.store(dgb + j, n), grad.df.store(dgb + H + j, n);
       grad.dg.store(dgb + 2 * H + j, n), grad.do_.store(dgb + 3 * H + j, n);
-      grad.dc.store(dc + row + j, n);
-      if (!project) zero.store(carry + row + j, n);
+      (zoned ? grad.dc + dc_kept : grad.dc).store(dc + row + j, n);
+      if (!project) kept.store(carry + row + j, n);
     });
   };
+  auto body = [&](const auto& acts) {
   if (mode == kLSTM && !project) {
     // The whole loop in one parallel region: each thread owns a share of the hidden units,
     // which are both its elementwise work and its columns of dh_{t-1} = dgates W_hh, so one
@@ -144,9 +189,12 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         const int64_t c0 = pieces * thread / threads * unit;
         const int64_t c1 = pieces * (thread + 1) / threads * unit;
         const Packed<T> cols = rec.cols_from(c0 / unit);
+        // With dropout the product lands in dh_in, then enters carry through the mask.
+        const bool dropped = reg.dropout != nullptr;
+        T* to = dropped ? io.dh_in : carry;
         for (int64_t step = T_ - 1; step >= 0; --step) {
           const int64_t t = steps.reverse ? T_ - 1 - step : step;
-          for (int64_t b = 0; b < B; ++b) lstm_units(t, b, c0, c1);
+          for (int64_t b = 0; b < B; ++b) lstm_units(acts, t, b, c0, c1);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
@@ -154,15 +202,16 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
           if (B == 1 && cols.panels) {
             // Each packed panel streams contiguously.
             for (int64_t p = 0; p < (c1 - c0) / unit; ++p) {
-              vector_matrix<T>(GH, unit, dg, 1, cols.panel(p, 0), unit, true,
-                               carry + c0 + p * unit);
+              vector_matrix<T>(GH, unit, dg, 1, cols.panel(p, 0), unit, !dropped,
+                               to + c0 + p * unit);
             }
           } else if (B == 1) {
-            vector_matrix<T>(GH, c1 - c0, dg, 1, cols.M, cols.ldm, true, carry + c0);
+            vector_matrix<T>(GH, c1 - c0, dg, 1, cols.M, cols.ldm, !dropped, to + c0);
           } else {
-            matmul<T>(B, GH, c1 - c0, dg, GH, 1, cols.M, cols.ldm, true, carry + c0, Hout,
+            matmul<T>(B, GH, c1 - c0, dg, GH, 1, cols.M, cols.ldm, !dropped, to + c0, Hout,
                       cols.panels ? &cols : nullptr);
           }
+          if (dropped) add_dropped(io.dh_in, c0, c1);
           for (int64_t b = 0; b < B; ++b) {
             std::copy(carry + b * Hout + c0, carry + b * Hout + c1, dh + b * Hout + c0);
           }
@@ -207,8 +256,10 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
           });
         });
       });
-      step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
-    } else if (mode == kGRU && reset_after) {
+      product_into_carry(GH, dg, rec);
+    } else if (mode == kGRU) {
+      // Both formulations: the gradients at z and n and the part of dh_{t-1} through z h
+      // (and zoneout); reset after, also r's, and the rows that meet W_hh into dr.
       for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
         const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
@@ -218,76 +269,82 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
           if (!on) {
             for (int64_t k = 0; k < 3; ++k) {
               zero.store(dgb + k * H + j, n);
-              zero.store(drb + k * H + j, n);
+              if (reset_after) zero.store(drb + k * H + j, n);
             }
             skipped(gout, row + j, n);
             return;
           }
-          const V r = V::loadu(g + j, n), z = V::loadu(g + H + j, n);
-          const V cand = V::loadu(g + 2 * H + j, n), hn = V::loadu(g + 3 * H + j, n);
-          const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-          const GruGrad<T> grad = gru_backward<T>(d, z, cand, V::loadu(hp + j, n));
-          const V dr_ = gru_reset_backward<T>(grad.dn * hn, r);
-          dr_.store(dgb + j, n), dr_.store(drb + j, n);
-          grad.dz.store(dgb + H + j, n), grad.dz.store(drb + H + j, n);
-          grad.dn.store(dgb + 2 * H + j, n);
-          (grad.dn * r).store(drb + 2 * H + j, n);
-          grad.dh.store(carry + row + j, n);
-        });
-      });
-      step_mm<T>(B, GH, Hout, dr, GH, rec, true, carry, Hout);
-    } else if (mode == kGRU) {
-      for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
-        const bool on = steps.active(t, b);
-        const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
-        T* dgb = dg + b * GH;
-        const int64_t row = b * H;
-        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          if (!on) {
-            for (int64_t k = 0; k < 3; ++k) zero.store(dgb + k * H + j, n);
-            skipped(gout, row + j, n);
-            return;
-          }
           const V z = V::loadu(g + H + j, n), cand = V::loadu(g + 2 * H + j, n);
-          const V d = V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n);
-          const GruGrad<T> grad = gru_backward<T>(d, z, cand, V::loadu(hp + j, n));
-          grad.dn.store(dgb + 2 * H + j, n);
+          V kept = zero;
+          const V d = zone_split(t, b, j, n,
+                                 V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n), kept);
+          const GruGrad<T> grad = gru_backward<T>(d, z, cand, V::loadu(hp + j, n), acts);
           grad.dz.store(dgb + H + j, n);
-          grad.dh.store(carry + row + j, n);
+          grad.dn.store(dgb + 2 * H + j, n);
+          (grad.dh + kept).store(carry + row + j, n);
+          if (reset_after) {
+            const V r = V::loadu(g + j, n), hn = V::loadu(g + 3 * H + j, n);
+            const V dr_ = gru_reset_backward<T>(grad.dn * hn, r, acts);
+            dr_.store(dgb + j, n), dr_.store(drb + j, n);
+            grad.dz.store(drb + H + j, n);
+            (grad.dn * r).store(drb + 2 * H + j, n);
+          }
         });
       });
-      // d(r * h) = dn W_hn, into dm (B, H).
-      step_mm<T>(B, H, H, dg + 2 * H, GH, rec.rows_from(2 * H), false, dm, H);
-      for_rows(B, H, 4, [&](int64_t b, int64_t j0, int64_t j1) {
-        if (!steps.active(t, b)) return;
-        const T *g = g_t + b * W, *hp = previous_h(t, b);
-        T* dgb = dg + b * GH;
-        const int64_t row = b * H;
-        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          const V r = V::loadu(g + j, n), drh = V::loadu(dm + row + j, n);
-          gru_reset_backward<T>(drh * V::loadu(hp + j, n), r).store(dgb + j, n);
-          (V::loadu(carry + row + j, n) + drh * r).store(carry + row + j, n);
+      if (reset_after) {
+        product_into_carry(GH, dr, rec);
+      } else {
+        // d(r * h_in) = dn W_hn, into dm (B, H); h_in = h_{t-1} (times the dropout mask).
+        step_mm<T>(B, H, H, dg + 2 * H, GH, rec.rows_from(2 * H), false, dm, H);
+        for_rows(B, H, 4, [&](int64_t b, int64_t j0, int64_t j1) {
+          if (!steps.active(t, b)) return;
+          const T *g = g_t + b * W, *hp = previous_h(t, b);
+          const T* drop = reg.dropout ? reg.dropout + b * Hout : nullptr;
+          T* dgb = dg + b * GH;
+          const int64_t row = b * H;
+          for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+            const V r = V::loadu(g + j, n), drh = V::loadu(dm + row + j, n);
+            V h_in = V::loadu(hp + j, n), dh_in = drh * r;
+            if (drop) h_in = h_in * V::loadu(drop + j, n), dh_in = dh_in * V::loadu(drop + j, n);
+            gru_reset_backward<T>(drh * h_in, r, acts).store(dgb + j, n);
+            (V::loadu(carry + row + j, n) + dh_in).store(carry + row + j, n);
+          });
         });
-      });
-      step_mm<T>(B, 2 * H, Hout, dg, GH, rec, true, carry, Hout);
+        product_into_carry(2 * H, dg, rec);
+      }
     } else {
       if (project) {
         T* dh_t = dhs + t * B * Hout;
         for (int64_t b = 0; b < B; ++b) {
           const bool on = steps.active(t, b);
-          for (int64_t j = 0; j < Hout; ++j) {
-            const int64_t k = b * Hout + j;
-            dh_t[k] = on ? dh[k] + gout[k] : T(0);
-            carry[k] = on ? T(0) : (steps.carry_output ? dh[k] + gout[k] : dh[k]);
-          }
+          const int64_t row = b * Hout;
+          for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
+            if (!on) {
+              zero.store(dh_t + row + j, n);
+              skipped(gout, row + j, n);
+              return;
+            }
+            V kept = zero;
+            zone_split(t, b, j, n, V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n),
+                       kept).store(dh_t + row + j, n);
+            kept.store(carry + row + j, n);
+          });
         }
         step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
       }
-      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) { lstm_units(t, b, j0, j1); });
-      step_mm<T>(B, GH, Hout, dg, GH, rec, true, carry, Hout);
+      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
+        lstm_units(acts, t, b, j0, j1);
+      });
+      product_into_carry(GH, dg, rec);
     }
     route_resets(t, carry, 0, Hout, 0, H);
     std::copy(carry, carry + B * Hout, dh);
+  }
+  };
+  if (mode == kRNN || cell.plain()) {
+    body(PlainActs<T>{});
+  } else {
+    body(CodedActs<T>{cell.gate_activation, activation});
   }
 }
 
@@ -299,9 +356,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
     const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
-    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
-    const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
-    bool reverse, bool carry_output, bool has_bias) {
+    const std::optional<Tensor>& hidden_dropout, const std::optional<Tensor>& zoneout_h,
+    const std::optional<Tensor>& zoneout_c, const Tensor& output_in, const Tensor& gates_in,
+    const Tensor& cells_in, const Tensor& projected_in, int64_t mode, int64_t activation,
+    bool reset_after, bool reverse, bool carry_output, int64_t gate_activation,
+    double zoneout, bool has_bias) {
   const Tensor grad_output = grad_output_in.contiguous();
   const Tensor h0 = h0_in.contiguous();
   const Tensor c0 = optional_or_empty(c0_in);
@@ -341,6 +400,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
   resets.attach(steps);
   const Masks masks = checked_masks(mask_in, carry_output, steps, B);
   masks.attach(steps);
+  const Regularizers regs = checked_regularizers(hidden_dropout, zoneout_h, zoneout_c, zoneout,
+                                                 s, output.scalar_type());
+  const bool dropped = regs.dropout.defined();
+  Tensor dh_in = at::empty({dropped ? B : 0, Hout}, opts);
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnkit_cpu_recurrence_backward", [&] {
     using T = scalar_t;
     const bool blocked = B > 1;
@@ -363,7 +426,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     io.dhs = project ? dhs.data_ptr<T>() : nullptr, io.dm = dm.data_ptr<T>();
     io.resets = resets.states<T>(h0, c0);
     io.dreset_h = dreset_h.data_ptr<T>(), io.dreset_c = dreset_c.data_ptr<T>();
-    backward_kernel<T>(s, steps, Cell{mode, activation, reset_after}, w, io);
+    io.dh_in = dh_in.data_ptr<T>(), io.reg = regs.view<T>();
+    backward_kernel<T>(s, steps, Cell{mode, activation, reset_after, gate_activation}, w, io);
 
     // dW_hh = sum_t dgates_t^T h_{t-1}. Most steps start from the neighbouring step's output,
     // so that part is one GEMM over the shifted output (skipped rows meet a zero gradient);
@@ -375,9 +439,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     T* gw = grad_w_hh.data_ptr<T>();
     const int64_t rz = (mode == kGRU && !reset_after) ? 2 * H : GH;  // rows that see h_{t-1}
     const int64_t rows = (T_ - 1) * B;
-    const T* dg_main = reverse ? dg : dg + B * GH;
-    const T* out_main = reverse ? out + B * Hout : out;
-    matmul<T>(rz, rows, Hout, dg_main, 1, GH, out_main, Hout, false, gw, Hout);
     const ResetStates<T> starts = resets.states<T>(h0, c0);
     const T* h_first = h0.data_ptr<T>();
     auto start_of = [&](int64_t t, int64_t b) -> const T* {
@@ -385,12 +446,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
       const int64_t from = steps.start_time(t, b);
       return from < 0 ? h_first + b * Hout : out + (from * B + b) * Hout;
     };
+    if (dropped) {
+      // What entered the product, start * mask, differs from every saved state: gathered
+      // (zero on skipped rows, whose gradient is zero), then one product.
+      Tensor inputs = call_buffer({T_, B, Hout}, opts);
+      T* in = inputs.data_ptr<T>();
+      const T* drop = regs.dropout.data_ptr<T>();
+      at::parallel_for(0, T_ * B, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t t = r / B, b = r % B;
+          T* row = in + r * Hout;
+          if (!steps.active(t, b)) {
+            std::fill(row, row + Hout, T(0));
+            continue;
+          }
+          const T* start = start_of(t, b);
+          for (int64_t j = 0; j < Hout; ++j) row[j] = start[j] * drop[b * Hout + j];
+        }
+      });
+      matmul<T>(rz, T_ * B, Hout, dg, 1, GH, in, Hout, false, gw, Hout);
+    }
+    const T* dg_main = reverse ? dg : dg + B * GH;
+    const T* out_main = reverse ? out + B * Hout : out;
+    if (!dropped) matmul<T>(rz, rows, Hout, dg_main, 1, GH, out_main, Hout, false, gw, Hout);
     auto assumed_of = [&](int64_t t, int64_t b) -> const T* {
       const bool first_step = t == (reverse ? T_ - 1 : 0);
       return first_step ? nullptr : out + (steps.previous(t) * B + b) * Hout;
     };
     std::vector<int64_t> moved_rows;
-    for (int64_t t = 0; t < T_; ++t) {
+    for (int64_t t = 0; t < T_ && !dropped; ++t) {
       for (int64_t b = 0; b < B; ++b) {
         if (steps.active(t, b) && start_of(t, b) != assumed_of(t, b)) {
           moved_rows.push_back(t * B + b);

@@ -12,6 +12,63 @@
 
 namespace rnnkit_cpu {
 
+// The activations of a GRU/LSTM cell: its gates' (recurrent_activation) and its candidate's
+// and cell output's (nonlinearity), each with its backward from the activation's output:
+// backward(upstream, y) = upstream * act'(x) where y = act(x).
+// torch.nn's cells, sigmoid and tanh, as templates (the fast path).
+template <typename T>
+struct PlainActs {
+  Vec<T> gate(const Vec<T>& x) const { return sigmoid(x); }
+  Vec<T> gate_backward(const Vec<T>& up, const Vec<T>& y) const {
+    return sigmoid_backward(up, y);
+  }
+  Vec<T> act(const Vec<T>& x) const { return tanh<T>(x); }
+  Vec<T> act_backward(const Vec<T>& up, const Vec<T>& y) const { return tanh_backward(up, y); }
+};
+
+// Any activations whose derivative can be read off their output (vec_math.h), chosen per call
+// by their codes.
+template <typename T>
+struct CodedActs {
+  int64_t gate_code = kSigmoid, act_code = kTanh;
+
+  static Vec<T> apply(int64_t code, const Vec<T>& x) {
+    Vec<T> y;
+    dispatch_activation(code, [&](auto a) {
+      Vec<T> unused;
+      y = activate<decltype(a)::value, T>(x, unused);
+    });
+    return y;
+  }
+  static Vec<T> backward(int64_t code, const Vec<T>& up, const Vec<T>& y) {
+    Vec<T> d;
+    dispatch_activation(code, [&](auto a) {
+      constexpr int A = decltype(a)::value;
+      if constexpr (keeps_derivative(A)) {
+        TORCH_CHECK(false, "rnnkit: a GRU/LSTM activation must have its derivative from its output");
+      } else {
+        d = up * derivative_from_output<A, T>(y);
+      }
+    });
+    return d;
+  }
+  Vec<T> gate(const Vec<T>& x) const { return apply(gate_code, x); }
+  Vec<T> gate_backward(const Vec<T>& up, const Vec<T>& y) const {
+    return backward(gate_code, up, y);
+  }
+  Vec<T> act(const Vec<T>& x) const { return apply(act_code, x); }
+  Vec<T> act_backward(const Vec<T>& up, const Vec<T>& y) const {
+    return backward(act_code, up, y);
+  }
+};
+
+// Zoneout: the state kept from the step's start where the mask (or, in evaluation, the
+// probability) `keep` is, the new one elsewhere.
+template <typename T>
+inline Vec<T> zoneout(const Vec<T>& keep, const Vec<T>& start, const Vec<T>& fresh) {
+  return keep * start + (Vec<T>(T(1)) - keep) * fresh;
+}
+
 // The pre-activation of gate k at column j of a general step: gates_x + the step's product
 // with W_hh + b_hh, each a row of G*H (gate k at k * H), `count` lanes.
 template <typename T>
@@ -47,15 +104,16 @@ inline Vec<T> gru_output(const Vec<T>& z, const Vec<T>& n, const Vec<T>& h_old) 
 }
 
 // Reset after: the candidate from x_n and hn = W_hn h + b_hn.
-template <typename T>
-inline Vec<T> gru_candidate_after(const Vec<T>& x_n, const Vec<T>& r, const Vec<T>& hn) {
-  return tanh<T>(x_n + r * hn);
+template <typename T, typename Acts = PlainActs<T>>
+inline Vec<T> gru_candidate_after(const Vec<T>& x_n, const Vec<T>& r, const Vec<T>& hn,
+                                  const Acts& acts = Acts{}) {
+  return acts.act(x_n + r * hn);
 }
 
 // Reset before: the candidate from its whole pre-activation, x_n + W_hn (r * h) + b_hn.
-template <typename T>
-inline Vec<T> gru_candidate_before(const Vec<T>& pre_n) {
-  return tanh<T>(pre_n);
+template <typename T, typename Acts = PlainActs<T>>
+inline Vec<T> gru_candidate_before(const Vec<T>& pre_n, const Acts& acts = Acts{}) {
+  return acts.act(pre_n);
 }
 
 // Backward, both formulations: from d = dh' (with the output's gradient), the saved z and n
@@ -66,18 +124,19 @@ struct GruGrad {
   Vec<T> dn, dz, dh;
 };
 
-template <typename T>
+template <typename T, typename Acts = PlainActs<T>>
 inline GruGrad<T> gru_backward(const Vec<T>& d, const Vec<T>& z, const Vec<T>& n,
-                               const Vec<T>& h_old) {
+                               const Vec<T>& h_old, const Acts& acts = Acts{}) {
   const Vec<T> one(T(1));
-  return {tanh_backward(d * (one - z), n), sigmoid_backward(d * (h_old - n), z), d * z};
+  return {acts.act_backward(d * (one - z), n), acts.gate_backward(d * (h_old - n), z), d * z};
 }
 
 // The gradient at r's pre-activation, from the gradient at r's product partner: dn * hn
 // (reset after), or d(r * h) * h (reset before), given as upstream.
-template <typename T>
-inline Vec<T> gru_reset_backward(const Vec<T>& upstream, const Vec<T>& r) {
-  return sigmoid_backward(upstream, r);
+template <typename T, typename Acts = PlainActs<T>>
+inline Vec<T> gru_reset_backward(const Vec<T>& upstream, const Vec<T>& r,
+                                 const Acts& acts = Acts{}) {
+  return acts.gate_backward(upstream, r);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -96,13 +155,22 @@ struct LstmPoint {
   }
 };
 
+// The new cell from the activated gates and the previous cell (backward recomputes it when
+// zoneout kept a different state).
 template <typename T>
+inline Vec<T> lstm_cell(const Vec<T>& i, const Vec<T>& f, const Vec<T>& g, const Vec<T>& c_old) {
+  return f * c_old + i * g;
+}
+
+template <typename T, typename Acts = PlainActs<T>>
 inline LstmPoint<T> lstm_forward(const Vec<T>& pre_i, const Vec<T>& pre_f, const Vec<T>& pre_g,
-                                 const Vec<T>& pre_o, const Vec<T>& c_old) {
+                                 const Vec<T>& pre_o, const Vec<T>& c_old,
+                                 const Acts& acts = Acts{}) {
   LstmPoint<T> p;
-  p.i = sigmoid(pre_i), p.f = sigmoid(pre_f), p.g = tanh<T>(pre_g), p.o = sigmoid(pre_o);
-  p.c = p.f * c_old + p.i * p.g;
-  p.y = p.o * tanh<T>(p.c);
+  p.i = acts.gate(pre_i), p.f = acts.gate(pre_f), p.g = acts.act(pre_g);
+  p.o = acts.gate(pre_o);
+  p.c = lstm_cell(p.i, p.f, p.g, c_old);
+  p.y = p.o * acts.act(p.c);
   return p;
 }
 
@@ -114,14 +182,14 @@ struct LstmGrad {
   Vec<T> di, df, dg, do_, dc;
 };
 
-template <typename T>
+template <typename T, typename Acts = PlainActs<T>>
 inline LstmGrad<T> lstm_backward(const Vec<T>& i, const Vec<T>& f, const Vec<T>& g,
                                  const Vec<T>& o, const Vec<T>& c_t, const Vec<T>& c_old,
-                                 const Vec<T>& d, const Vec<T>& dc) {
-  const Vec<T> tc = tanh<T>(c_t);
-  const Vec<T> dcell = dc + tanh_backward(d * o, tc);
-  return {sigmoid_backward(dcell * g, i), sigmoid_backward(dcell * c_old, f),
-          tanh_backward(dcell * i, g), sigmoid_backward(d * tc, o), dcell * f};
+                                 const Vec<T>& d, const Vec<T>& dc, const Acts& acts = Acts{}) {
+  const Vec<T> tc = acts.act(c_t);
+  const Vec<T> dcell = dc + acts.act_backward(d * o, tc);
+  return {acts.gate_backward(dcell * g, i), acts.gate_backward(dcell * c_old, f),
+          acts.act_backward(dcell * i, g), acts.gate_backward(d * tc, o), dcell * f};
 }
 
 }  // namespace rnnkit_cpu

@@ -86,6 +86,11 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   const ResetStates<T>* resets = steps.resets ? &io.resets : nullptr;
   // W_hh packed gate-interleaved: the fused LSTM step, or the fused GRU step (reset after).
   const T* lstm_packed = mode == kLSTM ? fused_packed : nullptr;
+  const Regularization<T>& reg = io.reg;
+  const bool zoned = reg.zoned();
+  // The fused steps' regularized instance: dropout, zoneout or other activations.
+  const bool regularized = reg.dropout != nullptr || zoned || !cell.plain();
+  const CodedActs<T> coded{cell.gate_activation, activation};
   if (fused_packed && !project) {
     // The whole loop in one parallel region: each thread owns a fixed share of the hidden
     // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
@@ -103,15 +108,26 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         LstmStep<T> st{H, Hout, GH, gx, bias, from, to, output + t * B * Hout, nullptr, c,
                        save ? cells + t * cells_stride : nullptr, saved, &steps, t};
         st.resets = resets;  // every thread reads whole rows of `from`: selected per row
-        lstm_panels<T>(st, B, fused_packed, p0, p1);
+        st.reg = &reg, st.acts = coded;
+        if (regularized) {
+          lstm_panels<T, true>(st, B, fused_packed, p0, p1);
+        } else {
+          lstm_panels<T>(st, B, fused_packed, p0, p1);
+        }
       } else {
-        const GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t,
-                            resets};
-        gru_panels<T>(st, B, fused_packed, p0, p1);
+        GruStep<T> st{H, gx, bias, from, to, output + t * B * Hout, saved, &steps, t, resets};
+        st.reg = &reg, st.acts = coded;
+        if (regularized) {
+          gru_panels<T, true>(st, B, fused_packed, p0, p1);
+        } else {
+          gru_panels<T>(st, B, fused_packed, p0, p1);
+        }
       }
     });
     return;
   }
+  // The general steps, for the cell's activations (acts: PlainActs or CodedActs).
+  auto general_steps = [&](const auto& acts) {
   for (int64_t step = step0; step < step1; ++step) {
     const int64_t t = steps.reverse ? T_ - 1 - step : step;
     const T* gx = gates_x + (t - gx_t0) * B * GH;
@@ -126,8 +142,18 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         if (c) std::copy(resets->c[code] + b * H, resets->c[code] + (b + 1) * H, c + b * H);
       }
     }
+    // What enters the product with W_hh: the start, or with recurrent dropout start * mask.
+    const T* h_in = h;
+    if (reg.dropout) {
+      for (int64_t i = 0; i < B * Hout; ++i) io.h_in[i] = h[i] * reg.dropout[i];
+      h_in = io.h_in;
+    }
+    // Zoneout of units [j, j + n) of row b: the new state `fresh` against the start.
+    auto zone_h = [&](int64_t b, int64_t j, int64_t n, const V& start, const V& fresh) {
+      return zoned ? zoneout<T>(reg.keep_h(t, B, b, Hout, j, n), start, fresh) : fresh;
+    };
     if (mode == kRNN) {
-      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
       dispatch_activation(activation, [&](auto a) {
         constexpr int A = decltype(a)::value;
         for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -143,17 +169,18 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         });
       });
     } else if (mode == kGRU && reset_after) {
-      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
       for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
         const T *x = gx + b * GH, *rec = hh + b * GH;
         T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
-          const V r = sigmoid(pre(0)), z = sigmoid(pre(1));
+          const V r = acts.gate(pre(0)), z = acts.gate(pre(1));
           const V hn = V::loadu(rec + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
-          const V cand = gru_candidate_after<T>(V::loadu(x + 2 * H + j, n), r, hn);
-          const V y = gru_output<T>(z, cand, V::loadu(hb + j, n));
+          const V cand = gru_candidate_after<T>(V::loadu(x + 2 * H + j, n), r, hn, acts);
+          const V h_old = V::loadu(hb + j, n);
+          const V y = zone_h(b, j, n, h_old, gru_output<T>(z, cand, h_old));
           r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
           hn.store(g + 3 * H + j, n);
           store_state(steps, on, y, hb + j, ob + j, n);
@@ -161,15 +188,15 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       });
     } else if (mode == kGRU) {
       // The reset comes before the matmul: the candidate needs W_hn (r * h), a second GEMM.
-      step_mm<T>(B, Hout, 2 * H, h, Hout, rec, false, hh, GH);
+      step_mm<T>(B, Hout, 2 * H, h_in, Hout, rec, false, hh, GH);
       for_rows(B, H, 16, [&](int64_t b, int64_t j0, int64_t j1) {
-        const T *x = gx + b * GH, *rec = hh + b * GH, *hb = h + b * H;
+        const T *x = gx + b * GH, *rec = hh + b * GH, *hb = h_in + b * H;
         T* g = saved + b * 4 * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
-          const V r = sigmoid(pre(0));
+          const V r = acts.gate(pre(0));
           r.store(g + j, n);
-          sigmoid(pre(1)).store(g + H + j, n);
+          acts.gate(pre(1)).store(g + H + j, n);
           (r * V::loadu(hb + j, n)).store(g + 3 * H + j, n);
         });
       });
@@ -179,9 +206,11 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         const T *x = gx + b * GH, *rec = hh + b * GH;
         T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          const V cand = gru_candidate_before<T>(preactivation(x, rec, bias, 2 * H + j, n));
+          const V cand =
+              gru_candidate_before<T>(preactivation(x, rec, bias, 2 * H + j, n), acts);
           const V z = V::loadu(g + H + j, n);
-          const V y = gru_output<T>(z, cand, V::loadu(hb + j, n));
+          const V h_old = V::loadu(hb + j, n);
+          const V y = zone_h(b, j, n, h_old, gru_output<T>(z, cand, h_old));
           cand.store(g + 2 * H + j, n);
           store_state(steps, on, y, hb + j, ob + j, n);
         });
@@ -190,13 +219,17 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       // Projected (the loop above serves the rest): the fused cell step writes o * tanh(c)
       // into m, and h = W_hr m follows below.
       const bool save = gates_stride != 0;  // zero: inference, nothing is kept per step
-      const LstmStep<T> st{H, Hout, GH, gx, bias, h, nullptr, out,
-                           projected + t * projected_stride, c,
-                           save ? cells + t * cells_stride : nullptr, save ? saved : nullptr,
-                           &steps, t};
-      lstm_step<T>(st, B, lstm_packed);
+      LstmStep<T> st{H, Hout, GH, gx, bias, h, nullptr, out, projected + t * projected_stride,
+                     c, save ? cells + t * cells_stride : nullptr, save ? saved : nullptr,
+                     &steps, t};
+      st.reg = &reg, st.acts = coded;
+      if (regularized) {
+        lstm_step<T, true>(st, B, lstm_packed);
+      } else {
+        lstm_step<T>(st, B, lstm_packed);
+      }
     } else {
-      step_mm<T>(B, Hout, GH, h, Hout, rec, false, hh, GH);
+      step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
       T* cell_out = cells + t * cells_stride;
       T* m = projected + t * projected_stride;
       for_rows(B, H, 40, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -206,16 +239,19 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
           auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
           const V c_old = V::loadu(cb + j, n);
-          const LstmPoint<T> p = lstm_forward<T>(pre(0), pre(1), pre(2), pre(3), c_old);
-          const V y = p.y;
+          const LstmPoint<T> p = lstm_forward<T>(pre(0), pre(1), pre(2), pre(3), c_old, acts);
           p.store_gates(g + j, H, n);
-          const V c_kept = on ? p.c : c_old;
+          const V c_new =
+              zoned ? zoneout<T>(reg.keep_c(t, B, b, H, j, n), c_old, p.c) : p.c;
+          const V c_kept = on ? c_new : c_old;
           c_kept.store(cb + j, n);
           c_kept.store(co + j, n);
           if (project) {
-            y.store(m + b * H + j, n);
+            p.y.store(m + b * H + j, n);
           } else {
-            store_state(steps, on, y, h + b * H + j, out + b * H + j, n);
+            const V h_old = V::loadu(h + b * H + j, n);
+            store_state(steps, on, zone_h(b, j, n, h_old, p.y), h + b * H + j,
+                        out + b * H + j, n);
           }
         });
       });
@@ -224,13 +260,21 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       step_mm<T>(B, H, Hout, projected + t * projected_stride, H, proj, false, proj_out, Hout);
       for (int64_t b = 0; b < B; ++b) {
         const bool on = steps.active(t, b);
-        for (int64_t j = 0; j < Hout; ++j) {
-          if (on) h[b * Hout + j] = proj_out[b * Hout + j];
-          out[b * Hout + j] = on ? proj_out[b * Hout + j]
-                                 : (steps.carry_output ? h[b * Hout + j] : T(0));
-        }
+        T *hb = h + b * Hout, *ob = out + b * Hout;
+        const T* fresh = proj_out + b * Hout;
+        for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
+          const V h_old = V::loadu(hb + j, n);
+          store_state(steps, on, zone_h(b, j, n, h_old, V::loadu(fresh + j, n)), hb + j,
+                      ob + j, n);
+        });
       }
     }
+  }
+  };
+  if (mode == kRNN || cell.plain()) {
+    general_steps(PlainActs<T>{});
+  } else {
+    general_steps(CodedActs<T>{cell.gate_activation, activation});
   }
 }
 
@@ -240,8 +284,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
     const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
-    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool carry_output,
-    bool training) {
+    const std::optional<Tensor>& hidden_dropout, const std::optional<Tensor>& zoneout_h,
+    const std::optional<Tensor>& zoneout_c, int64_t mode, int64_t activation,
+    bool reset_after, bool reverse, bool carry_output, int64_t gate_activation,
+    double zoneout, bool training) {
   TORCH_CHECK(gates_x_in.dim() == 3, "rnnkit: gates_x must be (T, B, G*H)");
   const Tensor gates_x = gates_x_in.contiguous();
   const Tensor weight_hh = weight_hh_in.contiguous();
@@ -278,6 +324,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   resets.attach(steps);
   const Masks masks = checked_masks(mask_in, carry_output, steps, B);
   masks.attach(steps);
+  const Regularizers regs = checked_regularizers(hidden_dropout, zoneout_h, zoneout_c, zoneout,
+                                                 s, gates_x.scalar_type());
+  const Cell cell{mode, activation, reset_after, gate_activation};
+  Tensor h_in = at::empty({regs.dropout.defined() ? B : 0, Hout}, opts);
   // LSTM, and GRU with the reset after the product, with whole vectors of hidden units run
   // the fused step (else the general path), which packs W_hh gate-interleaved; the other step
   // kernels read W_hh^T, W_hr^T (k-major copies).
@@ -318,7 +368,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     io.proj_out = project ? proj_out.data_ptr<T>() : nullptr;
     io.h_spare = h_spare.defined() ? h_spare.data_ptr<T>() : nullptr;
     io.resets = resets.states<T>(h_first, c_first);
-    forward_kernel<T>(s, steps, Cell{mode, activation, reset_after}, w, io);
+    io.reg = regs.view<T>();
+    io.h_in = h_in.data_ptr<T>();
+    forward_kernel<T>(s, steps, cell, w, io);
   });
   if (!training) {
     gates = at::empty({0}, opts);

@@ -41,6 +41,8 @@ struct ForwardBuffers {
   T* proj_out = nullptr;       // one step's product with W_hr, (B, Hout)
   T* h_spare = nullptr;        // the fused loop's second state buffer, (B, Hout)
   ResetStates<T> resets;       // where reset rows start from (with Steps::resets)
+  Regularization<T> reg;       // recurrent dropout and zoneout
+  T* h_in = nullptr;           // one step's dropped state, (B, Hout), with reg.dropout
 };
 
 // Steps [step0, step1) of the loop (all by default). forward.cpp, for float and double.

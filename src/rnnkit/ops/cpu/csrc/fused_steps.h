@@ -41,6 +41,9 @@ struct LstmStep {
   bool interleaved = false;
   // The states reset rows start from (steps->reset); nullptr: none, or already in h_in and c.
   const ResetStates<T>* resets = nullptr;
+  // The regularized step (lstm_panels<T, true>): dropout and zoneout, and the activations.
+  const Regularization<T>* reg = nullptr;
+  CodedActs<T> acts;
 };
 
 // The row a block's row b starts its step from: h_in's, or with a reset the state it names.
@@ -53,10 +56,10 @@ inline const T* start_row(const T* h_in, int64_t width, const ResetStates<T>* re
 
 // acc[r][g] += sum_k h[r][k] panel[k][g] for R state rows (each Hout long, wherever it lives)
 // and the G gates of U units in a gate-interleaved panel (Hout, G, U): one register block of
-// the fused step.
-template <typename T, int R, int G>
+// the fused step. With kDropped, each h[r][k] enters times drop[r][k] (recurrent dropout).
+template <typename T, int R, int G, bool kDropped = false>
 inline void gate_products(int64_t Hout, const T* const (&h)[R], const T* panel,
-                          Vec<T> (&acc)[R][G]) {
+                          Vec<T> (&acc)[R][G], const T* const (&drop)[R]) {
   using V = Vec<T>;
   constexpr int64_t U = Vec<T>::size();
   // Few rows have few accumulator chains: split k S ways to hide the FMA latency, up to about
@@ -78,7 +81,7 @@ inline void gate_products(int64_t Hout, const T* const (&h)[R], const T* panel,
         V m[G];
         for (int g = 0; g < G; ++g) m[g] = V::loadu(w + g * U);
         for (int r = 0; r < R; ++r) {
-          const V a(h[r][k + q]);
+          const V a(kDropped ? h[r][k + q] * drop[r][k + q] : h[r][k + q]);
           for (int g = 0; g < G; ++g) part[q][r][g] = at::vec::fmadd(a, m[g], part[q][r][g]);
         }
       }
@@ -89,7 +92,7 @@ inline void gate_products(int64_t Hout, const T* const (&h)[R], const T* panel,
     V m[G];
     for (int g = 0; g < G; ++g) m[g] = V::loadu(w + g * U);
     for (int r = 0; r < R; ++r) {
-      const V a(h[r][k]);
+      const V a(kDropped ? h[r][k] * drop[r][k] : h[r][k]);
       for (int g = 0; g < G; ++g) part[0][r][g] = at::vec::fmadd(a, m[g], part[0][r][g]);
     }
   }
@@ -101,39 +104,59 @@ inline void gate_products(int64_t Hout, const T* const (&h)[R], const T* panel,
   }
 }
 
-// Rows b0 .. b0+R of units u0 .. u0+U; panel is (Hout, 4, U).
-template <typename T, int R>
+// Rows b0 .. b0+R of units u0 .. u0+U; panel is (Hout, 4, U). kReg: the regularized step
+// (s.reg's dropout and zoneout, s.acts' activations), else torch.nn's cell.
+template <typename T, int R, bool kReg = false>
 inline void lstm_block(const LstmStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
   using V = Vec<T>;
   constexpr int64_t U = lstm_unit<T>();
   const int64_t H = s.H, Hout = s.Hout;
   V acc[R][4];
   const T* h_start[R];
+  const T* drop[R];
   int code[R];
   for (int r = 0; r < R; ++r) {
     h_start[r] = start_row(s.h_in, Hout, s.resets, *s.steps, s.t, b0 + r, code[r]);
+    drop[r] = kReg && s.reg->dropout ? s.reg->dropout + (b0 + r) * Hout : h_start[r];
     for (int g = 0; g < 4; ++g) {
       const int64_t gx_at = s.interleaved ? 4 * u0 + g * U : g * H + u0;
       acc[r][g] = V::loadu(s.gx + (b0 + r) * s.GH + gx_at) + V::loadu(s.bias + g * H + u0);
     }
   }
-  gate_products<T, R, 4>(Hout, h_start, panel, acc);
+  if constexpr (kReg) {
+    if (s.reg->dropout) {
+      gate_products<T, R, 4, true>(Hout, h_start, panel, acc, drop);
+    } else {
+      gate_products<T, R, 4>(Hout, h_start, panel, acc, drop);
+    }
+  } else {
+    gate_products<T, R, 4>(Hout, h_start, panel, acc, drop);
+  }
   const V zero(T(0));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r;
     const bool on = s.steps->active(s.t, b);
     const int64_t at = b * H + u0;
     const V c_old = V::loadu((code[r] ? s.resets->c[code[r]] : s.c) + at);
-    const LstmPoint<T> p = lstm_forward<T>(acc[r][0], acc[r][1], acc[r][2], acc[r][3], c_old);
+    LstmPoint<T> p;
+    if constexpr (kReg) {
+      p = lstm_forward<T>(acc[r][0], acc[r][1], acc[r][2], acc[r][3], c_old, s.acts);
+    } else {
+      p = lstm_forward<T>(acc[r][0], acc[r][1], acc[r][2], acc[r][3], c_old);
+    }
     if (s.gates) p.store_gates(s.gates + b * 4 * H + u0, H);
-    const V y = p.y;
-    const V c_kept = on ? p.c : c_old;
+    V y = p.y, c_new = p.c;
+    const V h_old = s.m ? zero : V::loadu(h_start[r] + u0);  // a skipped row has no reset
+    if (kReg && s.reg->zoned()) {
+      c_new = zoneout<T>(s.reg->keep_c(s.t, s.steps->B, b, H, u0, U), c_old, c_new);
+      if (!s.m) y = zoneout<T>(s.reg->keep_h(s.t, s.steps->B, b, Hout, u0, U), h_old, y);
+    }
+    const V c_kept = on ? c_new : c_old;
     c_kept.store(s.c + at);
     if (s.cells) c_kept.store(s.cells + at);
     if (s.m) {
-      y.store(s.m + at);
+      p.y.store(s.m + at);
     } else {
-      const V h_old = V::loadu(h_start[r] + u0);  // a skipped row has no reset
       (on ? y : h_old).store(s.h_out + at);
       (on ? y : s.steps->carry_output ? h_old : zero).store(s.out + at);
     }
@@ -156,32 +179,54 @@ struct GruStep {
   const Steps* steps;
   int64_t t;
   const ResetStates<T>* resets = nullptr;  // as LstmStep's
+  const Regularization<T>* reg = nullptr;  // as LstmStep's
+  CodedActs<T> acts;
 };
 
-// Rows b0 .. b0+R of units u0 .. u0+U; panel is (H, 3, U).
-template <typename T, int R>
+// Rows b0 .. b0+R of units u0 .. u0+U; panel is (H, 3, U). kReg as lstm_block's.
+template <typename T, int R, bool kReg = false>
 inline void gru_block(const GruStep<T>& s, const T* panel, int64_t b0, int64_t u0) {
   using V = Vec<T>;
+  constexpr int64_t U = lstm_unit<T>();
   const int64_t H = s.H;
   V acc[R][3];
   const T* h_start[R];
+  const T* drop[R];
   for (int r = 0; r < R; ++r) {
     int code;
     h_start[r] = start_row(s.h_in, H, s.resets, *s.steps, s.t, b0 + r, code);
+    drop[r] = kReg && s.reg->dropout ? s.reg->dropout + (b0 + r) * H : h_start[r];
     const T* gx = s.gx + (b0 + r) * 3 * H + u0;
     acc[r][0] = V::loadu(gx) + V::loadu(s.bias + u0);
     acc[r][1] = V::loadu(gx + H) + V::loadu(s.bias + H + u0);
     acc[r][2] = V::loadu(s.bias + 2 * H + u0);
   }
-  gate_products<T, R, 3>(H, h_start, panel, acc);
+  if constexpr (kReg) {
+    if (s.reg->dropout) {
+      gate_products<T, R, 3, true>(H, h_start, panel, acc, drop);
+    } else {
+      gate_products<T, R, 3>(H, h_start, panel, acc, drop);
+    }
+  } else {
+    gate_products<T, R, 3>(H, h_start, panel, acc, drop);
+  }
   const V zero(T(0));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r, at = b * H + u0;
-    const V reset = sigmoid(acc[r][0]), update = sigmoid(acc[r][1]);
-    const V cand =
-        gru_candidate_after<T>(V::loadu(s.gx + b * 3 * H + 2 * H + u0), reset, acc[r][2]);
+    const V x_n = V::loadu(s.gx + b * 3 * H + 2 * H + u0);
+    V reset, update, cand;
+    if constexpr (kReg) {
+      reset = s.acts.gate(acc[r][0]), update = s.acts.gate(acc[r][1]);
+      cand = gru_candidate_after<T>(x_n, reset, acc[r][2], s.acts);
+    } else {
+      reset = sigmoid(acc[r][0]), update = sigmoid(acc[r][1]);
+      cand = gru_candidate_after<T>(x_n, reset, acc[r][2]);
+    }
     const V h_old = V::loadu(h_start[r] + u0);
-    const V y = gru_output<T>(update, cand, h_old);
+    V y = gru_output<T>(update, cand, h_old);
+    if (kReg && s.reg->zoned()) {
+      y = zoneout<T>(s.reg->keep_h(s.t, s.steps->B, b, H, u0, U), h_old, y);
+    }
     if (s.gates) {
       T* g = s.gates + b * 4 * H + u0;
       reset.store(g), update.store(g + H), cand.store(g + 2 * H), acc[r][2].store(g + 3 * H);
@@ -204,29 +249,29 @@ void fused_panels(int64_t B, const T* packed, int64_t panel_size, int64_t p0, in
 }
 
 // Panels [p0, p1) of one fused LSTM step, all B rows; packed is (H / U panels, Hout, 4, U).
-template <typename T>
+template <typename T, bool kReg = false>
 void lstm_panels(const LstmStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
   fused_panels<T>(B, packed, s.Hout * 4 * Vec<T>::size(), p0, p1,
                   [&](auto rows, const T* panel, int64_t b, int64_t u0) {
-                    lstm_block<T, decltype(rows)::value>(s, panel, b, u0);
+                    lstm_block<T, decltype(rows)::value, kReg>(s, panel, b, u0);
                   });
 }
 
-template <typename T>
+template <typename T, bool kReg = false>
 void gru_panels(const GruStep<T>& s, int64_t B, const T* packed, int64_t p0, int64_t p1) {
   fused_panels<T>(B, packed, s.H * 3 * Vec<T>::size(), p0, p1,
                   [&](auto rows, const T* panel, int64_t b, int64_t u0) {
-                    gru_block<T, decltype(rows)::value>(s, panel, b, u0);
+                    gru_block<T, decltype(rows)::value, kReg>(s, panel, b, u0);
                   });
 }
 
 // One fused LSTM step over all B rows.
-template <typename T>
+template <typename T, bool kReg = false>
 void lstm_step(const LstmStep<T>& s, int64_t B, const T* packed) {
   const int64_t panels = s.H / lstm_unit<T>();
   const int64_t threads = lstm_threads(B, s.Hout, s.H, panels);
   at::parallel_for(0, panels, (panels + threads - 1) / threads, [&](int64_t p0, int64_t p1) {
-    lstm_panels<T>(s, B, packed, p0, p1);
+    lstm_panels<T, kReg>(s, B, packed, p0, p1);
   });
 }
 

@@ -59,8 +59,33 @@ struct Shape {
 // Which cell the loop runs.
 struct Cell {
   int64_t mode;         // Mode
-  int64_t activation;   // Activation (RNN only)
+  int64_t activation;   // Activation: RNN's; GRU's candidate and LSTM's cell input and output
   bool reset_after;     // GRU formulation: reset after the product (torch's), else before
+  int64_t gate_activation = kSigmoid;  // GRU/LSTM gates' (recurrent_activation)
+
+  // torch.nn's GRU/LSTM activations, which the cells run as templates (PlainActs).
+  bool plain() const { return activation == kTanh && gate_activation == kSigmoid; }
+};
+
+// Recurrent dropout and zoneout (Call.hidden_dropout, zoneout_h, zoneout_c, spec.zoneout).
+// Per step: h_in = start * dropout enters the product with W_hh (only it); after the cell,
+// a unit keeps its start value where the zoneout mask is 1 (or, without masks, in the
+// proportion `zoneout`): new = keep * start + (1 - keep) * fresh.
+template <typename T>
+struct Regularization {
+  const T* dropout = nullptr;  // (B, Hout) multipliers, or nullptr
+  const T* zone_h = nullptr;   // (T, B, Hout) masks, or nullptr
+  const T* zone_c = nullptr;   // (T, B, H) masks (LSTM), or nullptr
+  T zoneout = T(0);            // the probability, used where there are no masks
+
+  bool zoned() const { return zone_h != nullptr || zoneout != T(0); }
+  // The keep factor of units [j, j + n) of row b at time t, for h (width Hout) or c (width H).
+  Vec<T> keep_h(int64_t t, int64_t B, int64_t b, int64_t width, int64_t j, int64_t n) const {
+    return zone_h ? Vec<T>::loadu(zone_h + (t * B + b) * width + j, n) : Vec<T>(zoneout);
+  }
+  Vec<T> keep_c(int64_t t, int64_t B, int64_t b, int64_t width, int64_t j, int64_t n) const {
+    return zone_c ? Vec<T>::loadu(zone_c + (t * B + b) * width + j, n) : Vec<T>(zoneout);
+  }
 };
 
 // Which rows run at each step, and where a step's previous state lives: the initial state
@@ -155,6 +180,41 @@ struct Masks {
 Masks checked_masks(const std::optional<Tensor>& mask, bool carry_output, const Steps& steps,
                     int64_t B);
 
+// A call's recurrent dropout and zoneout as the kernels read them: contiguous, each
+// undefined when not given.
+struct Regularizers {
+  Tensor dropout, zone_h, zone_c;
+  double zoneout = 0;
+
+  template <typename T>
+  Regularization<T> view() const {
+    Regularization<T> reg;
+    reg.dropout = dropout.defined() ? dropout.data_ptr<T>() : nullptr;
+    reg.zone_h = zone_h.defined() ? zone_h.data_ptr<T>() : nullptr;
+    reg.zone_c = zone_c.defined() ? zone_c.data_ptr<T>() : nullptr;
+    reg.zoneout = static_cast<T>(zoneout);
+    return reg;
+  }
+};
+
+inline Regularizers checked_regularizers(const std::optional<Tensor>& dropout,
+                                         const std::optional<Tensor>& zone_h,
+                                         const std::optional<Tensor>& zone_c, double zoneout,
+                                         const Shape& s, at::ScalarType dtype) {
+  auto checked = [&](const std::optional<Tensor>& t, at::IntArrayRef shape, const char* what) {
+    if (!t.has_value()) return Tensor();
+    TORCH_CHECK(t->sizes() == shape && t->scalar_type() == dtype, "rnnkit: ", what,
+                " must have shape ", shape, " and the inputs' dtype");
+    return t->contiguous();
+  };
+  Regularizers regs;
+  regs.dropout = checked(dropout, {s.B, s.Hout}, "hidden_dropout");
+  regs.zone_h = checked(zone_h, {s.T, s.B, s.Hout}, "zoneout_h");
+  regs.zone_c = checked(zone_c, {s.T, s.B, s.H}, "zoneout_c");
+  regs.zoneout = zoneout;
+  return regs;
+}
+
 inline Resets checked_resets(const std::optional<Tensor>& codes,
                              const std::optional<Tensor>& reset_h,
                              const std::optional<Tensor>& reset_c, int64_t T, int64_t B,
@@ -182,8 +242,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
     const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
-    int64_t mode, int64_t activation, bool reset_after, bool reverse, bool carry_output,
-    bool training);
+    const std::optional<Tensor>& hidden_dropout, const std::optional<Tensor>& zoneout_h,
+    const std::optional<Tensor>& zoneout_c, int64_t mode, int64_t activation,
+    bool reset_after, bool reverse, bool carry_output, int64_t gate_activation,
+    double zoneout, bool training);
 
 // backward.cpp
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
@@ -192,9 +254,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
     const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
-    const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
-    const Tensor& projected_in, int64_t mode, int64_t activation, bool reset_after,
-    bool reverse, bool carry_output, bool has_bias);
+    const std::optional<Tensor>& hidden_dropout, const std::optional<Tensor>& zoneout_h,
+    const std::optional<Tensor>& zoneout_c, const Tensor& output_in, const Tensor& gates_in,
+    const Tensor& cells_in, const Tensor& projected_in, int64_t mode, int64_t activation,
+    bool reset_after, bool reverse, bool carry_output, int64_t gate_activation,
+    double zoneout, bool has_bias);
 
 // linear.cpp
 Tensor linear_forward(const Tensor& input, const Tensor& weight_in,

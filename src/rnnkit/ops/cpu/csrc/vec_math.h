@@ -46,7 +46,13 @@ enum Activation : int64_t {
   kSoftsign = 6,
   kHardtanh = 7,
   kSoftplus = 8,
+  kHardSigmoid = 9,  // Keras 3's: relu6(x + 3) / 6 = clip(x / 6 + 1/2, 0, 1)
 };
+
+// hard_sigmoid's slope inside (-3, 3); the reference path's hardtanh(x + 3, 0, 6) / 6 has it
+// exactly (F.hardsigmoid's own backward would use the float 1/6 in double).
+template <typename T>
+constexpr T kHardSigmoidSlope = T(1) / T(6);
 
 // ---------------------------------------------------------------------------------------
 // Elementwise math, on whole vectors. Each activation gives its value and its derivative at
@@ -119,6 +125,12 @@ inline Vec<T> activate(const Vec<T>& x, Vec<T>& derivative) {
   } else if constexpr (A == kHardtanh) {
     derivative = x.gt(Vec<T>(T(-1))) * x.lt(one);
     return at::vec::clamp(x, Vec<T>(T(-1)), one);
+  } else if constexpr (A == kHardSigmoid) {
+    // As the reference path's hardtanh(x + 3, 0, 6) / 6, so the values round alike.
+    const Vec<T> y =
+        at::vec::clamp(x + Vec<T>(T(3)), Vec<T>(T(0)), Vec<T>(T(6))) / Vec<T>(T(6));
+    derivative = y.gt(Vec<T>(T(0))) * y.lt(one) * Vec<T>(kHardSigmoidSlope<T>);
+    return y;
   } else {
     static_assert(A == kSoftplus);
     // log(1 + e^x), written without overflow; linear past torch's threshold of 20.
@@ -146,6 +158,8 @@ inline Vec<T> derivative_from_output(const Vec<T>& y) {
     return rest * rest;
   } else if constexpr (A == kHardtanh) {
     return y.gt(Vec<T>(T(-1))) * y.lt(one);
+  } else if constexpr (A == kHardSigmoid) {
+    return y.gt(Vec<T>(T(0))) * y.lt(one) * Vec<T>(kHardSigmoidSlope<T>);
   } else {
     static_assert(A == kSilu || A == kGelu || A == kSoftplus,
                   "this activation saves its derivative");
@@ -165,6 +179,7 @@ void dispatch_activation(int64_t activation, F&& body) {
     case kSoftsign: return body(std::integral_constant<int, kSoftsign>{});
     case kHardtanh: return body(std::integral_constant<int, kHardtanh>{});
     case kSoftplus: return body(std::integral_constant<int, kSoftplus>{});
+    case kHardSigmoid: return body(std::integral_constant<int, kHardSigmoid>{});
     default: TORCH_CHECK(false, "rnnkit: unknown activation code ", activation);
   }
 }

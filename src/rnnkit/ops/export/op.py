@@ -7,12 +7,12 @@ layer-direction to `BACKEND` instead:
 - under `torch.onnx.export`, `onnx_lowering` records ONNX's own `RNN`/`GRU`/`LSTM`
   operator or a `scan` over time, so plain `torch.onnx.export(..., dynamo=True)` needs no
   extra argument;
-- under `torch.export`, a layer-direction is recorded as one opaque op,
-  `rnnkit_export::recurrence`, with symbolic shapes. The compiled CPU library defines it
-  with a C++ kernel, so AOTInductor can compile the program and its C++ runtime runs it with
-  that library loaded (docs/deploy.md); `rnnkit.export`'s translation table turns it into
-  ONNX's operator. Resets, masks and regularization, which its arguments do not carry, are
-  the same `scan`.
+- under `torch.export`, a layer-direction that ONNX has as an operator is recorded as one
+  opaque op, `rnnkit_export::recurrence`, with symbolic shapes. The compiled CPU library
+  defines it with a C++ kernel, so AOTInductor can compile the program and its C++ runtime
+  runs it with that library loaded (docs/deploy.md); `rnnkit.export`'s translation table
+  turns it into ONNX's operator. Anything else (the LSTM projection, activations ONNX does
+  not name, resets, masks, regularization) is the same `scan`.
 
 Run eagerly, the op runs the compiled CPU kernels, or elsewhere computes `W_ih x + b_ih` and
 calls [`rnnkit.ops.reference.recurrence`][].
@@ -142,11 +142,10 @@ class ExportBackend(BackendBase):
 
 
 def recorded(call: Call) -> bool:
-    """Whether `torch.export` records `call` as one `rnnkit_export::recurrence` op."""
-    return (
-        call.resets is None and call.mask is None and not call.regularized
-        and isinstance(call.spec.nonlinearity, str)
-    )
+    """Whether `torch.export` records `call` as one `rnnkit_export::recurrence` op: the
+    layer-directions ONNX has as an operator, so that `onnx_translation_table` converts every
+    op of a program (the others are the `scan`)."""
+    return not call.regularized and onnx_lowering.native(call)
 
 
 BACKEND = ExportBackend()

@@ -221,24 +221,19 @@ def test_seed_reproduces_a_training_run_on_every_backend():
     layer = rnnkit.LSTM(3, 6, recurrent_dropout=0.3, zoneout=0.2, input_dropout=0.1,
                         num_layers=2, bidirectional=True)
     x = torch.randn(5, 4, 3)
-    runs = []
+    runs = {}
     for backend in ("reference", "cpu", "auto"):
         layer.backend = backend
         torch.manual_seed(7)
-        with pytest.warns(UserWarning, match="recurrent dropout") if backend == "cpu" else \
-                _no_warning():
-            runs.append(layer.train()(x)[0])
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+        runs[backend] = layer.train()(x)[0]
+        torch.manual_seed(7)  # the same seed again: the same masks, the same result
+        assert torch.equal(layer(x)[0], runs[backend])
+    # The masks come from torch's generator, not the backend: the compiled kernels get the
+    # reference path's draws and agree with it to float32 rounding.
+    torch.testing.assert_close(runs["cpu"], runs["reference"])
+    torch.testing.assert_close(runs["auto"], runs["reference"])
     torch.manual_seed(8)
-    assert not torch.equal(layer(x)[0], runs[0])
-
-
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    assert not torch.equal(layer(x)[0], runs["auto"])
 
 
 # Defaults --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn.utils import parametrize, prune  # noqa: E402
 
 import rnnkit  # noqa: E402
 from helpers import twin_layers  # noqa: E402
@@ -141,6 +142,36 @@ def test_gru_reset_before_streams_like_keras():
         got = torch.cat([streaming(torch.from_numpy(x[:, t: t + 1])) for t in range(STEPS)], 1)
     assert served.count == STEPS
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,options", [("RNN", {"nonlinearity": "relu"}), ("GRU", {}),
+                                          ("GRU", {"reset_after": False}),
+                                          ("LSTM", {"proj_size": 40})])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wide_steps_split_between_threads(kind, options, dtype):
+    """Steps of 2M multiply-adds or more split their hidden units between torch's threads
+    (264 units: a partial vector at the end); each thread's columns of every gate, and the
+    projection's columns after a barrier. torch.nn is the twin where it has the formulation,
+    else the reference path."""
+    batch, hidden = 32, 264
+    make = getattr(rnnkit, kind)
+    fast = make(64, hidden, num_layers=2, dtype=dtype, **options)
+    if options.get("reset_after") is False:
+        twin = make(64, hidden, num_layers=2, dtype=dtype, backend="reference", **options)
+        twin.load_state_dict(fast.state_dict())
+    else:
+        twin = getattr(nn, kind)(64, hidden, num_layers=2, dtype=dtype, **options)
+        fast.load_state_dict(twin.state_dict())
+    x = torch.randn(1, batch, 64, dtype=dtype)
+    hx = random_state(kind, 2, batch, options.get("proj_size") or hidden, hidden, dtype)
+    with torch.no_grad(), Served() as served:
+        got = fast(x, hx)
+        expected = twin(x, hx)
+    assert served.count == 1
+    close(got[0], expected[0], dtype)
+    for got_state, want_state in zip(rnnkit.ops.spec.as_states(got[1]),
+                                     rnnkit.ops.spec.as_states(expected[1])):
+        close(got_state, want_state, dtype)
 
 
 # Stateful and cells ------------------------------------------------------------------------
@@ -307,6 +338,22 @@ def test_other_calls_keep_the_general_path(make, call):
     module = make()
     with torch.no_grad(), Served() as served:
         call(module, torch.randn(1, BATCH, INPUT))
+    assert served.count == 0
+
+
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+def test_computed_weights_keep_the_general_path(how):
+    """A weight computed at each call (pruning's forward pre-hook, a parametrization) is no
+    parameter to pack: such a module is not served, and runs its current weights."""
+    theirs, ours = twin_layers("GRU", INPUT, HIDDEN, dtype=torch.float64)
+    if how == "prune":
+        prune.random_unstructured(ours, "weight_hh_l0", amount=0.5)
+    else:
+        parametrize.register_parametrization(ours, "weight_hh_l0", nn.Tanh())
+    x = torch.randn(1, BATCH, INPUT, dtype=torch.float64)
+    with torch.no_grad(), Served() as served:
+        theirs.weight_hh_l0.copy_(ours.weight_hh_l0)
+        close(ours(x)[0], theirs(x)[0], torch.float64)
     assert served.count == 0
 
 

@@ -64,11 +64,22 @@ class _Packed:
         self.out_size = getattr(module, "proj_size", 0) or module.hidden_size
         self.key = None
         self.anchors: list[Tensor] = []
-        self.weights: list[Tensor] = []
+        self.weights: list[Tensor] | None = None
 
     def pack(self, params: list[Tensor | None], key: list) -> None:
         """Pack `params` (five per layer: W_ih, W_hh, b_ih, b_hh, W_hr) as csrc/stream.cpp
-        reads them: transposed to k-major, the biases summed (apart for GRU)."""
+        reads them: transposed to k-major, the biases summed (apart for GRU). A weight that
+        is not a parameter (computed by a hook, as the old `weight_norm` and `prune` do) or
+        a lone bias leaves `weights` `None`: such a module is not served."""
+        self.key = key
+        self.weights = None
+        self.anchors = []
+        for layer in range(self.layers):
+            w_ih, w_hh, b_ih, b_hh, w_hr = params[5 * layer: 5 * layer + 5]
+            if w_ih is None or w_hh is None or (b_ih is None) != (b_hh is None) or (
+                (w_hr is None) != (self.out_size == self.hidden_size)
+            ):
+                return
         with torch.no_grad():
             weights = []
             for layer in range(self.layers):
@@ -86,7 +97,6 @@ class _Packed:
         self.weights = weights
         # Holding the packed parameters' storage keeps their addresses from being reused.
         self.anchors = [p.detach() for p in params if p is not None]
-        self.key = key
 
 
 def _layout(module: nn.Module) -> tuple[tuple[str, ...], ...] | None:
@@ -159,7 +169,7 @@ def serves(module: nn.Module, input: Tensor, state: State | None) -> _Packed | N
                 return None
             _op = torch.ops.rnnkit.stream_step.default
         packed.pack(params, key)
-    return packed
+    return packed if packed.weights is not None else None
 
 
 def _states(value: object) -> State | None | bool:

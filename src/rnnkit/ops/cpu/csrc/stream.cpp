@@ -1,9 +1,9 @@
 // One step of a stacked unidirectional RNN, GRU or LSTM, for streaming inference: the whole
 // stack in one call, from weights that rnnkit/ops/cpu/stream.py packs once and keeps until a
 // parameter changes. Nothing is saved for backward; the Python side calls this only when no
-// gradient is needed. At B = 1 every product is one pass over a k-major weight (vector_matrix,
-// one thread: at streaming sizes the weights sit in L2 and a thread team costs more than it
-// saves); a few rows run on gemm.h's register-blocked matmul.
+// gradient is needed. At B = 1 every product is one pass over a k-major weight (vector_matrix);
+// a few rows run on gemm.h's register-blocked matmul. Threads split the hidden units, each
+// computing its columns of every gate (see stream_threads).
 //
 // Per layer the packed weights are four tensors:
 //   ih   (I, G*H)  W_ih^T, k-major
@@ -14,6 +14,7 @@
 
 #include "cells.h"
 #include "gemm.h"
+#include "threads.h"
 #include "vec_math.h"
 
 #include <ATen/Dispatch.h>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <tuple>
 #include <vector>
 
@@ -63,25 +65,54 @@ struct Layer {
   int64_t I, H, Hout;
 };
 
-// gates (B x G*H) = x W_ih^T + h W_hh^T + bias: RNN and LSTM.
+// The hidden units [u0, u1) one thread computes: its columns of every gate, so the pointwise
+// math needs nothing from the other threads.
+struct Units {
+  int64_t u0, u1;
+  int64_t count() const { return u1 - u0; }
+};
+
+// Waits for the other threads of run_threads (threads.h); nothing with one thread.
+inline void barrier(int64_t threads) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp barrier
+  }
+#else
+  (void)threads;
+#endif
+}
+
+// Columns [u0, u1) of gates 0..gates-1 (gate g at g * H, rows GH apart) of
+// x W^T (+ y, else + bias): the products restricted to one thread's units.
 template <typename T>
-void summed_gates(int64_t B, int64_t GH, const Layer<T>& w, const T* x, const T* h, T* gates) {
-  seed<T>(B, GH, w.bias, gates, GH);
-  product<T>(B, w.I, GH, x, w.I, w.ih, GH, true, gates, GH);
-  product<T>(B, w.Hout, GH, h, w.Hout, w.hh, GH, true, gates, GH);
+void gate_columns(int64_t B, int64_t K, int64_t H, int64_t GH, int64_t gates, Units u,
+                  const T* x, const T* M, const T* bias, bool accumulate, T* y) {
+  for (int64_t g = 0; g < gates; ++g) {
+    const int64_t at = g * H + u.u0;
+    if (!accumulate) seed<T>(B, u.count(), bias ? bias + at : nullptr, y + at, GH);
+    product<T>(B, K, u.count(), x, K, M + at, GH, true, y + at, GH);
+  }
+}
+
+// gates (B x G*H) = x W_ih^T + h W_hh^T + bias at the units u: RNN and LSTM.
+template <typename T>
+void summed_gates(int64_t B, int64_t G, const Layer<T>& w, Units u, const T* x, const T* h,
+                  T* gates) {
+  const int64_t GH = G * w.H;
+  gate_columns<T>(B, w.I, w.H, GH, G, u, x, w.ih, w.bias, false, gates);
+  gate_columns<T>(B, w.Hout, w.H, GH, G, u, h, w.hh, nullptr, true, gates);
 }
 
 template <typename T>
-void rnn_layer(int64_t activation, int64_t B, const Layer<T>& w, const T* x, const T* h,
-               T* h_new, std::vector<T>& scratch) {
+void rnn_layer(int64_t activation, int64_t B, const Layer<T>& w, Units u, const T* x,
+               const T* h, T* h_new, T* gates) {
   const int64_t H = w.H;
-  scratch.resize(B * H);
-  T* gates = scratch.data();
-  summed_gates<T>(B, H, w, x, h, gates);
+  summed_gates<T>(B, 1, w, u, x, h, gates);
   dispatch_activation(activation, [&](auto a) {
     constexpr int A = decltype(a)::value;
     for (int64_t b = 0; b < B; ++b) {
-      for_vectors<T>(0, H, [&](int64_t j, int64_t count) {
+      for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
         Vec<T> derivative;
         rnn_forward<A, T>(Vec<T>::loadu(gates + b * H + j, count), derivative)
             .store(h_new + b * H + j, count);
@@ -90,18 +121,17 @@ void rnn_layer(int64_t activation, int64_t B, const Layer<T>& w, const T* x, con
   });
 }
 
+// `projection`: this thread's columns of W_hr's product, run after a barrier.
 template <typename T>
-void lstm_layer(int64_t B, const Layer<T>& w, const T* x, const T* h, const T* c, T* h_new,
-                T* c_new, std::vector<T>& scratch) {
+void lstm_layer(int64_t threads, int64_t B, const Layer<T>& w, Units u, Units projection,
+                const T* x, const T* h, const T* c, T* h_new, T* c_new, T* gates,
+                T* unprojected) {
   const int64_t H = w.H, GH = 4 * H;
-  scratch.resize(B * (GH + H));
-  T* gates = scratch.data();
-  T* unprojected = gates + B * GH;  // o * tanh(c') before W_hr
-  summed_gates<T>(B, GH, w, x, h, gates);
+  summed_gates<T>(B, 4, w, u, x, h, gates);
   T* y = w.hr ? unprojected : h_new;
   for (int64_t b = 0; b < B; ++b) {
     const T* g = gates + b * GH;
-    for_vectors<T>(0, H, [&](int64_t j, int64_t count) {
+    for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
       using V = Vec<T>;
       const LstmPoint<T> p =
           lstm_forward<T>(V::loadu(g + j, count), V::loadu(g + H + j, count),
@@ -111,28 +141,30 @@ void lstm_layer(int64_t B, const Layer<T>& w, const T* x, const T* h, const T* c
       p.y.store(y + b * H + j, count);
     });
   }
-  if (w.hr) product<T>(B, H, w.Hout, unprojected, H, w.hr, w.Hout, false, h_new, w.Hout);
+  if (w.hr) {
+    barrier(threads);  // the projection reads every unit
+    if (projection.count() > 0) {
+      product<T>(B, H, projection.count(), unprojected, H, w.hr + projection.u0, w.Hout, false,
+                 h_new + projection.u0, w.Hout);
+    }
+  }
 }
 
+// gx: W_ih x + b_ih; gh: W_hh h + b_hh (reset before: its r and z columns, then W_hn (r h));
+// reset_h: r * h (reset before only). Each (B x 3H) but reset_h (B x H).
 template <typename T>
-void gru_layer(bool reset_after, int64_t B, const Layer<T>& w, const T* x, const T* h,
-               T* h_new, std::vector<T>& scratch) {
+void gru_layer(int64_t threads, bool reset_after, int64_t B, const Layer<T>& w, Units u,
+               const T* x, const T* h, T* h_new, T* gx, T* gh, T* reset_h) {
   using V = Vec<T>;
   const int64_t H = w.H, GH = 3 * H;
-  scratch.resize(B * (2 * GH + H));
-  T* gx = scratch.data();     // W_ih x + b_ih
-  T* gh = gx + B * GH;        // W_hh h + b_hh (reset before: its r and z columns, then W_hn (r h))
-  T* reset_h = gh + B * GH;   // r * h, reset before only
   const T* b_ih = w.bias;
   const T* b_hh = w.bias ? w.bias + GH : nullptr;
-  seed<T>(B, GH, b_ih, gx, GH);
-  product<T>(B, w.I, GH, x, w.I, w.ih, GH, true, gx, GH);
+  gate_columns<T>(B, w.I, H, GH, 3, u, x, w.ih, b_ih, false, gx);
   if (reset_after) {
-    seed<T>(B, GH, b_hh, gh, GH);
-    product<T>(B, H, GH, h, H, w.hh, GH, true, gh, GH);
+    gate_columns<T>(B, H, H, GH, 3, u, h, w.hh, b_hh, false, gh);
     for (int64_t b = 0; b < B; ++b) {
       const T *xr = gx + b * GH, *hr = gh + b * GH, *h_old = h + b * H;
-      for_vectors<T>(0, H, [&](int64_t j, int64_t count) {
+      for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
         const V r = sigmoid(V::loadu(xr + j, count) + V::loadu(hr + j, count));
         const V z = sigmoid(V::loadu(xr + H + j, count) + V::loadu(hr + H + j, count));
         const V n = gru_candidate_after<T>(V::loadu(xr + 2 * H + j, count), r,
@@ -143,29 +175,63 @@ void gru_layer(bool reset_after, int64_t B, const Layer<T>& w, const T* x, const
     return;
   }
   // Reset before: r and z first, then the candidate's product with r * h.
-  seed<T>(B, 2 * H, b_hh, gh, GH);
-  product<T>(B, H, 2 * H, h, H, w.hh, GH, true, gh, GH);
+  gate_columns<T>(B, H, H, GH, 2, u, h, w.hh, b_hh, false, gh);
   for (int64_t b = 0; b < B; ++b) {
     const T *xr = gx + b * GH, *h_old = h + b * H;
     T* hr = gh + b * GH;
-    for_vectors<T>(0, H, [&](int64_t j, int64_t count) {
+    for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
       const V r = sigmoid(V::loadu(xr + j, count) + V::loadu(hr + j, count));
       const V z = sigmoid(V::loadu(xr + H + j, count) + V::loadu(hr + H + j, count));
       z.store(hr + H + j, count);
       (r * V::loadu(h_old + j, count)).store(reset_h + b * H + j, count);
     });
   }
-  seed<T>(B, H, b_hh ? b_hh + 2 * H : nullptr, gh + 2 * H, GH);
-  product<T>(B, H, H, reset_h, H, w.hh + 2 * H, GH, true, gh + 2 * H, GH);
+  barrier(threads);  // W_hn (r * h) reads every unit of r * h
+  const Units n_units{2 * H + u.u0, 2 * H + u.u1};
+  seed<T>(B, u.count(), b_hh ? b_hh + n_units.u0 : nullptr, gh + n_units.u0, GH);
+  product<T>(B, H, u.count(), reset_h, H, w.hh + n_units.u0, GH, true, gh + n_units.u0, GH);
   for (int64_t b = 0; b < B; ++b) {
     const T *xr = gx + b * GH, *hr = gh + b * GH, *h_old = h + b * H;
-    for_vectors<T>(0, H, [&](int64_t j, int64_t count) {
+    for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
       const V n = gru_candidate_before<T>(V::loadu(xr + 2 * H + j, count) +
                                           V::loadu(hr + 2 * H + j, count));
       gru_output<T>(V::loadu(hr + H + j, count), n, V::loadu(h_old + j, count))
           .store(h_new + b * H + j, count);
     });
   }
+}
+
+// Thread `thread` of `threads`: its share of `size` columns, in whole vectors.
+template <typename T>
+Units share(int64_t size, int64_t thread, int64_t threads) {
+  constexpr int64_t width = Vec<T>::size();
+  const int64_t vectors = (size + width - 1) / width;
+  return {std::min(size, vectors * thread / threads * width),
+          std::min(size, vectors * (thread + 1) / threads * width)};
+}
+
+// Threads for one step: each takes a slice of every weight (its units' columns), and the
+// threads meet at a barrier per layer. Each call opens its own parallel region, and a thread
+// that another process has taken off its core stalls the barrier, so only a step of 2M
+// multiply-adds or more (B=1: a GRU with I = H = 1024) is split; the streaming sizes (B=1,
+// H=256) run on one thread. Splitting might pay earlier on an idle machine, where each core
+// then keeps its share of the weights in its own L2: RNNKIT_STREAM_THREADS=n forces n threads
+// to measure that.
+inline int64_t stream_threads(int64_t B, int64_t multiply_adds, int64_t H) {
+#ifdef _OPENMP
+  static const int64_t forced = [] {
+    const char* env = std::getenv("RNNKIT_STREAM_THREADS");
+    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t(0);
+  }();
+  if (at::in_parallel_region()) return 1;
+  const int64_t vectors = std::max<int64_t>(1, H / Vec<float>::size());
+  if (forced) return std::min(forced, vectors);
+  if (B * multiply_adds < (int64_t(1) << 21)) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), vectors));
+#else
+  (void)B, (void)multiply_adds, (void)H;
+  return 1;
+#endif
 }
 
 const int64_t kNumGates[] = {1, 3, 4};
@@ -202,44 +268,71 @@ std::tuple<Tensor, Tensor, Tensor> stream_step(const Tensor& input, const Tensor
   std::vector<int64_t> output_size = input.sizes().vec();
   output_size.back() = Hout;
   Tensor output = at::empty(output_size, h0.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_stream_step", [&] {
-    thread_local std::vector<scalar_t> scratch;
-    const scalar_t* layer_x = x.data_ptr<scalar_t>();
-    int64_t I = I0;
-    for (int64_t l = 0; l < L; ++l) {
-      const Tensor& ih = weights[4 * l];
-      const Tensor& hh = weights[4 * l + 1];
-      const Tensor& bias = weights[4 * l + 2];
-      const Tensor& hr = weights[4 * l + 3];
-      TORCH_CHECK(ih.is_contiguous() && hh.is_contiguous() && bias.is_contiguous() &&
-                      hr.is_contiguous() && ih.scalar_type() == x.scalar_type() &&
-                      hh.scalar_type() == x.scalar_type(),
+  // Check every layer's weights, and count the step's multiply-adds.
+  int64_t multiply_adds = 0;
+  for (int64_t l = 0, I = I0; l < L; ++l, I = Hout) {
+    const Tensor& ih = weights[4 * l];
+    const Tensor& hh = weights[4 * l + 1];
+    const Tensor& bias = weights[4 * l + 2];
+    const Tensor& hr = weights[4 * l + 3];
+    for (const Tensor* t : {&ih, &hh, &bias, &hr}) {
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == input.scalar_type(),
                   "rnnkit stream_step: packed weights must be contiguous, in the input's dtype");
-      TORCH_CHECK(ih.size(0) == I && ih.size(1) == G * H && hh.size(0) == Hout &&
-                      hh.size(1) == G * H && (hr.numel() == 0 || (hr.size(0) == H &&
-                                                                   hr.size(1) == Hout)),
-                  "rnnkit stream_step: layer ", l, " weights have the wrong shapes");
-      TORCH_CHECK(bias.numel() == 0 || bias.numel() == (mode == kStreamGru ? 2 : 1) * G * H,
-                  "rnnkit stream_step: layer ", l, " bias has the wrong size");
-      const Layer<scalar_t> w{ih.data_ptr<scalar_t>(),
-                              hh.data_ptr<scalar_t>(),
-                              bias.numel() ? bias.data_ptr<scalar_t>() : nullptr,
-                              hr.numel() ? hr.data_ptr<scalar_t>() : nullptr,
-                              I, H, Hout};
-      const scalar_t* h_old = h.data_ptr<scalar_t>() + l * B * Hout;
-      scalar_t* h_new = h_n.data_ptr<scalar_t>() + l * B * Hout;
-      if (mode == kStreamRnn) {
-        rnn_layer<scalar_t>(activation, B, w, layer_x, h_old, h_new, scratch);
-      } else if (mode == kStreamGru) {
-        gru_layer<scalar_t>(reset_after, B, w, layer_x, h_old, h_new, scratch);
-      } else {
-        lstm_layer<scalar_t>(B, w, layer_x, h_old, c.data_ptr<scalar_t>() + l * B * H, h_new,
-                             c_n.data_ptr<scalar_t>() + l * B * H, scratch);
-      }
-      layer_x = h_new;
-      I = Hout;
     }
-    std::copy(layer_x, layer_x + B * Hout, output.data_ptr<scalar_t>());
+    TORCH_CHECK(ih.dim() == 2 && hh.dim() == 2 && ih.size(0) == I && ih.size(1) == G * H &&
+                    hh.size(0) == Hout && hh.size(1) == G * H &&
+                    (hr.numel() == 0 ? Hout == H
+                                     : (lstm && hr.dim() == 2 && hr.size(0) == H &&
+                                        hr.size(1) == Hout)),
+                "rnnkit stream_step: layer ", l, " weights have the wrong shapes");
+    TORCH_CHECK(bias.numel() == 0 || bias.numel() == (mode == kStreamGru ? 2 : 1) * G * H,
+                "rnnkit stream_step: layer ", l, " bias has the wrong size");
+    multiply_adds += (I + Hout) * G * H + hr.numel();
+  }
+  const int64_t threads = stream_threads(B, multiply_adds, H);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_stream_step", [&] {
+    using T = scalar_t;
+    // Scratch for every thread's columns: gates (GRU: gx and gh), then r * h or W_hr's input.
+    thread_local std::vector<T> scratch;
+    const int64_t GH = G * H;
+    scratch.resize(B * (2 * GH + H));
+    T* gates = scratch.data();
+    T* second = gates + B * GH;
+    T* third = second + B * GH;
+    const T* input_data = x.data_ptr<T>();
+    const T* h_data = h.data_ptr<T>();
+    const T* c_data = lstm ? c.data_ptr<T>() : nullptr;
+    T* h_out = h_n.data_ptr<T>();
+    T* c_out = lstm ? c_n.data_ptr<T>() : nullptr;
+    run_threads(threads, [&](int64_t thread) {
+      const Units units = share<T>(H, thread, threads);
+      const Units projection = share<T>(Hout, thread, threads);
+      const T* layer_x = input_data;
+      int64_t I = I0;
+      for (int64_t l = 0; l < L; ++l) {
+        const Tensor& hr = weights[4 * l + 3];
+        const Tensor& bias = weights[4 * l + 2];
+        const Layer<T> w{weights[4 * l].data_ptr<T>(), weights[4 * l + 1].data_ptr<T>(),
+                         bias.numel() ? bias.data_ptr<T>() : nullptr,
+                         hr.numel() ? hr.data_ptr<T>() : nullptr, I, H, Hout};
+        const T* h_old = h_data + l * B * Hout;
+        T* h_new = h_out + l * B * Hout;
+        if (mode == kStreamRnn) {
+          rnn_layer<T>(activation, B, w, units, layer_x, h_old, h_new, gates);
+        } else if (mode == kStreamGru) {
+          gru_layer<T>(threads, reset_after, B, w, units, layer_x, h_old, h_new, gates, second,
+                       third);
+        } else {
+          lstm_layer<T>(threads, B, w, units, projection, layer_x, h_old, c_data + l * B * H,
+                        h_new, c_out + l * B * H, gates, third);
+        }
+        barrier(threads);  // the next layer reads every unit
+        layer_x = h_new;
+        I = Hout;
+      }
+    });
+    const T* last = h_out + (L - 1) * B * Hout;
+    std::copy(last, last + B * Hout, output.data_ptr<T>());
   });
   return {output, h_n, c_n};
 }

@@ -49,7 +49,8 @@ class _Packed:
     """A module's weights packed for `stream_step`, and what they were packed from."""
 
     __slots__ = ("anchors", "key", "mode", "activation", "reset_after", "names", "weights",
-                 "layers", "num_states", "input_size", "hidden_size", "out_size", "spec")
+                 "layers", "num_states", "input_size", "hidden_size", "out_size", "spec",
+                 "dtype")
 
     def __init__(self, module: nn.Module, spec, names: tuple[tuple[str, ...], ...]) -> None:
         self.spec = spec
@@ -63,6 +64,7 @@ class _Packed:
         self.hidden_size = module.hidden_size
         self.out_size = getattr(module, "proj_size", 0) or module.hidden_size
         self.key = None
+        self.dtype = None
         self.anchors: list[Tensor] = []
         self.weights: list[Tensor] | None = None
 
@@ -74,12 +76,17 @@ class _Packed:
         self.key = key
         self.weights = None
         self.anchors = []
+        self.dtype = params[0].dtype if params[0] is not None else None
         for layer in range(self.layers):
             w_ih, w_hh, b_ih, b_hh, w_hr = params[5 * layer: 5 * layer + 5]
             if w_ih is None or w_hh is None or (b_ih is None) != (b_hh is None) or (
                 (w_hr is None) != (self.out_size == self.hidden_size)
             ):
                 return
+        if self.dtype not in _DTYPES or any(
+            p is not None and (p.dtype != self.dtype or not p.is_cpu) for p in params
+        ):
+            return
         with torch.no_grad():
             weights = []
             for layer in range(self.layers):
@@ -155,21 +162,20 @@ def serves(module: nn.Module, input: Tensor, state: State | None) -> _Packed | N
     params = [parameters.get(name) for name in packed.names]
     key = []
     for param in params:
-        if param is None:
-            continue
-        if param.dtype != dtype or not param.is_cpu or grad and param.requires_grad:
-            return None
-        key.append(param._version)
-        key.append(param.data_ptr())
-    if grad and state is None and module.learn_initial_state:
-        return None  # the initial state is a parameter that wants its gradient
+        if param is not None:
+            key.append(param._version)
+            key.append(param.data_ptr())
+    if grad and (any(p is not None and p.requires_grad for p in params)
+                 or state is None and module.learn_initial_state):
+        return None  # a parameter wants its gradient
     if packed.key != key:
+        # Packed with the same storage and versions, the dtype and device cannot differ.
         if _op is None:
             if _build.status() is not None:
                 return None
             _op = torch.ops.rnnkit.stream_step.default
         packed.pack(params, key)
-    return packed if packed.weights is not None else None
+    return packed if packed.weights is not None and packed.dtype == dtype else None
 
 
 def _states(value: object) -> State | None | bool:

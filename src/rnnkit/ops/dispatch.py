@@ -28,7 +28,7 @@ reference path with a warning giving the reason. Set ``RNNKIT_DEBUG=1`` (or enab
 
 One-step streaming bypasses this module. A single step of a small batch (an actor, a live
 decoder) spends more time building a `Call`, planning it and projecting its input than in its
-two small products, so layers, cells and [`Stateful`][rnnkit.Stateful] first ask
+two small products, so layers, cells and `rnnkit.Stateful` first ask
 [`rnnkit.ops.cpu.stream.serves`][rnnkit.ops.cpu.stream.serves], the one place that decides
 it: a step of torch.nn's plain cells on float32/float64 CPU tensors that needs no gradient,
 with no lengths, resets or masks, outside compile/export, runs the compiled `stream_step`

@@ -372,9 +372,12 @@ def test_wrong_shapes_still_raise_the_general_errors():
             streaming(torch.randn(1, BATCH + 1, INPUT))
 
 
-def test_not_taken_while_compiling(monkeypatch):
+@pytest.mark.parametrize("owner,name", [(torch.compiler, "is_compiling"),
+                                        (torch.compiler, "is_exporting"),
+                                        (torch.jit, "is_tracing")])
+def test_not_taken_while_compiling_exporting_or_tracing(monkeypatch, owner, name):
     layer, x = rnnkit.GRU(INPUT, HIDDEN), torch.randn(1, 1, INPUT)
     with torch.no_grad():
         assert stream.serves(layer, x, None) is not None
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        monkeypatch.setattr(owner, name, lambda: True)
         assert stream.serves(layer, x, None) is None

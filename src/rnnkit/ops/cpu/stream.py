@@ -16,11 +16,12 @@ the old parameters' storage, so no new tensor can take over an address it has re
 What is served: torch.nn's plain cells (see [`CellSpec.plain`][rnnkit.ops.spec.CellSpec.plain];
 RNN with a named activation, GRU in both formulations, LSTM with or without projection),
 unidirectional and stacked, on float32/float64 CPU tensors, when no gradient is needed, with
-`backend` `"auto"` or `"cpu"`, outside `torch.compile`/`torch.export`, autocast and
-`torch.func` transforms, without lengths, resets, masks or a PackedSequence, without dropout
-between layers in training, and without parametrized weights. Anything else (and any input
-or state of an unexpected shape, so that the general path raises its own error) returns
-`None` here and runs as before.
+`backend` `"auto"` or `"cpu"`, outside `torch.compile`, `torch.export`, `torch.jit.trace`
+(so ONNX export too), autocast and `torch.func` transforms, without lengths, resets, masks
+or a PackedSequence, without dropout between layers in training, and without weights
+computed at each call (parametrizations, pruning). Anything else (and any input or state of
+an unexpected shape, so that the general path raises its own error) returns `None` here and
+runs as before.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def serves(module: nn.Module, input: Tensor, state: State | None) -> _Packed | N
     if not input.is_cpu or input.dtype not in _DTYPES:
         return None
     if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.is_autocast_enabled("cpu")
+            or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu")
             or torch._C._are_functorch_transforms_active()):
         return None
     requested = module.backend or os.environ.get("RNNKIT_BACKEND")

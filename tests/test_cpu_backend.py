@@ -186,11 +186,15 @@ def test_failed_build_warns_once_and_reports(monkeypatch):
     assert name == "reference" and "cpu: no C++ compiler found" in reason
 
 
-def test_missing_compiler_is_detected(monkeypatch):
+def test_missing_compiler_is_detected(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as cpp_extension
 
+    from rnnkit.ops.cpu import _jit
+
     monkeypatch.setattr(cpp_extension, "get_cxx_compiler", lambda: "/nonexistent/c++")
-    assert _build._build().startswith("no C++ compiler found")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build to reuse
+    error, library = _jit.build(_build.choose()[0])
+    assert error.startswith("no C++ compiler found") and library is None
 
 
 def _op_inputs(spec, project=False, lengths=True, bias=True, batch=3, hidden=3, seq_len=4):

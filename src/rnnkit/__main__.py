@@ -1,4 +1,4 @@
-"""``python -m rnnkit`` runs the ``rnnkit`` command: see :mod:`rnnkit.cli`."""
+"""`python -m rnnkit` runs the `rnnkit` command: see `rnnkit.cli`."""
 
 import sys
 

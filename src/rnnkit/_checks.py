@@ -18,7 +18,7 @@ def _whole_number(name: str, value: object) -> int:
 
 
 def positive_int(name: str, value: object) -> int:
-    """``value`` as a Python int; any integer type (numpy's too) but bool.
+    """`value` as a Python int; any integer type (numpy's too) but bool.
 
     Raises:
         TypeError: not an integer. ValueError: zero or negative.
@@ -30,7 +30,7 @@ def positive_int(name: str, value: object) -> int:
 
 
 def non_negative_int(name: str, value: object) -> int:
-    """As :func:`positive_int`, but zero is allowed."""
+    """As `positive_int`, but zero is allowed."""
     value = _whole_number(name, value)
     if value < 0:
         raise ValueError(f"{name} must be zero or positive, got {value}")
@@ -38,7 +38,7 @@ def non_negative_int(name: str, value: object) -> int:
 
 
 def boolean(name: str, value: object) -> bool:
-    """``value`` as a Python bool; a bool (numpy's too) and nothing else.
+    """`value` as a Python bool; a bool (numpy's too) and nothing else.
 
     Raises:
         TypeError: anything else.
@@ -49,7 +49,7 @@ def boolean(name: str, value: object) -> bool:
 
 
 def torch_flag(name: str, value: object) -> bool:
-    """A flag torch.nn also takes (``bias``, ``batch_first``, ``bidirectional``): a bool, or
+    """A flag torch.nn also takes (`bias`, `batch_first`, `bidirectional`): a bool, or
     the integers 0 and 1 as code written for torch.nn passes them.
 
     Raises:
@@ -120,7 +120,7 @@ def state_pair(hx: object) -> tuple[Tensor, Tensor]:
 
 
 def _integers(values: Sequence, message: str) -> Tensor:
-    """Integers (numpy's too, not bools) as an int64 tensor; else ``TypeError(message)``."""
+    """Integers (numpy's too, not bools) as an int64 tensor; else `TypeError(message)`."""
     if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
         raise TypeError(message)
     return torch.tensor([int(v) for v in values], dtype=torch.int64)
@@ -129,10 +129,10 @@ def _integers(values: Sequence, message: str) -> Tensor:
 def lengths(
     value: object, batch_size: int, seq_len: int, device: torch.device, minimum: int = 1
 ) -> Tensor:
-    """Validate ``lengths`` and return it as an int64 tensor on ``device``.
+    """Validate `lengths` and return it as an int64 tensor on `device`.
 
     Accepts a 1-D integer tensor on any device, or a list or tuple of ints, in any order.
-    ``minimum=0`` admits sequences with no step in this call (used by streaming).
+    `minimum=0` admits sequences with no step in this call (used by streaming).
     Under torch.compile and torch.export the checks that read the values are skipped: they
     are data-dependent and would break the graph.
     """
@@ -142,10 +142,10 @@ def lengths(
 def lengths_with_empty(
     value: object, batch_size: int, seq_len: int, device: torch.device
 ) -> tuple[Tensor, Tensor | None]:
-    """Validate a layer's ``lengths`` (``0`` allowed) for the kernels, which need ``>= 1``.
+    """Validate a layer's `lengths` (`0` allowed) for the kernels, which need `>= 1`.
 
-    Returns ``(lengths clamped to at least 1, empty)`` on ``device``: ``empty`` is the
-    ``(N,)`` boolean mask of the sequences of length 0, or ``None`` when there are none.
+    Returns `(lengths clamped to at least 1, empty)` on `device`: `empty` is the
+    `(N,)` boolean mask of the sequences of length 0, or `None` when there are none.
     Under torch.compile and torch.export the mask is always returned: deciding from the
     values would break the graph.
     """
@@ -158,7 +158,7 @@ def lengths_with_empty(
 def _lengths(
     value: object, batch_size: int, seq_len: int, device: torch.device, minimum: int
 ) -> tuple[Tensor, Tensor | None]:
-    """``lengths`` checked, on ``device``, and its values on the CPU (``None`` when traced)."""
+    """`lengths` checked, on `device`, and its values on the CPU (`None` when traced)."""
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             raise TypeError(f"lengths must hold integers, got a tensor of dtype {value.dtype}")
@@ -203,11 +203,11 @@ def per_step(
     batch_first: bool,
     device: torch.device,
 ) -> Tensor:
-    """Validate a per-step boolean tensor (``resets``, ``mask``); return it ``(T, B)`` on
-    ``device``.
+    """Validate a per-step boolean tensor (`resets`, `mask`); return it `(T, B)` on
+    `device`.
 
-    ``shape`` is the input's time-first ``(T, B)``; ``value`` must be ``(T, B)``, ``(B, T)``
-    with ``batch_first``, or ``(T,)`` for unbatched input.
+    `shape` is the input's time-first `(T, B)`; `value` must be `(T, B)`, `(B, T)`
+    with `batch_first`, or `(T,)` for unbatched input.
     """
     if not isinstance(value, Tensor):
         raise TypeError(f"{what} must be a boolean tensor, got {type(value).__name__}")
@@ -231,9 +231,9 @@ def per_step(
     return value.t() if batch_first else value
 
 def rows(value: object, batch: int | None, device: torch.device, what: str = "rows") -> Tensor:
-    """A per-row boolean mask ``(N,)`` on ``device``, from a mask or from row indices.
+    """A per-row boolean mask `(N,)` on `device`, from a mask or from row indices.
 
-    ``batch=None`` (unbatched) takes only a 0-d boolean tensor and returns it.
+    `batch=None` (unbatched) takes only a 0-d boolean tensor and returns it.
     """
     if isinstance(value, Tensor) and value.dtype == torch.bool:
         expected = () if batch is None else (batch,)

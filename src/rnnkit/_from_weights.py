@@ -1,13 +1,13 @@
 """Build cells and single-layer layers from given tensors, as Flux's hand-built cells.
 
-Flux writes ``RNNCell(tanh, Wi, Wh, b, state0)``; rnnkit writes
-``RNNCell.from_weights(Wi, Wh, b, nonlinearity="tanh", initial_state=state0)``. The sizes come
+Flux writes `RNNCell(tanh, Wi, Wh, b, state0)`; rnnkit writes
+`RNNCell.from_weights(Wi, Wh, b, nonlinearity="tanh", initial_state=state0)`. The sizes come
 from the tensors' shapes, which are checked here, and the tensors become the module's
 parameters. Structure in a weight (tridiagonal, orthogonal, low-rank) is expressed with
-``torch.nn.utils.parametrize`` on the built module, not with special tensor types.
+`torch.nn.utils.parametrize` on the built module, not with special tensor types.
 
-The classmethods ``from_weights`` on :class:`rnnkit.cells._CellBase` and
-:class:`rnnkit.layers.RecurrentLayer` delegate to :func:`build`.
+The classmethods `from_weights` on `rnnkit.cells._CellBase` and
+`rnnkit.layers.RecurrentLayer` delegate to `build`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _mode(cls: type) -> str:
 
 
 def _tensor(name: str, value: object, ndim: int, reference: Tensor | None) -> Tensor:
-    """Check that ``value`` is a floating-point ``ndim``-D tensor like ``reference``."""
+    """Check that `value` is a floating-point `ndim`-D tensor like `reference`."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
@@ -73,7 +73,7 @@ def _shape(name: str, value: Tensor, expected: tuple[int, ...], meaning: str) ->
 def _state_vector(
     name: str, value: object, size: int, reference: Tensor, is_layer: bool
 ) -> Tensor:
-    """An initial state given as ``(size,)`` or ``(1, size)``, returned in the module's shape."""
+    """An initial state given as `(size,)` or `(1, size)`, returned in the module's shape."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
     if tuple(value.shape) not in ((size,), (1, size)):
@@ -95,30 +95,30 @@ def build(
     requires_grad: bool = True,
     options: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """An instance of ``cls`` (a cell or layer class) whose parameters are the given tensors.
+    """An instance of `cls` (a cell or layer class) whose parameters are the given tensors.
 
-    Shapes (``G`` gates: 1 for RNN, 3 for GRU, 4 for LSTM; ``H`` hidden size, ``H_out`` is ``H``,
-    or ``P`` with an LSTM projection):
+    Shapes (`G` gates: 1 for RNN, 3 for GRU, 4 for LSTM; `H` hidden size, `H_out` is `H`,
+    or `P` with an LSTM projection):
 
-    - ``weight_ih``: ``(G*H, H_in)``; ``weight_hh``: ``(G*H, H_out)``; gates stacked in torch's
-      order (GRU ``r, z, n``; LSTM ``i, f, g, o``). ``H`` and ``H_in`` are read from these.
-    - ``bias_ih``, ``bias_hh``: ``(G*H,)`` or ``None``. Neither given: no biases (``bias=False``).
-      One given (Flux's single ``b``): the other becomes a zero parameter with
-      ``requires_grad=False``, so the model keeps one trainable bias and torch.nn's parameter
+    - `weight_ih`: `(G*H, H_in)`; `weight_hh`: `(G*H, H_out)`; gates stacked in torch's
+      order (GRU `r, z, n`; LSTM `i, f, g, o`). `H` and `H_in` are read from these.
+    - `bias_ih`, `bias_hh`: `(G*H,)` or `None`. Neither given: no biases (`bias=False`).
+      One given (Flux's single `b`): the other becomes a zero parameter with
+      `requires_grad=False`, so the model keeps one trainable bias and torch.nn's parameter
       names.
-    - ``weight_hr``: ``(P, H)`` with ``0 < P < H``, LSTM layers only.
-    - ``initial_state``: ``h0`` of ``(H_out,)`` or ``(1, H_out)``, for LSTM a pair ``(h0, c0)``
-      with ``c0`` of ``(H,)`` or ``(1, H)``. It becomes the learnable ``initial_h`` (and
-      ``initial_c``), used when no state is passed to ``forward``.
+    - `weight_hr`: `(P, H)` with `0 < P < H`, LSTM layers only.
+    - `initial_state`: `h0` of `(H_out,)` or `(1, H_out)`, for LSTM a pair `(h0, c0)`
+      with `c0` of `(H,)` or `(1, H)`. It becomes the learnable `initial_h` (and
+      `initial_c`), used when no state is passed to `forward`.
 
-    The tensors become parameters without a copy (as ``nn.Embedding.from_pretrained``): training
-    updates them in place; pass ``tensor.clone()`` to keep yours. ``requires_grad`` applies to all
-    of them. ``options`` go to the constructor (``nonlinearity``, ``reset_after``,
-    ``batch_first``, ``backend``).
+    The tensors become parameters without a copy (as `nn.Embedding.from_pretrained`): training
+    updates them in place; pass `tensor.clone()` to keep yours. `requires_grad` applies to all
+    of them. `options` go to the constructor (`nonlinearity`, `reset_after`,
+    `batch_first`, `backend`).
 
     Raises:
         TypeError: a non-tensor, a non-floating or mismatched dtype, an option that the tensors
-            decide (``hidden_size``, ``bias``, ...) or that a single layer cannot take.
+            decide (`hidden_size`, `bias`, ...) or that a single layer cannot take.
         ValueError: a wrong shape or rank, tensors on different devices.
     """
     mode = _mode(cls)

@@ -11,10 +11,10 @@ from rnnkit.ops.spec import State
 def initial_state(
     module: nn.Module, lead: tuple[int, ...], batch_size: int | None, sizes: tuple[int, ...]
 ) -> State:
-    """``(h,)`` or ``(h, c)`` of shape ``(*lead, N, size)`` (no ``N`` for ``batch_size=None``).
+    """`(h,)` or `(h, c)` of shape `(*lead, N, size)` (no `N` for `batch_size=None`).
 
-    With ``module.learn_initial_state`` these are ``module.initial_h`` / ``initial_c``
-    (shaped ``(*lead, size)``) expanded over the batch, so gradients reach them; else zeros
+    With `module.learn_initial_state` these are `module.initial_h` / `initial_c`
+    (shaped `(*lead, size)`) expanded over the batch, so gradients reach them; else zeros
     in the dtype and device of the module's first parameter.
     """
     batch_dims = () if batch_size is None else (batch_size,)

@@ -1,8 +1,8 @@
 """Named nonlinearities for RNN and RNNCell (public names; the table is
-:data:`rnnkit.ops.activations.TABLE`).
+`rnnkit.ops.activations.TABLE`).
 
-A nonlinearity is either one of the names in :data:`ACTIVATIONS` or any callable that maps a
-tensor to a tensor of the same shape elementwise, as in MLX's ``nn.RNN``. Named activations
+A nonlinearity is either one of the names in `ACTIVATIONS` or any callable that maps a
+tensor to a tensor of the same shape elementwise, as in MLX's `nn.RNN`. Named activations
 can be served by the compiled kernels; callables always run on the reference path.
 """
 

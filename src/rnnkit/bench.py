@@ -1,17 +1,17 @@
-"""``python -m rnnkit bench``: rnnkit's layers against torch.nn's, in one process.
+"""`rnnkit bench`: rnnkit's layers against torch.nn's, in one process.
 
-For every cell (RNN, GRU, LSTM) and grid point ``(B, H, T)`` (input size ``H``), the two
+For every cell (RNN, GRU, LSTM) and grid point `(B, H, T)` (input size `H`), the two
 layers get the same weights and input. Each repeat times torch.nn forward (no grad),
 rnnkit forward, torch.nn forward+backward and rnnkit forward+backward back to back, so
 load changes on the machine hit both sides alike; each figure is the median over the repeats.
-The table shows ``torch.nn time / rnnkit time`` (above 1: rnnkit is faster).
+The table shows `torch.nn time / rnnkit time` (above 1: rnnkit is faster).
 
 Training peak memory (forward+backward, parameters and input excluded) is measured with
-``torch.profiler``'s ``profile_memory``: every allocation and free the CPU allocator sees,
+`torch.profiler`'s `profile_memory`: every allocation and free the CPU allocator sees,
 in time order, summed to a running total whose maximum is the peak. On CUDA it is
-``torch.cuda.max_memory_allocated`` above the memory in use before the step.
+`torch.cuda.max_memory_allocated` above the memory in use before the step.
 
-Results go to ``DIR/bench-<device>.json`` and ``DIR/bench-<device>.png`` with ``--out DIR``.
+Results go to `DIR/bench-<device>.json` and `DIR/bench-<device>.png` with `--out DIR`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,22 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+import rnnkit  # light: its layers load on first use
 
-import rnnkit
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported by _import_torch() once the arguments parse, so `rnnkit bench --help`
+# answers without loading it; everything below runs after main() has called it.
+torch: Any = None
+
+
+def _import_torch() -> None:
+    global torch
+    import torch
+
 
 CELLS = ("RNN", "GRU", "LSTM")
 GRID = ((1, 128, 500), (16, 256, 200), (64, 512, 100), (32, 1024, 50))
@@ -53,7 +64,7 @@ GPU_TARGETS = {
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m rnnkit bench",
+        prog="rnnkit bench",
         description="Time rnnkit's RNN/GRU/LSTM against torch.nn (ratio torch.nn / rnnkit).",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -82,6 +93,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "CleanRL's per-step loop over torch.nn.LSTM and against rnnkit without resets",
     )
     args = parser.parse_args(argv)
+    _import_torch()
     if args.repeats < 5:
         parser.error(f"--repeats must be at least 5, got {args.repeats}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -125,6 +137,7 @@ def contended(enabled: bool = True):
 
 def capability_line() -> str:
     """What the figures ran on: the CPU's vector ISA as torch sees it, threads, torch's BLAS."""
+    _import_torch()
     found = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     blas = found.group(1) if found else "unknown"
     return (
@@ -132,6 +145,15 @@ def capability_line() -> str:
         f"{torch.get_num_threads()} threads, torch BLAS {blas}"
         f"{', oneDNN' if torch.backends.mkldnn.is_available() else ''}"
     )
+
+
+def kernels_line() -> str:
+    """The compiled CPU kernels rnnkit loaded (their ISA, prebuilt or built, and why)."""
+    from rnnkit.ops.cpu import _build
+
+    error = _build.status()
+    kernels = _build.loaded()
+    return kernels.describe() if error is None and kernels else f"unavailable ({error})"
 
 
 def _sync(device: str) -> None:
@@ -148,7 +170,7 @@ def _timed(fn: Callable[[], None], device: str) -> float:
 
 
 def _peak_memory(fn: Callable[[], None], device: str) -> int:
-    """Bytes allocated at the peak of ``fn`` above what was allocated before it."""
+    """Bytes allocated at the peak of `fn` above what was allocated before it."""
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -344,6 +366,7 @@ def _context(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "rnnkit": rnnkit.__version__,
         "machine": platform.processor() or platform.machine(),
+        "cpu_kernels": kernels_line() if args.device == "cpu" else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -406,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the process exit status."""
     args = _parse(argv)
     print(capability_line() + ("; one busy process competing" if args.contended else ""))
+    if args.device == "cpu":
+        print(f"rnnkit CPU kernels: {kernels_line()}")
     with contended(args.contended):
         return _main(args)
 

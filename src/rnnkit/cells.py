@@ -1,9 +1,9 @@
 r"""The single-step cell modules: RNNCell, GRUCell and LSTMCell.
 
-Their math lives in :mod:`rnnkit.ops.cell_math` (re-exported here: :func:`rnn_step`,
-:func:`gru_step`, :func:`lstm_step`, :func:`step`), where every backend's reference path and
-the tests use it. A cell's step runs as a one-step :class:`~rnnkit.ops.spec.Call` through the
-same plan as the layers.
+Their math lives in `rnnkit.ops.cell_math` (re-exported here: [`rnn_step`][rnnkit.cells.rnn_step],
+[`gru_step`][rnnkit.cells.gru_step], [`lstm_step`][rnnkit.cells.lstm_step], `step`), where every
+backend's reference path and the tests use it. A cell's step runs as a one-step
+[`Call`][rnnkit.ops.spec.Call] through the same plan as the layers.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ _Cell = TypeVar("_Cell", bound="_CellBase")
 class _CellBase(nn.Module):
     """Shared parameters, checks and dispatch of the single-step cells.
 
-    As torch.nn's cells, ``input_size`` and ``hidden_size`` may be zero (a step then gives
-    ``(N, 0)`` states, or uses only the biases and ``hx``), sizes may be any integer type
-    (numpy's too), ``bias`` may be 0 or 1, and parameters and inputs may be complex.
+    As torch.nn's cells, `input_size` and `hidden_size` may be zero (a step then gives
+    `(N, 0)` states, or uses only the biases and `hx`), sizes may be any integer type
+    (numpy's too), `bias` may be 0 or 1, and parameters and inputs may be complex.
     """
 
     def __init__(
@@ -89,8 +89,8 @@ class _CellBase(nn.Module):
                 nn.init.uniform_(param, -bound, bound)
 
     def initial_state(self, batch_size: int | None) -> State:
-        """The state a step starts from when ``hx`` is not given, as a tuple: ``(N, H)``
-        (``(H,)`` for ``batch_size=None``), the learnable ``initial_h``/``initial_c`` or zeros."""
+        """The state a step starts from when `hx` is not given, as a tuple: `(N, H)`
+        (`(H,)` for `batch_size=None`), the learnable `initial_h`/`initial_c` or zeros."""
         sizes = (self.hidden_size,) * self.spec.num_states
         return initial_state(self, (), batch_size, sizes)
 
@@ -142,19 +142,19 @@ class _CellBase(nn.Module):
         requires_grad: bool = True,
         **options: Any,
     ) -> _Cell:
-        r"""A cell whose parameters are the given tensors (Flux's ``RNNCell(σ, Wi, Wh, b, h0)``).
+        r"""A cell whose parameters are the given tensors (Flux's `RNNCell(σ, Wi, Wh, b, h0)`).
 
-        Sizes are read from the shapes: ``weight_ih`` ``(G*H, H_in)``, ``weight_hh`` ``(G*H, H)``,
-        biases ``(G*H,)`` (G = 1, 3, 4 for RNN, GRU, LSTM). With one bias given, the other is a
-        frozen zero. ``initial_state`` (``(H,)`` or ``(1, H)``; for LSTM a pair) becomes the
-        learnable ``initial_h`` / ``initial_c``. The tensors become the parameters without a copy;
-        ``requires_grad`` says whether they train. ``options`` go to the constructor:
-        ``nonlinearity`` (RNNCell), ``reset_after`` (GRUCell), ``backend``. See
-        :func:`rnnkit._from_weights.build` for the full rules.
+        Sizes are read from the shapes: `weight_ih` `(G*H, H_in)`, `weight_hh` `(G*H, H)`,
+        biases `(G*H,)` (G = 1, 3, 4 for RNN, GRU, LSTM). With one bias given, the other is a
+        frozen zero. `initial_state` (`(H,)` or `(1, H)`; for LSTM a pair) becomes the
+        learnable `initial_h` / `initial_c`. The tensors become the parameters without a copy;
+        `requires_grad` says whether they train. `options` go to the constructor:
+        `nonlinearity` (RNNCell), `reset_after` (GRUCell), `backend`. See
+        `rnnkit._from_weights.build` for the full rules.
 
         Raises:
             ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
-            and got.
+                and got.
         """
         return _from_weights.build(
             cls, weight_ih, weight_hh, bias_ih, bias_hh, None, initial_state, requires_grad,
@@ -171,21 +171,24 @@ class _CellBase(nn.Module):
 
 
 class RNNCell(_CellBase):
-    r"""An Elman cell, :math:`h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})`.
+    r"""An Elman cell, $h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})$.
+
+    Arguments and parameters are torch.nn.RNNCell's; `nonlinearity` may be any activation,
+    and the keyword-only arguments are rnnkit's own. Call it as described under
+    [`forward`][rnnkit.RNNCell.forward].
 
     Args:
-        input_size: features of ``x``.
-        hidden_size: features of ``h``.
-        bias: add ``bias_ih`` and ``bias_hh``.
-        nonlinearity: ``'tanh'``, ``'relu'``, another name of
-            :data:`rnnkit.activations.ACTIVATIONS`, or any elementwise callable.
-        learn_initial_state: add a trainable ``initial_h`` used when ``hx`` is not given.
-        backend: ``"auto"``, ``"reference"`` or another registered backend; ``None`` reads
-            ``RNNKIT_BACKEND`` and defaults to ``"auto"``.
-
-    Shapes:
-        ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: ``(N, H)`` or ``(H)``; returns ``h'``
-        of the same shape as ``hx``.
+        input_size: the number of features `H_in` of `x`.
+        hidden_size: the number of features `H` of `h`.
+        bias: if `False`, the cell has no `bias_ih` and `bias_hh`.
+        nonlinearity: `'tanh'`, `'relu'`, another name of
+            [`ACTIVATIONS`][rnnkit.activations.ACTIVATIONS], or any elementwise callable.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        learn_initial_state: add a trainable `initial_h` of shape `(H,)`, used when `hx` is
+            not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
+            another registered backend, as for [`RNN`][rnnkit.RNN].
     """
 
     cell_kind = "rnn"
@@ -209,6 +212,20 @@ class RNNCell(_CellBase):
         )
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        r"""One step: $h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})$.
+
+        Args:
+            input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
+            hx: `h`, `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or to the learnable
+                initial state.
+
+        Returns:
+            `h'`, shaped like `hx`: `(N, H)`, or `(H,)` unbatched.
+
+        Raises:
+            ValueError, TypeError: `input` or a state of the wrong rank, size, dtype or
+                device, naming what was expected and what came.
+        """
         return self._run(input, None if hx is None else (hx,))[0]
 
     def extra_repr(self) -> str:
@@ -216,15 +233,23 @@ class RNNCell(_CellBase):
 
 
 class GRUCell(_CellBase):
-    r"""A GRU cell; see :func:`gru_step` for the equations of both formulations.
+    r"""A GRU cell; see [`gru_step`][rnnkit.cells.gru_step] for the equations of both formulations.
+
+    Arguments and parameters are torch.nn.GRUCell's; the keyword-only arguments are
+    rnnkit's own. Call it as described under [`forward`][rnnkit.GRUCell.forward].
 
     Args:
-        input_size, hidden_size, bias, learn_initial_state, backend: as for :class:`RNNCell`.
-        reset_after: ``True`` (torch, cuDNN, MLX, Keras default) applies the reset gate after
-            the recurrent matmul; ``False`` (Cho et al. 2014, Flux's GRUv3) before it.
-
-    Shapes:
-        ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: ``(N, H)`` or ``(H)``; returns ``h'``.
+        input_size: the number of features `H_in` of `x`.
+        hidden_size: the number of features `H` of `h`.
+        bias: if `False`, the cell has no `bias_ih` and `bias_hh`.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        reset_after: `True` (torch, cuDNN, MLX, Keras default) applies the reset gate after
+            the recurrent matmul; `False` (Cho et al. 2014, Flux's GRUv3) before it.
+        learn_initial_state: add a trainable `initial_h` of shape `(H,)`, used when `hx` is
+            not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
+            another registered backend, as for [`RNN`][rnnkit.RNN].
     """
 
     cell_kind = "gru"
@@ -249,6 +274,20 @@ class GRUCell(_CellBase):
         )
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """One step (equations under [`gru_step`][rnnkit.cells.gru_step]).
+
+        Args:
+            input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
+            hx: `h`, `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or to the learnable
+                initial state.
+
+        Returns:
+            `h'`, shaped like `hx`: `(N, H)`, or `(H,)` unbatched.
+
+        Raises:
+            ValueError, TypeError: `input` or a state of the wrong rank, size, dtype or
+                device, naming what was expected and what came.
+        """
         return self._run(input, None if hx is None else (hx,))[0]
 
     def extra_repr(self) -> str:
@@ -257,15 +296,21 @@ class GRUCell(_CellBase):
 
 
 class LSTMCell(_CellBase):
-    r"""An LSTM cell; see :func:`lstm_step` for the equations.
+    r"""An LSTM cell; see [`lstm_step`][rnnkit.cells.lstm_step] for the equations.
+
+    Arguments and parameters are torch.nn.LSTMCell's; the keyword-only arguments are
+    rnnkit's own. Call it as described under [`forward`][rnnkit.LSTMCell.forward].
 
     Args:
-        input_size, hidden_size, bias, backend: as for :class:`RNNCell`.
-        learn_initial_state: add trainable ``initial_h`` and ``initial_c``.
-
-    Shapes:
-        ``input``: ``(N, H_in)`` or ``(H_in)``; ``hx``: a pair ``(h, c)`` of ``(N, H)`` or
-        ``(H)``; returns ``(h', c')``.
+        input_size: the number of features `H_in` of `x`.
+        hidden_size: the number of features `H` of `h` and `c`.
+        bias: if `False`, the cell has no `bias_ih` and `bias_hh`.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        learn_initial_state: add trainable `initial_h` and `initial_c`, each of shape
+            `(H,)`, used when `hx` is not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
+            another registered backend, as for [`RNN`][rnnkit.RNN].
     """
 
     cell_kind = "lstm"
@@ -289,6 +334,20 @@ class LSTMCell(_CellBase):
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
+        """One step (equations under [`lstm_step`][rnnkit.cells.lstm_step]).
+
+        Args:
+            input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
+            hx: the pair `(h, c)`, each `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or
+                to the learnable initial state.
+
+        Returns:
+            The pair `(h', c')`, each shaped like `h`.
+
+        Raises:
+            ValueError, TypeError: `input` or a state of the wrong rank, size, dtype or
+                device, naming what was expected and what came.
+        """
         if hx is not None:
             hx = _checks.state_pair(hx)
         hidden, cell = self._run(input, hx)

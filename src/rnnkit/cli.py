@@ -1,6 +1,6 @@
-"""The ``rnnkit`` command (also ``python -m rnnkit``): ``demo``, ``bench`` and ``info``.
+"""The `rnnkit` command (also `python -m rnnkit`): `demo`, `bench` and `info`.
 
-``main(argv)`` returns the exit status instead of exiting, so it can be called from tests:
+`main(argv)` returns the exit status instead of exiting, so it can be called from tests:
 0 on success, 1 when something needed is missing, 2 for bad options.
 """
 
@@ -10,6 +10,7 @@ import argparse
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 
 USAGE_ERROR = 2
 MISSING = 1
@@ -22,7 +23,7 @@ demo.json into --out."""
 
 
 def _whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number of at least ``minimum`` (0 or 1)."""
+    """An argparse `type`: a whole number of at least `minimum` (0 or 1)."""
     bound = "> 0" if minimum == 1 else f">= {minimum}"
 
     def parse(text: str) -> int:
@@ -62,9 +63,10 @@ def _limit(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Nothing here imports torch or the layers: `rnnkit --help` answers at once. The demo's
+    # settings come from the light rnnkit._demo_config, and the commands import the rest.
     from rnnkit import __version__
-    from rnnkit.demo import CELLS, DATASETS, DemoConfig
-    from rnnkit.ops.dispatch import names as backend_names
+    from rnnkit._demo_config import CELLS, DATASETS, DemoConfig
 
     parser = argparse.ArgumentParser(
         prog="rnnkit", description="rnnkit: recurrent layers for PyTorch."
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rnnkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
 
-    defaults = DemoConfig()
+    defaults = argparse.Namespace(**{f.name: f.default for f in fields(DemoConfig)})
     demo = commands.add_parser(
         "demo", help="train a digit classifier and plot it", description=DEMO_HELP
     )
@@ -97,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"sequences per step (default: {defaults.batch_size})")
     demo.add_argument("--lr", type=_positive_float, default=defaults.lr,
                       help=f"peak learning rate of the one-cycle schedule (default: {defaults.lr})")
-    demo.add_argument("--backend", choices=backend_names(), default=None,
-                      help="rnnkit backend for the layer (default: RNNKIT_BACKEND or auto)")
+    # Checked by DemoConfig against the registry (a bad name exits 2 naming the choices);
+    # listing them here would load every backend.
+    demo.add_argument("--backend", default=None,
+                      help="rnnkit backend for the layer: auto, reference, or another "
+                           "registered one, as `rnnkit info` lists (default: RNNKIT_BACKEND "
+                           "or auto)")
     demo.add_argument("--threads", type=_positive_int, default=defaults.threads,
                       help="torch CPU threads while training (default: 1; the matrices are "
                            "small, and more threads only wait on each other on a busy machine)")
@@ -114,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``rnnkit`` command line with ``argv`` (default: ``sys.argv[1:]``).
+    """Run the `rnnkit` command line with `argv` (default: `sys.argv[1:]`).
 
     Returns:
         The exit status: 0 on success, 1 when an optional part is missing, 2 for bad options.
@@ -170,7 +176,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def info_lines() -> list[str]:
-    """The lines ``rnnkit info`` prints: versions, backends, and what ``auto`` picks."""
+    """The lines `rnnkit info` prints: versions, backends, and what `auto` picks."""
     import os
 
     import torch
@@ -195,6 +201,10 @@ def info_lines() -> list[str]:
         devices = ", ".join(backend.device_types)
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"  {name} ({devices}): {status}")
+    lines.append(f"cpu: {_cpu_summary()}")
+    library = _cpu_library()
+    if library is not None:
+        lines.append(f"cpu library (load it to run AOTInductor packages): {library}")
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -217,6 +227,23 @@ def info_lines() -> list[str]:
     if env:
         lines.append(f"RNNKIT_BACKEND={env} overrides 'auto' as the default backend of layers")
     return lines
+
+
+def _cpu_library() -> str | None:
+    try:
+        from rnnkit.ops import cpu
+    except Exception:  # reported by _cpu_summary
+        return None
+    return cpu.library_path()
+
+
+def _cpu_summary() -> str:
+    """The compiled CPU kernels' ISA and why, torch's threads and BLAS (see _build.summary)."""
+    try:
+        from rnnkit.ops.cpu import _build
+    except Exception as error:  # an install without the cpu backend still prints the rest
+        return f"compiled kernels not importable ({type(error).__name__}: {error})"
+    return _build.summary()
 
 
 def _triton_status() -> str:

@@ -1,25 +1,27 @@
-r"""The ``rnnkit demo`` training run: a sequence classifier on scikit-learn's handwritten digits.
+r"""The `rnnkit demo` training run: a sequence classifier on scikit-learn's handwritten digits.
 
-The data is :func:`sklearn.datasets.load_digits`, which ships inside scikit-learn (1,797 images of
+The data is `sklearn.datasets.load_digits`, which ships inside scikit-learn (1,797 images of
 8x8 pixels, 16 grey levels, ten classes), so nothing is downloaded. Two readings are offered:
 
-- ``digits``: each image is a sequence of its 8 rows, top to bottom, each row a step of 8 pixels.
-- ``digits-columns``: each image is a sequence of its columns, left to right, with the blank
+- `digits`: each image is a sequence of its 8 rows, top to bottom, each row a step of 8 pixels.
+- `digits-columns`: each image is a sequence of its columns, left to right, with the blank
   columns at both edges dropped, so sequences are 2 to 8 steps long. They are padded to 8 and
-  the true lengths go to the layer as ``lengths=``. (No variable-length data set ships inside
-  the packages rnnkit depends on, so this reading of the same images shows ``lengths=`` instead.)
+  the true lengths go to the layer as `lengths=`. (No variable-length data set ships inside
+  the packages rnnkit depends on, so this reading of the same images shows `lengths=` instead.)
 
-The model reads the sequence with an rnnkit :class:`~rnnkit.RNN`, :class:`~rnnkit.GRU` or
-:class:`~rnnkit.LSTM` layer and classifies the last hidden state with a linear layer:
+The model reads the sequence with an rnnkit [`RNN`][rnnkit.RNN], [`GRU`][rnnkit.GRU] or
+[`LSTM`][rnnkit.LSTM] layer and classifies the last hidden state with a linear layer:
 
-.. math:: \hat y = \mathrm{softmax}(W h_{T} + b)
+$$
+\hat y = \mathrm{softmax}(W h_{T} + b)
+$$
 
-where :math:`h_T` is the state after each sequence's own last step.
+where $h_T$ is the state after each sequence's own last step.
 
-The run writes into its output directory ``curves.png`` (loss and accuracy per epoch),
-``predictions.png`` (some test images with their predicted labels), ``model.pt`` (the
-state_dict) and ``demo.json`` (the settings, the history and the test accuracy), so that
-:func:`load_model` and :func:`evaluate_saved` can rebuild the model and score it again.
+The run writes into its output directory `curves.png` (loss and accuracy per epoch),
+`predictions.png` (some test images with their predicted labels), `model.pt` (the
+state_dict) and `demo.json` (the settings, the history and the test accuracy), so that
+`load_model` and `evaluate_saved` can rebuild the model and score it again.
 """
 
 from __future__ import annotations
@@ -37,67 +39,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rnnkit
-from rnnkit import _checks
-from rnnkit.ops import dispatch
+from rnnkit._demo_config import CELLS, DATASETS, DemoConfig, DemoError  # noqa: F401 (public here)
 
-CELLS = ("rnn", "gru", "lstm")
-DATASETS = ("digits", "digits-columns")
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "demo.json"
 CURVES_FILE = "curves.png"
 PREDICTIONS_FILE = "predictions.png"
-
-
-class DemoError(Exception):
-    """A problem the user can fix (an option, the output directory, a missing extra)."""
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Settings of one demo run; the defaults reach >= 95% test accuracy in seconds on 2 cores.
-
-    Raises:
-        ValueError, TypeError: for an unknown cell or data set, or a non-positive size.
-    """
-
-    cell: str = "gru"
-    epochs: int = 20
-    seed: int = 0
-    data: str = "digits"
-    limit: int | None = None
-    hidden_size: int = 128
-    batch_size: int = 32
-    lr: float = 1e-2
-    backend: str | None = None
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}; got {self.cell!r}")
-        if self.data not in DATASETS:
-            raise ValueError(f"data must be one of {', '.join(DATASETS)}; got {self.data!r}")
-        _checks.positive_int("epochs", self.epochs)
-        _checks.positive_int("hidden_size", self.hidden_size)
-        _checks.positive_int("batch_size", self.batch_size)
-        _checks.positive_int("threads", self.threads)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if self.limit is not None and (
-            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 50
-        ):
-            raise ValueError(f"limit must be an int >= 50 (or None for all), got {self.limit!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
-            math.isfinite(self.lr) and self.lr > 0
-        ):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        dispatch.check_name(self.backend)
+RIGHT_COLOUR, WRONG_COLOUR = "tab:green", "tab:red"  # of the labels in predictions.png
 
 
 @dataclass
 class Split:
-    """Sequences ``(N, T, 8)`` in [0, 1], labels ``(N,)`` and lengths ``(N,)`` (None: all T)."""
+    """Sequences `(N, T, 8)` in [0, 1], labels `(N,)` and lengths `(N,)` (None: all T)."""
 
     inputs: Tensor
     labels: Tensor
@@ -122,7 +77,7 @@ class DemoResult:
 class DigitClassifier(nn.Module):
     """An rnnkit recurrent layer over the steps, then a linear layer on the last state.
 
-    ``forward(inputs (N, T, 8), lengths (N,) or None) -> logits (N, 10)``.
+    `forward(inputs (N, T, 8), lengths (N,) or None) -> logits (N, 10)`.
     """
 
     def __init__(self, cell: str, hidden_size: int, backend: str | None = None) -> None:
@@ -138,9 +93,9 @@ class DigitClassifier(nn.Module):
 
 
 def load_data(data: str, seed: int, limit: int | None = None) -> tuple[Split, Split]:
-    """The train and test splits (80/20, stratified, shuffled by ``seed``).
+    """The train and test splits (80/20, stratified, shuffled by `seed`).
 
-    ``limit`` keeps a stratified subset of that many images first (for quick runs).
+    `limit` keeps a stratified subset of that many images first (for quick runs).
 
     Raises:
         DemoError: when scikit-learn is not installed.
@@ -188,7 +143,7 @@ def _as_split(data: str, images: np.ndarray, labels: np.ndarray) -> Split:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split) -> tuple[float, int, float]:
-    """``(accuracy, number correct, mean cross-entropy)`` of ``model`` on ``split``."""
+    """`(accuracy, number correct, mean cross-entropy)` of `model` on `split`."""
     model.eval()
     logits = model(split.inputs, split.lengths)
     correct = int((logits.argmax(dim=1) == split.labels).sum())
@@ -197,10 +152,10 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, int, float]:
 
 
 def prepare_out_dir(out: str | Path) -> Path:
-    """Create ``out`` if needed and make sure files can be written there.
+    """Create `out` if needed and make sure files can be written there.
 
     Raises:
-        DemoError: when ``out`` is a file, lies under a file, or is not writable.
+        DemoError: when `out` is a file, lies under a file, or is not writable.
     """
     path = Path(out)
     try:
@@ -222,10 +177,10 @@ def run(config: DemoConfig, out: str | Path, *, progress: bool = True,
         config: the settings.
         out: output directory; created if missing.
         progress: show a tqdm progress bar (on stderr) with the live loss.
-        stream: where the summary lines go (``None``: standard output).
+        stream: where the summary lines go (`None`: standard output).
 
     Raises:
-        DemoError: unwritable ``out`` or a missing ``demo`` extra (scikit-learn, matplotlib,
+        DemoError: unwritable `out` or a missing `demo` extra (scikit-learn, matplotlib,
             tqdm).
     """
     out_dir = prepare_out_dir(out)
@@ -320,7 +275,7 @@ def _train_and_save(config, out_dir, train, test, progress, stream, tqdm) -> Dem
 
 
 def load_model(out: str | Path) -> tuple[DigitClassifier, DemoConfig]:
-    """Rebuild the model a run saved in ``out`` from ``demo.json`` and ``model.pt``."""
+    """Rebuild the model a run saved in `out` from `demo.json` and `model.pt`."""
     out_dir = Path(out)
     summary = json.loads((out_dir / SUMMARY_FILE).read_text())
     config = DemoConfig(**summary["config"])
@@ -331,15 +286,19 @@ def load_model(out: str | Path) -> tuple[DigitClassifier, DemoConfig]:
 
 
 def evaluate_saved(out: str | Path) -> float:
-    """Test accuracy of the model saved in ``out``, on the same held-out split it was scored on."""
+    """Test accuracy of the model saved in `out`, on the same held-out split it was scored on."""
     model, config = load_model(out)
     _, test = load_data(config.data, config.seed, config.limit)
     return evaluate(model, test)[0]
 
 
-def plot_curves(history: dict[str, list[float]], config: DemoConfig, path: str) -> None:
-    """Loss (left) and accuracy (right) per epoch, train and test, saved as a PNG."""
-    figure, canvas = _figure(figsize=(9, 3.6))
+def plot_curves(history: dict[str, list[float]], config: DemoConfig, path: str):
+    """Loss (left) and accuracy (right) per epoch, train and test, saved as a PNG.
+
+    Returns:
+        The matplotlib `Figure`.
+    """
+    figure, canvas = _figure(figsize=(9, 3.9))
     epochs = range(1, len(history["train_loss"]) + 1)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, history["train_loss"], marker="o", label="train")
@@ -348,21 +307,33 @@ def plot_curves(history: dict[str, list[float]], config: DemoConfig, path: str) 
     accuracy_axes.plot(epochs, history["train_accuracy"], marker="o", label="train")
     accuracy_axes.plot(epochs, history["test_accuracy"], marker="o", label="test")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    accuracy_axes.set_ylim(top=1.0)
+    accuracy_axes.set_ylim(top=1.02)  # a little room, so points at 1.0 show whole
+    from matplotlib.ticker import MaxNLocator
+
     for axes in (loss_axes, accuracy_axes):
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # One legend for both panels, under them: inside, it would cover the accuracy curves as
+    # they approach 1.0 (or the loss curves of a short run).
+    handles, labels = accuracy_axes.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
     figure.suptitle(f"rnnkit demo: {config.cell.upper()} on {config.data}")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     canvas.print_png(path)
+    return figure
 
 
 def plot_predictions(
     test: Split, predicted: Tensor, config: DemoConfig, path: str, count: int = 24
-) -> None:
-    """``count`` test images with predicted (and, when wrong, true) labels.
+):
+    """`count` test images with predicted (and, when wrong, true) labels.
 
     Mistakes come first (up to half the grid), so the picture shows what the model gets wrong.
+    A legend under the grid says what the colours mean: green, the prediction is right; red,
+    it is wrong, with the true label in brackets.
+
+    Returns:
+        The matplotlib `Figure`.
     """
     count = min(count, len(test))
     wrong = (predicted != test.labels).nonzero().flatten().tolist()[: count // 2]
@@ -370,7 +341,7 @@ def plot_predictions(
     shown = wrong + [i for i in range(len(test)) if i not in skipped][: count - len(wrong)]
     columns = 8
     rows = math.ceil(count / columns)
-    figure, canvas = _figure(figsize=(columns * 1.1, rows * 1.35 + 0.4))
+    figure, canvas = _figure(figsize=(columns * 1.1, rows * 1.35 + 0.8))
     axes_grid = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for index, axes in enumerate(axes_grid):
         axes.set_axis_off()
@@ -381,10 +352,19 @@ def plot_predictions(
         axes.imshow(test.images[item], cmap="gray_r", vmin=0, vmax=1)
         ok = guess == truth
         label = f"{guess}" if ok else f"{guess} (true {truth})"
-        axes.set_title(label, color="tab:green" if ok else "tab:red", fontsize=9)
-    figure.suptitle(f"{config.cell.upper()} predictions on held-out digits", fontsize=10)
-    figure.tight_layout()
+        axes.set_title(label, color=RIGHT_COLOUR if ok else WRONG_COLOUR, fontsize=9)
+    figure.suptitle(f"{config.cell.upper()} predictions on held-out digits "
+                    "(above each image: the predicted label)", fontsize=10)
+    from matplotlib.patches import Patch
+
+    figure.legend(
+        handles=[Patch(color=RIGHT_COLOUR, label="right"),
+                 Patch(color=WRONG_COLOUR, label="wrong: predicted (true label)")],
+        loc="lower center", ncol=2, frameon=False, fontsize=9,
+    )
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     canvas.print_png(path)
+    return figure
 
 
 def _figure(figsize: tuple[float, float]):

@@ -1,6 +1,6 @@
-"""ONNX export of models holding rnnkit layers; see :mod:`rnnkit.ops.export.to_onnx`.
+"""ONNX export of models holding rnnkit layers; see `rnnkit.ops.export.to_onnx`.
 
-Needs the ``onnx`` extra (``pip install 'rnnkit[onnx]'``).
+Needs the `onnx` extra (`pip install 'rnnkit[onnx]'`).
 """
 
 from rnnkit.ops.export.to_onnx import export_onnx, onnx_translation_table

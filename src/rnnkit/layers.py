@@ -1,8 +1,8 @@
 r"""Multi-layer, optionally bidirectional RNN, GRU and LSTM layers with torch.nn's interface.
 
 This module handles everything around the recurrence: parameters, stacking, directions,
-``batch_first``, unbatched input, dropout between layers, ``lengths`` and PackedSequence.
-The recurrence itself runs in :func:`rnnkit.ops.dispatch.recurrence`.
+`batch_first`, unbatched input, dropout between layers, `lengths` and PackedSequence.
+The recurrence itself runs in `rnnkit.ops.dispatch.recurrence`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rnnkit.ops.spec import Call, CellSpec, State, from_states
 
 
 def _pack_like(padded: Tensor, packed: PackedSequence) -> PackedSequence:
-    """Pack a time-first ``(T, B, H)`` tensor with exactly the layout of ``packed``."""
+    """Pack a time-first `(T, B, H)` tensor with exactly the layout of `packed`."""
     batch_sizes = packed.batch_sizes
     order = packed.sorted_indices
     if order is None:
@@ -39,12 +39,12 @@ def _pack_like(padded: Tensor, packed: PackedSequence) -> PackedSequence:
 def _reset_codes(
     resets: Tensor | None, lengths: Tensor | None, bidirectional: bool
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The per-step reset codes (see :class:`rnnkit.ops.spec.Call`) of each direction.
+    """The per-step reset codes (see [`rnnkit.ops.spec.Call`][]) of each direction.
 
-    ``resets`` is ``(T, B)`` bool, time-first. Forward, a reset point ``p`` restarts the state
-    before step ``p`` from the initial state (code 1). In reverse, each segment ``[p, q)`` runs
-    from ``q - 1`` down to ``p``: the state restarts before step ``q - 1``, from ``hx`` (code
-    2) for the first segment ``[0, p_1)`` and from the initial state (code 1) for the others,
+    `resets` is `(T, B)` bool, time-first. Forward, a reset point `p` restarts the state
+    before step `p` from the initial state (code 1). In reverse, each segment `[p, q)` runs
+    from `q - 1` down to `p`: the state restarts before step `q - 1`, from `hx` (code
+    2) for the first segment `[0, p_1)` and from the initial state (code 1) for the others,
     and the pass starts from the initial state at a sequence's last step when it has any reset.
     """
     if resets is None:
@@ -70,20 +70,20 @@ _Layer = TypeVar("_Layer", bound="RecurrentLayer")
 
 
 class RecurrentLayer(nn.Module):
-    """The shared body of :class:`RNN`, :class:`GRU` and :class:`LSTM`.
+    """The shared body of [`RNN`][rnnkit.RNN], [`GRU`][rnnkit.GRU] and [`LSTM`][rnnkit.LSTM].
 
     Arguments are checked as torch.nn.RNNBase checks them, with two allowances: sizes may be
-    any integer type (numpy's too), and flags (``bias``, ``batch_first``, ``bidirectional``)
+    any integer type (numpy's too), and flags (`bias`, `batch_first`, `bidirectional`)
     may be the integers 0 and 1. Sizes of zero are refused, as torch.nn refuses them.
-    Parameters and inputs may be complex (``complex64``/``complex128``); complex calls run on
-    the reference path, and ``'relu'`` is undefined for them (NotImplementedError, as in
+    Parameters and inputs may be complex (`complex64`/`complex128`); complex calls run on
+    the reference path, and `'relu'` is undefined for them (NotImplementedError, as in
     torch.nn).
 
     RNNBase's attributes and helpers are here for code written against torch.nn:
-    ``_flat_weights_names``, ``_flat_weights``, ``all_weights``, ``mode``,
-    ``flatten_parameters``, ``check_input``, ``get_expected_hidden_size``,
-    ``check_hidden_size``, ``check_forward_args``, ``permute_hidden`` (and LSTM's
-    ``get_expected_cell_size``). They raise torch.nn's error types; ``forward`` does its own,
+    `_flat_weights_names`, `_flat_weights`, `all_weights`, `mode`,
+    `flatten_parameters`, `check_input`, `get_expected_hidden_size`,
+    `check_hidden_size`, `check_forward_args`, `permute_hidden` (and LSTM's
+    `get_expected_cell_size`). They raise torch.nn's error types; `forward` does its own,
     fuller checks.
     """
 
@@ -184,22 +184,22 @@ class RecurrentLayer(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor | None]:
-        """The weights named by ``_flat_weights_names`` (torch.nn's order), read at access.
+        """The weights named by `_flat_weights_names` (torch.nn's order), read at access.
 
-        A weight under ``torch.nn.utils.parametrize``, ``weight_norm`` or ``prune`` is its
+        A weight under `torch.nn.utils.parametrize`, `weight_norm` or `prune` is its
         current computed value, as torch.nn's list holds after a forward pass.
         """
         return [getattr(self, name, None) for name in self._flat_weights_names]
 
     @property
     def mode(self) -> str:
-        """torch.nn's name of the recurrence: ``"RNN_TANH"``, ``"RNN_RELU"``, ``"GRU"`` or
-        ``"LSTM"``.
+        """torch.nn's name of the recurrence: `"RNN_TANH"`, `"RNN_RELU"`, `"GRU"` or
+        `"LSTM"`.
 
-        An RNN with another named nonlinearity is ``"RNN_"`` and the name in capitals
-        (``"RNN_SILU"``), with a callable ``"RNN_CALLABLE"``: code that picks torch.nn's kernel
-        by ``mode`` then finds none, rather than running tanh. A GRU is ``"GRU"`` in both
-        formulations; ``reset_after`` tells them apart.
+        An RNN with another named nonlinearity is `"RNN_"` and the name in capitals
+        (`"RNN_SILU"`), with a callable `"RNN_CALLABLE"`: code that picks torch.nn's kernel
+        by `mode` then finds none, rather than running tanh. A GRU is `"GRU"` in both
+        formulations; `reset_after` tells them apart.
         """
         spec = self.spec
         if spec.mode != "rnn":
@@ -235,7 +235,7 @@ class RecurrentLayer(nn.Module):
     def get_expected_hidden_size(
         self, input: Tensor, batch_sizes: Tensor | None
     ) -> tuple[int, int, int]:
-        """``(D*num_layers, N, H_out)``, the shape ``h_0`` must have for ``input``."""
+        """`(D*num_layers, N, H_out)`, the shape `h_0` must have for `input`."""
         if batch_sizes is not None:
             batch = int(batch_sizes[0])
         else:
@@ -248,19 +248,19 @@ class RecurrentLayer(nn.Module):
         expected_hidden_size: tuple[int, int, int],
         msg: str = "Expected hidden size {}, got {}",
     ) -> None:
-        """Raises RuntimeError(``msg`` with the expected and the actual size) if they differ."""
+        """Raises RuntimeError(`msg` with the expected and the actual size) if they differ."""
         if hx.size() != expected_hidden_size:
             raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
 
     def check_forward_args(
         self, input: Tensor, hidden: Tensor, batch_sizes: Tensor | None
     ) -> None:
-        """:meth:`check_input`, then :meth:`check_hidden_size` of ``hidden``."""
+        """`check_input`, then `check_hidden_size` of `hidden`."""
         self.check_input(input, batch_sizes)
         self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
 
     def permute_hidden(self, hx: Tensor, permutation: Tensor | None) -> Tensor:
-        """``hx`` with its batch (dimension 1) reordered by ``permutation``, if given."""
+        """`hx` with its batch (dimension 1) reordered by `permutation`, if given."""
         if permutation is None:
             return hx
         return hx.index_select(1, permutation)
@@ -290,20 +290,20 @@ class RecurrentLayer(nn.Module):
         requires_grad: bool = True,
         **options: Any,
     ) -> _Layer:
-        r"""A single-layer, unidirectional layer whose ``*_l0`` parameters are the given tensors.
+        r"""A single-layer, unidirectional layer whose `*_l0` parameters are the given tensors.
 
-        Sizes are read from the shapes: ``weight_ih`` ``(G*H, H_in)``, ``weight_hh``
-        ``(G*H, H_out)``, biases ``(G*H,)`` (G = 1, 3, 4 for RNN, GRU, LSTM), ``weight_hr``
-        ``(P, H)`` (LSTM projection). With one bias given, the other is a frozen zero.
-        ``initial_state`` (``(H_out,)`` or ``(1, H_out)``; for LSTM a pair) becomes the
-        learnable ``initial_h`` / ``initial_c``. The tensors become the parameters without a
-        copy; ``requires_grad`` says whether they train. ``options`` go to the constructor:
-        ``batch_first``, ``backend``, ``nonlinearity`` (RNN), ``reset_after`` (GRU). See
-        :func:`rnnkit._from_weights.build` for the full rules.
+        Sizes are read from the shapes: `weight_ih` `(G*H, H_in)`, `weight_hh`
+        `(G*H, H_out)`, biases `(G*H,)` (G = 1, 3, 4 for RNN, GRU, LSTM), `weight_hr`
+        `(P, H)` (LSTM projection). With one bias given, the other is a frozen zero.
+        `initial_state` (`(H_out,)` or `(1, H_out)`; for LSTM a pair) becomes the
+        learnable `initial_h` / `initial_c`. The tensors become the parameters without a
+        copy; `requires_grad` says whether they train. `options` go to the constructor:
+        `batch_first`, `backend`, `nonlinearity` (RNN), `reset_after` (GRU). See
+        `rnnkit._from_weights.build` for the full rules.
 
         Raises:
             ValueError, TypeError: wrong shapes, ranks, dtypes or devices, naming expected
-            and got; ``num_layers``, ``bidirectional`` or ``dropout`` among ``options``.
+                and got; `num_layers`, `bidirectional` or `dropout` among `options`.
         """
         return _from_weights.build(
             cls, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, initial_state,
@@ -313,11 +313,11 @@ class RecurrentLayer(nn.Module):
     # forward ------------------------------------------------------------------------------
 
     def initial_state(self, batch_size: int | None) -> State:
-        """The state a call starts from when ``hx`` is not given, as a tuple.
+        """The state a call starts from when `hx` is not given, as a tuple.
 
-        ``h`` is ``(D*num_layers, N, H_out)`` (no ``N`` when ``batch_size`` is ``None``), and
-        for LSTM ``c`` is ``(D*num_layers, N, H_cell)``: the learnable ``initial_h`` /
-        ``initial_c`` broadcast over the batch, or zeros.
+        `h` is `(D*num_layers, N, H_out)` (no `N` when `batch_size` is `None`), and
+        for LSTM `c` is `(D*num_layers, N, H_cell)`: the learnable `initial_h` /
+        `initial_c` broadcast over the batch, or zeros.
         """
         out_size = self.proj_size or self.hidden_size
         sizes = (out_size, self.hidden_size)[: self.spec.num_states]
@@ -327,7 +327,7 @@ class RecurrentLayer(nn.Module):
     def _initial_states(
         self, hx: object, batch_size: int, batched: bool, reference: Tensor
     ) -> list[State]:
-        """One state tuple per layer and direction, each ``(B, H_out)`` [and ``(B, H)``]."""
+        """One state tuple per layer and direction, each `(B, H_out)` [and `(B, H)`]."""
         count = self.num_layers * self.num_directions
         out_size = self.proj_size or self.hidden_size
         sizes = [out_size, self.hidden_size][: self.spec.num_states]
@@ -353,38 +353,42 @@ class RecurrentLayer(nn.Module):
         return [tuple(s[i] for s in stacked) for i in range(count)]
 
     def forward(self, input, hx=None, *, lengths=None, resets=None, mask=None):
-        """Run the layer.
+        """Run the layer over a batch of sequences.
+
+        Shapes: `L` steps, `N` sequences, `H_in` = `input_size`, `D` = 2 if `bidirectional`
+        else 1, `H_out` = `proj_size` if it is set (LSTM) else `hidden_size`, `H_cell` =
+        `hidden_size`.
 
         Args:
-            input: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, unbatched
-                ``(L, H_in)``, or a PackedSequence.
-            hx: initial state ``(D*num_layers, N, H_out)`` (unbatched: no ``N``); for LSTM a
-                pair ``(h_0, c_0)`` with ``c_0`` of size ``H_cell``. Defaults to zeros, or to
+            input: `(L, N, H_in)`, `(N, L, H_in)` with `batch_first`, unbatched
+                `(L, H_in)`, or a PackedSequence.
+            hx: initial state `(D*num_layers, N, H_out)` (unbatched: no `N`); for LSTM a
+                pair `(h_0, c_0)` with `c_0` of size `H_cell`. Defaults to zeros, or to
                 the learnable initial state.
             lengths: optional per-sequence lengths (1-D integer tensor on any device, or a
-                list), in any order, each in ``0..L``. Output past a sequence's length is zero
+                list), in any order, each in `0..L`. Output past a sequence's length is zero
                 and the final state is taken at its own last step; a sequence of length 0 has
                 an all-zero output and its initial state as final state.
-            resets: optional boolean ``(L, N)`` tensor (``(N, L)`` with ``batch_first``,
-                ``(L,)`` unbatched), on any device: ``resets[t, b]`` true starts sequence
-                ``b`` afresh at step ``t`` (an episode start). The result equals cutting each
+            resets: optional boolean `(L, N)` tensor (`(N, L)` with `batch_first`,
+                `(L,)` unbatched), on any device: `resets[t, b]` true starts sequence
+                `b` afresh at step `t` (an episode start). The result equals cutting each
                 sequence at its reset points and running every segment on its own from the
-                layer's initial state (zeros or the learnable one); ``hx`` applies to the
-                first segment only, so ``resets[0]`` true ignores it for that sequence. Every
-                layer and both directions reset; steps past ``lengths`` are ignored.
-            mask: optional boolean tensor shaped like ``resets``, holes allowed (Keras's
-                ``mask``): a false step is skipped, so the state carries over it unchanged, and
-                its output is zero (with ``zero_output_for_mask=False``, the carried ``h``, as
-                Keras repeats the last output). Combines with ``lengths``; not with
-                ``resets`` or a PackedSequence.
+                layer's initial state (zeros or the learnable one); `hx` applies to the
+                first segment only, so `resets[0]` true ignores it for that sequence. Every
+                layer and both directions reset; steps past `lengths` are ignored.
+            mask: optional boolean tensor shaped like `resets`, holes allowed (Keras's
+                `mask`): a false step is skipped, so the state carries over it unchanged, and
+                its output is zero (with `zero_output_for_mask=False`, the carried `h`, as
+                Keras repeats the last output). Combines with `lengths`; not with
+                `resets` or a PackedSequence.
 
         Returns:
-            ``(output, h_n)``, or ``(output, (h_n, c_n))`` for LSTM. ``output`` has the
-            layout of ``input`` with ``D*H_out`` features; a PackedSequence in gives one out.
+            `(output, h_n)`, or `(output, (h_n, c_n))` for LSTM. `output` has the
+                layout of `input` with `D*H_out` features; a PackedSequence in gives one out.
 
         Raises:
             ValueError, TypeError: for input, state, lengths, resets or mask of the wrong kind
-            or shape, and for mask with resets or a PackedSequence.
+                or shape, and for mask with resets or a PackedSequence.
         """
         if lengths is None and resets is None and mask is None:
             # One step without gradients runs compiled from packed weights (ops/cpu/stream.py).
@@ -536,16 +540,41 @@ class RecurrentLayer(nn.Module):
 
 
 class RNN(RecurrentLayer):
-    r"""An Elman RNN, :math:`h_t = \sigma(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})`.
+    r"""An Elman RNN, $h_t = \sigma(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})$.
 
-    Arguments, parameters and shapes are torch.nn.RNN's. Beyond torch:
+    Arguments, parameters (`weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`,
+    `bias_hh_l{k}`, with `_reverse` for the second direction) and shapes are torch.nn.RNN's;
+    `nonlinearity` may be any activation, and the keyword-only arguments are rnnkit's own.
+    Call it as described under [`forward`][rnnkit.RNN.forward].
 
     Args:
-        nonlinearity: ``'tanh'``, ``'relu'``, another name of
-            :data:`rnnkit.activations.ACTIVATIONS`, or any elementwise callable (as MLX).
-        learn_initial_state: add a trainable ``initial_h`` of shape ``(D*num_layers, H)``,
-            used when ``hx`` is not given.
-        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"`` or ``"triton"``.
+        input_size: the number of features `H_in` of each input step.
+        hidden_size: the number of features `H` of the hidden state.
+        num_layers: how many layers are stacked; layer `k > 0` reads the output of layer
+            `k - 1`.
+        nonlinearity: `'tanh'`, `'relu'`, another name of
+            [`ACTIVATIONS`][rnnkit.activations.ACTIVATIONS], or any elementwise callable (as
+            MLX allows).
+        bias: if `False`, the layers have no `bias_ih_l{k}` and `bias_hh_l{k}`.
+        batch_first: if `True`, `input` and `output` are `(N, L, H)` instead of `(L, N, H)`;
+            the states keep `(D*num_layers, N, H)`.
+        dropout: the probability of dropout on the output of every layer but the last, in
+            training mode.
+        bidirectional: if `True`, each layer also runs in reverse (`D = 2`) and its output
+            concatenates both directions.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        proj_size: must be 0; only [`LSTM`][rnnkit.LSTM] has a projection (accepted for
+            code that passes torch's arguments by name).
+        learn_initial_state: add a trainable `initial_h` of shape `(D*num_layers, H)`, used
+            when `hx` is not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"` takes the first
+            registered backend that serves the call, `"reference"` the plain PyTorch path,
+            `"cpu"` or `"triton"` that fused kernel (falling back to the reference path with a
+            warning when it cannot serve a call).
+        zero_output_for_mask: with `mask=` in [`forward`][rnnkit.RNN.forward], `True` makes
+            the output of a skipped step zero; `False` repeats the carried `h` there, as
+            Keras does.
     """
 
     cell_kind = "rnn"
@@ -583,12 +612,36 @@ class RNN(RecurrentLayer):
 class GRU(RecurrentLayer):
     r"""A multi-layer GRU with torch.nn.GRU's arguments, parameters and shapes.
 
-    See :func:`rnnkit.cells.gru_step` for the equations.
+    See [`rnnkit.cells.gru_step`][] for the equations. The keyword-only arguments are
+    rnnkit's own. Call it as described under [`forward`][rnnkit.GRU.forward].
 
     Args:
-        reset_after: ``True`` (default; torch, cuDNN, MLX, Keras) or ``False`` (Cho et al.
-            2014, Keras ``reset_after=False``, Flux's GRUv3).
-        learn_initial_state, backend: as for :class:`RNN`.
+        input_size: the number of features `H_in` of each input step.
+        hidden_size: the number of features `H` of the hidden state.
+        num_layers: how many layers are stacked; layer `k > 0` reads the output of layer
+            `k - 1`.
+        bias: if `False`, the layers have no `bias_ih_l{k}` and `bias_hh_l{k}`.
+        batch_first: if `True`, `input` and `output` are `(N, L, H)` instead of `(L, N, H)`;
+            the states keep `(D*num_layers, N, H)`.
+        dropout: the probability of dropout on the output of every layer but the last, in
+            training mode.
+        bidirectional: if `True`, each layer also runs in reverse (`D = 2`) and its output
+            concatenates both directions.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        proj_size: must be 0; only [`LSTM`][rnnkit.LSTM] has a projection.
+        reset_after: `True` (torch, cuDNN, MLX, Keras) applies the reset gate after the
+            recurrent matmul; `False` (Cho et al. 2014, Keras `reset_after=False`, Flux's
+            GRUv3) before it.
+        learn_initial_state: add a trainable `initial_h` of shape `(D*num_layers, H)`, used
+            when `hx` is not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"` takes the first
+            registered backend that serves the call, `"reference"` the plain PyTorch path,
+            `"cpu"` or `"triton"` that fused kernel (falling back to the reference path with a
+            warning when it cannot serve a call).
+        zero_output_for_mask: with `mask=` in [`forward`][rnnkit.GRU.forward], `True` makes
+            the output of a skipped step zero; `False` repeats the carried `h` there, as
+            Keras does.
     """
 
     cell_kind = "gru"
@@ -628,13 +681,39 @@ class GRU(RecurrentLayer):
 class LSTM(RecurrentLayer):
     r"""A multi-layer LSTM with torch.nn.LSTM's arguments, parameters and shapes.
 
-    See :func:`rnnkit.cells.lstm_step` for the equations. ``proj_size > 0`` adds
-    ``weight_hr_l{k}`` and makes ``h`` of size ``proj_size``.
+    See [`rnnkit.cells.lstm_step`][] for the equations. `proj_size > 0` adds
+    `weight_hr_l{k}` and makes `h` of size `proj_size`.
+
+    Call it as described under [`forward`][rnnkit.LSTM.forward]; `hx` and the final state
+    are pairs `(h, c)`.
 
     Args:
-        learn_initial_state: add trainable ``initial_h`` ``(D*num_layers, H_out)`` and
-            ``initial_c`` ``(D*num_layers, H_cell)``.
-        backend: as for :class:`RNN`.
+        input_size: the number of features `H_in` of each input step.
+        hidden_size: the number of features `H` of the cell state `c` (`H_cell`), and of `h`
+            unless `proj_size > 0`.
+        num_layers: how many layers are stacked; layer `k > 0` reads the output of layer
+            `k - 1`.
+        bias: if `False`, the layers have no `bias_ih_l{k}` and `bias_hh_l{k}`.
+        batch_first: if `True`, `input` and `output` are `(N, L, H)` instead of `(L, N, H)`;
+            the states keep `(D*num_layers, N, H)`.
+        dropout: the probability of dropout on the output of every layer but the last, in
+            training mode.
+        bidirectional: if `True`, each layer also runs in reverse (`D = 2`) and its output
+            concatenates both directions.
+        device: where the parameters are created.
+        dtype: the parameters' floating-point (or complex) dtype.
+        proj_size: if `> 0`, `h` is projected to this size (`H_out = proj_size`) by
+            `weight_hr_l{k}` of shape `(proj_size, hidden_size)`; must be below
+            `hidden_size`.
+        learn_initial_state: add trainable `initial_h` `(D*num_layers, H_out)` and
+            `initial_c` `(D*num_layers, H_cell)`, used when `hx` is not given.
+        backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"` takes the first
+            registered backend that serves the call, `"reference"` the plain PyTorch path,
+            `"cpu"` or `"triton"` that fused kernel (falling back to the reference path with a
+            warning when it cannot serve a call).
+        zero_output_for_mask: with `mask=` in [`forward`][rnnkit.LSTM.forward], `True` makes
+            the output of a skipped step zero; `False` repeats the carried `h` there, as
+            Keras does.
     """
 
     cell_kind = "lstm"
@@ -666,14 +745,14 @@ class LSTM(RecurrentLayer):
     def get_expected_cell_size(
         self, input: Tensor, batch_sizes: Tensor | None
     ) -> tuple[int, int, int]:
-        """``(D*num_layers, N, H_cell)``, the shape ``c_0`` must have for ``input``."""
+        """`(D*num_layers, N, H_cell)`, the shape `c_0` must have for `input`."""
         layers, batch, _ = self.get_expected_hidden_size(input, batch_sizes)
         return (layers, batch, self.hidden_size)
 
     def check_forward_args(  # type: ignore[override]
         self, input: Tensor, hidden: tuple[Tensor, Tensor], batch_sizes: Tensor | None
     ) -> None:
-        """:meth:`check_input`, then the sizes of ``h_0`` and ``c_0`` (RuntimeError)."""
+        """`check_input`, then the sizes of `h_0` and `c_0` (RuntimeError)."""
         self.check_input(input, batch_sizes)
         self.check_hidden_size(
             hidden[0], self.get_expected_hidden_size(input, batch_sizes),
@@ -687,7 +766,7 @@ class LSTM(RecurrentLayer):
     def permute_hidden(  # type: ignore[override]
         self, hx: tuple[Tensor, Tensor], permutation: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """Both states with their batch (dimension 1) reordered by ``permutation``."""
+        """Both states with their batch (dimension 1) reordered by `permutation`."""
         if permutation is None:
             return hx
         return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)

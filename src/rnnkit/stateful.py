@@ -1,9 +1,9 @@
 r"""Carry a recurrent module's state across calls: streaming and truncated BPTT.
 
-:class:`Stateful` wraps an rnnkit layer or cell. Each call continues from the state the previous
-call ended in, so feeding a sequence in chunks gives exactly what one call on the whole sequence
-gives: the chunk outputs concatenate to the whole output and the carried state ends at the whole
-call's final state.
+[`Stateful`][rnnkit.Stateful] wraps an rnnkit layer or cell. Each call continues from the state the
+previous call ended in, so feeding a sequence in chunks gives exactly what one call on the whole
+sequence gives: the chunk outputs concatenate to the whole output and the carried state ends at the
+whole call's final state.
 """
 
 from __future__ import annotations
@@ -26,43 +26,44 @@ State = Tensor | tuple[Tensor, Tensor]
 class Stateful(nn.Module):
     r"""Wrap an rnnkit layer or cell so that its state carries over from one call to the next.
 
-    ``y = s(x)`` runs the module from ``s.state`` and keeps the state it ends in:
+    `y = s(x)` runs the module from `s.state` and keeps the state it ends in:
 
-    - for a layer (:class:`~rnnkit.RNN`, :class:`~rnnkit.GRU`, :class:`~rnnkit.LSTM`), ``x`` is a
-      chunk of time steps in the layer's own layout (``batch_first``, unbatched and
-      PackedSequence input all work) and ``y`` is the layer's output for that chunk;
-    - for a cell (:class:`~rnnkit.RNNCell`, :class:`~rnnkit.GRUCell`, :class:`~rnnkit.LSTMCell`),
-      ``x`` is one step ``(N, H_in)`` or ``(H_in)`` and ``y`` is the new hidden state ``h'``.
-      An LSTM cell returns ``h'`` only and keeps ``(h', c')`` in ``s.state``.
+    - for a layer ([`RNN`][rnnkit.RNN], [`GRU`][rnnkit.GRU], [`LSTM`][rnnkit.LSTM]), `x` is a
+      chunk of time steps in the layer's own layout (`batch_first`, unbatched and
+      PackedSequence input all work) and `y` is the layer's output for that chunk;
+    - for a cell ([`RNNCell`][rnnkit.RNNCell], [`GRUCell`][rnnkit.GRUCell],
+      [`LSTMCell`][rnnkit.LSTMCell]), `x` is one step `(N, H_in)` or `(H_in)` and `y` is the new
+      hidden state `h'`. An LSTM cell returns `h'` only and keeps `(h', c')` in `s.state`.
 
-    ``s.state`` is what the module would take as ``hx``: ``h`` of shape ``(num_layers, N, H_out)``
-    for a layer (``(N, H)`` for a cell, no ``N`` for unbatched input), or the pair ``(h, c)`` for
-    LSTM. It is ``None`` after construction and after :meth:`reset`, which means "the module's
-    initial state": its learnable ``initial_h``/``initial_c`` if it has them, else zeros,
+    `s.state` is what the module would take as `hx`: `h` of shape `(num_layers, N, H_out)`
+    for a layer (`(N, H)` for a cell, no `N` for unbatched input), or the pair `(h, c)` for
+    LSTM. It is `None` after construction and after [`reset`][rnnkit.Stateful.reset], which means
+    "the module's initial state": its learnable `initial_h`/`initial_c` if it has them, else zeros,
     broadcast to the batch size of the next call. You may also assign a state yourself.
-    ``.to()``, ``.double()``, ``.cuda()`` and the like convert the carried state along with the
+    `.to()`, `.double()`, `.cuda()` and the like convert the carried state along with the
     parameters.
 
     Args:
         module: an rnnkit layer or cell. A bidirectional layer cannot stream (its backward
             direction needs the end of the sequence first) and is refused.
-        detach: ``True`` (default) stops gradients at call boundaries (truncated BPTT): the
-            carried state is detached after each call, so ``backward()`` on one chunk's loss
-            never reaches earlier chunks. ``False`` keeps the graph across calls, so gradients
-            flow back through every call since the last :meth:`reset`; the graph then grows
-            with each call until you reset.
+        detach: `True` (default) stops gradients at call boundaries (truncated BPTT): the
+            carried state is detached after each call, so `backward()` on one chunk's loss
+            never reaches earlier chunks. `False` keeps the graph across calls, so gradients
+            flow back through every call since the last [`reset`][rnnkit.Stateful.reset]; the graph
+            then grows with each call until you reset.
 
     Lengths:
-        ``lengths`` (1-D, one entry per sequence) gives the number of valid steps of each
-        sequence in this call; ``0`` means the sequence has ended (or not started) and is
+        `lengths` (1-D, one entry per sequence) gives the number of valid steps of each
+        sequence in this call; `0` means the sequence has ended (or not started) and is
         left untouched: its state is kept and its output is zero. For a cell each entry is
-        ``0`` or ``1``. To stream sequences of total lengths ``L`` in chunks of ``T`` steps,
-        pass ``(L - offset).clamp(0, T)`` for the chunk starting at ``offset``.
+        `0` or `1`. To stream sequences of total lengths `L` in chunks of `T` steps,
+        pass `(L - offset).clamp(0, T)` for the chunk starting at `offset`.
 
     Raises:
-        TypeError: ``module`` is not an rnnkit layer or cell.
-        ValueError: ``module`` is bidirectional; a call's batch size (or batched/unbatched
-            form) differs from the carried state's (call :meth:`reset` first); bad lengths.
+        TypeError: `module` is not an rnnkit layer or cell.
+        ValueError: `module` is bidirectional; a call's batch size (or batched/unbatched
+            form) differs from the carried state's (call [`reset`][rnnkit.Stateful.reset] first);
+            bad lengths.
     """
 
     def __init__(self, module: nn.Module, *, detach: bool = True) -> None:
@@ -94,12 +95,12 @@ class Stateful(nn.Module):
         """Go back to the module's initial state (learnable if it has one, else zeros).
 
         Args:
-            rows: ``None`` resets every sequence (the next call may then change the batch
+            rows: `None` resets every sequence (the next call may then change the batch
                 size); else only these rows of the carried batch, given as a boolean mask of
-                shape ``(N,)`` or as indices, for actors that step many environments at once.
+                shape `(N,)` or as indices, for actors that step many environments at once.
 
         Raises:
-            TypeError, ValueError: ``rows`` is not a boolean mask of the batch size or valid
+            TypeError, ValueError: `rows` is not a boolean mask of the batch size or valid
                 indices, or the carried state is unbatched.
         """
         if rows is None:
@@ -137,7 +138,7 @@ class Stateful(nn.Module):
         self.state = from_states(state)
 
     def _batch_of(self, state: tuple[Tensor, ...]) -> int | None:
-        """The batch size a carried state was made for; ``None`` for unbatched."""
+        """The batch size a carried state was made for; `None` for unbatched."""
         hidden = state[0]
         batched_rank = 2 if self._is_cell else 3
         if hidden.dim() != batched_rank:
@@ -158,7 +159,7 @@ class Stateful(nn.Module):
         )
 
     def _initial_state(self, batch: int | None) -> tuple[Tensor, ...]:
-        """The module's initial state, broadcast to ``batch`` (``None``: unbatched)."""
+        """The module's initial state, broadcast to `batch` (`None`: unbatched)."""
         return self.module.initial_state(batch)
 
     # forward ------------------------------------------------------------------------------
@@ -166,23 +167,23 @@ class Stateful(nn.Module):
     def forward(
         self, input: Tensor | PackedSequence, lengths=None, *, resets: Tensor | None = None
     ) -> Tensor | PackedSequence:
-        """Run the module on ``input`` from the carried state and keep the state it ends in.
+        """Run the module on `input` from the carried state and keep the state it ends in.
 
         Args:
-            input: for a layer, ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``,
-                ``(L, H_in)`` unbatched, or a PackedSequence; for a cell, ``(N, H_in)`` or
-                ``(H_in)``.
-            lengths: optional valid steps per sequence in this call, ``0`` allowed (see the
+            input: for a layer, `(L, N, H_in)`, `(N, L, H_in)` with `batch_first`,
+                `(L, H_in)` unbatched, or a PackedSequence; for a cell, `(N, H_in)` or
+                `(H_in)`.
+            lengths: optional valid steps per sequence in this call, `0` allowed (see the
                 class docstring); not allowed with a PackedSequence.
             resets: optional boolean tensor, true where a sequence starts afresh (an episode
-                start) from the module's initial state: for a layer ``(L, N)`` (``(N, L)``
-                with ``batch_first``, ``(L,)`` unbatched), with the layer's own rule (see
-                :meth:`rnnkit.GRU.forward`); for a cell ``(N,)`` (a 0-d tensor unbatched),
+                start) from the module's initial state: for a layer `(L, N)` (`(N, L)`
+                with `batch_first`, `(L,)` unbatched), with the layer's own rule (see
+                [`rnnkit.GRU.forward`][]); for a cell `(N,)` (a 0-d tensor unbatched),
                 applied before the step. The carried state is the one after the last step.
 
         Returns:
-            A layer's output for this chunk (``(L, N, H_out)`` in the input's layout), or a
-            cell's new hidden state ``h'``. Entries with length ``0`` are zero.
+            A layer's output for this chunk (`(L, N, H_out)` in the input's layout), or a
+                cell's new hidden state `h'`. Entries with length `0` are zero.
         """
         if lengths is None and resets is None:
             # One step without gradients runs compiled from packed weights (ops/cpu/stream.py).

@@ -11,7 +11,7 @@ from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
 
 
 def as_rnnkit_layer(module: object, target: str) -> RecurrentLayer:
-    """``module`` as an rnnkit layer (a torch.nn RNN/GRU/LSTM is converted first)."""
+    """`module` as an rnnkit layer (a torch.nn RNN/GRU/LSTM is converted first)."""
     if isinstance(module, nn.RNNBase):
         module = from_torch(module)
     if not isinstance(module, (RNN, GRU, LSTM)):
@@ -25,9 +25,9 @@ def as_rnnkit_layer(module: object, target: str) -> RecurrentLayer:
 def check_single_layer(
     module: RecurrentLayer, library: str, *, bidirectional: bool = False
 ) -> None:
-    """Refuse what a one-layer layer of ``library`` cannot express exactly.
+    """Refuse what a one-layer layer of `library` cannot express exactly.
 
-    ``bidirectional=True``: ``library`` has a two-direction form of its layers.
+    `bidirectional=True`: `library` has a two-direction form of its layers.
     """
     kind = type(module).__name__
     if module.num_layers != 1:
@@ -59,13 +59,13 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
 
 
 def reorder_gates(array, order: list[int], axis: int = 0):
-    """Permute the ``len(order)`` equal gate blocks of ``array`` along ``axis``."""
+    """Permute the `len(order)` equal gate blocks of `array` along `axis`."""
     blocks = np.split(np.asarray(array), len(order), axis=axis)
     return np.concatenate([blocks[i] for i in order], axis=axis)
 
 
 def torch_dtype(dtype: object) -> torch.dtype:
-    """The torch dtype of a numpy dtype (or a name such as ``"float32"``)."""
+    """The torch dtype of a numpy dtype (or a name such as `"float32"`)."""
     name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
     try:
         return getattr(torch, name)
@@ -75,7 +75,7 @@ def torch_dtype(dtype: object) -> torch.dtype:
 
 @torch.no_grad()
 def load_weights(module: RecurrentLayer, weights: dict[str, np.ndarray | None]) -> None:
-    """Copy ``{parameter name: array}`` into ``module``; ``None`` means zeros."""
+    """Copy `{parameter name: array}` into `module`; `None` means zeros."""
     for name, value in weights.items():
         param = getattr(module, name)
         if value is None:

@@ -1,20 +1,20 @@
-r"""Conversion between Keras 3's ``SimpleRNN``/``GRU``/``LSTM`` and rnnkit layers.
+r"""Conversion between Keras 3's `SimpleRNN`/`GRU`/`LSTM` and rnnkit layers.
 
-Keras keeps ``kernel`` (D, G*H) and ``recurrent_kernel`` (H, G*H), the transposes of torch's
-``weight_ih``/``weight_hh``. Gate orders: LSTM (i, f, c, o) is torch's; GRU is (z, r, h) where
+Keras keeps `kernel` (D, G*H) and `recurrent_kernel` (H, G*H), the transposes of torch's
+`weight_ih`/`weight_hh`. Gate orders: LSTM (i, f, c, o) is torch's; GRU is (z, r, h) where
 torch has (r, z, n). Biases (rnnkit names on the right):
 
-- ``SimpleRNN``, ``LSTM``: one ``bias`` = ``bias_ih_l0 + bias_hh_l0``.
-- ``GRU(reset_after=True)``: ``bias`` (2, 3H) = (``bias_ih_l0``, ``bias_hh_l0``), reordered.
-- ``GRU(reset_after=False)``: one input ``bias`` (3H). rnnkit's ``b_hn`` is added after
-  ``W_hn (r * h)``, outside the reset product, so it folds into the input bias exactly.
+- `SimpleRNN`, `LSTM`: one `bias` = `bias_ih_l0 + bias_hh_l0`.
+- `GRU(reset_after=True)`: `bias` (2, 3H) = (`bias_ih_l0`, `bias_hh_l0`), reordered.
+- `GRU(reset_after=False)`: one input `bias` (3H). rnnkit's `b_hn` is added after
+  `W_hn (r * h)`, outside the reset product, so it folds into the input bias exactly.
 
-Two directions: a ``Bidirectional`` (``merge_mode="concat"``) is an rnnkit layer with
-``bidirectional=True``; its forward layer's weights are the ``*_l0`` parameters, its backward
-layer's the ``*_l0_reverse`` ones. A layer with ``go_backwards=True`` is a :class:`GoBackwards`
+Two directions: a `Bidirectional` (`merge_mode="concat"`) is an rnnkit layer with
+`bidirectional=True`; its forward layer's weights are the `*_l0` parameters, its backward
+layer's the `*_l0_reverse` ones. A layer with `go_backwards=True` is a `GoBackwards`
 around the rnnkit layer.
 
-Keras is imported on first use; if ``KERAS_BACKEND`` is unset then, it is set to ``"torch"``.
+Keras is imported on first use; if `KERAS_BACKEND` is unset then, it is set to `"torch"`.
 """
 
 from __future__ import annotations
@@ -74,26 +74,26 @@ def _activation_from_keras(keras, fn, what: str) -> str:
 
 
 class GoBackwards(nn.Module):
-    r"""An rnnkit layer run as Keras runs one built with ``go_backwards=True``.
+    r"""An rnnkit layer run as Keras runs one built with `go_backwards=True`.
 
     The layer reads each sequence from its last step to its first, and the output keeps that
-    reversed order: ``output[:, t]`` (batch-first) is the output after reading steps
-    ``L-1, ..., L-1-t``, and the final state is the one after step 0. This is Keras's
-    ``layer(x)`` for ``go_backwards=True, return_sequences=True``, and the same as running
-    ``layer`` on ``x.flip(1)``.
+    reversed order: `output[:, t]` (batch-first) is the output after reading steps
+    `L-1, ..., L-1-t`, and the final state is the one after step 0. This is Keras's
+    `layer(x)` for `go_backwards=True, return_sequences=True`, and the same as running
+    `layer` on `x.flip(1)`.
 
-    With ``lengths=`` (Keras's mask of right-padded sequences) it follows Keras, which reverses
-    the whole padded sequence: a sequence of length ``l`` meets its ``L - l`` padding steps
+    With `lengths=` (Keras's mask of right-padded sequences) it follows Keras, which reverses
+    the whole padded sequence: a sequence of length `l` meets its `L - l` padding steps
     first, which keep the initial state and output zeros, and its own outputs are the last
-    ``l``, ``output[:, L-l:]``. Its final state is the one after its step 0.
+    `l`, `output[:, L-l:]`. Its final state is the one after its step 0.
 
     Args:
-        layer: a one-direction rnnkit RNN, GRU or LSTM. Its ``batch_first`` gives the layout;
-            :func:`from_keras` builds it batch-first, as Keras is.
+        layer: a one-direction rnnkit RNN, GRU or LSTM. Its `batch_first` gives the layout;
+            `from_keras` builds it batch-first, as Keras is.
 
     Raises:
-        TypeError: ``layer`` is not an rnnkit RNN, GRU or LSTM.
-        ValueError: ``layer`` is bidirectional.
+        TypeError: `layer` is not an rnnkit RNN, GRU or LSTM.
+        ValueError: `layer` is bidirectional.
     """
 
     def __init__(self, layer: RecurrentLayer) -> None:
@@ -113,20 +113,20 @@ class GoBackwards(nn.Module):
         """Run the layer from the last step to the first.
 
         Args:
-            input: ``(N, L, H_in)`` with the layer's ``batch_first``, ``(L, N, H_in)``
-                without, or unbatched ``(L, H_in)``.
+            input: `(N, L, H_in)` with the layer's `batch_first`, `(L, N, H_in)`
+                without, or unbatched `(L, H_in)`.
             hx: the initial state, as for the layer.
-            lengths: optional valid steps per sequence (``0..L``); the steps past a length
+            lengths: optional valid steps per sequence (`0..L`); the steps past a length
                 are right padding.
 
         Returns:
-            ``(output, h_n)``, or ``(output, (h_n, c_n))`` for LSTM, as the layer returns them,
-            with ``output`` in the reversed time order described above.
+            `(output, h_n)`, or `(output, (h_n, c_n))` for LSTM, as the layer returns them,
+                with `output` in the reversed time order described above.
 
         Raises:
-            TypeError: ``input`` is a PackedSequence (its layout has no place for Keras's
-                reversed order; pass the padded batch with ``lengths=``).
-            ValueError, TypeError: bad input, state or lengths, as the layer's ``forward``.
+            TypeError: `input` is a PackedSequence (its layout has no place for Keras's
+                reversed order; pass the padded batch with `lengths=`).
+            ValueError, TypeError: bad input, state or lengths, as the layer's `forward`.
         """
         layer = self.layer
         if isinstance(input, PackedSequence):
@@ -149,7 +149,7 @@ class GoBackwards(nn.Module):
 
 
 def _reverse_within(tensor: Tensor, lengths: Tensor, time: int) -> Tensor:
-    """``tensor`` with each sequence's first ``length`` steps reversed, the rest in place."""
+    """`tensor` with each sequence's first `length` steps reversed, the rest in place."""
     steps = torch.arange(tensor.shape[time], device=tensor.device)[:, None]
     lengths = lengths.to(tensor.device)
     order = torch.where(steps < lengths, lengths - 1 - steps, steps)  # (L, N)
@@ -168,7 +168,7 @@ def _rnnkit_class(keras, layer) -> type[RecurrentLayer] | None:
 
 
 def _options(keras, layer, cls: type[RecurrentLayer], stacklevel: int) -> dict:
-    """The rnnkit constructor options a built Keras layer of class ``cls`` stands for."""
+    """The rnnkit constructor options a built Keras layer of class `cls` stands for."""
     kind = type(layer).__name__
     if not layer.built:
         raise ValueError(
@@ -198,7 +198,7 @@ def _options(keras, layer, cls: type[RecurrentLayer], stacklevel: int) -> dict:
 
 
 def _values(layer, module: RecurrentLayer, suffix: str) -> dict:
-    """The rnnkit parameters ``*{suffix}`` (e.g. ``_l0``) holding a Keras layer's weights."""
+    """The rnnkit parameters `*{suffix}` (e.g. `_l0`) holding a Keras layer's weights."""
     cell = layer.cell
     weights = layer.get_weights()
     kernel, recurrent = weights[0], weights[1]
@@ -219,30 +219,30 @@ def _values(layer, module: RecurrentLayer, suffix: str) -> dict:
 
 
 def from_keras(layer, *, backend: str | None = None) -> RecurrentLayer | GoBackwards:
-    """An rnnkit layer equal to a built Keras 3 ``SimpleRNN``, ``GRU`` or ``LSTM``, or to a
-    ``Bidirectional`` around one.
+    """An rnnkit layer equal to a built Keras 3 `SimpleRNN`, `GRU` or `LSTM`, or to a
+    `Bidirectional` around one.
 
-    The result has ``batch_first=True`` and the Keras weights' dtype. For the same input and
-    initial state its output equals Keras's with ``return_sequences=True``:
-    ``out, h_n = from_keras(layer)(x, h0[None])`` gives ``layer(x, initial_state=[h0])``,
-    and ``lengths=`` gives what Keras gives for the mask of right-padded sequences. A ``GRU``
-    keeps its ``reset_after``. Dropout only acts in training and is not carried over (a
+    The result has `batch_first=True` and the Keras weights' dtype. For the same input and
+    initial state its output equals Keras's with `return_sequences=True`:
+    `out, h_n = from_keras(layer)(x, h0[None])` gives `layer(x, initial_state=[h0])`,
+    and `lengths=` gives what Keras gives for the mask of right-padded sequences. A `GRU`
+    keeps its `reset_after`. Dropout only acts in training and is not carried over (a
     warning says so).
 
-    - ``go_backwards=True`` gives a :class:`GoBackwards` around the rnnkit layer: it reads
+    - `go_backwards=True` gives a `GoBackwards` around the rnnkit layer: it reads
       the sequence from its end and returns the output in that order, as Keras does.
-    - ``Bidirectional(..., merge_mode="concat")`` gives a layer with ``bidirectional=True``.
-      Keras's ``initial_state=[h_f, c_f, h_b, c_b]`` is rnnkit's
-      ``hx=(stack([h_f, h_b]), stack([c_f, c_b]))``, and Keras's final states
-      ``h_f, c_f, h_b, c_b`` are ``h_n[0], c_n[0], h_n[1], c_n[1]``.
+    - `Bidirectional(..., merge_mode="concat")` gives a layer with `bidirectional=True`.
+      Keras's `initial_state=[h_f, c_f, h_b, c_b]` is rnnkit's
+      `hx=(stack([h_f, h_b]), stack([c_f, c_b]))`, and Keras's final states
+      `h_f, c_f, h_b, c_b` are `h_n[0], c_n[0], h_n[1], c_n[1]`.
 
     Raises:
-        TypeError: ``layer`` is not one of those Keras layers (a ``Bidirectional`` around
+        TypeError: `layer` is not one of those Keras layers (a `Bidirectional` around
             another layer included).
         ValueError: it is not built, uses an activation rnnkit does not have (GRU and LSTM
-            need ``activation='tanh'`` and ``recurrent_activation='sigmoid'``), or is a
-            ``Bidirectional`` rnnkit cannot express: a ``merge_mode`` other than
-            ``"concat"``, a forward layer that goes backwards, or two directions that differ
+            need `activation='tanh'` and `recurrent_activation='sigmoid'`), or is a
+            `Bidirectional` rnnkit cannot express: a `merge_mode` other than
+            `"concat"`, a forward layer that goes backwards, or two directions that differ
             in class, size or options.
     """
     keras = _import_keras()
@@ -305,11 +305,11 @@ def _from_bidirectional(keras, wrapper, backend: str | None) -> RecurrentLayer:
 
 
 def _build_without_initializers(keras, layer, input_shape: tuple) -> None:
-    """Build ``layer`` with zeros for every weight, keeping its initializers in its config.
+    """Build `layer` with zeros for every weight, keeping its initializers in its config.
 
     The caller overwrites every weight, and Keras's default orthogonal recurrent initializer
     needs a QR factorisation that torch has no float16/bfloat16 kernel for (Keras's torch
-    backend then fails with ``"geqrf_cpu" not implemented for 'Half'``).
+    backend then fails with `"geqrf_cpu" not implemented for 'Half'`).
     """
     cell = layer.cell
     names = ("kernel_initializer", "recurrent_initializer", "bias_initializer")
@@ -327,31 +327,31 @@ def to_keras(
     module: RecurrentLayer | GoBackwards, *, batch_size: int | None = None, **layer_options
 ):
     """A built Keras 3 layer equal to a one-layer rnnkit layer (a torch.nn layer is accepted
-    too): a ``SimpleRNN``, ``GRU`` or ``LSTM``, or a ``Bidirectional`` around one.
+    too): a `SimpleRNN`, `GRU` or `LSTM`, or a `Bidirectional` around one.
 
-    The Keras layer has ``return_sequences=True`` (its output is the whole sequence, as
+    The Keras layer has `return_sequences=True` (its output is the whole sequence, as
     rnnkit's) and the module's dtype, float16 and bfloat16 included. Keras takes batch-major
-    ``(N, L, D)`` input whatever ``batch_first`` says.
+    `(N, L, D)` input whatever `batch_first` says.
 
-    - A bidirectional layer gives ``Bidirectional(layer, merge_mode="concat")``: the
-      ``*_l0`` weights go to its ``forward_layer``, the ``*_l0_reverse`` ones to its
-      ``backward_layer`` (``go_backwards=True``).
-    - A :class:`GoBackwards` gives the layer with ``go_backwards=True``.
+    - A bidirectional layer gives `Bidirectional(layer, merge_mode="concat")`: the
+      `*_l0` weights go to its `forward_layer`, the `*_l0_reverse` ones to its
+      `backward_layer` (`go_backwards=True`).
+    - A `GoBackwards` gives the layer with `go_backwards=True`.
 
     Args:
         module: the layer to convert.
-        batch_size: build the Keras layer for this static batch size. ``stateful=True`` needs
+        batch_size: build the Keras layer for this static batch size. `stateful=True` needs
             one: Keras keeps a state per sequence of the batch between calls.
-        **layer_options: more Keras constructor options, e.g. ``return_state=True``,
-            ``stateful=True`` or ``name=...``; for a bidirectional layer they go to the
-            wrapped layer. Options that change the math (``units``, ``activation``,
-            ``reset_after``, ``go_backwards``, ...) are refused.
+        **layer_options: more Keras constructor options, e.g. `return_state=True`,
+            `stateful=True` or `name=...`; for a bidirectional layer they go to the
+            wrapped layer. Options that change the math (`units`, `activation`,
+            `reset_after`, `go_backwards`, ...) are refused.
 
     Raises:
-        TypeError: ``module`` is not an RNN, GRU or LSTM layer (or a GoBackwards around one).
-        ValueError: Keras cannot express it exactly (stacked, ``proj_size``,
-            ``learn_initial_state``, or an RNN nonlinearity Keras lacks), a reserved option,
-            or ``stateful=True`` without ``batch_size``.
+        TypeError: `module` is not an RNN, GRU or LSTM layer (or a GoBackwards around one).
+        ValueError: Keras cannot express it exactly (stacked, `proj_size`,
+            `learn_initial_state`, or an RNN nonlinearity Keras lacks), a reserved option,
+            or `stateful=True` without `batch_size`.
     """
     keras = _import_keras()
     go_backwards = isinstance(module, GoBackwards)
@@ -406,7 +406,7 @@ def to_keras(
 
 
 def _keras_weights(module: RecurrentLayer, suffix: str) -> list[np.ndarray]:
-    """A Keras layer's weights (kernel, recurrent kernel[, bias]) from ``*{suffix}``."""
+    """A Keras layer's weights (kernel, recurrent kernel[, bias]) from `*{suffix}`."""
     order = _GRU_ORDER if isinstance(module, GRU) else list(range(module.spec.num_gates))
     weights = [
         reorder_gates(to_numpy(getattr(module, "weight_ih" + suffix)), order).T,

@@ -1,15 +1,15 @@
-r"""Conversion between MLX's ``mlx.nn.RNN``/``GRU``/``LSTM`` and rnnkit layers.
+r"""Conversion between MLX's `mlx.nn.RNN`/`GRU`/`LSTM` and rnnkit layers.
 
-MLX's layers are single-layer and unidirectional, take ``NLD`` or ``LD`` input and keep their
+MLX's layers are single-layer and unidirectional, take `NLD` or `LD` input and keep their
 weights as (rnnkit name on the right):
 
-- ``RNN``: ``Wxh`` (H, D) = ``weight_ih_l0``, ``Whh`` (H, H) = ``weight_hh_l0``, one ``bias`` (H)
-  = ``bias_ih_l0 + bias_hh_l0``; any callable ``nonlinearity``.
-- ``GRU``: ``Wx`` (3H, D), ``Wh`` (3H, H) in torch's gate order (r, z, n); ``b`` (3H) is added to
-  the input projection and ``bhn`` (H) sits inside the reset product, so ``b`` = ``bias_ih_l0``
-  + (``b_hr``, ``b_hz``, 0) and ``bhn`` = ``b_hn``. This is the ``reset_after=True`` form.
-- ``LSTM``: ``Wx`` (4H, D), ``Wh`` (4H, H) in torch's gate order (i, f, g, o), one ``bias`` (4H)
-  = ``bias_ih_l0 + bias_hh_l0``.
+- `RNN`: `Wxh` (H, D) = `weight_ih_l0`, `Whh` (H, H) = `weight_hh_l0`, one `bias` (H)
+  = `bias_ih_l0 + bias_hh_l0`; any callable `nonlinearity`.
+- `GRU`: `Wx` (3H, D), `Wh` (3H, H) in torch's gate order (r, z, n); `b` (3H) is added to
+  the input projection and `bhn` (H) sits inside the reset product, so `b` = `bias_ih_l0`
+  + (`b_hr`, `b_hz`, 0) and `bhn` = `b_hn`. This is the `reset_after=True` form.
+- `LSTM`: `Wx` (4H, D), `Wh` (4H, H) in torch's gate order (i, f, g, o), one `bias` (4H)
+  = `bias_ih_l0 + bias_hh_l0`.
 
 With no hidden state given MLX starts from zeros, as rnnkit does.
 """
@@ -52,7 +52,7 @@ def _from_mx(array) -> np.ndarray:
 
 
 def _mx_dtype(dtype: torch.dtype):
-    """MLX's dtype of the same name (``mx.array`` alone would turn float64 into float32)."""
+    """MLX's dtype of the same name (`mx.array` alone would turn float64 into float32)."""
     mx, _ = _import_mlx()
     found = getattr(mx, str(dtype).removeprefix("torch."), None)
     if not isinstance(found, mx.Dtype):
@@ -61,7 +61,7 @@ def _mx_dtype(dtype: torch.dtype):
 
 
 def _to_mx(tensor: Tensor, dtype: torch.dtype | None = None):
-    """``tensor`` as an MLX array of ``dtype`` (default: the tensor's own)."""
+    """`tensor` as an MLX array of `dtype` (default: the tensor's own)."""
     mx, _ = _import_mlx()
     return mx.array(to_numpy(tensor), dtype=_mx_dtype(dtype or tensor.dtype))
 
@@ -89,8 +89,8 @@ class _MLXFunction(torch.autograd.Function):
 class MLXActivation:
     """An MLX elementwise callable made usable as a torch nonlinearity.
 
-    Each call copies the tensor to MLX and back (and the backward pass uses ``mlx.core.vjp``),
-    so it is exact but slow, and always runs on rnnkit's reference path. :func:`to_mlx` turns
+    Each call copies the tensor to MLX and back (and the backward pass uses `mlx.core.vjp`),
+    so it is exact but slow, and always runs on rnnkit's reference path. `to_mlx` turns
     it back into the original callable.
     """
 
@@ -110,8 +110,8 @@ def _identity(x):
 
 
 def _named_activations():
-    """``(mlx function, rnnkit name)`` pairs and ``(mlx module class, name)`` pairs, from the
-    activation table; ``mlx.core``'s own tanh and sigmoid are recognised too."""
+    """`(mlx function, rnnkit name)` pairs and `(mlx module class, name)` pairs, from the
+    activation table; `mlx.core`'s own tanh and sigmoid are recognised too."""
     mx, mnn = _import_mlx()
     functions = [(getattr(mnn, row.mlx), row.name) for row in TABLE if row.mlx is not None]
     functions += [(mx.tanh, "tanh"), (mx.sigmoid, "sigmoid"), (_identity, "identity")]
@@ -151,19 +151,19 @@ def _activation_to_mlx(nonlinearity):
 
 
 def from_mlx(layer, *, backend: str | None = None) -> RecurrentLayer:
-    """An rnnkit layer equal to an ``mlx.nn.RNN``, ``GRU`` or ``LSTM``.
+    """An rnnkit layer equal to an `mlx.nn.RNN`, `GRU` or `LSTM`.
 
-    The result has ``batch_first=True`` (MLX's ``NLD``; ``LD`` input is unbatched for both)
+    The result has `batch_first=True` (MLX's `NLD`; `LD` input is unbatched for both)
     and the MLX weights' dtype. For the same input and initial state, its output equals the
-    MLX layer's: ``out, h_n = from_mlx(layer)(x, h0[None])`` gives MLX's ``layer(x, h0)``;
-    for LSTM, MLX returns ``(all h, all c)`` where rnnkit returns ``(all h, (h_n, c_n))``.
+    MLX layer's: `out, h_n = from_mlx(layer)(x, h0[None])` gives MLX's `layer(x, h0)`;
+    for LSTM, MLX returns `(all h, all c)` where rnnkit returns `(all h, (h_n, c_n))`.
 
-    An RNN nonlinearity that is a known MLX activation (``mlx.nn.tanh``, ``mx.tanh``,
-    ``mlx.nn.relu``, ``nn.ReLU()``, sigmoid, silu, exact gelu, softsign, hard_tanh) becomes the
-    rnnkit name; any other callable is wrapped in :class:`MLXActivation` (exact, but slow).
+    An RNN nonlinearity that is a known MLX activation (`mlx.nn.tanh`, `mx.tanh`,
+    `mlx.nn.relu`, `nn.ReLU()`, sigmoid, silu, exact gelu, softsign, hard_tanh) becomes the
+    rnnkit name; any other callable is wrapped in `MLXActivation` (exact, but slow).
 
     Raises:
-        TypeError: ``layer`` is not one of those MLX layers.
+        TypeError: `layer` is not one of those MLX layers.
     """
     mx, mnn = _import_mlx()
     if isinstance(layer, mnn.LSTM):
@@ -196,18 +196,18 @@ def from_mlx(layer, *, backend: str | None = None) -> RecurrentLayer:
 
 
 def to_mlx(module: RecurrentLayer):
-    """An ``mlx.nn.RNN``, ``GRU`` or ``LSTM`` equal to a one-layer, one-direction rnnkit layer
-    (a torch.nn layer is accepted too). MLX takes ``NLD``/``LD`` input whatever
-    ``batch_first`` says.
+    """An `mlx.nn.RNN`, `GRU` or `LSTM` equal to a one-layer, one-direction rnnkit layer
+    (a torch.nn layer is accepted too). MLX takes `NLD`/`LD` input whatever
+    `batch_first` says.
 
     The MLX weights have the module's dtype, so float64 round-trips exactly. MLX computes in
     float64 on its CPU device only: when the default device is another one, a float64 layer
-    comes with a warning to run it under ``mx.stream(mx.cpu)`` (or to convert it to float32).
+    comes with a warning to run it under `mx.stream(mx.cpu)` (or to convert it to float32).
 
     Raises:
-        TypeError: ``module`` is not an RNN, GRU or LSTM layer.
-        ValueError: MLX cannot express it exactly: stacked, bidirectional, ``proj_size``,
-            ``learn_initial_state``, GRU ``reset_after=False``, or an RNN nonlinearity with
+        TypeError: `module` is not an RNN, GRU or LSTM layer.
+        ValueError: MLX cannot express it exactly: stacked, bidirectional, `proj_size`,
+            `learn_initial_state`, GRU `reset_after=False`, or an RNN nonlinearity with
             no MLX equivalent (a torch callable).
     """
     mx, mnn = _import_mlx()

@@ -23,7 +23,7 @@ def _factory(module: nn.Module) -> dict:
 
 
 def _layer_options(module: nn.Module) -> dict:
-    """The constructor options a torch.nn and an rnnkit layer share, read off ``module``."""
+    """The constructor options a torch.nn and an rnnkit layer share, read off `module`."""
     return dict(
         num_layers=module.num_layers,
         bias=module.bias,
@@ -37,16 +37,16 @@ def _layer_options(module: nn.Module) -> dict:
 def from_torch(
     module: nn.RNNBase | nn.RNNCellBase, *, backend: str | None = None
 ) -> RecurrentLayer | _CellBase:
-    """An rnnkit copy of a torch.nn ``RNN``, ``GRU``, ``LSTM``, ``RNNCell``, ``GRUCell`` or
-    ``LSTMCell``, with the same arguments (layers, directions, ``proj_size``, ``batch_first``,
+    """An rnnkit copy of a torch.nn `RNN`, `GRU`, `LSTM`, `RNNCell`, `GRUCell` or
+    `LSTMCell`, with the same arguments (layers, directions, `proj_size`, `batch_first`,
     dropout, bias), device, dtype, weights and training mode.
 
     Args:
         module: the torch.nn module.
-        backend: the rnnkit backend of the copy (see :class:`rnnkit.RNN`).
+        backend: the rnnkit backend of the copy (see [`rnnkit.RNN`][]).
 
     Raises:
-        TypeError: ``module`` is not one of those six kinds.
+        TypeError: `module` is not one of those six kinds.
     """
     if isinstance(module, nn.RNNBase):
         cls = _LAYER_MODES.get(module.mode)
@@ -82,9 +82,9 @@ def to_torch(module: RecurrentLayer | _CellBase) -> nn.RNNBase | nn.RNNCellBase:
     training mode).
 
     Raises:
-        TypeError: ``module`` is not an rnnkit layer or cell.
+        TypeError: `module` is not an rnnkit layer or cell.
         ValueError: torch.nn cannot express it exactly: a nonlinearity other than
-            ``'tanh'``/``'relu'``, ``reset_after=False``, or ``learn_initial_state=True``.
+            `'tanh'`/`'relu'`, `reset_after=False`, or `learn_initial_state=True`.
     """
     layer_cls = _TORCH_LAYERS.get(type(module))
     cell_cls = _TORCH_CELLS.get(type(module))

@@ -1,1 +1,1 @@
-"""Backends that run the time loop of one layer and direction, behind :mod:`rnnkit.ops.dispatch`."""
+"""Backends that run the time loop of one layer and direction, behind [`rnnkit.ops.dispatch`][]."""

@@ -1,10 +1,10 @@
 """The one table of named nonlinearities, and the checks around it.
 
-A nonlinearity is either a name from :data:`TABLE` or any callable that maps a tensor to a
-tensor of the same shape elementwise, as in MLX's ``nn.RNN``. Every per-backend code (the
-index of a row), ONNX name and Keras/MLX mapping derives from :data:`TABLE`; adding an
+A nonlinearity is either a name from `TABLE` or any callable that maps a tensor to a
+tensor of the same shape elementwise, as in MLX's `nn.RNN`. Every per-backend code (the
+index of a row), ONNX name and Keras/MLX mapping derives from `TABLE`; adding an
 activation is one row here plus its formula in each kernel language (the compiled CPU
-kernels' ``vec_math.h``, the Triton kernels' ``_activate``), and the conformance tests check
+kernels' `vec_math.h`, the Triton kernels' `_activate`), and the conformance tests check
 that every backend serves every row or names why not.
 """
 
@@ -29,13 +29,13 @@ class ActivationRow:
     """One named nonlinearity and its names elsewhere.
 
     Attributes:
-        name: rnnkit's name (``nonlinearity="..."``).
+        name: rnnkit's name (`nonlinearity="..."`).
         function: the torch formula, used by the reference path.
-        keras: the name ``keras.activations.get`` knows it by.
-        mlx: the ``mlx.nn`` function of the same formula (``None``: none, use a plain callable).
-        mlx_class: the ``mlx.nn`` module class of the same formula, or ``None``.
-        onnx: the ``activations`` attribute of ONNX's own ``RNN`` op, or ``None`` when export
-            runs a ``Scan`` over time (``rnnkit.ops.export.onnx_lowering``).
+        keras: the name `keras.activations.get` knows it by.
+        mlx: the `mlx.nn` function of the same formula (`None`: none, use a plain callable).
+        mlx_class: the `mlx.nn` module class of the same formula, or `None`.
+        onnx: the `activations` attribute of ONNX's own `RNN` op, or `None` when export
+            runs a `Scan` over time (`rnnkit.ops.export.onnx_lowering`).
         saves_derivative: the compiled CPU forward saves the derivative, since it cannot be
             read off the output (non-monotonic or not invertible cheaply).
     """
@@ -67,16 +67,18 @@ TABLE: tuple[ActivationRow, ...] = (
 
 ROWS: dict[str, ActivationRow] = {row.name: row for row in TABLE}
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {row.name: row.function for row in TABLE}
+"""The named nonlinearities, name to function (`"tanh"`, `"relu"`, `"silu"`, ...), one per
+row of `TABLE`, in its order."""
 CODES: dict[str, int] = {row.name: code for code, row in enumerate(TABLE)}
 
 
 def code(nonlinearity: Activation) -> int:
-    """The per-backend code of a named activation (its row in :data:`TABLE`)."""
+    """The per-backend code of a named activation (its row in `TABLE`)."""
     return CODES[nonlinearity]
 
 
 def check_activation(nonlinearity: object) -> Activation:
-    """Return ``nonlinearity`` if it names a known activation or is callable.
+    """Return `nonlinearity` if it names a known activation or is callable.
 
     Raises:
         ValueError: an unknown name.
@@ -110,7 +112,7 @@ def activation_name(nonlinearity: Activation) -> str:
 
 
 def nonlinearity_repr(nonlinearity: Activation) -> str:
-    """The ``extra_repr`` piece of an RNN layer or cell: empty for the default tanh."""
+    """The `extra_repr` piece of an RNN layer or cell: empty for the default tanh."""
     if nonlinearity == "tanh":
         return ""
     return f", nonlinearity={activation_name(nonlinearity)!r}"

@@ -1,4 +1,4 @@
-"""The backend protocol (documented in :mod:`rnnkit.ops.dispatch`) and its defaults."""
+"""The backend protocol (documented in [`rnnkit.ops.dispatch`][]) and its defaults."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rnnkit.ops.spec import Call, State
 
 
 class Backend(Protocol):
-    """What :func:`rnnkit.ops.dispatch.register` takes; see :mod:`rnnkit.ops.dispatch`."""
+    """What [`rnnkit.ops.dispatch.register`][] takes; see [`rnnkit.ops.dispatch`][]."""
 
     name: str
     device_types: tuple[str, ...]
@@ -31,8 +31,8 @@ class Backend(Protocol):
 
 class BackendBase:
     """Defaults for a backend's optional methods: always available, declines nothing, projects
-    with ``F.linear`` outside its time loop. Subclasses set ``name`` and ``device_types`` and
-    implement ``unsupported_reason`` and ``run``."""
+    with `F.linear` outside its time loop. Subclasses set `name` and `device_types` and
+    implement `unsupported_reason` and `run`."""
 
     name: str
     device_types: tuple[str, ...]

@@ -2,29 +2,29 @@
 
 Backends are plug-ins. A backend is an object with
 
-- ``name`` (the name it is selected by) and ``device_types`` (the tensors' device types it
-  may serve, e.g. ``("cpu",)``);
-- ``unavailable_reason()``: ``None`` when it can run on this machine, else why not;
-- ``unsupported_reason(call)``: ``None`` when it can serve this :class:`~rnnkit.ops.spec.Call`,
+- `name` (the name it is selected by) and `device_types` (the tensors' device types it
+  may serve, e.g. `("cpu",)`);
+- `unavailable_reason()`: `None` when it can run on this machine, else why not;
+- `unsupported_reason(call)`: `None` when it can serve this [`Call`][rnnkit.ops.spec.Call],
   else why not (a dtype, a callable nonlinearity, an option it lacks);
-- ``auto_declines(call)``: ``None``, or why ``"auto"`` should pass over a call it could serve
+- `auto_declines(call)`: `None`, or why `"auto"` should pass over a call it could serve
   (because the reference path runs it faster);
-- ``fuses_projection(call)``: whether it computes ``W_ih x + b_ih`` inside its own time loop,
-  in which case :meth:`run` receives ``call.input`` instead of ``call.gates_x``;
-- ``project(input, weight, bias)``: its input projection (``F.linear`` by default);
-- ``run(call)``: ``(output (T, B, H_out), final state tuple)``, with the semantics of
-  :func:`rnnkit.ops.reference.recurrence`.
+- `fuses_projection(call)`: whether it computes `W_ih x + b_ih` inside its own time loop,
+  in which case `run` receives `call.input` instead of `call.gates_x`;
+- `project(input, weight, bias)`: its input projection (`F.linear` by default);
+- `run(call)`: `(output (T, B, H_out), final state tuple)`, with the semantics of
+  [`rnnkit.ops.reference.recurrence`][].
 
-:class:`rnnkit.ops.backend.BackendBase` gives the optional methods their defaults.
-:func:`register` makes a backend selectable by its name (``backend="name"`` on any layer or
-cell, ``RNNKIT_BACKEND``) and by ``"auto"``, in registration order; the registry is the only
-list of backends.
+[`rnnkit.ops.backend.BackendBase`][] gives the optional methods their defaults.
+[`register`][rnnkit.ops.dispatch.register] makes a backend selectable by its name (`backend="name"`
+on any layer or cell, `RNNKIT_BACKEND`) and by `"auto"`, in registration order; the registry is the
+only list of backends.
 
-:func:`plan` decides for a call: ``"reference"`` and exports run the reference math;
-``"auto"`` takes the first registered backend that claims the device, is available, supports
+[`plan`][rnnkit.ops.dispatch.plan] decides for a call: `"reference"` and exports run the reference
+math; `"auto"` takes the first registered backend that claims the device, is available, supports
 the call and does not decline it; a named backend that cannot serve a call falls back to the
-reference path with a warning giving the reason. Set ``RNNKIT_DEBUG=1`` (or enable the
-``rnnkit`` logger at DEBUG) to see every fallback.
+reference path with a warning giving the reason. Set `RNNKIT_DEBUG=1` (or enable the
+`rnnkit` logger at DEBUG) to see every fallback.
 
 One-step streaming bypasses this module. A single step of a small batch (an actor, a live
 decoder) spends more time building a `Call`, planning it and projecting its input than in its
@@ -63,10 +63,10 @@ _warned: set[str] = set()
 
 
 def register(backend: Backend) -> None:
-    """Make ``backend`` selectable by its name and by ``"auto"``, in registration order.
+    """Make `backend` selectable by its name and by `"auto"`, in registration order.
 
     Raises:
-        ValueError: the name is ``"auto"`` or ``"reference"``, or taken by another backend.
+        ValueError: the name is `"auto"` or `"reference"`, or taken by another backend.
     """
     if backend.name in ("auto", reference.BACKEND.name):
         raise ValueError(f"a backend cannot be registered as {backend.name!r}")
@@ -77,24 +77,25 @@ def register(backend: Backend) -> None:
 
 
 def unregister(name: str) -> None:
-    """Remove a backend registered with :func:`register` (the reference path stays)."""
+    """Remove a backend registered with [`register`][rnnkit.ops.dispatch.register] (the reference
+path stays)."""
     if name == reference.BACKEND.name:
         raise ValueError("the reference backend cannot be unregistered")
     _BACKENDS.pop(name, None)
 
 
 def registered() -> dict[str, Backend]:
-    """Every backend, by name: ``"reference"`` first, then in registration order."""
+    """Every backend, by name: `"reference"` first, then in registration order."""
     return dict(_BACKENDS)
 
 
 def names() -> tuple[str, ...]:
-    """What ``backend=`` accepts: ``"auto"`` and every registered name."""
+    """What `backend=` accepts: `"auto"` and every registered name."""
     return ("auto", *_BACKENDS)
 
 
 def check_name(value: object, what: str = "backend") -> str | None:
-    """``value`` if it is ``None`` or a name from :func:`names`.
+    """`value` if it is `None` or a name from [`names`][rnnkit.ops.dispatch.names].
 
     Raises:
         ValueError: any other value, listing the names.
@@ -107,7 +108,7 @@ def check_name(value: object, what: str = "backend") -> str | None:
 
 
 def env_backend() -> str:
-    """``RNNKIT_BACKEND``, or ``"auto"`` when it is unset or empty."""
+    """`RNNKIT_BACKEND`, or `"auto"` when it is unset or empty."""
     value = os.environ.get("RNNKIT_BACKEND", "auto") or "auto"
     return check_name(value, "RNNKIT_BACKEND")
 
@@ -119,8 +120,8 @@ class Plan:
     Attributes:
         backend: the backend that serves it.
         fuse_projection: whether that backend computes the input projection in its loop.
-        passed_over: why the requested backend (or, for ``"auto"``, each fused one) was
-            passed over; ``None`` when the request is served as asked.
+        passed_over: why the requested backend (or, for `"auto"`, each fused one) was
+            passed over; `None` when the request is served as asked.
     """
 
     backend: Backend
@@ -133,7 +134,7 @@ def _served(backend: Backend, call: Call) -> Plan:
 
 
 def plan(call: Call, requested: str) -> Plan:
-    """Decide which backend serves ``call`` for the ``requested`` name (never ``None``)."""
+    """Decide which backend serves `call` for the `requested` name (never `None`)."""
     if torch.compiler.is_exporting():
         # Exported graphs hold only standard ops, and one opaque op per layer-direction keeps
         # the time axis dynamic (see rnnkit.export).
@@ -181,9 +182,9 @@ def _note_fallback(requested: str, reason: str) -> None:
 
 
 def run(call: Call) -> tuple[Tensor, State]:
-    """Plan ``call`` and run it: ``(output (T, B, H_out), final state tuple)``.
+    """Plan `call` and run it: `(output (T, B, H_out), final state tuple)`.
 
-    Under ``torch.autocast`` the input projection runs under autocast (as ``F.linear``), then
+    Under `torch.autocast` the input projection runs under autocast (as `F.linear`), then
     every tensor is cast to the autocast dtype and the time loop runs with autocast off, so
     the whole recurrence (state included) has one dtype, as torch.nn.LSTM's does on CPU;
     output and final state come back in that dtype.
@@ -210,8 +211,8 @@ def _run_planned(call: Call, requested: str) -> tuple[Tensor, State]:
 
 
 def _projected(call: Call, project) -> Call:
-    """``call`` with its input replaced by ``W_ih x + b_ih``, or, with ``norm_ih``, by
-    ``LN(W_ih x) * gain + bias + b_ih`` (see :class:`rnnkit.ops.spec.Call`)."""
+    """`call` with its input replaced by `W_ih x + b_ih`, or, with `norm_ih`, by
+    `LN(W_ih x) * gain + bias + b_ih` (see [`rnnkit.ops.spec.Call`][])."""
     if call.norm_ih is None:
         return call.projected(project(call.input, call.weight_ih, call.bias_ih))
     gain, bias = call.norm_ih

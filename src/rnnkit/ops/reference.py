@@ -1,7 +1,7 @@
 """The reference backend: the time loop in plain torch ops, differentiable to any order.
 
 It serves every call on every device, and every other backend is held equal to it by the
-conformance tests (``tests/test_conformance.py``).
+conformance tests (`tests/test_conformance.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rnnkit.ops.spec import Call, CellSpec, State
 
 
 def step_mask(lengths: Tensor | None, seq_len: int) -> Tensor | None:
-    """``(T, B, 1)`` boolean mask, true where step ``t`` lies inside sequence ``b``."""
+    """`(T, B, 1)` boolean mask, true where step `t` lies inside sequence `b`."""
     if lengths is None:
         return None
     steps = torch.arange(seq_len, device=lengths.device)
@@ -23,7 +23,8 @@ def step_mask(lengths: Tensor | None, seq_len: int) -> Tensor | None:
 
 
 def apply_resets(code: Tensor, state: State, reset_state: State, initial: State) -> State:
-    """The state a step starts from, given its ``(B,)`` reset codes (see :class:`Call`)."""
+    """The state a step starts from, given its `(B,)` reset codes (see
+    [`Call`][rnnkit.ops.spec.Call])."""
     code = code.view(-1, 1)
     return tuple(
         torch.where(code == 1, fresh, torch.where(code == 2, first, carried))
@@ -55,25 +56,25 @@ def recurrence(
 
     Args:
         spec: the cell kind and options.
-        gates_x: ``(T, B, G*H)``, the input projection ``W_ih x + b_ih`` of every step.
-        state: ``(h0,)`` or ``(h0, c0)``; ``h0`` is ``(B, H_out)``, ``c0`` is ``(B, H)``.
-        weight_hh: ``(G*H, H_out)``; bias_hh: ``(G*H,)`` or ``None``.
-        weight_hr: LSTM projection ``(H_out, H)`` or ``None``.
-        lengths: ``(B,)`` int64 on ``gates_x``'s device, or ``None`` for full length.
+        gates_x: `(T, B, G*H)`, the input projection `W_ih x + b_ih` of every step.
+        state: `(h0,)` or `(h0, c0)`; `h0` is `(B, H_out)`, `c0` is `(B, H)`.
+        weight_hh: `(G*H, H_out)`; bias_hh: `(G*H,)` or `None`.
+        weight_hr: LSTM projection `(H_out, H)` or `None`.
+        lengths: `(B,)` int64 on `gates_x`'s device, or `None` for full length.
         reverse: run from each sequence's own last step back to step 0.
-        resets, reset_state: per-step reset codes ``(T, B)`` and the state a code-1 reset
-            starts from (see :class:`rnnkit.ops.spec.Call`); a step past a sequence's length
+        resets, reset_state: per-step reset codes `(T, B)` and the state a code-1 reset
+            starts from (see [`rnnkit.ops.spec.Call`][]); a step past a sequence's length
             ignores its code, as it ignores everything else.
-        mask: ``(T, B)`` bool or ``None``; a false step is skipped like a step past a length.
-        carry_masked_output: a skipped step outputs the carried ``h`` instead of zeros.
+        mask: `(T, B)` bool or `None`; a false step is skipped like a step past a length.
+        carry_masked_output: a skipped step outputs the carried `h` instead of zeros.
         hidden_dropout, zoneout_h, zoneout_c, norm_hh, norm_cell: recurrent dropout,
-            zoneout and layer norm, as the fields of :class:`rnnkit.ops.spec.Call`. One step:
+            zoneout and layer norm, as the fields of [`rnnkit.ops.spec.Call`][]. One step:
             its start state (after its reset), `h_in = h_start * hidden_dropout` into the
             recurrent product only, the cell, zoneout against the start state, then lengths
             and masks.
 
     Returns:
-        ``output`` of shape ``(T, B, H_out)``, zero past each sequence's length, and the
+        `output` of shape `(T, B, H_out)`, zero past each sequence's length, and the
         final state tuple, taken at each sequence's own last step.
     """
     seq_len = gates_x.shape[0]

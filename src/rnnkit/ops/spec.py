@@ -1,8 +1,8 @@
 """The contract between the modules and the backends: what a cell is, and what one call asks.
 
-Layers, cells and :class:`~rnnkit.Stateful` describe each layer-direction they run as one
-:class:`Call`; :func:`rnnkit.ops.dispatch.run` plans it and hands it to one backend. Nothing
-here imports the nn.Module files, so the modules and every backend can import this module.
+Layers, cells and [`Stateful`][rnnkit.Stateful] describe each layer-direction they run as one
+[`Call`][rnnkit.ops.spec.Call]; [`rnnkit.ops.dispatch.run`][] plans it and hands it to one backend.
+Nothing here imports the nn.Module files, so the modules and every backend can import this module.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ class CellSpec:
     """What recurrence a layer runs: the cell kind and its options.
 
     Attributes:
-        mode: ``"rnn"``, ``"gru"`` or ``"lstm"``.
-        nonlinearity: the activation, a name from :data:`rnnkit.activations.ACTIVATIONS` or a
+        mode: `"rnn"`, `"gru"` or `"lstm"`.
+        nonlinearity: the activation, a name from `rnnkit.activations.ACTIVATIONS` or a
             callable: RNN's nonlinearity, GRU's candidate activation, LSTM's cell-input and
-            cell-output activation (Keras's ``activation``). ``"tanh"`` for GRU and LSTM.
-        recurrent_activation: the GRU/LSTM gate activation (Keras's ``recurrent_activation``),
-            ``"sigmoid"`` by default; unused by RNN.
-        reset_after: the GRU formulation (GRU only); ``True`` is torch's and cuDNN's.
-        zoneout: the zoneout probability ``p``. A call with ``zoneout_h`` (training) keeps
+            cell-output activation (Keras's `activation`). `"tanh"` for GRU and LSTM.
+        recurrent_activation: the GRU/LSTM gate activation (Keras's `recurrent_activation`),
+            `"sigmoid"` by default; unused by RNN.
+        reset_after: the GRU formulation (GRU only); `True` is torch's and cuDNN's.
+        zoneout: the zoneout probability `p`. A call with `zoneout_h` (training) keeps
             each unit's previous value where the mask is 1; a call without it (evaluation)
-            uses the expectation ``h = p h_prev + (1 - p) h_new`` (and the same for ``c``).
+            uses the expectation `h = p h_prev + (1 - p) h_new` (and the same for `c`).
         layer_norm: LSTM/GRU with layer-normalized gate products: the call carries
-            ``norm_ih``, ``norm_hh`` and (LSTM) ``norm_cell``.
+            `norm_ih`, `norm_hh` and (LSTM) `norm_cell`.
     """
 
     mode: str
@@ -68,48 +68,48 @@ class CellSpec:
 class Call:
     """One layer-direction to run: everything a backend may look at and compute with.
 
-    Either ``gates_x`` (the input projection ``W_ih x + b_ih`` of every step) or ``input``
-    with ``weight_ih`` and ``bias_ih`` is given; the plan projects ``input`` unless the chosen
+    Either `gates_x` (the input projection `W_ih x + b_ih` of every step) or `input`
+    with `weight_ih` and `bias_ih` is given; the plan projects `input` unless the chosen
     backend fuses the projection into its time loop.
 
     Attributes:
         spec: the cell kind and options.
-        state: ``(h0,)`` or ``(h0, c0)``; ``h0`` is ``(B, H_out)``, ``c0`` is ``(B, H)``.
-        weight_hh: ``(G*H, H_out)``; bias_hh: ``(G*H,)`` or ``None``.
-        weight_hr: LSTM projection ``(H_out, H)`` or ``None``.
-        gates_x: ``(T, B, G*H)``, or ``None`` when ``input`` is given.
-        input: ``(T, B, H_in)``, or ``None`` when ``gates_x`` is given.
-        weight_ih: ``(G*H, H_in)`` with ``input``; bias_ih: ``(G*H,)`` or ``None``.
-        lengths: ``(B,)`` int64 on the input's device, or ``None`` for full length.
+        state: `(h0,)` or `(h0, c0)`; `h0` is `(B, H_out)`, `c0` is `(B, H)`.
+        weight_hh: `(G*H, H_out)`; bias_hh: `(G*H,)` or `None`.
+        weight_hr: LSTM projection `(H_out, H)` or `None`.
+        gates_x: `(T, B, G*H)`, or `None` when `input` is given.
+        input: `(T, B, H_in)`, or `None` when `gates_x` is given.
+        weight_ih: `(G*H, H_in)` with `input`; bias_ih: `(G*H,)` or `None`.
+        lengths: `(B,)` int64 on the input's device, or `None` for full length.
         reverse: run from each sequence's own last step back to step 0.
-        resets: ``(T, B)`` int8 codes applied to the state *before* each step, or ``None``:
-            ``0`` carries the state on, ``1`` replaces it with ``reset_state``, ``2`` with the
-            call's initial ``state`` (a reverse direction's first segment starts from ``hx``).
-        reset_state: the state a code-1 reset starts from, shaped like ``state``.
-        mask: ``(T, B)`` bool, or ``None``: a false step is skipped (the state carries over
+        resets: `(T, B)` int8 codes applied to the state *before* each step, or `None`:
+            `0` carries the state on, `1` replaces it with `reset_state`, `2` with the
+            call's initial `state` (a reverse direction's first segment starts from `hx`).
+        reset_state: the state a code-1 reset starts from, shaped like `state`.
+        mask: `(T, B)` bool, or `None`: a false step is skipped (the state carries over
             unchanged), as a step past a sequence's length is; holes are allowed.
-        carry_masked_output: a skipped step outputs the carried ``h`` (Keras's
-            ``zero_output_for_mask=False``) instead of zeros.
-        hidden_dropout: ``(B, H_out)`` recurrent-dropout multipliers (0, or ``1/(1-p)``), or
-            ``None``: ``h`` is multiplied by it where it enters the recurrent product
-            ``W_hh h`` (only there: the carried state and the output are not dropped), the
+        carry_masked_output: a skipped step outputs the carried `h` (Keras's
+            `zero_output_for_mask=False`) instead of zeros.
+        hidden_dropout: `(B, H_out)` recurrent-dropout multipliers (0, or `1/(1-p)`), or
+            `None`: `h` is multiplied by it where it enters the recurrent product
+            `W_hh h` (only there: the carried state and the output are not dropped), the
             same mask at every step of the call.
-        zoneout_h: ``(T, B, H_out)`` zoneout masks in training (1 keeps the unit's previous
-            value, 0 takes the new one), or ``None`` (no zoneout, or its expectation in
-            evaluation when ``spec.zoneout > 0``); ``zoneout_c``: the same for LSTM's ``c``,
-            ``(T, B, H)``. Applied after the cell, before lengths, masks and resets:
-            ``h_t = m * h_prev + (1 - m) * h_new``, where ``h_prev`` is the state the step
+        zoneout_h: `(T, B, H_out)` zoneout masks in training (1 keeps the unit's previous
+            value, 0 takes the new one), or `None` (no zoneout, or its expectation in
+            evaluation when `spec.zoneout > 0`); `zoneout_c`: the same for LSTM's `c`,
+            `(T, B, H)`. Applied after the cell, before lengths, masks and resets:
+            `h_t = m * h_prev + (1 - m) * h_new`, where `h_prev` is the state the step
             started from (after its reset).
-        norm_ih: ``(gain, bias)``, each ``(G*H,)``: ``gates_x = LN(W_ih x) * gain + bias +
-            b_ih``, normalized over the whole gate vector with eps 1e-5. It is applied by the
-            projection, so a call that carries ``gates_x`` has it applied already and this
-            field is ``None``; a backend that fuses the projection must refuse it.
-        norm_hh: ``(gain, bias)``, each ``(G*H,)``: ``gates_h = LN(W_hh h) * gain + bias +
-            b_hh`` at every step.
-        norm_cell: ``(gain, bias)``, each ``(H,)`` (LSTM): ``h = o * act(LN(c_new) * gain +
-            bias)``; ``c_new`` itself is carried unnormalized.
-        backend: the backend the caller asked for (``None``: ``RNNKIT_BACKEND``, else auto).
-        time_axis: ``False`` for a cell's single step, which has no time axis of its own
+        norm_ih: `(gain, bias)`, each `(G*H,)`: `gates_x = LN(W_ih x) * gain + bias +
+            b_ih`, normalized over the whole gate vector with eps 1e-5. It is applied by the
+            projection, so a call that carries `gates_x` has it applied already and this
+            field is `None`; a backend that fuses the projection must refuse it.
+        norm_hh: `(gain, bias)`, each `(G*H,)`: `gates_h = LN(W_hh h) * gain + bias +
+            b_hh` at every step.
+        norm_cell: `(gain, bias)`, each `(H,)` (LSTM): `h = o * act(LN(c_new) * gain +
+            bias)`; `c_new` itself is carried unnormalized.
+        backend: the backend the caller asked for (`None`: `RNNKIT_BACKEND`, else auto).
+        time_axis: `False` for a cell's single step, which has no time axis of its own
             (exported as plain ops rather than as one recurrence).
     """
 
@@ -150,12 +150,13 @@ class Call:
     @property
     def regularized(self) -> bool:
         """Whether the call asks for anything beyond torch.nn's cells: recurrent dropout,
-        zoneout, layer norm or other GRU/LSTM activations (see :attr:`CellSpec.plain`)."""
+        zoneout, layer norm or other GRU/LSTM activations (see
+        [`CellSpec.plain`][rnnkit.ops.spec.CellSpec.plain])."""
         return not self.spec.plain or self.hidden_dropout is not None
 
     @property
     def leading(self) -> Tensor:
-        """The per-step tensor, ``gates_x`` or ``input``: its device, dtype and shape lead."""
+        """The per-step tensor, `gates_x` or `input`: its device, dtype and shape lead."""
         return self.gates_x if self.gates_x is not None else self.input
 
     @property
@@ -184,13 +185,13 @@ class Call:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors())
 
     def projected(self, gates_x: Tensor) -> Call:
-        """This call with its input replaced by the input projection ``gates_x``."""
+        """This call with its input replaced by the input projection `gates_x`."""
         return replace(
             self, gates_x=gates_x, input=None, weight_ih=None, bias_ih=None, norm_ih=None
         )
 
     def cast(self, dtype) -> Call:
-        """This call with every floating-point tensor cast to ``dtype`` (autocast)."""
+        """This call with every floating-point tensor cast to `dtype` (autocast)."""
         changes = {}
         for field in fields(self):
             value = getattr(self, field.name)
@@ -204,10 +205,10 @@ class Call:
 
 
 def as_states(value: Tensor | tuple[Tensor, ...]) -> State:
-    """A module's ``hx`` (``h``, or the LSTM pair ``(h, c)``) as a state tuple."""
+    """A module's `hx` (`h`, or the LSTM pair `(h, c)`) as a state tuple."""
     return (value,) if isinstance(value, Tensor) else tuple(value)
 
 
 def from_states(states: State) -> Tensor | tuple[Tensor, ...]:
-    """The inverse of :func:`as_states`: ``h`` alone, or the pair ``(h, c)``."""
+    """The inverse of `as_states`: `h` alone, or the pair `(h, c)`."""
     return states[0] if len(states) == 1 else tuple(states)

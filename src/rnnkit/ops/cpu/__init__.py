@@ -1,9 +1,10 @@
-"""The ``"cpu"`` backend: compiled C++ time loops, forward and backward, for CPU tensors.
+"""The `"cpu"` backend: compiled C++ time loops, forward and backward, for CPU tensors.
 
-Importing this package declares the ``rnnkit::cpu_*`` custom ops (:mod:`._ops`). The C++
-sources (``csrc/``) are built on first use and cached; without a compiler, or when the build
-fails, the backend reports itself unavailable (one warning) and calls fall back to the
-reference path.
+Importing this package declares the `rnnkit::cpu_*` custom ops (`_ops`). Their C++ kernels
+(`csrc/`) are compiled at install, once per instruction set, and the first use loads the one
+this CPU runs best (`_build`); a source checkout with edited kernels compiles them on demand
+(`_jit`). Without kernels the backend reports itself unavailable (one warning, with the
+reason) and calls fall back to the reference path.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ class CpuBackend(BackendBase):
         return None
 
     def auto_declines(self, call: Call) -> str | None:
-        """``"auto"`` runs a single time step of fewer than 32 rows on the reference path.
+        """`"auto"` runs a single time step of fewer than 32 rows on the reference path.
 
         One step has no time loop to fuse, while the compiled path packs the weights for that
         single use and adds a custom op's autograd overhead. Measured here, one step with
         gradients: RNN B=16, H=512 took 1.21 ms compiled against 0.47 ms on the reference
         path, GRU 2.03 against 1.56 ms; from 32 rows on the compiled products win (GRU B=64,
-        H=256: 0.78 against 1.05 ms). ``backend="cpu"`` still runs every step compiled, and
+        H=256: 0.78 against 1.05 ms). `backend="cpu"` still runs every step compiled, and
         LSTM inference keeps its fused layer path (faster at any size).
         """
         if call.steps == 1 and call.batch < 32 and not self.fuses_projection(call):
@@ -66,10 +67,10 @@ class CpuBackend(BackendBase):
         return None
 
     def fuses_projection(self, call: Call) -> bool:
-        """LSTM inference computes ``W_ih x + b_ih`` a few steps at a time inside its loop.
+        """LSTM inference computes `W_ih x + b_ih` a few steps at a time inside its loop.
 
         Only for LSTM calls with a time axis that need no gradient and carry no resets, mask
-        or carried output; anything else runs as :meth:`project` then the recurrence.
+        or carried output; anything else runs as `project` then the recurrence.
         """
         return (
             call.spec.mode == "lstm"
@@ -100,3 +101,18 @@ class CpuBackend(BackendBase):
 BACKEND = CpuBackend()
 
 __all__ = ["BACKEND", "CpuBackend"]
+
+
+def library_path() -> str | None:
+    """The compiled library this process uses (loading it if needed), or `None` when the
+    kernels are unavailable. It defines the `rnnkit::cpu_*` kernels and `rnnkit_export::
+    recurrence`; a C++ program running an AOTInductor package loads it (docs/deploy.md)."""
+    if _build.status() is not None:
+        return None
+    return _build.loaded().path
+
+
+def loaded_how() -> str | None:
+    """`"prebuilt"` (installed with the package), `"jit"` (built on demand) or `None`."""
+    kernels = _build.loaded()
+    return None if kernels is None else kernels.how

@@ -1,69 +1,55 @@
-"""Build the C++ kernels on first use, with :func:`torch.utils.cpp_extension.load`, and cache them.
+"""Load the compiled CPU kernels: the prebuilt library for this CPU, or an on-demand build.
 
-The sources are every ``.cpp`` file in ``csrc/`` beside this module, with the headers there
-on the include path. The build lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions``) and is reused by later processes; the extension's name
-carries a hash of every source and header, so a change to any of them builds anew. Loading
-the library adds CPU kernels to the ``rnnkit::cpu_*`` ops declared in
-:mod:`rnnkit.ops.cpu._ops`.
+`pip install` compiles the kernels once per instruction set (see `setup.py` and
+`rnnkit.ops.cpu._variants`) into shared libraries beside this module. The first
+`status` call picks a variant as ATen does:
+`torch.backends.cpu.get_cpu_capability()`, which honours `ATEN_CPU_CAPABILITY`, or
+`RNNKIT_CPU_ISA=generic|avx2|avx512` (refused with a warning when the CPU lacks it). It loads
+that variant's prebuilt library when it is fresh: built against this torch, and from the
+sources in `csrc/` beside it when they are there (a source checkout whose kernels were edited
+since has stale libraries). Otherwise, or with `RNNKIT_CPU_BUILD=jit`, the developer build of
+`rnnkit.ops.cpu._jit` compiles that variant into torch's extension cache. Only one library
+is ever loaded in a process: they all register the same `rnnkit::cpu_*` kernels.
 """
 
 from __future__ import annotations
 
-import hashlib
-import platform
-import shutil
+import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).with_name("csrc")
+import torch
+
+from rnnkit.ops.cpu import _jit, _variants
+from rnnkit.ops.cpu._variants import Variant
 
 
-def _sources() -> list[Path]:
-    """The files compiled, in a fixed order: every ``.cpp`` in :data:`SOURCE_DIR`."""
-    return sorted(SOURCE_DIR.glob("*.cpp"))
+@dataclass(frozen=True)
+class Kernels:
+    """What `status` loaded: the variant, from where, and why.
 
+    `how` is `"prebuilt"` (installed with the package) or `"jit"` (built on demand).
+    """
 
-def _cpu_tag() -> str:
-    """A short fingerprint of this CPU's instruction sets: a -march=native build cached in a
-    shared home directory must not be loaded on a CPU that lacks them."""
-    text = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            text += next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        text += platform.processor()
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+    variant: str
+    how: str
+    path: str
+    why: str
 
+    def describe(self) -> str:
+        return f"{self.variant} ({self.how}; {self.why})"
 
-def _source_tag() -> str:
-    """A fingerprint of the kernel sources and headers, names and contents: two checkouts with
-    different kernels sharing one extension cache must not load each other's build, and torch
-    itself rebuilds only when a compiled file changes, not a header."""
-    digest = hashlib.sha1()
-    try:
-        files = sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h"))
-        for path in files:
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    except OSError:
-        return "nosource"
-    return digest.hexdigest()[:10] if files else "nosource"
-
-
-EXTENSION_NAME = f"rnnkit_cpu_recurrence_{_cpu_tag()}_{_source_tag()}"
-# -march=native: the build is made on, and cached for, the machine that runs it. -fopenmp:
-# at::parallel_for is a header template, serial unless these files are built with OpenMP too.
-CFLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _loaded = False
 _error: str | None = None
+_kernels: Kernels | None = None
 
 
 def status() -> str | None:
-    """``None`` when the kernels are loaded (building them if needed), else why not."""
+    """`None` when the kernels are loaded (loading or building them if needed), else why not."""
     global _loaded, _error
     if _loaded or _error is not None:
         return _error
@@ -83,30 +69,115 @@ def status() -> str | None:
 
 
 def cached_status() -> str | None:
-    """The outcome so far, without building: ``None`` when loaded or not yet tried."""
+    """The outcome so far, without loading: `None` when loaded or not yet tried."""
     return _error
 
 
-def _build() -> str | None:
-    import torch.utils.cpp_extension as cpp_extension
+def loaded() -> Kernels | None:
+    """The kernels loaded in this process, or `None` before the first successful
+    `status`."""
+    return _kernels
 
-    compiler = cpp_extension.get_cxx_compiler()
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler found (looked for {compiler!r}; set CXX to choose one)"
-    sources = _sources()
-    if not sources:
-        return f"the kernel sources in {SOURCE_DIR} are missing from the installation"
-    try:
-        cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=[str(path) for path in sources],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            extra_include_paths=[str(SOURCE_DIR)],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as error:  # any build or load failure means: use the reference path
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return f"building {SOURCE_DIR.name}/ failed: {type(error).__name__}: {first_line}"
+
+def cpu_variants() -> tuple[Variant, ...]:
+    """The variants this CPU can run, weakest first."""
+    import torch.cpu
+
+    def supports(variant: Variant) -> bool:
+        check = {"AVX2": "_is_avx2_supported", "AVX512": "_is_avx512_supported"}.get(
+            variant.capability)
+        return check is None or bool(getattr(torch.cpu, check, lambda: False)())
+
+    return tuple(variant for variant in _variants.variants() if supports(variant))
+
+
+def choose() -> tuple[Variant, str]:
+    """The variant to load and why: ATen's CPU capability, or `RNNKIT_CPU_ISA`."""
+    runnable = cpu_variants()
+    capability = torch.backends.cpu.get_cpu_capability()
+    best = next((v for v in reversed(runnable) if v.capability in capability), runnable[0])
+    why = f"torch's CPU capability is {capability}"
+    wanted = os.environ.get("RNNKIT_CPU_ISA", "").strip().lower()
+    if not wanted:
+        return best, why
+    known = [variant.name for variant in _variants.variants()]
+    if wanted not in known:
+        warnings.warn(f"rnnkit: RNNKIT_CPU_ISA must be one of {', '.join(known)}, got "
+                      f"{wanted!r}; using {best.name}", RuntimeWarning, stacklevel=4)
+        return best, why
+    match = next((v for v in runnable if v.name == wanted), None)
+    if match is None:
+        warnings.warn(f"rnnkit: RNNKIT_CPU_ISA={wanted} asks for kernels this CPU cannot run; "
+                      f"using {best.name}", RuntimeWarning, stacklevel=4)
+        return best, f"{why} (RNNKIT_CPU_ISA={wanted} refused: the CPU lacks it)"
+    return match, f"RNNKIT_CPU_ISA={wanted}"
+
+
+def prebuilt(variant: Variant) -> tuple[Path | None, str]:
+    """The installed library of `variant` when it is fresh, else `None` and why not."""
+    library = _variants.PACKAGE_DIR / f"{variant.library}.so"
+    if not library.exists():
+        return None, f"no prebuilt {library.name} in {library.parent}"
+    record = _variants.read_record(library)
+    if record is None:
+        sidecar = _variants.record_path(library).name
+        return None, f"{library.name} has no readable build record ({sidecar})"
+    if record.get("torch") != torch.__version__:
+        return None, (f"{library.name} was built for torch {record.get('torch')}, "
+                      f"this is {torch.__version__}")
+    if _variants.SOURCE_DIR.is_dir() and record.get("source_tag") != _variants.source_tag():
+        return None, f"{library.name} is stale: csrc/ has changed since it was built"
+    return library, "prebuilt"
+
+
+def _build() -> str | None:
+    """Load the chosen variant, prebuilt or built on demand; `None` on success, else why not."""
+    global _kernels
+    variant, why = choose()
+    mode = os.environ.get("RNNKIT_CPU_BUILD", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "jit"):
+        warnings.warn(f"rnnkit: RNNKIT_CPU_BUILD must be 'auto' or 'jit', got {mode!r}; "
+                      "using 'auto'", RuntimeWarning, stacklevel=4)
+        mode = "auto"
+    if mode == "auto":
+        library, because = prebuilt(variant)
+        found, found_why = variant, why
+        if library is None and because.startswith("no prebuilt"):
+            # An install built with fewer variants: a weaker prebuilt one beats compiling.
+            weaker = cpu_variants()[: cpu_variants().index(variant)]
+            fallback = next((v for v in reversed(weaker) if prebuilt(v)[0] is not None), None)
+            if fallback is not None:
+                library, found = prebuilt(fallback)[0], fallback
+                found_why = f"{why}, but only {fallback.name} is installed"
+        if library is not None:
+            try:
+                torch.ops.load_library(str(library))
+            except (OSError, RuntimeError) as error:
+                because = f"loading {library.name} failed: {error}"
+            else:
+                _kernels = Kernels(found.name, "prebuilt", str(library), found_why)
+                return None
+    else:
+        because = "RNNKIT_CPU_BUILD=jit"
+    why = f"{why}; {because}"
+    error, library = _jit.build(variant, because)
+    if error is not None:
+        return error if mode == "jit" else f"{error}; {because}"
+    _kernels = Kernels(variant.name, "jit", str(library), why)
     return None
+
+
+def summary() -> str:
+    """One line on the CPU side: the kernels loaded (their ISA, and why), torch's thread count,
+    and the BLAS and oneDNN torch itself uses for its matrix products. Loads the kernels."""
+    error = status()
+    kernels = loaded()
+    if error is None and kernels is not None:
+        what = f"kernels {kernels.describe()}"
+    else:
+        what = f"kernels unavailable ({error})"
+    config = torch.__config__.show()
+    blas = next((item.split("=", 1)[1] for item in config.replace(",", " ").split()
+                 if item.startswith("BLAS_INFO=")), "unknown")
+    onednn = "oneDNN" if torch.backends.mkldnn.is_available() else "no oneDNN"
+    return f"{what}; {torch.get_num_threads()} torch threads; BLAS {blas}, {onednn}"

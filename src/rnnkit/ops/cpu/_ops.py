@@ -1,19 +1,19 @@
-"""The compiled recurrence as ``torch.library`` custom ops, with fake and autograd rules.
+"""The compiled recurrence as `torch.library` custom ops, with fake and autograd rules.
 
-Two ops, declared here and given CPU kernels by ``csrc/`` (forward.cpp, backward.cpp):
+Two ops, declared here and given CPU kernels by `csrc/` (forward.cpp, backward.cpp):
 
-- ``rnnkit::cpu_recurrence_forward`` runs the whole time loop and, when ``training``, also
+- `rnnkit::cpu_recurrence_forward` runs the whole time loop and, when `training`, also
   returns what backward needs (gate activations, LSTM cells, projection inputs). With
-  ``resets`` (``(T, B)`` int8 codes, see :class:`rnnkit.ops.spec.Call`), a row starts a step
-  from ``reset_h``/``reset_c`` (code 1) or ``h0``/``c0`` (code 2) instead of the carried state.
-  With ``mask`` (``(T, B)`` bool), a false step is skipped as a step past a length is: the
-  state carries over, and the output is zero, or the carried ``h`` with ``carry_output``.
-- ``rnnkit::cpu_recurrence_backward`` runs backpropagation through time and returns the
-  gradients of ``gates_x``, the initial state(s), ``weight_hh``, ``bias_hh``, ``weight_hr``
-  and, with resets, ``reset_h`` and ``reset_c`` (empty without).
+  `resets` (`(T, B)` int8 codes, see [`rnnkit.ops.spec.Call`][]), a row starts a step
+  from `reset_h`/`reset_c` (code 1) or `h0`/`c0` (code 2) instead of the carried state.
+  With `mask` (`(T, B)` bool), a false step is skipped as a step past a length is: the
+  state carries over, and the output is zero, or the carried `h` with `carry_output`.
+- `rnnkit::cpu_recurrence_backward` runs backpropagation through time and returns the
+  gradients of `gates_x`, the initial state(s), `weight_hh`, `bias_hh`, `weight_hr`
+  and, with resets, `reset_h` and `reset_c` (empty without).
 
 The fake rules give torch.compile and torch.export the output shapes without running
-anything. When backward itself is differentiated (``create_graph=True``), the segment is
+anything. When backward itself is differentiated (`create_graph=True`), the segment is
 recomputed on the reference path under autograd, so higher-order gradients stay exact.
 """
 
@@ -184,7 +184,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
 def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | None]:
     """Differentiable gradients for create_graph=True: rerun the segment on the reference path.
 
-    Returns the gradients of the tensors named in :data:`_DIFFERENTIABLE`, in that order.
+    Returns the gradients of the tensors named in `_DIFFERENTIABLE`, in that order.
     """
     saved = dict(zip(_INPUTS, ctx.saved_tensors))
     mode, activation, reset_after, reverse, carry_output = ctx.codes
@@ -277,7 +277,7 @@ torch.library.register_autograd(LINEAR, _linear_backward, setup_context=_linear_
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(input, weight, bias)`` on the compiled kernels (float32/float64, CPU)."""
+    """`F.linear(input, weight, bias)` on the compiled kernels (float32/float64, CPU)."""
     error = None if torch.compiler.is_compiling() else _build.status()
     if error is not None:
         raise RuntimeError(f"rnnkit: the cpu backend is unavailable: {error}")
@@ -298,14 +298,14 @@ def recurrence(
     mask: Tensor | None = None,
     carry_masked_output: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The compiled twin of :func:`rnnkit.ops.reference.recurrence` (same arguments, results).
+    """The compiled twin of [`rnnkit.ops.reference.recurrence`][] (same arguments, results).
 
-    ``resets`` (``(T, B)`` codes, any integer or bool dtype) and ``reset_state`` (shaped like
-    ``state``) come together or not at all.
+    `resets` (`(T, B)` codes, any integer or bool dtype) and `reset_state` (shaped like
+    `state`) come together or not at all.
 
     Raises:
         RuntimeError: the kernels could not be built (dispatch checks this first).
-        ValueError: ``resets`` without ``reset_state``, or the other way round.
+        ValueError: `resets` without `reset_state`, or the other way round.
     """
     # While tracing, the fake rule builds the kernels instead (no locks or I/O in the graph).
     error = None if torch.compiler.is_compiling() else _build.status()
@@ -345,7 +345,7 @@ def lstm_layer(
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer-direction for inference, the input projection computed inside the loop.
 
-    Equals ``recurrence(spec, F.linear(input, weight_ih, bias_ih), state, ...)`` for an LSTM
+    Equals `recurrence(spec, F.linear(input, weight_ih, bias_ih), state, ...)` for an LSTM
     spec, with input (T, B, I); W_ih x + b_ih is computed a few steps at a time into a small
     reused buffer instead of all at once. Saves nothing for backward: call it only when no
     gradient is needed (the op has no autograd rule).

@@ -1,11 +1,11 @@
-"""A layer-direction as plain-exportable ONNX, used while ``torch.onnx.export`` traces.
+"""A layer-direction as plain-exportable ONNX, used while `torch.onnx.export` traces.
 
-No translation table is needed: where ONNX has the recurrence as an operator (``RNN`` with
-an activation it names, ``GRU``, ``LSTM`` without projection) the layer-direction is recorded
-as that operator with :func:`torch.onnx.ops.symbolic_multi_out`; anything else (other
-activations, the LSTM projection, state resets) becomes torch's ``scan`` over time, whose body
-is the reference step (:func:`rnnkit.ops.cell_math.step`), and which the exporter turns into
-ONNX ``Scan``. Batch and time stay dynamic either way.
+No translation table is needed: where ONNX has the recurrence as an operator (`RNN` with
+an activation it names, `GRU`, `LSTM` without projection) the layer-direction is recorded
+as that operator with `torch.onnx.ops.symbolic_multi_out`; anything else (other
+activations, the LSTM projection, state resets) becomes torch's `scan` over time, whose body
+is the reference step (`rnnkit.ops.cell_math.step`), and which the exporter turns into
+ONNX `Scan`. Batch and time stay dynamic either way.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def native(call: Call) -> bool:
 
 
 def lower(call: Call) -> tuple[Tensor, State]:
-    """``(output (T, B, H_out), final state)`` recorded as ONNX-exportable operations."""
+    """`(output (T, B, H_out), final state)` recorded as ONNX-exportable operations."""
     return _operator(call) if native(call) else _scan(call)
 
 

@@ -1,21 +1,21 @@
-"""Layer-directions while exporting: ONNX-exportable operations, or one ``torch.library`` op.
+"""Layer-directions while exporting: ONNX-exportable operations, or one `torch.library` op.
 
-``torch.export`` would trace a Python loop over time into ``T`` copies of the step, which fixes
-the sequence length. While exporting, the plan (:func:`rnnkit.ops.dispatch.plan`) sends every
-layer-direction to :data:`BACKEND` instead:
+`torch.export` would trace a Python loop over time into `T` copies of the step, which fixes
+the sequence length. While exporting, the plan ([`rnnkit.ops.dispatch.plan`][]) sends every
+layer-direction to `BACKEND` instead:
 
-- under ``torch.onnx.export``, :mod:`.onnx_lowering` records ONNX's own ``RNN``/``GRU``/``LSTM``
-  operator or a ``scan`` over time, so plain ``torch.onnx.export(..., dynamo=True)`` needs no
+- under `torch.onnx.export`, `onnx_lowering` records ONNX's own `RNN`/`GRU`/`LSTM`
+  operator or a `scan` over time, so plain `torch.onnx.export(..., dynamo=True)` needs no
   extra argument;
-- under ``torch.export``, a layer-direction is recorded as one opaque op,
-  ``rnnkit_export::recurrence``, with symbolic shapes. The compiled CPU library defines it
+- under `torch.export`, a layer-direction is recorded as one opaque op,
+  `rnnkit_export::recurrence`, with symbolic shapes. The compiled CPU library defines it
   with a C++ kernel, so AOTInductor can compile the program and its C++ runtime runs it with
-  that library loaded (docs/deploy.md); ``rnnkit.export``'s translation table turns it into
+  that library loaded (docs/deploy.md); `rnnkit.export`'s translation table turns it into
   ONNX's operator. Resets, masks and regularization, which its arguments do not carry, are
-  the same ``scan``.
+  the same `scan`.
 
-Run eagerly, the op runs the compiled CPU kernels, or elsewhere computes ``W_ih x + b_ih`` and
-calls :func:`rnnkit.ops.reference.recurrence`.
+Run eagerly, the op runs the compiled CPU kernels, or elsewhere computes `W_ih x + b_ih` and
+calls [`rnnkit.ops.reference.recurrence`][].
 """
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ def _fake(input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, leng
 
 
 class ExportBackend(BackendBase):
-    """Records a layer-direction as ``rnnkit_export::recurrence``; used only while exporting.
+    """Records a layer-direction as `rnnkit_export::recurrence`; used only while exporting.
 
-    The plan picks it itself (it is not registered): it serves calls with ``input`` and a
+    The plan picks it itself (it is not registered): it serves calls with `input` and a
     time axis, the projection included.
     """
 

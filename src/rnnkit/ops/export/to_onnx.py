@@ -1,16 +1,16 @@
 """ONNX export of rnnkit layers with dynamic batch and time axes.
 
-Plain ``torch.onnx.export(model, args, dynamo=True, dynamic_shapes=...)`` exports models holding
-rnnkit layers: while it traces, each layer-direction becomes ONNX's own ``RNN``/``GRU``/``LSTM``
-operator where ONNX has one, and a ``Scan`` over time otherwise (see
-:mod:`rnnkit.ops.export.onnx_lowering`). :func:`export_onnx` is that call.
+Plain `torch.onnx.export(model, args, dynamo=True, dynamic_shapes=...)` exports models holding
+rnnkit layers: while it traces, each layer-direction becomes ONNX's own `RNN`/`GRU`/`LSTM`
+operator where ONNX has one, and a `Scan` over time otherwise (see
+`rnnkit.ops.export.onnx_lowering`). [`export_onnx`][rnnkit.export.export_onnx] is that call.
 
-A program made with ``torch.export.export`` instead holds one op per native layer-direction,
-``rnnkit_export::recurrence`` (see :mod:`rnnkit.ops.export.op`); pass
-:func:`onnx_translation_table` as ``custom_translation_table`` to ``torch.onnx.export`` of that
-program, and each op becomes the ONNX operator. ``lengths`` becomes the operators'
-``sequence_lens``; gates are reordered from torch's layout (``i f g o``, ``r z n``) to ONNX's
-(``i o f c``, ``z r h``) inside the graph.
+A program made with `torch.export.export` instead holds one op per native layer-direction,
+`rnnkit_export::recurrence` (see `rnnkit.ops.export.op`); pass
+[`onnx_translation_table`][rnnkit.export.onnx_translation_table] as `custom_translation_table` to
+`torch.onnx.export` of that program, and each op becomes the ONNX operator. `lengths` becomes the
+operators' `sequence_lens`; gates are reordered from torch's layout (`i f g o`, `r z n`) to ONNX's
+(`i o f c`, `z r h`) inside the graph.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _TORCH_TO_ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2], "rnn": [0]}
 
 
 def onnx_translation_table() -> dict[Any, Callable]:
-    """The ``custom_translation_table`` that lets ``torch.onnx.export`` handle rnnkit layers."""
+    """The `custom_translation_table` that lets `torch.onnx.export` handle rnnkit layers."""
     return {export_op.recurrence_op(): _recurrence_to_onnx}
 
 
@@ -43,19 +43,19 @@ def export_onnx(
     dynamic_shapes: Any = None,
     **options: Any,
 ) -> torch.onnx.ONNXProgram:
-    """``torch.onnx.export(model, args, f, dynamo=True, ...)``, rnnkit's translations included.
+    """`torch.onnx.export(model, args, f, dynamo=True, ...)`, rnnkit's translations included.
 
     Args:
         model: the module to export.
-        args: example positional inputs, as for ``torch.onnx.export``.
-        f: where to save the model, or ``None`` to only return the program.
+        args: example positional inputs, as for `torch.onnx.export`.
+        f: where to save the model, or `None` to only return the program.
         kwargs: example keyword inputs.
-        dynamic_shapes: as for ``torch.onnx.export``; mark the batch and time dimensions of
-            the input with ``torch.export.Dim`` to keep them dynamic.
-        options: further keyword arguments for ``torch.onnx.export``.
+        dynamic_shapes: as for `torch.onnx.export`; mark the batch and time dimensions of
+            the input with `torch.export.Dim` to keep them dynamic.
+        options: further keyword arguments for `torch.onnx.export`.
 
     Returns:
-        The ``ONNXProgram``.
+        The `ONNXProgram`.
 
     Raises:
         TypeError: a layer uses a callable nonlinearity, which ONNX cannot express.
@@ -68,7 +68,7 @@ def export_onnx(
 
 
 def _reorder_gates(tensor, mode: str, hidden_size: int):
-    """Rows ``[i f g o]``/``[r z n]`` (torch) to ``[i o f c]``/``[z r h]`` (ONNX).
+    """Rows `[i f g o]`/`[r z n]` (torch) to `[i o f c]`/`[z r h]` (ONNX).
 
     A Gather with constant indices, which the exporter folds into the weights.
     """
@@ -83,12 +83,12 @@ def _recurrence_to_onnx(
     input, weight_ih, bias_ih, weight_hh, bias_hh, weight_hr, h0, c0, lengths,
     mode: str, activation: int, reset_after: bool, reverse: bool,
 ):
-    """Translate one ``rnnkit_export::recurrence`` call; returns ``(Y, Y_h, Y_c)``.
+    """Translate one `rnnkit_export::recurrence` call; returns `(Y, Y_h, Y_c)`.
 
     Raises:
         ValueError: ONNX has no operator for the layer-direction (an LSTM projection, an RNN
-            activation ONNX does not name); ``torch.onnx.export`` of the module itself
-            records those as a ``Scan``.
+            activation ONNX does not name); `torch.onnx.export` of the module itself
+            records those as a `Scan`.
     """
     nonlinearity = TABLE[activation].name
     if weight_hr is not None or (mode == "rnn" and nonlinearity not in _NATIVE_RNN_ACTIVATIONS):

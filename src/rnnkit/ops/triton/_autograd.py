@@ -18,7 +18,7 @@ SCHEDULES = ("persistent", "step")
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton runs kernels with its CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -28,8 +28,8 @@ _kernels_module = None
 def kernels():
     """The kernel module, decorated for the interpreter or the GPU as the environment says now.
 
-    ``triton.jit`` decides between the two when a function is decorated, so if the module was
-    first imported under the other setting (another import set ``TRITON_INTERPRET`` later), it
+    `triton.jit` decides between the two when a function is decorated, so if the module was
+    first imported under the other setting (another import set `TRITON_INTERPRET` later), it
     is imported again.
     """
     global _kernels_module
@@ -43,7 +43,7 @@ def kernels():
 
 
 def schedule() -> str:
-    """``RNNKIT_TRITON_SCHEDULE``, else ``persistent`` on GPU and ``step`` under the interpreter."""
+    """`RNNKIT_TRITON_SCHEDULE`, else `persistent` on GPU and `step` under the interpreter."""
     value = os.environ.get("RNNKIT_TRITON_SCHEDULE", "")
     if not value:
         return "step" if interpreting() else "persistent"
@@ -84,10 +84,10 @@ def _blocks(batch: int, hidden: int, device: torch.device) -> dict[str, int]:
 
 def _launch(kernel, args: tuple, sizes: tuple, consts: dict, num_phases: int, phase_columns,
             seq_len: int, backward: bool, device: torch.device) -> None:
-    """Run ``kernel`` over all steps, one launch per step and phase or one persistent launch.
+    """Run `kernel` over all steps, one launch per step and phase or one persistent launch.
 
-    ``phase_columns[p]`` is the number of columns phase ``p`` produces; ``sizes`` is
-    ``(T, B, H, H_OUT)``.
+    `phase_columns[p]` is the number of columns phase `p` produces; `sizes` is
+    `(T, B, H, H_OUT)`.
     """
     k = kernels()
     batch = sizes[1]
@@ -134,7 +134,7 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 
 def _reset_args(resets: Tensor | None, reset_h: Tensor | None, reset_c: Tensor | None,
                 dummy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernels' ``rs_ptr, rh_ptr, rc_ptr``: codes and reset states, contiguous, or dummies."""
+    """The kernels' `rs_ptr, rh_ptr, rc_ptr`: codes and reset states, contiguous, or dummies."""
     if resets is None:
         return dummy, dummy, dummy
     return (resets.to(device=dummy.device, dtype=torch.int8).contiguous(), reset_h.contiguous(),
@@ -142,7 +142,7 @@ def _reset_args(resets: Tensor | None, reset_h: Tensor | None, reset_c: Tensor |
 
 
 def _mask_arg(mask: Tensor | None, dummy: Tensor) -> Tensor:
-    """The kernels' ``mk_ptr``: the ``(T, B)`` mask as contiguous int8, or a dummy."""
+    """The kernels' `mk_ptr`: the `(T, B)` mask as contiguous int8, or a dummy."""
     if mask is None:
         return dummy
     return mask.to(device=dummy.device, dtype=torch.int8).contiguous()
@@ -155,9 +155,9 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
             carry_masked_output: bool = False) -> dict[str, Tensor]:
     """Run the forward kernels; returns the output, the state sequences and saved buffers.
 
-    With ``resets``, ``hseq``/``cseq`` hold the carried states (before each step's reset).
-    ``mask`` ``(T, B)`` skips its false steps; with ``carry_masked_output`` a skipped step
-    (a hole, or past a length) outputs the carried ``h`` instead of zeros.
+    With `resets`, `hseq`/`cseq` hold the carried states (before each step's reset).
+    `mask` `(T, B)` skips its false steps; with `carry_masked_output` a skipped step
+    (a hole, or past a length) outputs the carried `h` instead of zeros.
     """
     k = kernels()
     mode = mode_code(spec, weight_hr)
@@ -208,9 +208,9 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
              reset_c: Tensor | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
     """Run the backward kernels, then the weight gradients as single matmuls over all steps.
 
-    With ``resets``, the kernels sum each reset row's start-state gradient into ``dreset_h``
-    / ``dreset_c`` (plane 0: code 1, towards ``reset_state``; plane 1: code 2, towards
-    ``h0``/``c0``).
+    With `resets`, the kernels sum each reset row's start-state gradient into `dreset_h`
+    / `dreset_c` (plane 0: code 1, towards `reset_state`; plane 1: code 2, towards
+    `h0`/`c0`).
     """
     k = kernels()
     mode = saved["mode"]
@@ -287,8 +287,8 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
 class TritonRecurrence(torch.autograd.Function):
     """One layer-direction through the triton kernels, with a triton backward.
 
-    Outputs ``(output, h_n)`` or, for LSTM, ``(output, h_n, c_n)``. When the backward itself
-    is differentiated (``create_graph=True``) it recomputes through the reference path, so
+    Outputs `(output, h_n)` or, for LSTM, `(output, h_n, c_n)`. When the backward itself
+    is differentiated (`create_graph=True`) it recomputes through the reference path, so
     higher-order gradients stay exact.
     """
 
@@ -367,7 +367,7 @@ def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weigh
                reverse: bool, resets: Tensor | None = None,
                reset_state: tuple[Tensor, ...] | None = None, mask: Tensor | None = None,
                carry_masked_output: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """:func:`rnnkit.ops.reference.recurrence`'s contract, served by the triton kernels."""
+    """[`rnnkit.ops.reference.recurrence`][]'s contract, served by the triton kernels."""
     if (resets is None) != (reset_state is None):
         raise ValueError("resets and reset_state go together")
     c0 = state[1] if len(state) > 1 else None

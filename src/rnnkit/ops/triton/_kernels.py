@@ -1,38 +1,38 @@
 """The @triton.jit code of the triton backend: step phases, and the kernels that schedule them.
 
-Layout of the buffers (all contiguous, ``GH = G * H``, ``s`` is the processing index, ``t``
-the time index: ``t = s``, or ``T - 1 - s`` when running in reverse):
+Layout of the buffers (all contiguous, `GH = G * H`, `s` is the processing index, `t`
+the time index: `t = s`, or `T - 1 - s` when running in reverse):
 
-- ``gates_x`` ``(T, B, GH)`` and ``out`` ``(T, B, H_OUT)`` are indexed by ``t``;
-- ``hseq`` ``(T+1, B, H_OUT)`` and ``cseq`` ``(T+1, B, H)`` hold the state carried into step
-  ``s`` at ``[s]`` (``h0``/``c0`` at ``[0]``) and the final state at ``[T]``; ``pre``
-  ``(T, B, GH)`` and ``aux`` ``(T, B, H)`` hold what backward needs, by ``s``;
-- in backward, ``dhseq``/``dcseq`` mirror ``hseq``/``cseq``, and ``dgx``/``dghh``
-  ``(T, B, GH)`` receive the gradients of the input and recurrent pre-activations.
+- `gates_x` `(T, B, GH)` and `out` `(T, B, H_OUT)` are indexed by `t`;
+- `hseq` `(T+1, B, H_OUT)` and `cseq` `(T+1, B, H)` hold the state carried into step
+  `s` at `[s]` (`h0`/`c0` at `[0]`) and the final state at `[T]`; `pre`
+  `(T, B, GH)` and `aux` `(T, B, H)` hold what backward needs, by `s`;
+- in backward, `dhseq`/`dcseq` mirror `hseq`/`cseq`, and `dgx`/`dghh`
+  `(T, B, GH)` receive the gradients of the input and recurrent pre-activations.
 
-Holes (constexpr ``HAS_MASK``): ``mask`` ``(T, B)`` int8, by ``t``; a step runs where
-``t < lengths[b]`` (with ``HAS_LENGTHS``) and ``mask[t, b] != 0``, and is skipped otherwise
-(state carried, output zero). With constexpr ``CARRY_OUT`` a skipped step outputs the carried
-``h`` instead, and backward adds that output's gradient to the carried state's.
+Holes (constexpr `HAS_MASK`): `mask` `(T, B)` int8, by `t`; a step runs where
+`t < lengths[b]` (with `HAS_LENGTHS`) and `mask[t, b] != 0`, and is skipped otherwise
+(state carried, output zero). With constexpr `CARRY_OUT` a skipped step outputs the carried
+`h` instead, and backward adds that output's gradient to the carried state's.
 
-State resets (constexpr ``HAS_RESETS``): ``resets`` ``(T, B)`` int8 holds the codes by ``t``,
-``reset_h`` ``(B, H_OUT)`` and ``reset_c`` ``(B, H)`` the state code 1 starts from. ``hseq[s]``
+State resets (constexpr `HAS_RESETS`): `resets` `(T, B)` int8 holds the codes by `t`,
+`reset_h` `(B, H_OUT)` and `reset_c` `(B, H)` the state code 1 starts from. `hseq[s]`
 stays the *carried* state (what an inactive step passes on); wherever a step reads its
 previous state it reads the *start* state instead, selected per row from the code: the
-carried state (0), ``reset_h``/``reset_c`` (1) or ``hseq[0]``/``cseq[0]`` (2). Backward
+carried state (0), `reset_h`/`reset_c` (1) or `hseq[0]`/`cseq[0]` (2). Backward
 recomputes the same selection. At a reset row of an active step, the gradient of the start
-state goes to ``dreset_h`` ``(2, B, H_OUT)`` / ``dreset_c`` ``(2, B, H)`` (plane 0: code 1,
+state goes to `dreset_h` `(2, B, H_OUT)` / `dreset_c` `(2, B, H)` (plane 0: code 1,
 plane 1: code 2; summed over steps, each tile by its one owner, so no atomics) and the carried
 state gets none.
 
 A *phase* is the part of a step that needs no other program's result of the same step. Each
-phase is a loop over ``(batch block, column block)`` tiles, ``for tile in range(pid, tiles,
-nprog)``, so the same code runs one tile per program (one launch per step and phase) or many
+phase is a loop over `(batch block, column block)` tiles, `for tile in range(pid, tiles,
+nprog)`, so the same code runs one tile per program (one launch per step and phase) or many
 tiles per program (one persistent launch for the whole sequence).
 
-Only triton.language *builtins* are used, never its own ``@triton.jit`` helpers (``tl.cdiv``,
-``tl.zeros``, ...): those are decorated when triton is imported, so if triton was imported
-before ``TRITON_INTERPRET=1`` was set, the interpreter could not call them.
+Only triton.language *builtins* are used, never its own `@triton.jit` helpers (`tl.cdiv`,
+`tl.zeros`, ...): those are decorated when triton is imported, so if triton was imported
+before `TRITON_INTERPRET=1` was set, the interpreter could not call them.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _activate(x, ACT: tl.constexpr):
 
 @triton.jit
 def _activate_grad(x, ACT: tl.constexpr):
-    """d activation / dx at the pre-activation ``x`` (torch's conventions at the kinks)."""
+    """d activation / dx at the pre-activation `x` (torch's conventions at the kinks)."""
     if ACT == ACT_TANH:
         y = _tanh(x)
         d = 1.0 - y * y
@@ -165,10 +165,10 @@ def _tile(tile, tiles_n, B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _active(len_ptr, mk_ptr, t, B, offs_b, b_mask, HAS_LENGTHS: tl.constexpr,
             HAS_MASK: tl.constexpr):
-    """``(BLOCK_B, 1)`` mask: step ``t`` runs for sequence ``b``.
+    """`(BLOCK_B, 1)` mask: step `t` runs for sequence `b`.
 
-    It runs when it lies inside the sequence (``t < lengths[b]``, with ``HAS_LENGTHS``) and
-    is not a hole of the mask (``mask[t, b] != 0``, with ``HAS_MASK``).
+    It runs when it lies inside the sequence (`t < lengths[b]`, with `HAS_LENGTHS`) and
+    is not a hole of the mask (`mask[t, b] != 0`, with `HAS_MASK`).
     """
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + offs_b, mask=b_mask, other=0)
@@ -183,7 +183,7 @@ def _active(len_ptr, mk_ptr, t, B, offs_b, b_mask, HAS_LENGTHS: tl.constexpr,
 
 @triton.jit
 def _codes(rs_ptr, t, B, offs_b, b_mask, HAS_RESETS: tl.constexpr):
-    """``(BLOCK_B, 1)`` int32 reset codes of time step ``t`` (zeros, unused, without resets)."""
+    """`(BLOCK_B, 1)` int32 reset codes of time step `t` (zeros, unused, without resets)."""
     if HAS_RESETS:
         code = tl.load(rs_ptr + t * B + offs_b, mask=b_mask, other=0).to(tl.int32)
     else:
@@ -194,10 +194,10 @@ def _codes(rs_ptr, t, B, offs_b, b_mask, HAS_RESETS: tl.constexpr):
 @triton.jit
 def _start(prev_ptr, init_ptr, reset_ptr, code, row_stride, offs_b, offs_n, mask,
            HAS_RESETS: tl.constexpr):
-    """A tile of the state a step starts from, in ``prev_ptr``'s dtype.
+    """A tile of the state a step starts from, in `prev_ptr`'s dtype.
 
-    ``prev_ptr`` (the carried state), ``init_ptr`` (the initial state) and ``reset_ptr`` (the
-    code-1 state) are row-major ``(B, row_stride)`` slabs; ``code`` is ``(BLOCK_B, 1)``.
+    `prev_ptr` (the carried state), `init_ptr` (the initial state) and `reset_ptr` (the
+    code-1 state) are row-major `(B, row_stride)` slabs; `code` is `(BLOCK_B, 1)`.
     Without resets this is the plain load of the carried state.
     """
     offs = offs_b[:, None] * row_stride + offs_n[None, :]
@@ -214,9 +214,9 @@ def _start(prev_ptr, init_ptr, reset_ptr, code, row_stride, offs_b, offs_n, mask
 
 @triton.jit
 def _add_reset_grad(acc_ptr, row_stride, B, code, active, offs_b, offs_n, mask, grad):
-    """``acc[code - 1] += grad`` on the active rows with code 1 or 2.
+    """`acc[code - 1] += grad` on the active rows with code 1 or 2.
 
-    ``acc`` is ``(2, B, row_stride)`` fp32. Steps run one after another and a tile has one
+    `acc` is `(2, B, row_stride)` fp32. Steps run one after another and a tile has one
     owner in every step, so a plain load and store suffice, in a fixed order.
     """
     hit = mask & active & ((code == 1) | (code == 2))
@@ -227,7 +227,7 @@ def _add_reset_grad(acc_ptr, row_stride, B, code, active, offs_b, offs_n, mask, 
 
 @triton.jit
 def _load(ptr, row_stride, offs_b, offs_n, mask):
-    """A ``(BLOCK_B, BLOCK_N)`` tile of a row-major ``(B, row_stride)`` slab, as fp32."""
+    """A `(BLOCK_B, BLOCK_N)` tile of a row-major `(B, row_stride)` slab, as fp32."""
     return tl.load(ptr + offs_b[:, None] * row_stride + offs_n[None, :], mask=mask, other=0.0).to(
         tl.float32
     )
@@ -243,11 +243,11 @@ def _store(ptr, row_stride, offs_b, offs_n, mask, value):
 def _mm(a_ptr, a_stride, offs_b, b_mask, K, w_ptr, w_stride_k, w_stride_n, offs_n, n_mask,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PRECISION: tl.constexpr):
-    """``acc[b, n] = sum_k A[b, k] W[k, n]`` over ``k < K``, accumulated in fp32 in a fixed order.
+    """`acc[b, n] = sum_k A[b, k] W[k, n]` over `k < K`, accumulated in fp32 in a fixed order.
 
-    ``A`` is row-major with row stride ``a_stride``; ``W[k, n]`` lives at
-    ``w_ptr + k * w_stride_k + n * w_stride_n``, so one helper serves ``h @ W_hh^T``
-    (``w_stride_k=1``) and ``dgates @ W_hh`` (``w_stride_n=1``). ``A`` is cast to ``W``'s dtype
+    `A` is row-major with row stride `a_stride`; `W[k, n]` lives at
+    `w_ptr + k * w_stride_k + n * w_stride_n`, so one helper serves `h @ W_hh^T`
+    (`w_stride_k=1`) and `dgates @ W_hh` (`w_stride_n=1`). `A` is cast to `W`'s dtype
     so fp16/bf16 weights use the tensor cores.
     """
     acc = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
@@ -268,10 +268,10 @@ def _recurrent_gates(h_ptr, init_ptr, reset_ptr, code, offs_b, b_mask, H_OUT, w_
                      NUM_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESETS: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """``h @ W_hh[g*H + n, :]^T + b_hh[g*H + n]`` for gates ``g < NUM_GATES`` (at most 4).
+    """`h @ W_hh[g*H + n, :]^T + b_hh[g*H + n]` for gates `g < NUM_GATES` (at most 4).
 
-    ``h`` is the start state (:func:`_start`). One pass over ``k`` loads each block of ``h``
-    once for all gates. Gates past ``NUM_GATES`` come back as zeros.
+    `h` is the start state (`_start`). One pass over `k` loads each block of `h`
+    once for all gates. Gates past `NUM_GATES` come back as zeros.
     """
     acc0 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
     acc1 = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
@@ -309,7 +309,7 @@ def _recurrent_gates(h_ptr, init_ptr, reset_ptr, code, offs_b, b_mask, H_OUT, w_
 
 @triton.jit
 def _grid_barrier(counter_ptr, target):
-    """Wait until every program has arrived; ``target`` grows by ``nprog`` at each barrier.
+    """Wait until every program has arrived; `target` grows by `nprog` at each barrier.
 
     The counter only ever increases, so it needs no reset between barriers. Only the value
     reached matters, never the order of the additions, so results stay deterministic.
@@ -456,10 +456,10 @@ def forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Steps ``step_start .. step_start + num_steps - 1``, phases ``PHASE_FIRST..PHASE_LAST``.
+    """Steps `step_start .. step_start + num_steps - 1`, phases `PHASE_FIRST..PHASE_LAST`.
 
-    One launch per step and phase: ``num_steps=1``, ``PHASE_FIRST == PHASE_LAST``,
-    ``SYNC_NONE``. Persistent: ``num_steps=T``, every phase, ``SYNC_PROGRAM`` or ``SYNC_GRID``.
+    One launch per step and phase: `num_steps=1`, `PHASE_FIRST == PHASE_LAST`,
+    `SYNC_NONE`. Persistent: `num_steps=T`, every phase, `SYNC_PROGRAM` or `SYNC_GRID`.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -624,7 +624,7 @@ def backward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Backward through processing steps ``step_start`` down to ``step_start - num_steps + 1``."""
+    """Backward through processing steps `step_start` down to `step_start - num_steps + 1`."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for i in range(num_steps):

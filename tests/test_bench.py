@@ -64,3 +64,19 @@ def test_capability_line_names_isa_threads_and_blas():
     line = bench.capability_line()
     assert torch.backends.cpu.get_cpu_capability() in line
     assert f"{torch.get_num_threads()} threads" in line and "BLAS" in line
+
+
+def test_quick_regularized_bench_writes_json(tmp_path, capsys):
+    assert bench.main(["--regularized", "--quick", "--repeats", "5", "--out",
+                       str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "recurrent_dropout=0.25" in printed and "layer_norm=True" in printed
+    results = json.loads((tmp_path / "bench-regularized-cpu.json").read_text())
+    assert results["suite"] == "regularized" and results["repeats"] == 5
+    rows = results["results"]
+    assert [(r["cell"], r["option"]) for r in rows] == [
+        ("LSTM", "dropout"), ("GRU", "dropout"), ("LSTM", "layer_norm")]
+    for row in rows:
+        assert set(row["all_s"]) == {"loop", "ours", "plain"}
+        assert all(len(v) == 5 for v in row["all_s"].values())
+        assert row["speedup_vs_loop"] > 0 and row["overhead_vs_plain"] > 0

@@ -57,7 +57,8 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _make(spec, proj, dtype, device, *, lengths, resets, reverse=False, project=False,
-          grad=True, seed=0, steps=4, batch=3, hidden=20, features=5, mask=False):
+          grad=True, seed=0, steps=4, batch=3, hidden=20, features=5, mask=False,
+          regularized=()):
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -90,7 +91,57 @@ def _make(spec, proj, dtype, device, *, lengths, resets, reverse=False, project=
         holes = torch.rand(steps, batch, generator=generator) < 0.6
         holes[:, 0] = True
         fields.update(mask=holes.to(device), carry_masked_output=seed % 2 == 1)
+    fields.update(_regularization(spec, regularized, generator, dtype, device, steps, batch,
+                                  sizes, gates, project, grad))
     return Call(**fields)
+
+
+def _regularization(spec, options, generator, dtype, device, steps, batch, sizes, gates,
+                    project, grad):
+    """The Call fields of recurrent dropout, zoneout masks and layer norm (see spec.Call)."""
+    fields = {}
+
+    def mask(*shape, p):
+        return (torch.rand(*shape, generator=generator) < p).to(device, dtype)
+
+    if "dropout" in options:
+        fields["hidden_dropout"] = mask(batch, sizes[0], p=0.7) / 0.7
+    if "zoneout-train" in options:
+        fields["zoneout_h"] = mask(steps, batch, sizes[0], p=0.3)
+        if spec.mode == "lstm":
+            fields["zoneout_c"] = mask(steps, batch, sizes[1], p=0.3)
+
+    def norm(size):
+        gain = 1 + torch.randn(size, generator=generator, dtype=torch.float64) * 0.2
+        bias = torch.randn(size, generator=generator, dtype=torch.float64) * 0.2
+        return tuple(t.to(device, dtype).requires_grad_(grad) for t in (gain, bias))
+
+    if spec.layer_norm:
+        fields["norm_hh"] = norm(gates)
+        if project:
+            fields["norm_ih"] = norm(gates)
+        if spec.mode == "lstm":
+            fields["norm_cell"] = norm(sizes[1])
+    return fields
+
+
+# (id, spec, projection size, extra Call fields): every regularized form a backend may serve.
+REGULARIZED = [
+    (f"{mode}-{name}", CellSpec(mode, reset_after=after, **spec_options), proj, extra)
+    for mode, after, proj in [("rnn", True, 0), ("gru", True, 0), ("gru", False, 0),
+                              ("lstm", True, 0), ("lstm", True, 3)]
+    for name, spec_options, extra in [
+        ("dropout", {}, ("dropout",)),
+        ("zoneout-train", {"zoneout": 0.3}, ("zoneout-train",)),
+        ("zoneout-eval", {"zoneout": 0.3}, ()),
+        ("layer-norm", {"layer_norm": True}, ()),
+        ("hard-sigmoid", {"recurrent_activation": "hard_sigmoid", "nonlinearity": "softsign"},
+         ()),
+        ("all", {"zoneout": 0.2, "layer_norm": True}, ("dropout", "zoneout-train")),
+    ]
+    if not (spec_options.get("layer_norm") and (mode == "rnn" or not after))
+    and not (mode == "rnn" and "recurrent_activation" in spec_options)
+]
 
 
 def _results(call: Call, backend: str) -> list[torch.Tensor]:
@@ -185,6 +236,54 @@ def test_every_activation_is_served_or_refused_with_a_reason(name):
         call = _make(CellSpec("rnn", row.name), 0, dtype, device, lengths=False, resets=False)
         reason = backend.unsupported_reason(call)
         assert reason is None or (isinstance(reason, str) and reason.strip()), row.name
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("cell_id, spec, proj, extra", REGULARIZED,
+                         ids=[c[0] + (f"-proj{c[2]}" if c[2] else "") for c in REGULARIZED])
+@pytest.mark.parametrize("project", [False, True], ids=["gates", "input"])
+def test_backend_equals_reference_regularized(name, cell_id, spec, proj, extra, project):
+    """Recurrent dropout, zoneout (training masks and evaluation), layer norm and other gate
+    activations, with lengths and reverse: a backend serves them equal to the reference path
+    or refuses with a reason (the plan then falls back)."""
+    device = _device(name)
+    dtype = _dtype(name, device)
+    _check(name, _make(spec, proj, dtype, device, lengths=True, resets=False, reverse=True,
+                       project=project, regularized=extra), dtype)
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("cell, options", [
+    ("LSTM", {"recurrent_dropout": 0.3, "zoneout": 0.2, "input_dropout": 0.2,
+              "layer_norm": True, "bidirectional": True, "num_layers": 2}),
+    ("GRU", {"recurrent_dropout": 0.3, "zoneout": 0.2, "layer_norm": True,
+             "recurrent_activation": "hard_sigmoid"}),
+    ("LSTM", {"recurrent_dropout": 0.25, "proj_size": 2}),
+], ids=["lstm-all", "gru-all", "lstm-proj-dropout"])
+def test_regularized_layers_on_backend_equal_reference_layers(name, cell, options):
+    """A training step of a regularized layer: with the same seed every backend draws the same
+    masks (on the CPU), so outputs and gradients equal the reference layer's."""
+    device = _device(name)
+    dtype = _dtype(name, device)
+    config = dict(cell=cell, extra={k: v for k, v in options.items() if k == "proj_size"},
+                  num_layers=options.get("num_layers", 1),
+                  bidirectional=options.get("bidirectional", False), batch_first=False,
+                  batch=3, lengths=True, hx=True, resets=False, seq_len=5)
+    torch.manual_seed(0)
+    ours = getattr(rnnkit, cell)(3, 5, backend=name, dtype=dtype, device=device, **options)
+    twin = getattr(rnnkit, cell)(3, 5, backend="reference", dtype=dtype, device=device,
+                                 **options)
+    twin.load_state_dict(ours.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a backend that refuses falls back with a warning
+        torch.manual_seed(1)
+        got = _layer_results(ours.train(), config, dtype, device)
+    torch.manual_seed(1)
+    want = _layer_results(twin.train(), config, dtype, device)
+    tolerance = TOLERANCE[dtype]
+    for index, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance,
+                                   msg=lambda m, i=index: f"result {i}: {m}")
 
 
 # Layers end to end: stacking, directions, batch_first, given state, lengths, resets.
@@ -299,3 +398,77 @@ def test_cpu_kernels_equal_reference_with_mask_threaded(cell_id, spec, proj):
     call = _cpu_dtype_call(spec, proj, torch.float64, hidden=64, reverse=False, carry=True,
                            resets=False, batch=4, steps=5)
     _check("cpu", call, torch.float64)
+
+
+# Issue 14's fields (recurrent dropout, zoneout, gate activations, layer norm), on every fused
+# backend that serves them; the Triton kernels serve all of them (norm_hh for LSTM and the
+# reset-after GRU only), a backend that does not must name why.
+
+REGULARIZED_CELLS = [
+    ("rnn", CellSpec("rnn"), 0),
+    ("gru-after", CellSpec("gru"), 0),
+    ("gru-before", CellSpec("gru", reset_after=False), 0),
+    ("lstm", CellSpec("lstm"), 0),
+    ("lstm-proj", CellSpec("lstm"), 3),
+]
+# (id, spec changes, fields): "dropout", "zoneout" (training masks) and "norms" ask for the
+# call's tensors; zoneout without masks is the evaluation expectation.
+REGULARIZED_CASES = [
+    ("dropout", {}, ("dropout",)),
+    ("zoneout-train", {"zoneout": 0.3}, ("zoneout",)),
+    ("zoneout-eval", {"zoneout": 0.3}, ()),
+    ("gates", {"nonlinearity": "softsign", "recurrent_activation": "hard_sigmoid"}, ()),
+    ("layer-norm", {"layer_norm": True}, ("norms",)),
+    ("all", {"zoneout": 0.5, "recurrent_activation": "hard_sigmoid", "layer_norm": True},
+     ("dropout", "zoneout", "norms", "resets", "mask")),
+]
+
+
+def _regularized(spec, proj, dtype, device, changes, wanted, seed=3):
+    """`_make`'s call with issue 14's fields: masks without gradients, norms with them."""
+    hidden, batch, steps = 8, 3, 4
+    spec = replace(spec, **changes)
+    call = _make(spec, proj, dtype, device, lengths=True, resets="resets" in wanted,
+                 reverse=True, seed=seed, steps=steps, batch=batch, hidden=hidden,
+                 mask="mask" in wanted)
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def draw(*shape, scale=1.0, offset=0.0, grad=False):
+        t = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale + offset
+        return t.to(device, dtype).requires_grad_(grad)
+
+    def bernoulli(p, *shape):
+        return (torch.rand(*shape, generator=generator) < p).to(device, dtype)
+
+    out_size = proj or hidden
+    fields = {}
+    if "dropout" in wanted:
+        fields["hidden_dropout"] = (1 - bernoulli(0.3, batch, out_size)) / 0.7
+    if "zoneout" in wanted:
+        fields["zoneout_h"] = bernoulli(spec.zoneout, steps, batch, out_size)
+        if spec.mode == "lstm":
+            fields["zoneout_c"] = bernoulli(spec.zoneout, steps, batch, hidden)
+    if "norms" in wanted:
+        if spec.mode == "lstm" or (spec.mode == "gru" and spec.reset_after):
+            gates = spec.num_gates * hidden
+            fields["norm_hh"] = (draw(gates, scale=0.3, offset=1.0, grad=True),
+                                 draw(gates, scale=0.2, grad=True))
+        if spec.mode == "lstm":
+            fields["norm_cell"] = (draw(hidden, scale=0.3, offset=1.0, grad=True),
+                                   draw(hidden, scale=0.2, grad=True))
+    return replace(call, spec=spec, **fields)
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("case, changes, wanted", REGULARIZED_CASES,
+                         ids=[c[0] for c in REGULARIZED_CASES])
+@pytest.mark.parametrize("cell_id, spec, proj", REGULARIZED_CELLS,
+                         ids=[c[0] for c in REGULARIZED_CELLS])
+def test_regularized_calls_equal_reference_or_name_why(name, cell_id, spec, proj, case, changes,
+                                                       wanted):
+    device = _device(name)
+    dtype = _dtype(name, device)
+    call = _regularized(spec, proj, dtype, device, changes, wanted)
+    if name == "triton":  # the Triton kernels serve every one of these calls
+        assert dispatch.registered()[name].unsupported_reason(call) is None
+    _check(name, call, dtype)

@@ -24,7 +24,7 @@ import rnnkit
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNABLE_PAGES = ["index.md", "from-torch.md", "lengths.md", "from-flux.md", "from-mlx.md",
-                  "rl-resets.md", "backends.md"]
+                  "rl-resets.md", "backends.md", "regularization.md"]
 # Examples that use features from other modules run once those modules are present.
 OPTIONAL_NAMES = {"rnnkit.Stateful": lambda: hasattr(rnnkit, "Stateful"),
                   "mlx.": lambda: importlib.util.find_spec("mlx") is not None}
@@ -138,10 +138,11 @@ def test_forward_is_documented_for_every_layer_and_cell(site):
     assert not missing, f"no forward on the API pages for {missing}"
     for layer in ["RNN", "GRU", "LSTM"]:
         params, rows = tables[f"rnnkit.{layer}.forward"]
-        assert [row for row, _ in rows] == ["input", "hx", "lengths", "resets", "mask"], layer
+        assert [row for row, _ in rows] == [
+            "input", "hx", "lengths", "resets", "mask", "dropout_masks"], layer
     for cell in ["RNNCell", "GRUCell", "LSTMCell"]:
         params, rows = tables[f"rnnkit.{cell}.forward"]
-        assert [row for row, _ in rows] == ["input", "hx"], cell
+        assert [row for row, _ in rows] == ["input", "hx", "dropout_masks"], cell
     params, rows = tables["rnnkit.Stateful.forward"]
     assert [row for row, _ in rows] == ["input", "lengths", "resets"]
     layers = _text(pages["layers"])

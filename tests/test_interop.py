@@ -473,16 +473,22 @@ def test_keras_refusals(keras):
     layers = keras.layers
     with pytest.raises(ValueError, match="not built"):
         from_keras(layers.GRU(HIDDEN))
-    with pytest.raises(ValueError, match="activation='tanh'"):
-        from_keras(randomized(layers.GRU(HIDDEN, activation="relu"), 0))
-    with pytest.raises(ValueError, match="recurrent_activation='sigmoid'"):
-        from_keras(randomized(layers.LSTM(HIDDEN, recurrent_activation="hard_sigmoid"), 0))
+    with pytest.raises(ValueError, match="activation 'elu' has no rnnkit equivalent"):
+        from_keras(randomized(layers.GRU(HIDDEN, activation="elu"), 0))
+    with pytest.raises(ValueError, match="recurrent_activation 'elu' has no rnnkit"):
+        from_keras(randomized(layers.LSTM(HIDDEN, recurrent_activation="elu"), 0))
+    with pytest.raises(ValueError, match=r"recurrent_dropout=1.0 drops every unit"):
+        from_keras(randomized(layers.LSTM(HIDDEN, recurrent_dropout=1.0), 0))
+    with pytest.raises(ValueError, match="no zoneout or layer norm"):
+        to_keras(rnnkit.LSTM(INPUT, HIDDEN, zoneout=0.1))
+    with pytest.raises(ValueError, match="no zoneout or layer norm"):
+        to_keras(rnnkit.GRU(INPUT, HIDDEN, layer_norm=True))
+    with pytest.raises(ValueError, match="no activation for the recurrent_activation"):
+        to_keras(rnnkit.GRU(INPUT, HIDDEN, recurrent_activation=torch.sigmoid))
     with pytest.raises(ValueError, match="'elu' has no rnnkit equivalent"):
         from_keras(randomized(layers.SimpleRNN(HIDDEN, activation="elu"), 0))
     with pytest.raises(TypeError, match="got Dense"):
         from_keras(layers.Dense(2))
-    with pytest.warns(UserWarning, match="not carried over"):
-        from_keras(randomized(layers.GRU(HIDDEN, dropout=0.2), 0))
     with pytest.raises(ValueError, match="no stacked layers"):
         to_keras(rnnkit.LSTM(INPUT, HIDDEN, num_layers=2))
     with pytest.raises(ValueError, match="no activation for the nonlinearity"):

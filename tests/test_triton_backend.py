@@ -21,6 +21,7 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -44,11 +45,16 @@ FP16_ATOL = 2e-2
 
 
 def make_call(spec, *, hidden=20, proj=0, seq_len=4, batch=3, lengths=None, bias=True,
-              dtype=torch.float32, seed=0, resets=None, mask=None, carry_masked_output=False):
+              dtype=torch.float32, seed=0, resets=None, mask=None, carry_masked_output=False,
+              dropout=0.0, zoneout_masks=False, norms=()):
     """Random inputs of one layer-direction; every floating tensor requires grad.
 
     ``resets``: the ``(T, B)`` reset codes as nested lists; a random ``reset_state`` comes
-    with them. ``mask``: the ``(T, B)`` steps that run, as nested lists of 0/1.
+    with them. ``mask``: the ``(T, B)`` steps that run, as nested lists of 0/1. ``dropout``:
+    random recurrent-dropout multipliers (0 or ``1/(1-p)``); ``zoneout_masks``: random
+    training masks with keep probability ``spec.zoneout`` (``c``'s too for LSTM). Masks
+    never require grad. ``norms``: ``"hh"`` and/or ``"cell"``, random layer-norm gains
+    (around 1) and biases for ``norm_hh`` / ``norm_cell``.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -74,12 +80,31 @@ def make_call(spec, *, hidden=20, proj=0, seq_len=4, batch=3, lengths=None, bias
     if mask is not None:
         call["mask"] = torch.tensor(mask, dtype=torch.bool)
         call["carry_masked_output"] = carry_masked_output
+
+    def bernoulli(p, *shape):
+        return (torch.rand(*shape, generator=generator) < p).to(dtype)
+
+    if dropout:
+        call["hidden_dropout"] = (1 - bernoulli(dropout, batch, hidden_out)) / (1 - dropout)
+    if zoneout_masks:
+        call["zoneout_h"] = bernoulli(spec.zoneout, seq_len, batch, hidden_out)
+        if spec.mode == "lstm":
+            call["zoneout_c"] = bernoulli(spec.zoneout, seq_len, batch, hidden)
+    for norm in norms:
+        size = gate_size if norm == "hh" else hidden
+        call[f"norm_{norm}"] = ((1 + rand(size, scale=0.3)).detach().requires_grad_(),
+                                rand(size, scale=0.2))
     return call
+
+
+REGULARIZERS = ("hidden_dropout", "zoneout_h", "zoneout_c")
+OPTIONS = (*REGULARIZERS, "norm_hh", "norm_cell")  # the keyword-only fields of a call
 
 
 def leaves(call):
     tensors = [call["gates_x"], *call["state"], call["weight_hh"], call["bias_hh"],
-               call["weight_hr"], *call.get("reset_state", ())]
+               call["weight_hr"], *call.get("reset_state", ()), *call.get("norm_hh", ()),
+               *call.get("norm_cell", ())]
     return [t for t in tensors if t is not None]
 
 
@@ -88,7 +113,8 @@ def run(fn, spec, call, reverse):
     output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"], call["bias_hh"],
                        call["weight_hr"], call["lengths"], reverse, call.get("resets"),
                        call.get("reset_state"), call.get("mask"),
-                       call.get("carry_masked_output", False))
+                       call.get("carry_masked_output", False),
+                       **{name: call[name] for name in OPTIONS if name in call})
     results = [output, *final]
     # A weighted sum, so every output position gets a different gradient.
     loss = sum((r.float() * torch.linspace(-1, 1, r.numel()).view_as(r)).sum() for r in results)
@@ -109,11 +135,11 @@ def assert_close_all(actual, expected, atol, rtol=1e-6):
 @st.composite
 def configurations(draw):
     mode = draw(st.sampled_from(["rnn", "gru", "lstm"]))
-    # RNN: the rows the kernels have a formula for (the rest are refused, test_conformance).
-    # GRU/LSTM: torch.nn's tanh; other activations are regularized calls, refused for now.
+    # The rows the kernels have a formula for (the rest are refused, test_conformance), as
+    # the activation of every mode and the gate activation of GRU/LSTM.
     served = sorted(name for name in ACTIVATIONS if name in host.kernels().ACTIVATION_CODES)
-    activation = draw(st.sampled_from(served)) if mode == "rnn" else "tanh"
-    spec = CellSpec(mode, activation, draw(st.booleans()))
+    spec = CellSpec(mode, draw(st.sampled_from(served)), draw(st.booleans()),
+                    recurrent_activation=draw(st.sampled_from(served)))
     hidden = draw(st.integers(1, 24))
     batch = draw(st.integers(1, 5))
     seq_len = draw(st.integers(1, 4))
@@ -237,6 +263,171 @@ def test_masks_with_holes_equal_reference(spec, proj, carry, schedule, monkeypat
         assert (actual[0][skipped].abs().max() > 0) == carry
 
 
+# Recurrent dropout and zoneout (issue 14): (id, spec changes, make_call options). The last
+# case combines them with state resets and holes whose skipped steps output the carried h.
+REGULARIZED = [
+    ("dropout", {}, {"dropout": 0.4}),
+    ("zoneout-train", {"zoneout": 0.3}, {"zoneout_masks": True}),
+    ("zoneout-eval", {"zoneout": 0.3}, {}),
+    ("all-with-resets-and-holes", {"zoneout": 0.5},
+     {"dropout": 0.25, "zoneout_masks": True, "resets": RESET_CODES, "mask": MASK[:4],
+      "carry_masked_output": True}),
+]
+
+
+@pytest.mark.parametrize("case,changes,options", REGULARIZED, ids=[c[0] for c in REGULARIZED])
+@pytest.mark.parametrize("spec,proj", EVERY_MODE, ids=EVERY_MODE_IDS)
+def test_dropout_and_zoneout_equal_reference(spec, proj, case, changes, options):
+    # Outputs, final states and every gradient (reset_state's included; the masks get none):
+    # forward at full length, and reverse with lengths.
+    spec = replace(spec, **changes)
+    for reverse, lengths in [(False, None), (True, [4, 2, 3])]:
+        call = make_call(spec, proj=proj, hidden=8, lengths=lengths, **options)
+        actual = run(host.recurrence, spec, call, reverse)
+        assert_close_all(actual, run(reference.recurrence, spec, call, reverse), FP32_ATOL,
+                         1e-5)
+        # The fields really acted: without them the kernels give another output.
+        plain = {key: value for key, value in call.items() if key not in REGULARIZERS}
+        assert not torch.allclose(actual[0], run(host.recurrence, replace(spec, zoneout=0.0),
+                                                 plain, reverse)[0])
+
+
+@pytest.mark.parametrize("schedule", host.SCHEDULES)
+@pytest.mark.parametrize("spec,proj", [(CellSpec("gru", reset_after=False), 0),
+                                       (CellSpec("lstm"), 12)], ids=["gru-before", "lstm-proj"])
+def test_dropout_and_zoneout_on_both_schedules(spec, proj, schedule, monkeypatch):
+    monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", schedule)
+    spec = replace(spec, zoneout=0.3)
+    call = make_call(spec, proj=proj, hidden=8, lengths=[4, 2, 3], dropout=0.3,
+                     zoneout_masks=True)
+    assert_close_all(run(host.recurrence, spec, call, True),
+                     run(reference.recurrence, spec, call, True), FP32_ATOL, 1e-5)
+
+
+# Every row of the table with a Triton formula, as GRU's candidate / LSTM's cell activation and
+# as their gate activation at once (both GRU formulations in turn).
+SERVED_ROWS = sorted(host.kernels().ACTIVATION_CODES)
+
+
+@pytest.mark.parametrize("mode", ["gru", "lstm"])
+@pytest.mark.parametrize("row", SERVED_ROWS)
+def test_gate_activations_equal_reference(mode, row):
+    spec = CellSpec(mode, row, reset_after=SERVED_ROWS.index(row) % 2 == 0,
+                    recurrent_activation=row)
+    assert BACKEND.unsupported_reason(Call(spec=spec, **{
+        key: value for key, value in make_call(spec, hidden=4).items()
+        if key in ("gates_x", "state", "weight_hh")})) is None
+    for reverse, lengths in [(False, None), (True, [4, 2, 3])]:
+        call = make_call(spec, hidden=8, lengths=lengths)
+        assert_close_all(run(host.recurrence, spec, call, reverse),
+                         run(reference.recurrence, spec, call, reverse), FP32_ATOL, 1e-5)
+
+
+def test_fp16_dropout_and_zoneout_are_as_close_to_fp32_as_stated():
+    spec = CellSpec("lstm", zoneout=0.3, recurrent_activation="hard_sigmoid")
+    call16 = make_call(spec, dtype=torch.float16, hidden=8, proj=4, lengths=[4, 2, 3],
+                       dropout=0.3, zoneout_masks=True)
+    call32 = {key: value for key, value in call16.items()}
+    for key in ("gates_x", "weight_hh", "bias_hh", "weight_hr"):
+        call32[key] = call16[key].detach().float().requires_grad_()
+    for key in REGULARIZERS:
+        call32[key] = call16[key].float()
+    call32["state"] = tuple(s.detach().float().requires_grad_() for s in call16["state"])
+    actual = run(host.recurrence, spec, call16, True)
+    assert all(a.dtype == torch.float16 for a in actual)
+    assert_close_all(actual, run(reference.recurrence, spec, call32, True), FP16_ATOL)
+
+
+def test_double_backward_with_dropout_and_zoneout_equals_reference():
+    spec = CellSpec("lstm", zoneout=0.3)
+    call = make_call(spec, hidden=8, seq_len=3, batch=2, lengths=[3, 2], dropout=0.3,
+                     zoneout_masks=True)
+    results = []
+    for fn in (reference.recurrence, host.recurrence):
+        output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"],
+                           call["bias_hh"], None, call["lengths"], False,
+                           **{name: call[name] for name in REGULARIZERS})
+        loss = (output**2).sum() + final[-1].sum()
+        grad_w, = torch.autograd.grad(loss, call["weight_hh"], create_graph=True)
+        second = torch.autograd.grad((grad_w**2).sum(), [call["gates_x"], call["weight_hh"]])
+        results.append([grad_w.detach(), *second])
+    assert_close_all(results[1], results[0], FP32_ATOL, rtol=1e-5)
+
+
+# Layer norm: (id, spec, projection size, norms, further make_call options). The last cases
+# combine it with dropout, zoneout, resets and holes, and with other activations.
+LAYER_NORM = [
+    ("gru-hh", CellSpec("gru"), 0, ("hh",), {}),
+    ("lstm-hh", CellSpec("lstm"), 0, ("hh",), {}),
+    ("lstm-cell", CellSpec("lstm"), 0, ("cell",), {}),
+    ("lstm-both", CellSpec("lstm"), 0, ("hh", "cell"), {}),
+    ("lstm-proj-both", CellSpec("lstm"), 6, ("hh", "cell"), {}),
+    ("lstm-proj-cell-all", CellSpec("lstm", zoneout=0.4), 6, ("cell",),
+     {"dropout": 0.3, "zoneout_masks": True, "resets": RESET_CODES, "mask": MASK[:4],
+      "carry_masked_output": True}),
+    ("gru-hh-all", CellSpec("gru", "softsign", recurrent_activation="hard_sigmoid",
+                            zoneout=0.3), 0, ("hh",),
+     {"dropout": 0.3, "resets": RESET_CODES, "mask": MASK[:4]}),
+    ("lstm-both-eval-zoneout", CellSpec("lstm", "relu", recurrent_activation="hard_sigmoid",
+                                        zoneout=0.3), 0, ("hh", "cell"), {"dropout": 0.3}),
+]
+
+
+@pytest.mark.parametrize("case,spec,proj,norms,options", LAYER_NORM,
+                         ids=[c[0] for c in LAYER_NORM])
+def test_layer_norm_equals_reference(case, spec, proj, norms, options):
+    # Outputs, final states and every gradient, the norms' gains and biases included: forward
+    # at full length, and reverse with lengths.
+    for reverse, lengths in [(False, None), (True, [4, 2, 3])]:
+        call = make_call(spec, proj=proj, hidden=8, lengths=lengths, norms=norms, **options)
+        actual = run(host.recurrence, spec, call, reverse)
+        assert_close_all(actual, run(reference.recurrence, spec, call, reverse), FP32_ATOL,
+                         1e-5)
+        # Every gain and bias got a gradient (the last leaves).
+        for grad in actual[-2 * len(norms):]:
+            assert grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("schedule", host.SCHEDULES)
+def test_layer_norm_on_both_schedules(schedule, monkeypatch):
+    monkeypatch.setenv("RNNKIT_TRITON_SCHEDULE", schedule)
+    spec = CellSpec("lstm", zoneout=0.3)
+    call = make_call(spec, proj=6, hidden=8, lengths=[4, 2, 3], norms=("hh", "cell"),
+                     dropout=0.3, zoneout_masks=True)
+    assert_close_all(run(host.recurrence, spec, call, True),
+                     run(reference.recurrence, spec, call, True), FP32_ATOL, 1e-5)
+
+
+def test_fp16_layer_norm_is_as_close_to_fp32_as_stated():
+    spec = CellSpec("lstm")
+    call16 = make_call(spec, dtype=torch.float16, hidden=8, lengths=[4, 2, 3],
+                       norms=("hh", "cell"))
+    call32 = {key: value for key, value in call16.items()}
+    for key in ("gates_x", "weight_hh", "bias_hh"):
+        call32[key] = call16[key].detach().float().requires_grad_()
+    for key in ("state", "norm_hh", "norm_cell"):
+        call32[key] = tuple(t.detach().float().requires_grad_() for t in call16[key])
+    actual = run(host.recurrence, spec, call16, False)
+    assert all(a.dtype == torch.float16 for a in actual)
+    assert_close_all(actual, run(reference.recurrence, spec, call32, False), FP16_ATOL)
+
+
+def test_double_backward_with_layer_norm_equals_reference():
+    spec = CellSpec("lstm")
+    call = make_call(spec, hidden=8, seq_len=3, batch=2, lengths=[3, 2], norms=("hh", "cell"))
+    wrt = [call["gates_x"], call["weight_hh"], *call["norm_hh"], *call["norm_cell"]]
+    results = []
+    for fn in (reference.recurrence, host.recurrence):
+        output, final = fn(spec, call["gates_x"], call["state"], call["weight_hh"],
+                           call["bias_hh"], None, call["lengths"], False,
+                           norm_hh=call["norm_hh"], norm_cell=call["norm_cell"])
+        loss = (output**2).sum() + final[-1].sum()
+        grad_w, = torch.autograd.grad(loss, call["weight_hh"], create_graph=True)
+        second = torch.autograd.grad((grad_w**2).sum(), wrt)
+        results.append([grad_w.detach(), *second])
+    assert_close_all(results[1], results[0], FP32_ATOL, rtol=1e-5)
+
+
 def packed_and_lengths(batch_first_input, lengths):
     return pack_padded_sequence(batch_first_input, torch.tensor(lengths), batch_first=True,
                                 enforce_sorted=False)
@@ -345,6 +536,27 @@ def test_unsupported_calls_give_reasons(monkeypatch):
     assert "mixed dtypes" in reason(weight_hh=call["weight_hh"].half())
     assert "callable" in reason(spec=CellSpec("rnn", torch.sin))
     assert "'mish' has no triton kernel" in reason(spec=CellSpec("rnn", "mish"))
+    gru = make_call(CellSpec("gru"), seq_len=2)
+    gru_fields = dict(gates_x=gru["gates_x"], state=gru["state"], weight_hh=gru["weight_hh"],
+                      bias_hh=gru["bias_hh"])
+    assert "recurrent_activation is a callable" in reason(
+        spec=CellSpec("gru", recurrent_activation=torch.sigmoid), **gru_fields)
+    assert "'mish' has no triton kernel" in reason(
+        spec=CellSpec("gru", recurrent_activation="mish"), **gru_fields)
+    gain = torch.ones(60)
+    assert "reset_after=True only" in reason(
+        spec=CellSpec("gru", reset_after=False, layer_norm=True), norm_hh=(gain, gain * 0),
+        **gru_fields)
+    assert "reset_after=True only" in reason(norm_hh=(gain[:20], gain[:20] * 0))
+    assert "norm_cell) is served for LSTM only" in reason(
+        spec=CellSpec("gru", layer_norm=True), norm_cell=(gain[:20], gain[:20] * 0),
+        **gru_fields)
+    assert reason(spec=CellSpec("gru", layer_norm=True), norm_hh=(gain, gain * 0),
+                  **gru_fields) is None
+    # Recurrent dropout, zoneout and gate activations are served.
+    assert reason(spec=CellSpec("gru", "relu", recurrent_activation="hard_sigmoid",
+                                zoneout=0.2), hidden_dropout=torch.ones(3, 20),
+                  zoneout_h=torch.ones(2, 3, 20), **gru_fields) is None
     assert "bfloat16" in reason(
         gates_x=call["gates_x"].bfloat16(), state=(call["state"][0].bfloat16(),),
         weight_hh=call["weight_hh"].bfloat16(), bias_hh=call["bias_hh"].bfloat16())
@@ -404,10 +616,14 @@ from triton.compiler import ASTSource
 from rnnkit.ops.triton import _kernels as k
 
 
-def compile_for_hopper(kernel, mode, pointer_types, phases, resets, mask=False):
+def compile_for_hopper(kernel, mode, pointer_types, phases, resets, mask=False,
+                      regularized=False, norms=False):
     consts = dict(MODE=mode, ACT=5, G=4 if mode >= k.LSTM else 3, HAS_BIAS=True,
                   HAS_LENGTHS=True, REVERSE=True, HAS_RESETS=resets, HAS_MASK=mask,
-                  CARRY_OUT=mask,
+                  CARRY_OUT=mask, GATE=k.ACTIVATION_CODES["hard_sigmoid"] if regularized else 3,
+                  HAS_DROPOUT=regularized, ZONE_H=k.ZONE_MASK.value if regularized else 0,
+                  ZONE_C=k.ZONE_EXPECT.value if regularized else 0,
+                  NORM_HH=norms, NORM_CELL=norms and mode >= k.LSTM,
                   PHASE_FIRST=0, PHASE_LAST=phases - 1,
                   SYNC=k.SYNC_GRID.value, BLOCK_B=16, BLOCK_N=32, BLOCK_K=64, PRECISION="ieee")
     pointers = iter(pointer_types)
@@ -418,6 +634,8 @@ def compile_for_hopper(kernel, mode, pointer_types, phases, resets, mask=False):
         elif name in consts:
             signature[name] = "constexpr"
             constexprs[(index,)] = consts[name]
+        elif name == "zoneout_p":
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
     compiled = triton.compile(ASTSource(kernel, signature, constexprs),
@@ -426,8 +644,11 @@ def compile_for_hopper(kernel, mode, pointer_types, phases, resets, mask=False):
 
 
 half, f32 = "*fp16", "*fp32"
-forward = [half] * 4 + ["*i64", "*i8", "*i8", half, half, half, f32, half, f32, f32, "*i32"]
-backward = [half, half, "*i64", "*i8", "*i8", half, half, half] + [f32] * 11 + ["*i32"]
+# (zoneout_p sits between the mask pointers and the norms' pointers; pointers only here.)
+forward = [half] * 4 + ["*i64", "*i8", "*i8", half, half] + [half] * 3 + [half] * 4 + [
+    f32, f32] + [half, f32, half, f32, f32, "*i32"]
+backward = [half, half, "*i64", "*i8", "*i8", half, half] + [half] * 3 + [half] * 3 + [
+    f32] * 4 + [half] + [f32] * 11 + ["*i32"]
 json.dump([
     compile_for_hopper(k.forward_kernel, k.LSTM_PROJ, forward, k.FORWARD_PHASES[k.LSTM_PROJ],
                        False),
@@ -445,6 +666,20 @@ json.dump([
                        False, True),
     compile_for_hopper(k.backward_kernel, k.LSTM_PROJ, backward,
                        k.BACKWARD_PHASES[k.LSTM_PROJ], False, True),
+    # With recurrent dropout, zoneout (masks for h, the expectation for c), hard_sigmoid gates.
+    compile_for_hopper(k.forward_kernel, k.LSTM_PROJ, forward, k.FORWARD_PHASES[k.LSTM_PROJ],
+                       True, True, True),
+    compile_for_hopper(k.backward_kernel, k.LSTM_PROJ, backward,
+                       k.BACKWARD_PHASES[k.LSTM_PROJ], True, True, True),
+    compile_for_hopper(k.backward_kernel, k.GRU_BEFORE, backward,
+                       k.BACKWARD_PHASES[k.GRU_BEFORE], False, False, True),
+    # With both layer norms (one more phase each) on top of everything else.
+    compile_for_hopper(k.forward_kernel, k.LSTM_PROJ, forward,
+                       k.FORWARD_PHASES[k.LSTM_PROJ] + 2, True, True, True, True),
+    compile_for_hopper(k.backward_kernel, k.LSTM_PROJ, backward,
+                       k.BACKWARD_PHASES[k.LSTM_PROJ] + 2, True, True, True, True),
+    compile_for_hopper(k.backward_kernel, k.GRU_AFTER, backward,
+                       k.BACKWARD_PHASES[k.GRU_AFTER] + 1, False, False, True, True),
 ], sys.stdout)
 """
 

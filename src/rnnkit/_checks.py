@@ -68,6 +68,32 @@ def dropout(value: object) -> float:
     return float(value)
 
 
+def probability(name: str, value: object) -> float:
+    """A drop or keep probability in `[0, 1)` (recurrent/input dropout, zoneout).
+
+    Raises:
+        TypeError: not a real number (a bool, a string). ValueError: outside `[0, 1)`.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def real(name: str, value: object) -> float:
+    """A finite real number (`forget_bias`).
+
+    Raises:
+        TypeError: not a real number. ValueError: not finite.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not np.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def _matches_parameters(name: str, tensor: Tensor, reference: Tensor) -> None:
     if not (tensor.is_floating_point() or tensor.is_complex()):
         raise TypeError(

@@ -92,6 +92,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "1%% of steps resetting, forward+backward; rnnkit's one call with resets= against "
         "CleanRL's per-step loop over torch.nn.LSTM and against rnnkit without resets",
     )
+    parser.add_argument(
+        "--regularized", action="store_true",
+        help="recurrent dropout (0.25) and LayerNorm LSTM at (B, H, T) = (16, 256, 200) and "
+        "(64, 512, 100), forward+backward: rnnkit against the same model as torch.nn cells "
+        "in a Python loop and against plain rnnkit",
+    )
     args = parser.parse_args(argv)
     _import_torch()
     if args.repeats < 5:
@@ -425,6 +431,129 @@ def _plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+# Recurrent dropout and layer norm: the issue's grid and goals.
+REGULARIZED_GRID = ((16, 256, 200), (64, 512, 100))  # (B, H, T), input size H
+REGULARIZED_TARGETS = {  # (speedup vs the cell loop at least, overhead vs plain at most)
+    "dropout": (3.0, 1.3), "layer_norm": (3.0, 1.5),
+}
+RECURRENT_DROPOUT = 0.25
+
+
+def _cell_loop(kind: str, size: int, device: str, dtype: torch.dtype, x: Tensor,
+               mask: Tensor) -> Callable[[], None]:
+    """What users write today: torch.nn.LSTMCell/GRUCell stepped in Python, `h` times one
+    fixed per-sequence mask where it enters the cell (GRUCell then also mixes the dropped `h`
+    into its update, a slightly different model at the same cost)."""
+    cell = getattr(torch.nn, kind + "Cell")(size, size, device=device, dtype=dtype)
+
+    def train() -> None:
+        cell.zero_grad(set_to_none=True)
+        h = x.new_zeros(x.shape[1], size)
+        c = x.new_zeros(x.shape[1], size)
+        outputs = []
+        for t in range(x.shape[0]):
+            if kind == "LSTM":
+                h, c = cell(x[t], (h * mask, c))
+            else:
+                h = cell(x[t], h * mask)
+            outputs.append(h)
+        torch.stack(outputs).sum().backward()
+
+    return train
+
+
+def _layer_norm_loop(size: int, device: str, dtype: torch.dtype,
+                     x: Tensor) -> Callable[[], None]:
+    """A LayerNorm LSTM as users write it: torch.nn.Linear and torch.nn.LayerNorm modules,
+    the input projection for all steps at once, the recurrence stepped in Python."""
+    factory = {"device": device, "dtype": dtype}
+    modules = torch.nn.ModuleDict({
+        "ih": torch.nn.Linear(size, 4 * size, bias=True, **factory),
+        "hh": torch.nn.Linear(size, 4 * size, bias=True, **factory),
+        "ln_x": torch.nn.LayerNorm(4 * size, **factory),
+        "ln_h": torch.nn.LayerNorm(4 * size, **factory),
+        "ln_c": torch.nn.LayerNorm(size, **factory),
+    })
+
+    def train() -> None:
+        modules.zero_grad(set_to_none=True)
+        gates_x = modules["ln_x"](x @ modules["ih"].weight.T) + modules["ih"].bias
+        h = x.new_zeros(x.shape[1], size)
+        c = x.new_zeros(x.shape[1], size)
+        outputs = []
+        for t in range(x.shape[0]):
+            gates = gates_x[t] + modules["ln_h"](h @ modules["hh"].weight.T) + modules["hh"].bias
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(modules["ln_c"](c))
+            outputs.append(h)
+        torch.stack(outputs).sum().backward()
+
+    return train
+
+
+def _layer_train(layer: torch.nn.Module, x: Tensor) -> Callable[[], None]:
+    def train() -> None:
+        layer.zero_grad(set_to_none=True)
+        output, _ = layer(x)
+        output.sum().backward()
+
+    return train
+
+
+def run_regularized(args: argparse.Namespace) -> dict:
+    """Recurrent dropout (LSTM, GRU) and LayerNorm LSTM, interleaved in one process: the
+    Python cell loop, rnnkit with the option, and plain rnnkit; medians of the repeats."""
+    dtype = getattr(torch, args.dtype)
+    device = args.device
+    grid = ((2, 16, 8),) if args.quick else REGULARIZED_GRID
+    cases = [("LSTM", "dropout"), ("GRU", "dropout"), ("LSTM", "layer_norm")]
+    rows = []
+    for batch, size, seq_len in grid:
+        for kind, option in cases:
+            torch.manual_seed(0)
+            x = torch.randn(seq_len, batch, size, device=device, dtype=dtype)
+            layer_class = getattr(rnnkit, kind)
+            plain = layer_class(size, size, device=device, dtype=dtype).train()
+            if option == "dropout":
+                ours = layer_class(size, size, device=device, dtype=dtype,
+                                   recurrent_dropout=RECURRENT_DROPOUT).train()
+                mask = ours.sequence_masks(batch)["hidden_l0"]
+                loop = _cell_loop(kind, size, device, dtype, x, mask)
+            else:
+                ours = layer_class(size, size, device=device, dtype=dtype,
+                                   layer_norm=True).train()
+                loop = _layer_norm_loop(size, device, dtype, x)
+            contenders = {"loop": loop, "ours": _layer_train(ours, x),
+                          "plain": _layer_train(plain, x)}
+            for fn in contenders.values():  # warm-up (and first build)
+                fn()
+            times: dict[str, list[float]] = {k: [] for k in contenders}
+            for _ in range(args.repeats):
+                for key, fn in contenders.items():
+                    times[key].append(_timed(fn, device))
+            median = {k: statistics.median(v) for k, v in times.items()}
+            row = {
+                "cell": kind, "option": option, "batch": batch, "hidden": size,
+                "seq_len": seq_len, "median_s": median, "all_s": times,
+                "speedup_vs_loop": median["loop"] / median["ours"],
+                "overhead_vs_plain": median["ours"] / median["plain"],
+            }
+            if not args.quick:
+                row["target_vs_loop"], row["target_overhead"] = REGULARIZED_TARGETS[option]
+            rows.append(row)
+            label = (f"recurrent_dropout={RECURRENT_DROPOUT}" if option == "dropout"
+                     else "layer_norm=True")
+            print(
+                f"{kind:<4} {label:<24} B={batch:<3} H={size:<4} T={seq_len:<4}| "
+                f"loop {median['loop'] * 1e3:8.1f}ms  rnnkit {median['ours'] * 1e3:7.1f}ms "
+                f"({row['speedup_vs_loop']:5.2f}x faster)  plain rnnkit "
+                f"{median['plain'] * 1e3:7.1f}ms (option costs {row['overhead_vs_plain']:4.2f}x)",
+                flush=True,
+            )
+    return {**_context(args), "suite": "regularized", "results": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the process exit status."""
     args = _parse(argv)
@@ -436,6 +565,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.regularized:
+        print(
+            f"rnnkit bench --regularized: {args.device} {args.dtype}, "
+            f"{torch.get_num_threads()} threads, median of {args.repeats}, forward+backward"
+        )
+        results = run_regularized(args)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"bench-regularized-{args.device}.json"
+            path.write_text(json.dumps(results, indent=2))
+            print(f"wrote {path}")
+        return 0
     if args.resets:
         print(
             f"rnnkit bench --resets: {args.device} {args.dtype}, {torch.get_num_threads()} "

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from rnnkit import _checks, _from_weights
+from rnnkit import _checks, _from_weights, _regularize
 from rnnkit._state import initial_state
 from rnnkit.ops import dispatch
 from rnnkit.ops.activations import Activation, check_activation, nonlinearity_repr
@@ -47,12 +47,20 @@ class _CellBase(nn.Module):
         dtype,
         learn_initial_state: bool,
         backend: str | None,
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        forget_bias: float = 0.0,
     ) -> None:
         super().__init__()
+        self.recurrent_dropout = _checks.probability("recurrent_dropout", recurrent_dropout)
+        self.input_dropout = _checks.probability("input_dropout", input_dropout)
+        self.forget_bias = _checks.real("forget_bias", forget_bias)
         # Zero sizes are allowed, as torch.nn's cells allow them.
         input_size = _checks.non_negative_int("input_size", input_size)
         hidden_size = _checks.non_negative_int("hidden_size", hidden_size)
         bias = _checks.torch_flag("bias", bias)
+        if self.forget_bias and not bias:
+            raise ValueError(f"forget_bias={forget_bias} needs bias=True")
         learn_initial_state = _checks.boolean("learn_initial_state", learn_initial_state)
         self.backend = dispatch.check_name(backend)
         factory = {"device": device, "dtype": dtype}
@@ -70,6 +78,8 @@ class _CellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        for name, size in _regularize.norm_shapes(spec, hidden_size).items():
+            setattr(self, name, nn.Parameter(torch.empty(size, **factory)))
         if learn_initial_state:
             self.initial_h = nn.Parameter(torch.zeros(hidden_size, **factory))
             if spec.mode == "lstm":
@@ -79,14 +89,34 @@ class _CellBase(nn.Module):
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)).
 
-        A learnable initial state starts at zero, so a fresh cell behaves like torch.nn's.
+        A learnable initial state starts at zero, so a fresh cell behaves like torch.nn's;
+        layer-norm gains start at 1 and their biases at 0; LSTM's `forget_bias` is then
+        added to the forget-gate rows of `bias_ih`.
         """
         bound = 1.0 / self.hidden_size**0.5 if self.hidden_size > 0 else 0.0
         for name, param in self.named_parameters():
             if name.startswith("initial_"):
                 nn.init.zeros_(param)
             else:
-                nn.init.uniform_(param, -bound, bound)
+                _regularize.init_parameter(name, param, bound)
+        if getattr(self, "forget_bias", 0.0):
+            _regularize.add_forget_bias(self.bias_ih, self.hidden_size, self.forget_bias)
+
+    def sequence_masks(self, batch_size: int) -> dict[str, Tensor]:
+        """Draw per-sequence dropout masks: `input` `(N, H_in)` (`input_dropout`) and
+        `hidden` `(N, H)` (`recurrent_dropout`), pre-scaled multipliers drawn on the CPU from
+        torch's default generator. Pass them as `dropout_masks=` at every step of a sequence
+        for variational dropout (`rnnkit.Stateful` does); without them each step
+        draws its own."""
+        reference = self.weight_ih
+        masks: dict[str, Tensor] = {}
+        if self.input_dropout:
+            masks["input"] = _regularize.dropout_mask(
+                (batch_size, self.input_size), self.input_dropout, reference)
+        if self.recurrent_dropout:
+            masks["hidden"] = _regularize.dropout_mask(
+                (batch_size, self.hidden_size), self.recurrent_dropout, reference)
+        return masks
 
     def initial_state(self, batch_size: int | None) -> State:
         """The state a step starts from when `hx` is not given, as a tuple: `(N, H)`
@@ -94,10 +124,11 @@ class _CellBase(nn.Module):
         sizes = (self.hidden_size,) * self.spec.num_states
         return initial_state(self, (), batch_size, sizes)
 
-    def _run(self, input: Tensor, hx: State | None) -> State:
-        fast = stream.cell_step(self, input, hx)  # a step without gradients, compiled
-        if fast is not None:
-            return fast[1]
+    def _run(self, input: Tensor, hx: State | None, dropout_masks=None) -> State:
+        if dropout_masks is None:
+            fast = stream.cell_step(self, input, hx)  # a step without gradients, compiled
+            if fast is not None:
+                return fast[1]
         # Read each weight once: a parametrized weight is computed on every access.
         weight_ih = self.weight_ih
         _checks.input_tensor(input, weight_ih, self.input_size, ranks=(1, 2), what="input")
@@ -113,6 +144,10 @@ class _CellBase(nn.Module):
         if not batched:
             input = input.unsqueeze(0)
             state = tuple(s.unsqueeze(0) for s in state)
+        masks = self._masks(dropout_masks, input.shape[0])
+        if "input" in masks:
+            input = input * masks["input"]
+        norm_ih, norm_hh, norm_cell = _regularize.norms(self, "", self.spec)
         _, state = dispatch.run(
             Call(
                 spec=self.spec,
@@ -122,6 +157,12 @@ class _CellBase(nn.Module):
                 input=input.unsqueeze(0),
                 weight_ih=weight_ih,
                 bias_ih=self.bias_ih,
+                hidden_dropout=masks.get("hidden"),
+                zoneout_h=masks.get("zoneout_h"),
+                zoneout_c=masks.get("zoneout_c"),
+                norm_ih=norm_ih,
+                norm_hh=norm_hh,
+                norm_cell=norm_cell,
                 backend=self.backend,
                 time_axis=False,
             )
@@ -129,6 +170,31 @@ class _CellBase(nn.Module):
         if not batched:
             state = tuple(s.squeeze(0) for s in state)
         return state
+
+    def _masks(self, given, batch_size: int) -> dict[str, Tensor]:
+        """This step's masks in training: `given` (from `sequence_masks`) or fresh ones,
+        and fresh zoneout masks."""
+        if not self.training:
+            return {}
+        if given is not None and not isinstance(given, dict):
+            raise TypeError("dropout_masks must be a dict from sequence_masks(), got "
+                            f"{type(given).__name__}")
+        expected = {}
+        if self.input_dropout:
+            expected["input"] = (batch_size, self.input_size)
+        if self.recurrent_dropout:
+            expected["hidden"] = (batch_size, self.hidden_size)
+        for key, tensor in (given or {}).items():
+            if key not in expected or not isinstance(tensor, Tensor) or (
+                    tuple(tensor.shape) != expected[key]):
+                raise ValueError(f"dropout_masks[{key!r}]: this cell expects keys and shapes "
+                                 f"{expected}")
+        masks = dict(given) if given is not None else self.sequence_masks(batch_size)
+        if self.spec.zoneout:
+            for name in ("zoneout_h", "zoneout_c")[: self.spec.num_states]:
+                masks[name] = _regularize.zoneout_mask(
+                    (1, batch_size, self.hidden_size), self.spec.zoneout, self.weight_ih)
+        return _regularize.refuse_export(masks)
 
     @classmethod
     def from_weights(
@@ -167,6 +233,9 @@ class _CellBase(nn.Module):
             text += ", bias=False"
         if self.learn_initial_state:
             text += ", learn_initial_state=True"
+        for name in ("recurrent_dropout", "input_dropout", "forget_bias"):
+            if getattr(self, name):
+                text += f", {name}={getattr(self, name)}"
         return text
 
 
@@ -189,6 +258,9 @@ class RNNCell(_CellBase):
             not given.
         backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
             another registered backend, as for [`RNN`][rnnkit.RNN].
+        recurrent_dropout: as for [`GRUCell`][rnnkit.GRUCell].
+        input_dropout: as for [`GRUCell`][rnnkit.GRUCell].
+        zoneout: as for [`GRUCell`][rnnkit.GRUCell]; `layer_norm=True` is refused (ValueError).
     """
 
     cell_kind = "rnn"
@@ -204,20 +276,31 @@ class RNNCell(_CellBase):
         *,
         learn_initial_state: bool = False,
         backend: str | None = None,
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        layer_norm: bool = False,
     ) -> None:
         self.nonlinearity = check_activation(nonlinearity)
+        _regularize.refuse_layer_norm(layer_norm)
+        zoneout = _checks.probability("zoneout", zoneout)
         super().__init__(
-            CellSpec("rnn", nonlinearity=self.nonlinearity), input_size, hidden_size, bias,
-            device, dtype, learn_initial_state, backend,
+            CellSpec("rnn", nonlinearity=self.nonlinearity, zoneout=zoneout), input_size,
+            hidden_size, bias, device, dtype, learn_initial_state, backend,
+            recurrent_dropout, input_dropout,
         )
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, hx: Tensor | None = None, *, dropout_masks=None
+    ) -> Tensor:
         r"""One step: $h' = \sigma(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})$.
 
         Args:
             input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
             hx: `h`, `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or to the learnable
                 initial state.
+            dropout_masks: in training, the masks of `sequence_masks` to use instead of fresh
+                ones (variational dropout across the steps of a sequence).
 
         Returns:
             `h'`, shaped like `hx`: `(N, H)`, or `(H,)` unbatched.
@@ -226,10 +309,11 @@ class RNNCell(_CellBase):
             ValueError, TypeError: `input` or a state of the wrong rank, size, dtype or
                 device, naming what was expected and what came.
         """
-        return self._run(input, None if hx is None else (hx,))[0]
+        return self._run(input, None if hx is None else (hx,), dropout_masks)[0]
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + nonlinearity_repr(self.nonlinearity)
+        text = super().extra_repr() + nonlinearity_repr(self.nonlinearity)
+        return text + (f", zoneout={self.spec.zoneout}" if self.spec.zoneout else "")
 
 
 class GRUCell(_CellBase):
@@ -250,6 +334,16 @@ class GRUCell(_CellBase):
             not given.
         backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
             another registered backend, as for [`RNN`][rnnkit.RNN].
+        activation: as for [`GRU`][rnnkit.GRU].
+        recurrent_activation: as for [`GRU`][rnnkit.GRU].
+        zoneout: as for [`GRU`][rnnkit.GRU].
+        layer_norm: as for [`GRU`][rnnkit.GRU], with parameters `layer_norm_ih_weight`,
+            `layer_norm_ih_bias`, `layer_norm_hh_weight`, `layer_norm_hh_bias`.
+        recurrent_dropout: dropout of `h` where it enters the recurrent product, scaled by
+            $1/(1-p)$, in training. A step cannot know where a sequence starts: pass the
+            masks of `sequence_masks` as `dropout_masks=` at every step for variational
+            dropout (as `rnnkit.Stateful` does); without them each step draws its own.
+        input_dropout: the same for `x`.
     """
 
     cell_kind = "gru"
@@ -265,21 +359,37 @@ class GRUCell(_CellBase):
         reset_after: bool = True,
         learn_initial_state: bool = False,
         backend: str | None = None,
+        activation: Activation = "tanh",
+        recurrent_activation: Activation = "sigmoid",
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        layer_norm: bool = False,
     ) -> None:
         reset_after = _checks.boolean("reset_after", reset_after)
         self.reset_after = reset_after
+        spec = _regularize.spec(
+            "gru", activation=activation, recurrent_activation=recurrent_activation,
+            reset_after=reset_after, zoneout=zoneout, layer_norm=layer_norm,
+        )
+        self.activation = spec.nonlinearity
+        self.recurrent_activation = spec.recurrent_activation
         super().__init__(
-            CellSpec("gru", reset_after=reset_after), input_size, hidden_size, bias, device,
-            dtype, learn_initial_state, backend,
+            spec, input_size, hidden_size, bias, device, dtype, learn_initial_state, backend,
+            recurrent_dropout, input_dropout,
         )
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, hx: Tensor | None = None, *, dropout_masks=None
+    ) -> Tensor:
         """One step (equations under [`gru_step`][rnnkit.cells.gru_step]).
 
         Args:
             input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
             hx: `h`, `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or to the learnable
                 initial state.
+            dropout_masks: in training, the masks of `sequence_masks` to use instead of fresh
+                ones (variational dropout across the steps of a sequence).
 
         Returns:
             `h'`, shaped like `hx`: `(N, H)`, or `(H,)` unbatched.
@@ -288,11 +398,12 @@ class GRUCell(_CellBase):
             ValueError, TypeError: `input` or a state of the wrong rank, size, dtype or
                 device, naming what was expected and what came.
         """
-        return self._run(input, None if hx is None else (hx,))[0]
+        return self._run(input, None if hx is None else (hx,), dropout_masks)[0]
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        return text if self.reset_after else text + ", reset_after=False"
+        text = text if self.reset_after else text + ", reset_after=False"
+        return text + _regularize.spec_repr(self.spec)
 
 
 class LSTMCell(_CellBase):
@@ -311,6 +422,14 @@ class LSTMCell(_CellBase):
             `(H,)`, used when `hx` is not given.
         backend: `None` reads `RNNKIT_BACKEND` (unset: `"auto"`); `"auto"`, `"reference"` or
             another registered backend, as for [`RNN`][rnnkit.RNN].
+        activation: as for [`LSTM`][rnnkit.LSTM].
+        recurrent_activation: as for [`LSTM`][rnnkit.LSTM].
+        zoneout: as for [`LSTM`][rnnkit.LSTM].
+        layer_norm: as for [`LSTM`][rnnkit.LSTM], with parameters as
+            [`GRUCell`][rnnkit.GRUCell]'s plus `layer_norm_cell_weight`, `layer_norm_cell_bias`.
+        forget_bias: as for [`LSTM`][rnnkit.LSTM].
+        recurrent_dropout: as for [`GRUCell`][rnnkit.GRUCell].
+        input_dropout: as for [`GRUCell`][rnnkit.GRUCell].
     """
 
     cell_kind = "lstm"
@@ -325,14 +444,27 @@ class LSTMCell(_CellBase):
         *,
         learn_initial_state: bool = False,
         backend: str | None = None,
+        activation: Activation = "tanh",
+        recurrent_activation: Activation = "sigmoid",
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        layer_norm: bool = False,
+        forget_bias: float = 0.0,
     ) -> None:
+        spec = _regularize.spec(
+            "lstm", activation=activation, recurrent_activation=recurrent_activation,
+            zoneout=zoneout, layer_norm=layer_norm,
+        )
+        self.activation = spec.nonlinearity
+        self.recurrent_activation = spec.recurrent_activation
         super().__init__(
-            CellSpec("lstm"), input_size, hidden_size, bias, device, dtype,
-            learn_initial_state, backend,
+            spec, input_size, hidden_size, bias, device, dtype, learn_initial_state, backend,
+            recurrent_dropout, input_dropout, forget_bias,
         )
 
     def forward(
-        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None, *, dropout_masks=None
     ) -> tuple[Tensor, Tensor]:
         """One step (equations under [`lstm_step`][rnnkit.cells.lstm_step]).
 
@@ -340,6 +472,8 @@ class LSTMCell(_CellBase):
             input: `x`, `(N, H_in)`, or `(H_in,)` unbatched.
             hx: the pair `(h, c)`, each `(N, H)`, or `(H,)` unbatched. Defaults to zeros, or
                 to the learnable initial state.
+            dropout_masks: in training, the masks of `sequence_masks` to use instead of fresh
+                ones (variational dropout across the steps of a sequence).
 
         Returns:
             The pair `(h', c')`, each shaped like `h`.
@@ -350,5 +484,8 @@ class LSTMCell(_CellBase):
         """
         if hx is not None:
             hx = _checks.state_pair(hx)
-        hidden, cell = self._run(input, hx)
+        hidden, cell = self._run(input, hx, dropout_masks)
         return hidden, cell
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _regularize.spec_repr(self.spec)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from rnnkit import _checks, _from_weights
+from rnnkit import _checks, _from_weights, _regularize
 from rnnkit._state import initial_state
 from rnnkit.ops import dispatch
 from rnnkit.ops.activations import Activation, check_activation, nonlinearity_repr
@@ -104,8 +104,14 @@ class RecurrentLayer(nn.Module):
         learn_initial_state: bool = False,
         backend: str | None = None,
         zero_output_for_mask: bool = True,
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        forget_bias: float = 0.0,
     ) -> None:
         super().__init__()
+        self.recurrent_dropout = _checks.probability("recurrent_dropout", recurrent_dropout)
+        self.input_dropout = _checks.probability("input_dropout", input_dropout)
+        self.forget_bias = _checks.real("forget_bias", forget_bias)
         input_size = _checks.positive_int("input_size", input_size)
         hidden_size = _checks.positive_int("hidden_size", hidden_size)
         num_layers = _checks.positive_int("num_layers", num_layers)
@@ -117,6 +123,8 @@ class RecurrentLayer(nn.Module):
         proj_size = _checks.non_negative_int("proj_size", proj_size)
         if proj_size and spec.mode != "lstm":
             raise ValueError(f"proj_size is only supported by LSTM, got proj_size={proj_size}")
+        if self.forget_bias and not bias:
+            raise ValueError(f"forget_bias={forget_bias} needs bias=True")
         if proj_size >= hidden_size:
             raise ValueError(
                 f"proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}"
@@ -162,6 +170,12 @@ class RecurrentLayer(nn.Module):
                     names.append(base + suffix)
                 self._all_weights.append(names)
         self._flat_weights_names = [name for names in self._all_weights for name in names]
+        # Layer-norm gains and biases (not torch.nn weights, so not in _flat_weights_names).
+        for layer in range(num_layers):
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                for base, size in _regularize.norm_shapes(spec, hidden_size).items():
+                    setattr(self, base + suffix, nn.Parameter(torch.empty(size, **factory)))
         if learn_initial_state:
             self.initial_h = nn.Parameter(
                 torch.zeros(num_layers * directions, out_size, **factory)
@@ -268,14 +282,20 @@ class RecurrentLayer(nn.Module):
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, in torch.nn's order: U(-1/sqrt(H), 1/sqrt(H)).
 
-        A learnable initial state starts at zero.
+        A learnable initial state starts at zero, layer-norm gains at 1 and their biases at
+        0; LSTM's `forget_bias` is then added to the forget-gate rows of every `bias_ih`.
         """
         bound = 1.0 / self.hidden_size**0.5
         for name, param in self.named_parameters():
             if name.startswith("initial_"):
                 nn.init.zeros_(param)
             else:
-                nn.init.uniform_(param, -bound, bound)
+                _regularize.init_parameter(name, param, bound)
+        if getattr(self, "forget_bias", 0.0):
+            for names in self._all_weights:
+                bias_ih = next((getattr(self, n) for n in names if n.startswith("bias_ih")),
+                               None)
+                _regularize.add_forget_bias(bias_ih, self.hidden_size, self.forget_bias)
 
     @classmethod
     def from_weights(
@@ -352,7 +372,34 @@ class RecurrentLayer(nn.Module):
                 stacked.append(tensor if batched else tensor.unsqueeze(1))
         return [tuple(s[i] for s in stacked) for i in range(count)]
 
-    def forward(self, input, hx=None, *, lengths=None, resets=None, mask=None):
+    def sequence_masks(self, batch_size: int) -> dict[str, Tensor]:
+        """Draw the per-sequence dropout masks of one training call on `batch_size` sequences.
+
+        Keys `input_l{k}` (`input_dropout`, `(N, H_in)` of layer `k`'s input) and
+        `hidden_l{k}` / `hidden_l{k}_reverse` (`recurrent_dropout`, `(N, H_out)`), each
+        pre-scaled multipliers (0 or `1/(1-p)`), drawn in that order, layer by layer, on the
+        CPU from torch's default generator (so `torch.manual_seed` reproduces them on every
+        device and backend). Empty when both probabilities are 0. Pass the result as
+        `forward(..., dropout_masks=)` to reuse the masks over several calls, as
+        `rnnkit.Stateful` does across the chunks of a sequence.
+        """
+        reference = next(self.parameters())
+        out_size = self.proj_size or self.hidden_size
+        masks: dict[str, Tensor] = {}
+        for layer in range(self.num_layers):
+            features = self.input_size if layer == 0 else out_size * self.num_directions
+            if self.input_dropout:
+                masks[f"input_l{layer}"] = _regularize.dropout_mask(
+                    (batch_size, features), self.input_dropout, reference)
+            if self.recurrent_dropout:
+                for direction in range(self.num_directions):
+                    key = f"hidden_l{layer}" + ("_reverse" if direction else "")
+                    masks[key] = _regularize.dropout_mask(
+                        (batch_size, out_size), self.recurrent_dropout, reference)
+        return masks
+
+    def forward(self, input, hx=None, *, lengths=None, resets=None, mask=None,
+                dropout_masks=None):
         """Run the layer over a batch of sequences.
 
         Shapes: `L` steps, `N` sequences, `H_in` = `input_size`, `D` = 2 if `bidirectional`
@@ -381,6 +428,11 @@ class RecurrentLayer(nn.Module):
                 its output is zero (with `zero_output_for_mask=False`, the carried `h`, as
                 Keras repeats the last output). Combines with `lengths`; not with
                 `resets` or a PackedSequence.
+            dropout_masks: in training, the masks to use instead of fresh ones: a dict from
+                `sequence_masks` (unbatched input: `N` = 1);
+                it may also hold zoneout masks `zoneout_h_l{k}` `(L, N, H_out)` and (LSTM)
+                `zoneout_c_l{k}` `(L, N, H)` (1 keeps the previous value), with `_reverse`
+                for the reverse direction. Ignored in evaluation.
 
         Returns:
             `(output, h_n)`, or `(output, (h_n, c_n))` for LSTM. `output` has the
@@ -390,7 +442,7 @@ class RecurrentLayer(nn.Module):
             ValueError, TypeError: for input, state, lengths, resets or mask of the wrong kind
                 or shape, and for mask with resets or a PackedSequence.
         """
-        if lengths is None and resets is None and mask is None:
+        if lengths is None and resets is None and mask is None and dropout_masks is None:
             # One step without gradients runs compiled from packed weights (ops/cpu/stream.py).
             fast = stream.layer_step(self, input, hx)
             if fast is not None:
@@ -439,19 +491,23 @@ class RecurrentLayer(nn.Module):
             mask = _checks.per_step("mask", mask, x.shape[:2], batched, self.batch_first,
                                     x.device)
         states = self._initial_states(hx, batch_size, batched, reference)
+        masks = self._masks(dropout_masks, batch_size, seq_len)
         directions = _reset_codes(resets, lengths, self.bidirectional)
         initial = self.initial_state(batch_size) if resets is not None else None
 
         finals: list[State] = []
         layer_input = x
         for layer in range(self.num_layers):
+            input_mask = masks.get(f"input_l{layer}")
+            if input_mask is not None:  # variational input dropout: one mask for all steps
+                layer_input = layer_input * input_mask
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
                 reset_state = None if initial is None else tuple(s[index] for s in initial)
                 output, final = self._run_direction(
                     layer_input, states[index], layer, direction, lengths,
-                    directions[direction], reset_state, mask,
+                    directions[direction], reset_state, mask, masks,
                 )
                 outputs.append(output)
                 finals.append(final)
@@ -494,6 +550,7 @@ class RecurrentLayer(nn.Module):
         resets: Tensor | None,
         reset_state: State | None,
         mask: Tensor | None,
+        masks: dict[str, Tensor],
     ) -> tuple[Tensor, State]:
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         # Read each weight once: a parametrized weight is computed on every access.
@@ -501,6 +558,7 @@ class RecurrentLayer(nn.Module):
             name: getattr(self, name + suffix, None)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         }
+        norm_ih, norm_hh, norm_cell = _regularize.norms(self, suffix, self.spec)
         return dispatch.run(
             Call(
                 spec=self.spec,
@@ -517,9 +575,67 @@ class RecurrentLayer(nn.Module):
                 reset_state=reset_state,
                 mask=mask,
                 carry_masked_output=not self.zero_output_for_mask,
+                hidden_dropout=masks.get("hidden" + suffix),
+                zoneout_h=masks.get("zoneout_h" + suffix),
+                zoneout_c=masks.get("zoneout_c" + suffix),
+                norm_ih=norm_ih,
+                norm_hh=norm_hh,
+                norm_cell=norm_cell,
                 backend=self.backend,
             )
         )
+
+    def _masks(
+        self, given: dict[str, Tensor] | None, batch_size: int, seq_len: int
+    ) -> dict[str, Tensor]:
+        """This call's dropout and zoneout masks: none in evaluation; else `given`, with
+        whatever it lacks drawn fresh (zoneout: one mask per step, layer-direction and state,
+        drawn after the per-sequence masks).
+
+        Raises:
+            TypeError, ValueError: `given` is not a dict of tensors of the expected shapes.
+        """
+        if not self.training:
+            return {}
+        if given is not None and not isinstance(given, dict):
+            raise TypeError("dropout_masks must be a dict from sequence_masks(), got "
+                            f"{type(given).__name__}")
+        expected = self._mask_shapes(batch_size, seq_len)
+        given = dict(given or {})
+        for key, tensor in given.items():
+            if key not in expected:
+                raise ValueError(f"dropout_masks has no use for {key!r} in this layer; "
+                                 f"expected keys among {sorted(expected)}")
+            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected[key]:
+                got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor)
+                raise ValueError(f"dropout_masks[{key!r}] must be a tensor of shape "
+                                 f"{expected[key]}, got {got}")
+        masks = given
+        if any(k not in given for k in expected if not k.startswith("zoneout")):
+            masks = {**self.sequence_masks(batch_size), **given}
+        reference = next(self.parameters())
+        for key, shape in expected.items():
+            if key.startswith("zoneout") and key not in masks:
+                masks[key] = _regularize.zoneout_mask(shape, self.spec.zoneout, reference)
+        return _regularize.refuse_export(masks)
+
+    def _mask_shapes(self, batch_size: int, seq_len: int) -> dict[str, tuple[int, ...]]:
+        """Every mask a training call uses, by key, with its shape."""
+        out_size = self.proj_size or self.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in range(self.num_layers):
+            features = self.input_size if layer == 0 else out_size * self.num_directions
+            if self.input_dropout:
+                shapes[f"input_l{layer}"] = (batch_size, features)
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                if self.recurrent_dropout:
+                    shapes["hidden" + suffix] = (batch_size, out_size)
+                if self.spec.zoneout:
+                    shapes["zoneout_h" + suffix] = (seq_len, batch_size, out_size)
+                    if self.spec.mode == "lstm":
+                        shapes["zoneout_c" + suffix] = (seq_len, batch_size, self.hidden_size)
+        return shapes
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
@@ -532,6 +648,9 @@ class RecurrentLayer(nn.Module):
             "bidirectional": False,
             "learn_initial_state": False,
             "zero_output_for_mask": True,
+            "recurrent_dropout": 0.0,
+            "input_dropout": 0.0,
+            "forget_bias": 0.0,
         }
         for name, default in defaults.items():
             if getattr(self, name) != default:
@@ -575,6 +694,9 @@ class RNN(RecurrentLayer):
         zero_output_for_mask: with `mask=` in [`forward`][rnnkit.RNN.forward], `True` makes
             the output of a skipped step zero; `False` repeats the carried `h` there, as
             Keras does.
+        recurrent_dropout: as for [`GRU`][rnnkit.GRU] (see the regularization guide).
+        input_dropout: as for [`GRU`][rnnkit.GRU].
+        zoneout: as for [`GRU`][rnnkit.GRU]. `layer_norm=True` is refused (ValueError).
     """
 
     cell_kind = "rnn"
@@ -596,17 +718,25 @@ class RNN(RecurrentLayer):
         learn_initial_state: bool = False,
         backend: str | None = None,
         zero_output_for_mask: bool = True,
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        layer_norm: bool = False,
     ) -> None:
         self.nonlinearity = check_activation(nonlinearity)
+        _regularize.refuse_layer_norm(layer_norm)
+        zoneout = _checks.probability("zoneout", zoneout)
         super().__init__(
-            CellSpec("rnn", nonlinearity=self.nonlinearity), input_size, hidden_size,
-            num_layers, bias, batch_first, dropout, bidirectional, proj_size, device, dtype,
-            learn_initial_state=learn_initial_state, backend=backend,
-            zero_output_for_mask=zero_output_for_mask,
+            CellSpec("rnn", nonlinearity=self.nonlinearity, zoneout=zoneout), input_size,
+            hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+            device, dtype, learn_initial_state=learn_initial_state, backend=backend,
+            zero_output_for_mask=zero_output_for_mask, recurrent_dropout=recurrent_dropout,
+            input_dropout=input_dropout,
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + nonlinearity_repr(self.nonlinearity)
+        text = super().extra_repr() + nonlinearity_repr(self.nonlinearity)
+        return text + (f", zoneout={self.spec.zoneout}" if self.spec.zoneout else "")
 
 
 class GRU(RecurrentLayer):
@@ -642,6 +772,33 @@ class GRU(RecurrentLayer):
         zero_output_for_mask: with `mask=` in [`forward`][rnnkit.GRU.forward], `True` makes
             the output of a skipped step zero; `False` repeats the carried `h` there, as
             Keras does.
+        activation: the candidate activation $\phi$ (Keras's `activation`): a name of the
+            activation table or, on the reference path, a callable. Default `'tanh'`.
+        recurrent_activation: the gate activation $\sigma$ of $r$ and $z$ (Keras's
+            `recurrent_activation`, e.g. `'hard_sigmoid'`). Default `'sigmoid'`.
+        recurrent_dropout: $p$ of variational recurrent dropout (Gal & Ghahramani 2016):
+            in training, `h` is multiplied by one mask per sequence and layer-direction,
+            fixed over the steps, where it enters the recurrent product (scaled by
+            $1/(1-p)$); the carried state and the output are not dropped.
+        input_dropout: $p$ of variational input dropout: in training, each layer's input
+            is multiplied by one mask per sequence, fixed over the steps (`dropout` keeps
+            torch's meaning, fresh dropout between layers).
+        zoneout: $p$ of zoneout (Krueger et al. 2016): in training each unit of `h` keeps
+            its previous value with probability $p$ at each step, $h_t = m \odot h_{t-1} +
+            (1 - m) \odot \tilde h_t$ with a fresh mask $m$ per step; in evaluation
+            $h_t = p\, h_{t-1} + (1 - p)\, \tilde h_t$ (haste's rule).
+        layer_norm: layer-normalize the gate products (Ba et al. 2016; haste's
+            `LayerNormGRU`): $\mathrm{LN}(W_{ih} x)\gamma_x + \beta_x + b_{ih}$ and
+            $\mathrm{LN}(W_{hh} h)\gamma_h + \beta_h + b_{hh}$, each over the whole $3H$
+            gate vector with $\epsilon = 10^{-5}$, with parameters
+            `layer_norm_ih_weight_l{k}`, `layer_norm_ih_bias_l{k}`,
+            `layer_norm_hh_weight_l{k}`, `layer_norm_hh_bias_l{k}` (gains start at 1,
+            biases at 0; `_reverse` for the reverse direction). Reset-after only
+            (ValueError with `reset_after=False`).
+
+    Raises:
+        ValueError, TypeError: a probability outside $[0, 1)$, an unknown activation name,
+            `layer_norm` with `reset_after=False`.
     """
 
     cell_kind = "gru"
@@ -663,19 +820,33 @@ class GRU(RecurrentLayer):
         learn_initial_state: bool = False,
         backend: str | None = None,
         zero_output_for_mask: bool = True,
+        activation: Activation = "tanh",
+        recurrent_activation: Activation = "sigmoid",
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        layer_norm: bool = False,
     ) -> None:
         reset_after = _checks.boolean("reset_after", reset_after)
         self.reset_after = reset_after
+        spec = _regularize.spec(
+            "gru", activation=activation, recurrent_activation=recurrent_activation,
+            reset_after=reset_after, zoneout=zoneout, layer_norm=layer_norm,
+        )
+        self.activation = spec.nonlinearity
+        self.recurrent_activation = spec.recurrent_activation
         super().__init__(
-            CellSpec("gru", reset_after=reset_after), input_size, hidden_size, num_layers,
-            bias, batch_first, dropout, bidirectional, proj_size, device, dtype,
+            spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, proj_size, device, dtype,
             learn_initial_state=learn_initial_state, backend=backend,
-            zero_output_for_mask=zero_output_for_mask,
+            zero_output_for_mask=zero_output_for_mask, recurrent_dropout=recurrent_dropout,
+            input_dropout=input_dropout,
         )
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        return text if self.reset_after else text + ", reset_after=False"
+        text = text if self.reset_after else text + ", reset_after=False"
+        return text + _regularize.spec_repr(self.spec)
 
 
 class LSTM(RecurrentLayer):
@@ -714,6 +885,29 @@ class LSTM(RecurrentLayer):
         zero_output_for_mask: with `mask=` in [`forward`][rnnkit.LSTM.forward], `True` makes
             the output of a skipped step zero; `False` repeats the carried `h` there, as
             Keras does.
+        activation: $\phi$, the cell-input and cell-output activation (Keras's
+            `activation`), default `'tanh'`. A name of the activation table, or a
+            callable on the reference path.
+        recurrent_activation: $\sigma$ of the $i, f, o$ gates, default `'sigmoid'`.
+        recurrent_dropout: as for [`GRU`][rnnkit.GRU].
+        input_dropout: as for [`GRU`][rnnkit.GRU].
+        zoneout: as for [`GRU`][rnnkit.GRU], applied to both `h` and `c` with independent
+            masks (Krueger et al. 2016).
+        layer_norm: haste's `LayerNormLSTM` (Ba et al. 2016): with $a = \mathrm{LN}(W_{ih}
+            x)\gamma_x + \beta_x + \mathrm{LN}(W_{hh} h)\gamma_h + \beta_h + b_{ih} +
+            b_{hh}$ split into $i, f, g, o$, $c' = \sigma(f) \odot c + \sigma(i) \odot
+            \phi(g)$ and $h' = \sigma(o) \odot \phi(\mathrm{LN}(c')\gamma_c +
+            \beta_c)$; `c'` is carried unnormalized. Each norm has $\epsilon = 10^{-5}$;
+            parameters as for [`GRU`][rnnkit.GRU] plus `layer_norm_cell_weight_l{k}` and
+            `layer_norm_cell_bias_l{k}` of size `H`.
+        forget_bias: added to the forget-gate rows of every `bias_ih_l{k}` at
+            initialisation (Keras's `unit_forget_bias=True` is `forget_bias=1.0`). It is part
+            of the initial values only: loading a state_dict (torch.nn's included) replaces
+            it with the loaded biases.
+
+    Raises:
+        ValueError, TypeError: a probability outside $[0, 1)$, an unknown activation name,
+            `forget_bias` with `bias=False`.
     """
 
     cell_kind = "lstm"
@@ -734,13 +928,30 @@ class LSTM(RecurrentLayer):
         learn_initial_state: bool = False,
         backend: str | None = None,
         zero_output_for_mask: bool = True,
+        activation: Activation = "tanh",
+        recurrent_activation: Activation = "sigmoid",
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        layer_norm: bool = False,
+        forget_bias: float = 0.0,
     ) -> None:
+        spec = _regularize.spec(
+            "lstm", activation=activation, recurrent_activation=recurrent_activation,
+            zoneout=zoneout, layer_norm=layer_norm,
+        )
+        self.activation = spec.nonlinearity
+        self.recurrent_activation = spec.recurrent_activation
         super().__init__(
-            CellSpec("lstm"), input_size, hidden_size, num_layers, bias, batch_first,
+            spec, input_size, hidden_size, num_layers, bias, batch_first,
             dropout, bidirectional, proj_size, device, dtype,
             learn_initial_state=learn_initial_state, backend=backend,
-            zero_output_for_mask=zero_output_for_mask,
+            zero_output_for_mask=zero_output_for_mask, recurrent_dropout=recurrent_dropout,
+            input_dropout=input_dropout, forget_bias=forget_bias,
         )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _regularize.spec_repr(self.spec)
 
     def get_expected_cell_size(
         self, input: Tensor, batch_sizes: Tensor | None

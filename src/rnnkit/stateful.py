@@ -43,6 +43,12 @@ class Stateful(nn.Module):
     `.to()`, `.double()`, `.cuda()` and the like convert the carried state along with the
     parameters.
 
+    Dropout masks: a module with `recurrent_dropout` or `input_dropout` uses one mask per
+    sequence, so in training `Stateful` draws them (`module.sequence_masks`) at the first call
+    after construction or [`reset`][rnnkit.Stateful.reset] and reuses them for every chunk until the
+    next reset (`reset(rows)` redraws those rows' masks only): chunked training equals one call on
+    the whole sequence with the same masks. Zoneout masks are fresh at every step anyway.
+
     Args:
         module: an rnnkit layer or cell. A bidirectional layer cannot stream (its backward
             direction needs the end of the sequence first) and is refused.
@@ -86,6 +92,7 @@ class Stateful(nn.Module):
         self.module = module
         self.detach = detach
         self.state: State | None = None
+        self.masks: dict[str, Tensor] | None = None  # the per-sequence dropout masks
 
     @property
     def _is_cell(self) -> bool:
@@ -105,7 +112,9 @@ class Stateful(nn.Module):
         """
         if rows is None:
             self.state = None
+            self.masks = None
             return
+        self._redraw_masks(rows)
         carried = self._carried()
         if carried is None:
             return  # every row is at the initial state already
@@ -118,6 +127,27 @@ class Stateful(nn.Module):
         kept = mask.view(shape)
         self._store(tuple(torch.where(kept, new, old) for new, old in zip(fresh, carried)))
 
+    def _redraw_masks(self, rows) -> None:
+        """Fresh per-sequence dropout masks for the reset rows; the others keep theirs."""
+        if not self.masks:
+            return
+        batch = next(iter(self.masks.values())).shape[0]
+        mask = _checks.rows(rows, batch, next(iter(self.masks.values())).device)
+        fresh = self.module.sequence_masks(batch)
+        self.masks = {key: torch.where(mask.view(-1, 1), fresh[key], old)
+                      for key, old in self.masks.items()}
+
+    def _dropout_masks(self, batch: int | None) -> dict[str, Tensor] | None:
+        """The masks of this call: drawn at the first training call after a reset, then kept
+        (a different batch size needs a reset first, which the state check enforces)."""
+        module = self.module
+        if not module.training or not (module.recurrent_dropout or module.input_dropout):
+            return None
+        rows = 1 if batch is None else batch
+        if self.masks is None or next(iter(self.masks.values())).shape[0] != rows:
+            self.masks = module.sequence_masks(rows)
+        return self.masks
+
     def _apply(self, fn, recurse=True):
         # .to(), .double(), .cuda() and the like convert the carried state with the
         # parameters, so a stream goes on where the module now lives.
@@ -125,6 +155,8 @@ class Stateful(nn.Module):
         carried = self._carried()
         if carried is not None:
             self.state = from_states(tuple(fn(s) for s in carried))
+        if self.masks:
+            self.masks = {key: fn(mask) for key, mask in self.masks.items()}
         return self
 
     # state helpers ------------------------------------------------------------------------
@@ -217,8 +249,9 @@ class Stateful(nn.Module):
         state = carried if carried is not None else self._initial_state(batch)
         hx = from_states(state)
 
+        masks = self._dropout_masks(batch)
         if lengths is None:
-            output, final = module(input, hx, resets=resets)
+            output, final = module(input, hx, resets=resets, dropout_masks=masks)
             self._store(as_states(final))
             return output
 
@@ -228,7 +261,8 @@ class Stateful(nn.Module):
             # Nothing advances; keep the state exactly as it was (possibly still None).
             out_size = module.proj_size or module.hidden_size
             return input.new_zeros((*input.shape[:-1], out_size))
-        output, final = module(input, hx, lengths=lengths.clamp(min=1), resets=resets)
+        output, final = module(input, hx, lengths=lengths.clamp(min=1), resets=resets,
+                               dropout_masks=masks)
         final = as_states(final)
         if not bool(active.all()):
             # Sequences with no step here ran one throw-away step; undo it.
@@ -261,10 +295,11 @@ class Stateful(nn.Module):
                 return input.new_zeros((*input.shape[:-1], module.hidden_size))
             if bool(active.all()):
                 active = None
+        masks = self._dropout_masks(batch)
         if module.spec.num_states == 2:
-            final = module(input, state)
+            final = module(input, state, dropout_masks=masks)
         else:
-            final = (module(input, state[0]),)
+            final = (module(input, state[0], dropout_masks=masks),)
         hidden = final[0]
         if active is not None:
             keep = active.view(-1, 1) if batch is not None else active

@@ -14,13 +14,20 @@ Two directions: a `Bidirectional` (`merge_mode="concat"`) is an rnnkit layer wit
 layer's the `*_l0_reverse` ones. A layer with `go_backwards=True` is a `GoBackwards`
 around the rnnkit layer.
 
+Options: `activation` and `recurrent_activation` (any name of the activation table, Keras's
+`hard_sigmoid` included), `recurrent_dropout`, `dropout` (rnnkit's `input_dropout`, one mask
+per sequence on the layer's input) and LSTM's `unit_forget_bias` (`forget_bias=1.0`) convert
+both ways. In evaluation the result is exact. In training Keras 3 draws one dropout mask per
+gate (its `implementation=1`, which `recurrent_dropout` forces), rnnkit one mask for all gates:
+the same distribution of each unit's drop, not the same draws (with all of Keras's per-gate
+masks set equal, the two agree exactly).
+
 Keras is imported on first use; if `KERAS_BACKEND` is unset then, it is set to `"torch"`.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -46,7 +53,7 @@ _ACTIVATION_NAMES = {row.name: row.keras for row in TABLE}
 # Options that would change the math; to_keras sets them itself.
 _RESERVED = {
     "units", "activation", "recurrent_activation", "use_bias", "reset_after", "go_backwards",
-    "unit_forget_bias",
+    "unit_forget_bias", "dropout", "recurrent_dropout",
 }
 
 
@@ -180,20 +187,21 @@ def _options(keras, layer, cls: type[RecurrentLayer], stacklevel: int) -> dict:
     if cls is RNN:
         options["nonlinearity"] = _activation_from_keras(keras, cell.activation, "activation")
     else:
-        if cell.activation is not keras.activations.tanh:
-            raise ValueError(f"rnnkit's {cls.__name__} needs activation='tanh' in the Keras {kind}")
-        if cell.recurrent_activation is not keras.activations.sigmoid:
-            raise ValueError(
-                f"rnnkit's {cls.__name__} needs recurrent_activation='sigmoid' in the Keras {kind}"
-            )
+        options["activation"] = _activation_from_keras(keras, cell.activation, "activation")
+        options["recurrent_activation"] = _activation_from_keras(
+            keras, cell.recurrent_activation, "recurrent_activation")
     if cls is GRU:
         options["reset_after"] = bool(cell.reset_after)
-    if cell.dropout or cell.recurrent_dropout:
-        warnings.warn(
-            f"the Keras {kind}'s dropout={cell.dropout} and recurrent_dropout="
-            f"{cell.recurrent_dropout} are not carried over (they only act in training)",
-            stacklevel=stacklevel + 1,
-        )
+    if cls is LSTM and cell.use_bias and cell.unit_forget_bias:
+        options["forget_bias"] = 1.0
+    for theirs, ours in (("dropout", "input_dropout"), ("recurrent_dropout",
+                                                         "recurrent_dropout")):
+        value = float(getattr(cell, theirs))
+        if value >= 1:
+            raise ValueError(f"the Keras {kind}'s {theirs}={value} drops every unit; rnnkit's "
+                             f"{ours} takes a probability in [0, 1)")
+        if value:
+            options[ours] = value
     return options
 
 
@@ -226,8 +234,9 @@ def from_keras(layer, *, backend: str | None = None) -> RecurrentLayer | GoBackw
     initial state its output equals Keras's with `return_sequences=True`:
     `out, h_n = from_keras(layer)(x, h0[None])` gives `layer(x, initial_state=[h0])`,
     and `lengths=` gives what Keras gives for the mask of right-padded sequences. A `GRU`
-    keeps its `reset_after`. Dropout only acts in training and is not carried over (a
-    warning says so).
+    keeps its `reset_after`; `activation`, `recurrent_activation`, `dropout` (as
+    `input_dropout`), `recurrent_dropout` and `unit_forget_bias` (as `forget_bias=1.0`)
+    carry over (see the module docstring for dropout in training).
 
     - `go_backwards=True` gives a `GoBackwards` around the rnnkit layer: it reads
       the sequence from its end and returns the output in that order, as Keras does.
@@ -239,8 +248,8 @@ def from_keras(layer, *, backend: str | None = None) -> RecurrentLayer | GoBackw
     Raises:
         TypeError: `layer` is not one of those Keras layers (a `Bidirectional` around
             another layer included).
-        ValueError: it is not built, uses an activation rnnkit does not have (GRU and LSTM
-            need `activation='tanh'` and `recurrent_activation='sigmoid'`), or is a
+        ValueError: it is not built, uses an activation rnnkit does not have, a dropout of
+            1, or is a
             `Bidirectional` rnnkit cannot express: a `merge_mode` other than
             `"concat"`, a forward layer that goes backwards, or two directions that differ
             in class, size or options.
@@ -377,19 +386,31 @@ def to_keras(
         "go_backwards": go_backwards,
         **layer_options,
     }
+    spec = module.spec
+    if spec.zoneout or spec.layer_norm:
+        raise ValueError(
+            f"Keras's {type(module).__name__} has no zoneout or layer norm; convert a layer "
+            f"built with zoneout=0 and layer_norm=False (got zoneout={spec.zoneout}, "
+            f"layer_norm={spec.layer_norm})"
+        )
+    options["dropout"] = module.input_dropout
+    options["recurrent_dropout"] = module.recurrent_dropout
+    activation = _keras_activation(spec.nonlinearity, "nonlinearity" if isinstance(
+        module, RNN) else "activation")
     if isinstance(module, RNN):
-        name = module.nonlinearity
-        if not isinstance(name, str) or name not in _ACTIVATION_NAMES:
-            raise ValueError(
-                f"Keras has no activation for the nonlinearity {name!r}; use one of "
-                f"{sorted(_ACTIVATION_NAMES)}"
-            )
-        layer = keras.layers.SimpleRNN(module.hidden_size, activation=_ACTIVATION_NAMES[name],
-                                       **options)
+        layer = keras.layers.SimpleRNN(module.hidden_size, activation=activation, **options)
     elif isinstance(module, GRU):
-        layer = keras.layers.GRU(module.hidden_size, reset_after=module.reset_after, **options)
+        layer = keras.layers.GRU(
+            module.hidden_size, reset_after=module.reset_after, activation=activation,
+            recurrent_activation=_keras_activation(spec.recurrent_activation,
+                                                   "recurrent_activation"),
+            **options)
     else:
-        layer = keras.layers.LSTM(module.hidden_size, **options)
+        layer = keras.layers.LSTM(
+            module.hidden_size, activation=activation,
+            recurrent_activation=_keras_activation(spec.recurrent_activation,
+                                                   "recurrent_activation"),
+            unit_forget_bias=bool(module.forget_bias), **options)
     shape = (batch_size, None, module.input_size)
     if not module.bidirectional:
         _build_without_initializers(keras, layer, shape)
@@ -403,6 +424,20 @@ def to_keras(
         part.set_weights(_keras_weights(module, suffix))
     wrapper.build(shape)
     return wrapper
+
+
+def _keras_activation(name, what: str) -> str:
+    """Keras's name of a named activation.
+
+    Raises:
+        ValueError: a callable, or a name Keras lacks.
+    """
+    if not isinstance(name, str) or name not in _ACTIVATION_NAMES:
+        raise ValueError(
+            f"Keras has no activation for the {what} {name!r}; use one of "
+            f"{sorted(_ACTIVATION_NAMES)}"
+        )
+    return _ACTIVATION_NAMES[name]
 
 
 def _keras_weights(module: RecurrentLayer, suffix: str) -> list[np.ndarray]:

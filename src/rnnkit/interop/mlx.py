@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rnnkit import _regularize
 from rnnkit.interop._common import (
     as_rnnkit_layer,
     check_single_layer,
@@ -213,6 +214,7 @@ def to_mlx(module: RecurrentLayer):
     mx, mnn = _import_mlx()
     module = as_rnnkit_layer(module, "mlx")
     check_single_layer(module, "MLX")
+    _regularize.check_plain(module, "MLX")
     if isinstance(module, GRU) and not module.reset_after:
         raise ValueError(
             "mlx.nn.GRU computes the reset_after=True formulation only, so a GRU with "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from rnnkit import _regularize
 from rnnkit.activations import activation_name
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell, _CellBase
 from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
@@ -94,6 +95,7 @@ def to_torch(module: RecurrentLayer | _CellBase) -> nn.RNNBase | nn.RNNCellBase:
             f"got {type(module).__name__}"
         )
     kind = type(module).__name__
+    _regularize.check_plain(module, "torch.nn")
     nonlinearity = getattr(module, "nonlinearity", "tanh")
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(

@@ -24,6 +24,12 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _hard_sigmoid(x: Tensor) -> Tensor:
+    """Keras 3's `hard_sigmoid`, `relu6(x + 3) / 6`, bitwise `F.hardsigmoid`'s formula but
+    differentiable twice (`F.hardsigmoid` has no double backward)."""
+    return F.hardtanh(x + 3.0, 0.0, 6.0) / 6.0
+
+
 @dataclass(frozen=True)
 class ActivationRow:
     """One named nonlinearity and its names elsewhere.
@@ -62,7 +68,7 @@ TABLE: tuple[ActivationRow, ...] = (
     ActivationRow("softplus", F.softplus, "softplus", "softplus", "Softplus", "Softplus",
                   saves_derivative=True),
     # Keras 3's hard_sigmoid, relu6(x + 3) / 6 (Keras 2's was clip(0.2 x + 0.5, 0, 1)).
-    ActivationRow("hard_sigmoid", F.hardsigmoid, "hard_sigmoid", None, None, None),
+    ActivationRow("hard_sigmoid", _hard_sigmoid, "hard_sigmoid", None, None, None),
 )
 
 ROWS: dict[str, ActivationRow] = {row.name: row for row in TABLE}

@@ -62,16 +62,19 @@ def recurrence(
         weight_hr: LSTM projection `(H_out, H)` or `None`.
         lengths: `(B,)` int64 on `gates_x`'s device, or `None` for full length.
         reverse: run from each sequence's own last step back to step 0.
-        resets, reset_state: per-step reset codes `(T, B)` and the state a code-1 reset
-            starts from (see [`rnnkit.ops.spec.Call`][]); a step past a sequence's length
-            ignores its code, as it ignores everything else.
+        resets: per-step reset codes `(T, B)` (see [`rnnkit.ops.spec.Call`][]), or `None`; a
+            step past a sequence's length ignores its code, as it ignores everything else.
+        reset_state: the state a code-1 reset starts from.
         mask: `(T, B)` bool or `None`; a false step is skipped like a step past a length.
         carry_masked_output: a skipped step outputs the carried `h` instead of zeros.
-        hidden_dropout, zoneout_h, zoneout_c, norm_hh, norm_cell: recurrent dropout,
-            zoneout and layer norm, as the fields of [`rnnkit.ops.spec.Call`][]. One step:
-            its start state (after its reset), `h_in = h_start * hidden_dropout` into the
-            recurrent product only, the cell, zoneout against the start state, then lengths
-            and masks.
+        hidden_dropout: recurrent-dropout multipliers, as the field of
+            [`rnnkit.ops.spec.Call`][]. One step: its start state (after its reset),
+            `h_in = h_start * hidden_dropout` into the recurrent product only, the cell,
+            zoneout against the start state, then lengths and masks.
+        zoneout_h: zoneout masks of `h`, as the field of [`rnnkit.ops.spec.Call`][].
+        zoneout_c: zoneout masks of LSTM's `c`.
+        norm_hh: `(gain, bias)` of the layer norm of `W_hh h`.
+        norm_cell: `(gain, bias)` of the layer norm of LSTM's `c`.
 
     Returns:
         `output` of shape `(T, B, H_out)`, zero past each sequence's length, and the

@@ -93,13 +93,17 @@ class Call:
         hidden_dropout: `(B, H_out)` recurrent-dropout multipliers (0, or `1/(1-p)`), or
             `None`: `h` is multiplied by it where it enters the recurrent product
             `W_hh h` (only there: the carried state and the output are not dropped), the
-            same mask at every step of the call.
+            same mask at every step of the call. For the GRU with `reset_after=False` the
+            dropped `h` also enters `W_hn (r * h)`; the update mix `z * h` uses the
+            undropped `h`.
         zoneout_h: `(T, B, H_out)` zoneout masks in training (1 keeps the unit's previous
             value, 0 takes the new one), or `None` (no zoneout, or its expectation in
             evaluation when `spec.zoneout > 0`); `zoneout_c`: the same for LSTM's `c`,
             `(T, B, H)`. Applied after the cell, before lengths, masks and resets:
             `h_t = m * h_prev + (1 - m) * h_new`, where `h_prev` is the state the step
-            started from (after its reset).
+            started from (after its reset). `zoneout_h[t]` belongs to time position `t`
+            in either direction (a reverse call reads it from `T - 1` down). An LSTM call
+            with `zoneout_h` but no `zoneout_c` uses the expectation for `c`.
         norm_ih: `(gain, bias)`, each `(G*H,)`: `gates_x = LN(W_ih x) * gain + bias +
             b_ih`, normalized over the whole gate vector with eps 1e-5. It is applied by the
             projection, so a call that carries `gates_x` has it applied already and this

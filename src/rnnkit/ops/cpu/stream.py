@@ -18,7 +18,8 @@ RNN with a named activation, GRU in both formulations, LSTM with or without proj
 unidirectional and stacked, on float32/float64 CPU tensors, when no gradient is needed, with
 `backend` `"auto"` or `"cpu"`, outside `torch.compile`, `torch.export`, `torch.jit.trace`
 (so ONNX export too), autocast and `torch.func` transforms, without lengths, resets, masks
-or a PackedSequence, without dropout between layers in training, and without weights
+or a PackedSequence, without any dropout in training (between layers, on the input or the
+recurrent state), layer norm or zoneout, and without weights
 computed at each call (parametrizations, pruning). Anything else (and any input or state of
 an unexpected shape, so that the general path raises its own error) returns `None` here and
 runs as before.
@@ -142,8 +143,11 @@ def serves(module: nn.Module, input: Tensor, state: State | None) -> _Packed | N
     requested = module.backend or os.environ.get("RNNKIT_BACKEND")
     if requested and requested != "auto" and requested != "cpu":
         return None  # another backend, or a bad name that the general path reports
-    if module.training and getattr(module, "dropout", 0) and module.num_layers > 1:
-        return None
+    if module.training and (
+        getattr(module, "recurrent_dropout", 0) or getattr(module, "input_dropout", 0)
+        or getattr(module, "dropout", 0) and module.num_layers > 1
+    ):
+        return None  # dropout masks to draw and apply
     grad = torch.is_grad_enabled()
     if grad and input.requires_grad:
         return None

@@ -3,9 +3,12 @@
 No translation table is needed: where ONNX has the recurrence as an operator (`RNN` with
 an activation it names, `GRU`, `LSTM` without projection) the layer-direction is recorded
 as that operator with `torch.onnx.ops.symbolic_multi_out`; anything else (other
-activations, the LSTM projection, state resets) becomes torch's `scan` over time, whose body
-is the reference step (`rnnkit.ops.cell_math.step`), and which the exporter turns into
-ONNX `Scan`. Batch and time stay dynamic either way.
+activations, the LSTM projection, state resets, layer norm, zoneout's evaluation rule, other
+GRU/LSTM gate activations) becomes torch's `scan` over time, whose body is the reference step
+(`rnnkit.ops.cell_math.step`), and which the exporter turns into ONNX `Scan`. Batch and
+time stay dynamic either way. Exports are of evaluation: dropout is the identity, zoneout its
+expectation, and a call carrying training masks is refused (see
+`rnnkit.ops.export.op.ExportBackend.run`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import Tensor
 from torch._higher_order_ops.scan import scan
 
 from rnnkit.ops.activations import ROWS
-from rnnkit.ops.cell_math import step
+from rnnkit.ops.cell_math import layer_norm, step, zoned
 from rnnkit.ops.reference import apply_resets
 from rnnkit.ops.spec import Call, State
 
@@ -28,7 +31,7 @@ OPSET = 14  # ONNX RNN/GRU/LSTM as of opset 14 (layout attribute)
 def native(call: Call) -> bool:
     """Whether ONNX has this layer-direction as one operator."""
     spec = call.spec
-    if call.resets is not None or call.mask is not None:
+    if call.resets is not None or call.mask is not None or call.regularized:
         return False
     if spec.mode == "rnn":
         return isinstance(spec.nonlinearity, str) and ROWS[spec.nonlinearity].onnx is not None
@@ -78,9 +81,14 @@ def _operator(call: Call) -> tuple[Tensor, State]:
 def _scan(call: Call) -> tuple[Tensor, State]:
     """A scan over time whose body is the reference step, masked by lengths."""
     spec = call.spec
-    if not isinstance(spec.nonlinearity, str):
+    if not isinstance(spec.nonlinearity, str) or not isinstance(spec.recurrent_activation, str):
         raise TypeError("a callable nonlinearity has no ONNX form")
-    gates_x = F.linear(call.input, call.weight_ih, call.bias_ih)
+    if call.norm_ih is None:
+        gates_x = F.linear(call.input, call.weight_ih, call.bias_ih)
+    else:
+        gates_x = layer_norm(F.linear(call.input, call.weight_ih), call.norm_ih)
+        if call.bias_ih is not None:
+            gates_x = gates_x + call.bias_ih
     steps, batch = gates_x.shape[0], gates_x.shape[1]
     time = torch.arange(steps, device=gates_x.device)[:, None]
     lengths = call.lengths
@@ -99,11 +107,13 @@ def _scan(call: Call) -> tuple[Tensor, State]:
     reset_state = initial if call.reset_state is None else tuple(
         s.clone() for s in call.reset_state)
     weight_hh, bias_hh, weight_hr = call.weight_hh, call.bias_hh, call.weight_hr
+    norms = {"norm_hh": call.norm_hh, "norm_cell": call.norm_cell}
 
     def body(state, inputs):
         gates, code, mask = inputs
         start = apply_resets(code, state, reset_state, initial)
-        new = step(spec, gates, start, weight_hh, bias_hh, weight_hr)
+        new = step(spec, gates, start, weight_hh, bias_hh, weight_hr, **norms)
+        new = zoned(spec, start, new, None)  # evaluation: zoneout's expectation
         kept = tuple(torch.where(mask, n, o) for n, o in zip(new, state))
         skipped = kept[0].clone() if call.carry_masked_output else torch.zeros_like(new[0])
         return kept, torch.where(mask, new[0], skipped)

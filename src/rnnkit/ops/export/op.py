@@ -29,6 +29,7 @@ from torch import Tensor
 from rnnkit.ops import reference
 from rnnkit.ops.activations import CODES, TABLE, activation_name
 from rnnkit.ops.backend import BackendBase
+from rnnkit.ops.cpu import _build
 from rnnkit.ops.export import onnx_lowering
 from rnnkit.ops.spec import Call, CellSpec, State
 
@@ -59,8 +60,6 @@ def recurrence_op() -> torch._ops.OpOverload:
 
 
 def _declare() -> None:
-    from rnnkit.ops.cpu import _build
-
     library = torch.library.Library("rnnkit_export", "FRAGMENT")
     if _build.status() is not None or not hasattr(torch.ops.rnnkit_export, "recurrence"):
         library.define(SCHEMA)
@@ -112,14 +111,22 @@ class ExportBackend(BackendBase):
         """Record the op; the nonlinearity must be a name (a callable has no ONNX form).
 
         Raises:
-            TypeError: the nonlinearity is a callable.
+            TypeError: the nonlinearity or gate activation is a callable.
+            ValueError: the call carries training masks (recurrent dropout, zoneout).
         """
         spec = call.spec
-        if not isinstance(spec.nonlinearity, str):
-            raise TypeError(
-                "cannot export an RNN whose nonlinearity is a callable "
-                f"({activation_name(spec.nonlinearity)}); use one of the named activations in "
-                "rnnkit.ACTIVATIONS"
+        for function in (spec.nonlinearity, spec.recurrent_activation):
+            if not isinstance(function, str):
+                raise TypeError(
+                    "cannot export an RNN whose nonlinearity is a callable "
+                    f"({activation_name(function)}); use one of the named activations in "
+                    "rnnkit.ACTIVATIONS"
+                )
+        if call.hidden_dropout is not None or call.zoneout_h is not None:
+            raise ValueError(
+                "cannot export a layer in training mode with recurrent dropout, input dropout "
+                "or zoneout: their masks are drawn per call; export the model in eval() "
+                "(dropout is then the identity and zoneout its expectation)"
             )
         if torch.onnx.is_in_onnx_export() or not recorded(call):
             # torch.onnx.export gets ONNX's own operators or a scan; so does what the op's

@@ -36,7 +36,28 @@ Matmuls accumulate in fp32. fp32 inputs use IEEE matmuls, or TF32 on CUDA when
 `torch.backends.cudnn.allow_tf32` is set (torch's default, under which cuDNN's RNNs use TF32
 too).
 
-Serves: named RNN activations, both GRU formulations, LSTM with or without projection,
+Recurrent dropout (constexpr `HAS_DROPOUT`) multiplies the start state by
+`Call.hidden_dropout` where it enters `W_hh` (and GRU's `W_hn (r * h)`); backward
+multiplies `dgates @ W_hh` by it, and `dW_hh` is formed against the dropped states.
+Zoneout (`ZONE_H`, `ZONE_C`) mixes each new state with the step's start state after the
+cell, by the training masks `Call.zoneout_h`/`zoneout_c` read at step `t` or by the
+evaluation expectation `spec.zoneout`; backward splits the state's gradient between the
+start state (the kept part) and the cell. GRU's and LSTM's activations (constexpr `ACT`,
+`GATE`) are any row of the table with a Triton formula.
+
+Layer norm needs statistics over a whole row, which no tile holds alone, so each norm adds a
+phase. `NORM_HH`: one phase stores the raw `W_hh h_in` of every gate, the next
+normalizes it (each tile reads its rows' `G*H` values for the mean and variance) before the
+cell math. `NORM_CELL` (LSTM): the cell phase stores the new `c`, the next forms
+`h = o * act(LN(c) * gain + bias)`. Backward mirrors them: one phase stores the gradient of
+`LN(c)`'s output (and of `o`) before the cell phase reduces it over the row, and one
+phase takes the gate gradients through `LN(W_hh h_in)` before `dh_prev`. The gains' and
+biases' gradients are sums over all steps, formed after the kernels from the saved raw
+values.
+
+Serves: named activations (RNN's nonlinearity, GRU's and LSTM's activation and recurrent
+activation), recurrent dropout, zoneout, layer norm (`norm_hh` for LSTM and the reset-after
+GRU, `norm_cell` for LSTM), both GRU formulations, LSTM with or without projection,
 `lengths`, `reverse`, masks with holes (`Call.mask`: a skipped step outputs zeros or,
 with `carry_masked_output`, the carried `h`, whose gradient then flows into the carried
 state) and per-step state `resets` (selected per row inside the time loop); fp32, fp16, bf16
@@ -80,16 +101,22 @@ class TritonBackend(BackendBase):
 
     def unsupported_reason(self, call: Call) -> str | None:
         spec = call.spec
-        if spec.mode == "rnn":
-            if not isinstance(spec.nonlinearity, str):
-                return "the nonlinearity is a callable; triton kernels serve the named activations"
-            served = _autograd.kernels().ACTIVATION_CODES
-            if spec.nonlinearity not in served:
-                return (f"activation {spec.nonlinearity!r} has no triton kernel "
+        served = _autograd.kernels().ACTIVATION_CODES
+        activations = {"nonlinearity": spec.nonlinearity}
+        if spec.mode != "rnn":
+            activations["recurrent_activation"] = spec.recurrent_activation
+        for role, activation in activations.items():
+            if not isinstance(activation, str):
+                return (f"the {role} is a callable; triton kernels serve the named "
+                        "activations")
+            if activation not in served:
+                return (f"activation {activation!r} has no triton kernel "
                         f"(served: {sorted(served)})")
-        if call.regularized:
-            return ("recurrent dropout, zoneout, layer norm and other gate activations are not "
-                    "in the triton kernels yet")
+        if call.norm_hh is not None and (spec.mode == "rnn" or not spec.reset_after):
+            return ("layer norm of the recurrent product (norm_hh) is served for LSTM and the "
+                    "GRU with reset_after=True only")
+        if call.norm_cell is not None and spec.mode != "lstm":
+            return "layer norm of the cell state (norm_cell) is served for LSTM only"
         tensors = call.tensors()
         dtype = call.leading.dtype
         if dtype not in DTYPES:
@@ -114,7 +141,9 @@ class TritonBackend(BackendBase):
         return _autograd.recurrence(
             call.spec, call.gates_x, call.state, call.weight_hh, call.bias_hh, call.weight_hr,
             call.lengths, call.reverse, call.resets, call.reset_state, call.mask,
-            call.carry_masked_output,
+            call.carry_masked_output, hidden_dropout=call.hidden_dropout,
+            zoneout_h=call.zoneout_h, zoneout_c=call.zoneout_c, norm_hh=call.norm_hh,
+            norm_cell=call.norm_cell,
         )
 
 

@@ -8,10 +8,12 @@ import importlib
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch import Tensor
 
 from rnnkit.ops import reference
+from rnnkit.ops.cell_math import LAYER_NORM_EPS
 from rnnkit.ops.spec import CellSpec
 
 SCHEDULES = ("persistent", "step")
@@ -116,13 +118,23 @@ def _launch(kernel, args: tuple, sizes: tuple, consts: dict, num_phases: int, ph
                                         SYNC=k.SYNC_NONE.value)
 
 
-def _phase_columns(mode: int, hidden: int, hidden_out: int, backward: bool) -> list[int]:
+def _phase_columns(mode: int, hidden: int, hidden_out: int, backward: bool,
+                   norm_hh: bool = False, norm_cell: bool = False) -> list[int]:
+    """The columns each phase of a step produces, in the order the kernels run them.
+
+    Forward: [the raw `W_hh h_in` (layer norm)], the gates and the cell, [`h` from
+    `LN(c)`], [GRU_BEFORE's candidate, LSTM_PROJ's `W_hr`]. Backward: [LSTM_PROJ's
+    `W_hr`], [`LN(c)`'s output], the cell, [GRU_BEFORE's `W_hn (r * h_in)`],
+    [`LN(W_hh h_in)`], `dh_prev`.
+    """
     k = kernels()
     if not backward:
-        return [hidden, hidden_out] if mode == k.LSTM_PROJ else [hidden] * k.FORWARD_PHASES[mode]
-    if mode == k.LSTM_PROJ:
-        return [hidden_out, hidden, hidden_out]
-    return [hidden] * (k.BACKWARD_PHASES[mode] - 1) + [hidden_out]
+        second = {k.GRU_BEFORE: [hidden], k.LSTM_PROJ: [hidden_out]}.get(mode, [])
+        return [hidden] * norm_hh + [hidden] + [hidden] * norm_cell + second
+    first = [hidden_out] if mode == k.LSTM_PROJ else []
+    through_w_hn = [hidden] if mode == k.GRU_BEFORE else []
+    return (first + [hidden] * norm_cell + [hidden] + through_w_hn + [hidden] * norm_hh
+            + [hidden_out])
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -148,16 +160,56 @@ def _mask_arg(mask: Tensor | None, dummy: Tensor) -> Tensor:
     return mask.to(device=dummy.device, dtype=torch.int8).contiguous()
 
 
+def _regularizer_args(spec: CellSpec, hidden_dropout: Tensor | None,
+                      zoneout_h: Tensor | None, zoneout_c: Tensor | None,
+                      dummy: Tensor) -> tuple[tuple, dict[str, int | bool]]:
+    """The kernels' `hd_ptr, zh_ptr, zc_ptr, zoneout_p` and their constexpr switches.
+
+    Zoneout follows `rnnkit.ops.cell_math.zoned`: none when `spec.zoneout` is 0; the
+    training masks when `zoneout_h` is given (`c` takes `zoneout_c`, or the expectation
+    without it); otherwise the evaluation expectation with `p = spec.zoneout`.
+    """
+    k = kernels()
+
+    def slab(tensor):
+        return dummy if tensor is None else tensor.to(dummy.device).contiguous()
+
+    zone_h = zone_c = k.ZONE_NONE.value
+    if spec.zoneout:
+        zone_h = k.ZONE_MASK.value if zoneout_h is not None else k.ZONE_EXPECT.value
+        if spec.mode == "lstm":
+            masked = zoneout_h is not None and zoneout_c is not None
+            zone_c = k.ZONE_MASK.value if masked else k.ZONE_EXPECT.value
+    args = (slab(hidden_dropout), slab(zoneout_h if zone_h == k.ZONE_MASK.value else None),
+            slab(zoneout_c if zone_c == k.ZONE_MASK.value else None), float(spec.zoneout))
+    return args, {"HAS_DROPOUT": hidden_dropout is not None, "ZONE_H": zone_h,
+                  "ZONE_C": zone_c}
+
+
+def _activation_codes(spec: CellSpec) -> dict[str, int]:
+    """`ACT` (RNN's nonlinearity, GRU's candidate, LSTM's cell activation) and `GATE`."""
+    codes = kernels().ACTIVATION_CODES
+    gate = codes[spec.recurrent_activation] if spec.mode != "rnn" else 0
+    return {"ACT": codes[spec.nonlinearity], "GATE": gate}
+
+
 def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
             bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
             reverse: bool, resets: Tensor | None = None, reset_h: Tensor | None = None,
             reset_c: Tensor | None = None, mask: Tensor | None = None,
-            carry_masked_output: bool = False) -> dict[str, Tensor]:
+            carry_masked_output: bool = False, hidden_dropout: Tensor | None = None,
+            zoneout_h: Tensor | None = None, zoneout_c: Tensor | None = None,
+            norm_hh: tuple[Tensor, Tensor] | None = None,
+            norm_cell: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """Run the forward kernels; returns the output, the state sequences and saved buffers.
 
     With `resets`, `hseq`/`cseq` hold the carried states (before each step's reset).
     `mask` `(T, B)` skips its false steps; with `carry_masked_output` a skipped step
-    (a hole, or past a length) outputs the carried `h` instead of zeros.
+    (a hole, or past a length) outputs the carried `h` instead of zeros. `hidden_dropout`
+    multiplies the start state where it enters `W_hh`; zoneout (`spec.zoneout`, with the
+    masks `zoneout_h`/`zoneout_c` in training) mixes the new state with the start state.
+    `norm_hh`/`norm_cell` are the `(gain, bias)` of the layer norms; the raw products
+    `W_hh h_in` (`raw`) and the cells `c` before zoneout (`craw`) are kept for backward.
     """
     k = kernels()
     mode = mode_code(spec, weight_hr)
@@ -178,6 +230,11 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
     aux = torch.empty(seq_len, batch, hidden, **f32) if mode in (
         k.GRU_AFTER, k.GRU_BEFORE, k.LSTM_PROJ) else dummy
     weight_hh = weight_hh.contiguous()
+    regularizers, switches = _regularizer_args(spec, hidden_dropout, zoneout_h, zoneout_c, dummy)
+    norms = tuple(dummy if norm is None else part.contiguous()
+                  for norm in (norm_hh, norm_cell) for part in (norm or (None, None)))
+    raw = torch.empty(seq_len, batch, gate_size, **f32) if norm_hh is not None else dummy
+    craw = torch.empty(seq_len, batch, hidden, **f32) if norm_cell is not None else dummy
     args = (
         gates_x.contiguous(), weight_hh,
         weight_hh if bias_hh is None else bias_hh.contiguous(),
@@ -185,21 +242,25 @@ def forward(spec: CellSpec, gates_x: Tensor, h0: Tensor, c0: Tensor | None, weig
         dummy if lengths is None else lengths.contiguous(),
         _mask_arg(mask, dummy),
         *_reset_args(resets, reset_h, reset_c, dummy),
+        *regularizers, *norms, raw, craw,
         hseq, cseq, out, pre, aux,
     )
     consts = dict(
-        MODE=mode, ACT=k.ACTIVATION_CODES[spec.nonlinearity] if spec.mode == "rnn" else 0,
+        MODE=mode, **_activation_codes(spec),
         G=spec.num_gates, HAS_BIAS=bias_hh is not None, HAS_LENGTHS=lengths is not None,
         REVERSE=reverse, HAS_RESETS=resets is not None, HAS_MASK=mask is not None,
         CARRY_OUT=bool(carry_masked_output) and (mask is not None or lengths is not None),
+        **switches, NORM_HH=norm_hh is not None, NORM_CELL=norm_cell is not None,
         PRECISION=_precision(dtype, device),
         **_blocks(batch, hidden, device),
     )
-    _launch(k.forward_kernel, args, (seq_len, batch, hidden, hidden_out), consts,
-            k.FORWARD_PHASES[mode], _phase_columns(mode, hidden, hidden_out, False), seq_len,
-            False, device)
+    columns = _phase_columns(mode, hidden, hidden_out, False, consts["NORM_HH"],
+                             consts["NORM_CELL"])
+    _launch(k.forward_kernel, args, (seq_len, batch, hidden, hidden_out), consts, len(columns),
+            columns, seq_len, False, device)
     return {"out": out, "hseq": hseq, "cseq": cseq, "pre": pre, "aux": aux, "mode": mode,
-            "consts": consts}
+            "consts": consts, "regularizers": regularizers, "norms": norms, "raw": raw,
+            "craw": craw}
 
 
 def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor | None,
@@ -232,6 +293,12 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
     dghh = torch.empty(seq_len, batch, gate_size, **f32) if gru else dgx
     gaux = torch.empty(seq_len, batch, hidden_out, **f32) if mode in (
         k.GRU_BEFORE, k.LSTM_PROJ) else dummy
+    consts = {key: value for key, value in saved["consts"].items() if key != "HAS_BIAS"}
+    raw, craw = saved["raw"], saved["craw"]
+    # The gradients of the raw products W_hh h_in and of LN(c)'s output, for layer norm.
+    draw = torch.empty(seq_len, batch, gate_size, **f32) if consts["NORM_HH"] else dummy
+    dcy = torch.empty(seq_len, batch, hidden, **f32) if consts["NORM_CELL"] else dummy
+    norm_hh_gain, _, norm_cell_gain, norm_cell_bias = saved["norms"]
     dreset_h = dreset_c = dummy
     if resets is not None:
         dreset_h = torch.zeros(2, batch, hidden_out, **f32)
@@ -242,21 +309,26 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
     args = (
         weight_hh, weight_hh if weight_hr is None else weight_hr.contiguous(),
         dummy if lengths is None else lengths.contiguous(), _mask_arg(mask, dummy), *reset_args,
-        hseq, saved["cseq"], saved["pre"], aux,
+        *saved["regularizers"], norm_hh_gain, norm_cell_gain, norm_cell_bias, raw, craw, draw,
+        dcy, hseq, saved["cseq"], saved["pre"], aux,
         grad_out.float().contiguous(), dhseq, dcseq, dgx, dghh, gaux, dreset_h, dreset_c,
     )
-    consts = {key: value for key, value in saved["consts"].items() if key != "HAS_BIAS"}
-    _launch(k.backward_kernel, args, (seq_len, batch, hidden, hidden_out), consts,
-            k.BACKWARD_PHASES[mode], _phase_columns(mode, hidden, hidden_out, True), seq_len,
-            True, device)
-    # Weight gradients: one matmul over all steps (masked steps hold zero gradients).
-    flat = dghh.reshape(-1, gate_size)
+    columns = _phase_columns(mode, hidden, hidden_out, True, consts["NORM_HH"],
+                             consts["NORM_CELL"])
+    _launch(k.backward_kernel, args, (seq_len, batch, hidden, hidden_out), consts, len(columns),
+            columns, seq_len, True, device)
+    # Weight gradients: one matmul over all steps (masked steps hold zero gradients); with
+    # layer norm, W_hh's from the gradient of its raw product.
+    flat = (draw if consts["NORM_HH"] else dghh).reshape(-1, gate_size)
     h_prev = hseq[:seq_len]
     if resets is not None:  # the state each step starts from, by processing step
         codes, reset_h = reset_args[0], reset_args[1]
         codes = (codes.flip(0) if reverse else codes).unsqueeze(-1)
         h_prev = torch.where(codes == 1, reset_h, torch.where(codes == 2, hseq[0], h_prev))
-    h_prev = h_prev.reshape(-1, hidden_out).float()
+    h_prev = h_prev.float()
+    if saved["consts"]["HAS_DROPOUT"]:  # W_hh saw h_in = h_start * hidden_dropout
+        h_prev = h_prev * saved["regularizers"][0]
+    h_prev = h_prev.reshape(-1, hidden_out)
     if mode == k.GRU_BEFORE:
         grad_w_hh = torch.cat([
             flat[:, : 2 * hidden].T @ h_prev, flat[:, 2 * hidden:].T @ aux.reshape(-1, hidden)
@@ -268,7 +340,7 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
         "h0": dhseq[0],
         "c0": dcseq[0] if spec.mode == "lstm" else None,
         "weight_hh": grad_w_hh,
-        "bias_hh": flat.sum(0),
+        "bias_hh": dghh.reshape(-1, gate_size).sum(0),
         "weight_hr": None,
         "reset_h": None,
         "reset_c": None,
@@ -281,6 +353,14 @@ def backward(spec: CellSpec, saved: dict, weight_hh: Tensor, weight_hr: Tensor |
             result["reset_c"] = dreset_c[0]
     if mode == k.LSTM_PROJ:
         result["weight_hr"] = gaux.reshape(-1, hidden_out).T @ aux.reshape(-1, hidden)
+    # The norms' gains and biases: sums over all steps of the gradient of LN(x) * gain + bias
+    # (zero on skipped steps), against x's normalized values.
+    for name, grad_y, x, on in (("norm_hh", dghh, raw, consts["NORM_HH"]),
+                                ("norm_cell", dcy, craw, consts["NORM_CELL"])):
+        if on:
+            normalized = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+            result[f"{name}_gain"] = (grad_y * normalized).sum((0, 1))
+            result[f"{name}_bias"] = grad_y.sum((0, 1))
     return result
 
 
@@ -294,14 +374,23 @@ class TritonRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, reverse, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths,
-                resets, reset_h, reset_c, mask=None, carry_masked_output=False):
+                resets, reset_h, reset_c, mask=None, carry_masked_output=False,
+                hidden_dropout=None, zoneout_h=None, zoneout_c=None, norm_hh_gain=None,
+                norm_hh_bias=None, norm_cell_gain=None, norm_cell_bias=None):
+        norm_hh = None if norm_hh_gain is None else (norm_hh_gain, norm_hh_bias)
+        norm_cell = None if norm_cell_gain is None else (norm_cell_gain, norm_cell_bias)
         saved = forward(spec, gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, reverse,
-                        resets, reset_h, reset_c, mask, carry_masked_output)
+                        resets, reset_h, reset_c, mask, carry_masked_output, hidden_dropout,
+                        zoneout_h, zoneout_c, norm_hh, norm_cell)
         ctx.spec, ctx.reverse = spec, reverse
         ctx.carry_masked_output = carry_masked_output
-        optional = (c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask)
+        # The masks are inputs without gradients; saved for double backward's reference run.
+        ctx.masks = (hidden_dropout, zoneout_h, zoneout_c)
+        optional = (c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask,
+                    norm_hh_gain, norm_hh_bias, norm_cell_gain, norm_cell_bias)
         ctx.has = [x is not None for x in optional]
-        ctx.buffers = {key: saved[key] for key in ("mode", "consts")}
+        ctx.buffers = {key: saved[key] for key in ("mode", "consts", "regularizers", "norms",
+                                                   "raw", "craw")}
         inputs = [x for x in (gates_x, h0, weight_hh, *optional) if x is not None]
         # Not the output itself: changing it in place must not break backward.
         ctx.save_for_backward(*inputs, saved["hseq"], saved["cseq"], saved["pre"], saved["aux"])
@@ -319,10 +408,12 @@ class TritonRecurrence(torch.autograd.Function):
         hseq, cseq, pre, aux = tensors[-4:]
         inputs = iter(tensors[:-4])
         gates_x, h0, weight_hh = next(inputs), next(inputs), next(inputs)
-        c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask = (
+        (c0, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask, *norms) = (
             next(inputs) if has else None for has in ctx.has)
-        differentiable = (gates_x, h0, c0, weight_hh, bias_hh, weight_hr, reset_h, reset_c)
-        needs = (*ctx.needs_input_grad[2:8], *ctx.needs_input_grad[10:12])
+        differentiable = (gates_x, h0, c0, weight_hh, bias_hh, weight_hr, reset_h, reset_c,
+                          *norms)
+        needs = (*ctx.needs_input_grad[2:8], *ctx.needs_input_grad[10:12],
+                 *ctx.needs_input_grad[17:21])
         if torch.is_grad_enabled():
             grads = _reference_grads(ctx, differentiable, needs, lengths, resets, mask,
                                      grad_out, grad_h, grad_c)
@@ -332,24 +423,31 @@ class TritonRecurrence(torch.autograd.Function):
             result = backward(ctx.spec, saved, weight_hh, weight_hr, lengths, ctx.reverse,
                               grad_out, grad_h, grad_c, resets, reset_h, reset_c, mask)
             names = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "reset_h",
-                     "reset_c")
+                     "reset_c", "norm_hh_gain", "norm_hh_bias", "norm_cell_gain",
+                     "norm_cell_bias")
             grads = [
                 None if tensor is None or not need else result[name].to(tensor.dtype)
                 for name, tensor, need in zip(names, differentiable, needs)
             ]
-        return (None, None, *grads[:6], None, None, *grads[6:], None, None)
+        return (None, None, *grads[:6], None, None, *grads[6:8], None, None, None, None, None,
+                *grads[8:])
 
 
 def _reference_grads(ctx, inputs, needs, lengths, resets, mask, grad_out, grad_h, grad_c):
     """Gradients through the reference path, themselves differentiable (double backward)."""
-    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, reset_h, reset_c = inputs
+    gates_x, h0, c0, weight_hh, bias_hh, weight_hr, reset_h, reset_c, *norms = inputs
     state = (h0,) if c0 is None else (h0, c0)
     reset_state = None
     if resets is not None:
         reset_state = (reset_h,) if reset_c is None else (reset_h, reset_c)
+    hidden_dropout, zoneout_h, zoneout_c = ctx.masks
     output, final = reference.recurrence(ctx.spec, gates_x, state, weight_hh, bias_hh,
                                          weight_hr, lengths, ctx.reverse, resets, reset_state,
-                                         mask, ctx.carry_masked_output)
+                                         mask, ctx.carry_masked_output,
+                                         hidden_dropout=hidden_dropout, zoneout_h=zoneout_h,
+                                         zoneout_c=zoneout_c,
+                                         norm_hh=None if norms[0] is None else tuple(norms[:2]),
+                                         norm_cell=None if norms[2] is None else tuple(norms[2:]))
     wanted = [i for i, (tensor, need) in enumerate(zip(inputs, needs))
               if tensor is not None and need]
     outputs = (output, *final)
@@ -366,7 +464,10 @@ def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weigh
                bias_hh: Tensor | None, weight_hr: Tensor | None, lengths: Tensor | None,
                reverse: bool, resets: Tensor | None = None,
                reset_state: tuple[Tensor, ...] | None = None, mask: Tensor | None = None,
-               carry_masked_output: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+               carry_masked_output: bool = False, *, hidden_dropout: Tensor | None = None,
+               zoneout_h: Tensor | None = None, zoneout_c: Tensor | None = None,
+               norm_hh: tuple[Tensor, Tensor] | None = None,
+               norm_cell: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """[`rnnkit.ops.reference.recurrence`][]'s contract, served by the triton kernels."""
     if (resets is None) != (reset_state is None):
         raise ValueError("resets and reset_state go together")
@@ -377,5 +478,7 @@ def recurrence(spec: CellSpec, gates_x: Tensor, state: tuple[Tensor, ...], weigh
         reset_c = reset_state[1] if len(reset_state) > 1 else None
     results = TritonRecurrence.apply(spec, reverse, gates_x, state[0], c0, weight_hh, bias_hh,
                                      weight_hr, lengths, resets, reset_h, reset_c, mask,
-                                     bool(carry_masked_output))
+                                     bool(carry_masked_output), hidden_dropout, zoneout_h,
+                                     zoneout_c, *(norm_hh or (None, None)),
+                                     *(norm_cell or (None, None)))
     return results[0], tuple(results[1:])

@@ -330,9 +330,15 @@ def test_with_gradients_the_general_path_runs_and_gradients_match_torch_nn():
          lambda m, x: m(x.to(torch.bfloat16))),
         (lambda: rnnkit.GRU(INPUT, HIDDEN, num_layers=2, dropout=0.5).train(),
          lambda m, x: m(x)),
+        (lambda: rnnkit.GRU(INPUT, HIDDEN, recurrent_dropout=0.5).train(), lambda m, x: m(x)),
+        (lambda: rnnkit.GRUCell(INPUT, HIDDEN, input_dropout=0.5).train(),
+         lambda m, x: m(x[0])),
+        (lambda: rnnkit.LSTM(INPUT, HIDDEN, zoneout=0.2).eval(), lambda m, x: m(x)),
+        (lambda: rnnkit.GRU(INPUT, HIDDEN, layer_norm=True).eval(), lambda m, x: m(x)),
     ],
     ids=["reference", "two-steps", "lengths", "bidirectional", "callable", "hard_sigmoid",
-         "bfloat16", "dropout-training"],
+         "bfloat16", "dropout-training", "recurrent-dropout-training",
+         "input-dropout-training", "zoneout", "layer-norm"],
 )
 def test_other_calls_keep_the_general_path(make, call):
     module = make()
@@ -355,6 +361,17 @@ def test_computed_weights_keep_the_general_path(how):
         theirs.weight_hh_l0.copy_(ours.weight_hh_l0)
         close(ours(x)[0], theirs(x)[0], torch.float64)
     assert served.count == 0
+
+
+def test_dropout_in_evaluation_is_served_and_equals_torch_nn():
+    theirs, ours = twin_layers("GRU", INPUT, HIDDEN, num_layers=2, dtype=torch.float64,
+                               dropout=0.5, ours_kwargs={"recurrent_dropout": 0.3,
+                                                         "input_dropout": 0.3})
+    ours.eval(), theirs.eval()
+    x = torch.randn(1, BATCH, INPUT, dtype=torch.float64)
+    with torch.no_grad(), Served() as served:
+        close(ours(x)[0], theirs(x)[0], torch.float64)
+    assert served.count == 1
 
 
 def test_wrong_shapes_still_raise_the_general_errors():

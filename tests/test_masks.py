@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rnnkit
-from rnnkit.interop import from_keras
+from rnnkit.interop import from_keras, to_keras
 from rnnkit.ops import dispatch
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -47,7 +47,7 @@ def test_equals_keras_with_holes(kind, zero_output):
     mask = _holes(4, 7, 2)
     expected = [keras.ops.convert_to_numpy(t) for t in layer(x, mask=mask)]
     ours = from_keras(layer)
-    ours.zero_output_for_mask = zero_output
+    assert ours.zero_output_for_mask is zero_output  # Keras's setting carries over
     output, final = ours(torch.from_numpy(x), mask=torch.from_numpy(mask))
     finals = final if isinstance(final, tuple) else (final,)
     got = [output.detach().numpy()] + [f[0].detach().numpy() for f in finals]
@@ -66,7 +66,7 @@ def test_bidirectional_equals_keras_with_holes(kind):
     mask = _holes(4, 6, 5)
     expected = keras.ops.convert_to_numpy(layer(x, mask=mask))
     ours = from_keras(layer)
-    ours.zero_output_for_mask = layer.forward_layer.zero_output_for_mask
+    assert ours.zero_output_for_mask is layer.forward_layer.zero_output_for_mask
     output, _ = ours(torch.from_numpy(x), mask=torch.from_numpy(mask))
     np.testing.assert_allclose(output.detach().numpy(), expected, atol=1e-5, rtol=1e-5)
 
@@ -195,3 +195,17 @@ def test_bad_masks_are_clear_errors():
         layer(packed, mask=torch.ones(5, 2, dtype=torch.bool))
     with pytest.raises(TypeError, match="zero_output_for_mask must be a bool"):
         rnnkit.GRU(3, 4, zero_output_for_mask="yes")
+
+
+@pytest.mark.parametrize("zero_output", [False, True])
+def test_to_keras_carries_zero_output_for_mask(zero_output):
+    keras = _keras()
+    torch.manual_seed(6)
+    ours = rnnkit.GRU(3, 4, batch_first=True, zero_output_for_mask=zero_output)
+    layer = to_keras(ours)
+    assert layer.zero_output_for_mask is zero_output
+    x = np.random.default_rng(7).normal(size=(4, 6, 3)).astype("float32")
+    mask = _holes(4, 6, 8)
+    expected = keras.ops.convert_to_numpy(layer(x, mask=mask))
+    output, _ = ours(torch.from_numpy(x), mask=torch.from_numpy(mask))
+    np.testing.assert_allclose(output.detach().numpy(), expected, atol=1e-5, rtol=1e-5)

@@ -401,3 +401,28 @@ def test_to_torch_keeps_a_forget_bias_layer():
     layer = rnnkit.LSTM(3, 4, forget_bias=1.0)
     copy = rnnkit.interop.to_torch(layer)
     assert torch.equal(copy.bias_ih_l0, layer.bias_ih_l0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: rnnkit.GRUCell(3, 4, recurrent_dropout=0.3, input_dropout=0.2, zoneout=0.2,
+                           layer_norm=True),
+    lambda: rnnkit.LSTM(3, 4, recurrent_dropout=0.3, input_dropout=0.2, zoneout=0.2,
+                        layer_norm=True),
+], ids=["cell", "layer"])
+def test_parametrized_weights_are_computed_once_per_call_with_masks(make):
+    from torch.nn.utils import parametrize
+
+    class Counting(nn.Module):
+        calls = 0
+
+        def forward(self, weight):
+            Counting.calls += 1
+            return weight
+
+    module = make().train()
+    name = "weight_ih" if hasattr(module, "weight_ih") else "weight_ih_l0"
+    parametrize.register_parametrization(module, name, Counting())
+    Counting.calls = 0
+    x = torch.randn(2, 3) if name == "weight_ih" else torch.randn(5, 2, 3)
+    module(x)
+    assert Counting.calls == 1

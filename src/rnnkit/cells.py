@@ -108,7 +108,8 @@ class _CellBase(nn.Module):
         torch's default generator. Pass them as `dropout_masks=` at every step of a sequence
         for variational dropout (`rnnkit.Stateful` does); without them each step
         draws its own."""
-        reference = self.weight_ih
+        # Not self.weight_ih: a parametrized weight would be computed once more.
+        reference = next(self.parameters())
         masks: dict[str, Tensor] = {}
         if self.input_dropout:
             masks["input"] = _regularize.dropout_mask(
@@ -193,7 +194,8 @@ class _CellBase(nn.Module):
         if self.spec.zoneout:
             for name in ("zoneout_h", "zoneout_c")[: self.spec.num_states]:
                 masks[name] = _regularize.zoneout_mask(
-                    (1, batch_size, self.hidden_size), self.spec.zoneout, self.weight_ih)
+                    (1, batch_size, self.hidden_size), self.spec.zoneout,
+                    next(self.parameters()))
         return _regularize.refuse_export(masks)
 
     @classmethod

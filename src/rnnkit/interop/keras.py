@@ -53,7 +53,7 @@ _ACTIVATION_NAMES = {row.name: row.keras for row in TABLE}
 # Options that would change the math; to_keras sets them itself.
 _RESERVED = {
     "units", "activation", "recurrent_activation", "use_bias", "reset_after", "go_backwards",
-    "unit_forget_bias", "dropout", "recurrent_dropout",
+    "unit_forget_bias", "dropout", "recurrent_dropout", "zero_output_for_mask",
 }
 
 
@@ -152,6 +152,11 @@ class GoBackwards(nn.Module):
         # Each sequence reversed within its length, run forward over its own steps, and put
         # back after its padding, where Keras's reversal of the padded whole leaves it.
         output, state = layer(_reverse_within(input, lengths, time), hx, lengths=lengths)
+        # Keras reads the padding first, before any output exists, so it outputs zeros there
+        # even with zero_output_for_mask=False (the layer itself repeats its carried h).
+        padding = torch.arange(input.shape[time], device=output.device) >= lengths[:, None]
+        padding = padding if time == 1 or not batched else padding.T
+        output = output.masked_fill(padding.reshape(output.shape[:-1]).unsqueeze(-1), 0)
         return _reverse_within(output, lengths, time).flip(time), state
 
 
@@ -183,7 +188,10 @@ def _options(keras, layer, cls: type[RecurrentLayer], stacklevel: int) -> dict:
             "layer.build((None, None, input_size)) first"
         )
     cell = layer.cell
-    options: dict = {"bias": bool(cell.use_bias)}
+    # Keras's own default is False (a masked step repeats the last output); carry it so that
+    # mask= gives Keras's outputs.
+    options: dict = {"bias": bool(cell.use_bias),
+                     "zero_output_for_mask": bool(layer.zero_output_for_mask)}
     if cls is RNN:
         options["nonlinearity"] = _activation_from_keras(keras, cell.activation, "activation")
     else:
@@ -384,6 +392,7 @@ def to_keras(
         "use_bias": module.bias,
         "dtype": dtype,
         "go_backwards": go_backwards,
+        "zero_output_for_mask": module.zero_output_for_mask,
         **layer_options,
     }
     spec = module.spec

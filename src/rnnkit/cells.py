@@ -18,6 +18,7 @@ from rnnkit._state import initial_state
 from rnnkit.ops import dispatch
 from rnnkit.ops.activations import Activation, check_activation, nonlinearity_repr
 from rnnkit.ops.cell_math import gru_step, lstm_step, rnn_step, step
+from rnnkit.ops.cpu import stream
 from rnnkit.ops.spec import Call, CellSpec, State
 
 __all__ = [
@@ -125,6 +126,10 @@ class _CellBase(nn.Module):
         return initial_state(self, (), batch_size, sizes)
 
     def _run(self, input: Tensor, hx: State | None, dropout_masks=None) -> State:
+        if dropout_masks is None:
+            fast = stream.cell_step(self, input, hx)  # a step without gradients, compiled
+            if fast is not None:
+                return fast[1]
         # Read each weight once: a parametrized weight is computed on every access.
         weight_ih = self.weight_ih
         _checks.input_tensor(input, weight_ih, self.input_size, ranks=(1, 2), what="input")

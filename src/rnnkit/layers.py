@@ -19,6 +19,7 @@ from rnnkit import _checks, _from_weights, _regularize
 from rnnkit._state import initial_state
 from rnnkit.ops import dispatch
 from rnnkit.ops.activations import Activation, check_activation, nonlinearity_repr
+from rnnkit.ops.cpu import stream
 from rnnkit.ops.spec import Call, CellSpec, State, from_states
 
 
@@ -441,6 +442,11 @@ class RecurrentLayer(nn.Module):
             ValueError, TypeError: for input, state, lengths, resets or mask of the wrong kind
                 or shape, and for mask with resets or a PackedSequence.
         """
+        if lengths is None and resets is None and mask is None and dropout_masks is None:
+            # One step without gradients runs compiled from packed weights (ops/cpu/stream.py).
+            fast = stream.layer_step(self, input, hx)
+            if fast is not None:
+                return fast[0], from_states(fast[1])
         # Checks need only a dtype and device. Reading weight_ih_l0 here would compute it twice
         # when it is parametrized; forward computes each weight once, in _run_direction.
         reference = next(self.parameters())

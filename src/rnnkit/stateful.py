@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit import _checks
 from rnnkit.cells import _CellBase
 from rnnkit.layers import RecurrentLayer
+from rnnkit.ops.cpu import stream
 from rnnkit.ops.spec import as_states, from_states
 
 State = Tensor | tuple[Tensor, Tensor]
@@ -216,6 +217,14 @@ class Stateful(nn.Module):
             A layer's output for this chunk (`(L, N, H_out)` in the input's layout), or a
                 cell's new hidden state `h'`. Entries with length `0` are zero.
         """
+        if lengths is None and resets is None:
+            # One step without gradients runs compiled from packed weights (ops/cpu/stream.py).
+            module = self.module
+            step = stream.cell_step if isinstance(module, _CellBase) else stream.layer_step
+            fast = step(module, input, self.state)
+            if fast is not None:
+                self.__dict__["state"] = from_states(fast[1])  # a plain attribute
+                return fast[0]
         if self._is_cell:
             return self._forward_cell(input, lengths, resets)
         return self._forward_layer(input, lengths, resets)

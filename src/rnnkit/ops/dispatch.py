@@ -25,6 +25,15 @@ math; `"auto"` takes the first registered backend that claims the device, is ava
 the call and does not decline it; a named backend that cannot serve a call falls back to the
 reference path with a warning giving the reason. Set `RNNKIT_DEBUG=1` (or enable the
 `rnnkit` logger at DEBUG) to see every fallback.
+
+One-step streaming bypasses this module. A single step of a small batch (an actor, a live
+decoder) spends more time building a `Call`, planning it and projecting its input than in its
+two small products, so layers, cells and `rnnkit.Stateful` first ask
+[`rnnkit.ops.cpu.stream.serves`][rnnkit.ops.cpu.stream.serves], the one place that decides
+it: a step of torch.nn's plain cells on float32/float64 CPU tensors that needs no gradient,
+with no lengths, resets or masks, outside compile/export, runs the compiled `stream_step`
+from weights packed once per module (repacked when a parameter's version or storage
+changes). Every other call comes here.
 """
 
 from __future__ import annotations

@@ -1,0 +1,351 @@
+// One step of a stacked unidirectional RNN, GRU or LSTM, for streaming inference: the whole
+// stack in one call, from weights that rnnkit/ops/cpu/stream.py packs once and keeps until a
+// parameter changes. Nothing is saved for backward; the Python side calls this only when no
+// gradient is needed. At B = 1 every product is one pass over a k-major weight (vector_matrix);
+// a few rows run on gemm.h's register-blocked matmul. Threads split the hidden units, each
+// computing its columns of every gate (see stream_threads).
+//
+// Per layer the packed weights are four tensors:
+//   ih   (I, G*H)  W_ih^T, k-major
+//   hh   (Hout, G*H)  W_hh^T, k-major
+//   bias (G*H,) b_ih + b_hh for RNN and LSTM; (2*G*H,) [b_ih, b_hh] for GRU, whose candidate
+//        needs them apart; empty without biases
+//   hr   (H, P)  W_hr^T for an LSTM projection, else empty
+
+#include "cells.h"
+#include "gemm.h"
+#include "threads.h"
+#include "vec_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <tuple>
+#include <vector>
+
+namespace rnnkit_cpu {
+namespace {
+
+enum StreamMode : int64_t { kStreamRnn = 0, kStreamGru = 1, kStreamLstm = 2 };
+
+// y (B x N, row stride ldy) = x (B x K, row stride ldx) M (K x N, k-major, ldm) [+ y].
+template <typename T>
+void product(int64_t B, int64_t K, int64_t N, const T* x, int64_t ldx, const T* M, int64_t ldm,
+             bool accumulate, T* y, int64_t ldy) {
+  if (B == 1) {
+    vector_matrix<T>(K, N, x, 1, M, ldm, accumulate, y);
+  } else {
+    matmul<T>(B, K, N, x, ldx, 1, M, ldm, accumulate, y, ldy);
+  }
+}
+
+// Rows [0, B) of y (row stride ldy), N wide, start as `bias` (or zero, without one).
+template <typename T>
+void seed(int64_t B, int64_t N, const T* bias, T* y, int64_t ldy) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (bias) {
+      std::copy(bias, bias + N, y + b * ldy);
+    } else {
+      std::fill(y + b * ldy, y + b * ldy + N, T(0));
+    }
+  }
+}
+
+template <typename T>
+struct Layer {
+  const T* ih;
+  const T* hh;
+  const T* bias;  // nullptr: no biases
+  const T* hr;    // nullptr: no projection
+  int64_t I, H, Hout;
+};
+
+// The hidden units [u0, u1) one thread computes: its columns of every gate, so the pointwise
+// math needs nothing from the other threads.
+struct Units {
+  int64_t u0, u1;
+  int64_t count() const { return u1 - u0; }
+};
+
+// Waits for the other threads of run_threads (threads.h); nothing with one thread.
+inline void barrier(int64_t threads) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp barrier
+  }
+#else
+  (void)threads;
+#endif
+}
+
+// Columns [u0, u1) of gates 0..gates-1 (gate g at g * H, rows GH apart) of
+// x W^T (+ y, else + bias): the products restricted to one thread's units.
+template <typename T>
+void gate_columns(int64_t B, int64_t K, int64_t H, int64_t GH, int64_t gates, Units u,
+                  const T* x, const T* M, const T* bias, bool accumulate, T* y) {
+  for (int64_t g = 0; g < gates; ++g) {
+    const int64_t at = g * H + u.u0;
+    if (!accumulate) seed<T>(B, u.count(), bias ? bias + at : nullptr, y + at, GH);
+    product<T>(B, K, u.count(), x, K, M + at, GH, true, y + at, GH);
+  }
+}
+
+// gates (B x G*H) = x W_ih^T + h W_hh^T + bias at the units u: RNN and LSTM.
+template <typename T>
+void summed_gates(int64_t B, int64_t G, const Layer<T>& w, Units u, const T* x, const T* h,
+                  T* gates) {
+  const int64_t GH = G * w.H;
+  gate_columns<T>(B, w.I, w.H, GH, G, u, x, w.ih, w.bias, false, gates);
+  gate_columns<T>(B, w.Hout, w.H, GH, G, u, h, w.hh, nullptr, true, gates);
+}
+
+template <typename T>
+void rnn_layer(int64_t activation, int64_t B, const Layer<T>& w, Units u, const T* x,
+               const T* h, T* h_new, T* gates) {
+  const int64_t H = w.H;
+  summed_gates<T>(B, 1, w, u, x, h, gates);
+  dispatch_activation(activation, [&](auto a) {
+    constexpr int A = decltype(a)::value;
+    for (int64_t b = 0; b < B; ++b) {
+      for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
+        Vec<T> derivative;
+        rnn_forward<A, T>(Vec<T>::loadu(gates + b * H + j, count), derivative)
+            .store(h_new + b * H + j, count);
+      });
+    }
+  });
+}
+
+// `projection`: this thread's columns of W_hr's product, run after a barrier.
+template <typename T>
+void lstm_layer(int64_t threads, int64_t B, const Layer<T>& w, Units u, Units projection,
+                const T* x, const T* h, const T* c, T* h_new, T* c_new, T* gates,
+                T* unprojected) {
+  const int64_t H = w.H, GH = 4 * H;
+  summed_gates<T>(B, 4, w, u, x, h, gates);
+  T* y = w.hr ? unprojected : h_new;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* g = gates + b * GH;
+    for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
+      using V = Vec<T>;
+      const LstmPoint<T> p =
+          lstm_forward<T>(V::loadu(g + j, count), V::loadu(g + H + j, count),
+                          V::loadu(g + 2 * H + j, count), V::loadu(g + 3 * H + j, count),
+                          V::loadu(c + b * H + j, count));
+      p.c.store(c_new + b * H + j, count);
+      p.y.store(y + b * H + j, count);
+    });
+  }
+  if (w.hr) {
+    barrier(threads);  // the projection reads every unit
+    if (projection.count() > 0) {
+      product<T>(B, H, projection.count(), unprojected, H, w.hr + projection.u0, w.Hout, false,
+                 h_new + projection.u0, w.Hout);
+    }
+  }
+}
+
+// gx: W_ih x + b_ih; gh: W_hh h + b_hh (reset before: its r and z columns, then W_hn (r h));
+// reset_h: r * h (reset before only). Each (B x 3H) but reset_h (B x H).
+template <typename T>
+void gru_layer(int64_t threads, bool reset_after, int64_t B, const Layer<T>& w, Units u,
+               const T* x, const T* h, T* h_new, T* gx, T* gh, T* reset_h) {
+  using V = Vec<T>;
+  const int64_t H = w.H, GH = 3 * H;
+  const T* b_ih = w.bias;
+  const T* b_hh = w.bias ? w.bias + GH : nullptr;
+  gate_columns<T>(B, w.I, H, GH, 3, u, x, w.ih, b_ih, false, gx);
+  if (reset_after) {
+    gate_columns<T>(B, H, H, GH, 3, u, h, w.hh, b_hh, false, gh);
+    for (int64_t b = 0; b < B; ++b) {
+      const T *xr = gx + b * GH, *hr = gh + b * GH, *h_old = h + b * H;
+      for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
+        const V r = sigmoid(V::loadu(xr + j, count) + V::loadu(hr + j, count));
+        const V z = sigmoid(V::loadu(xr + H + j, count) + V::loadu(hr + H + j, count));
+        const V n = gru_candidate_after<T>(V::loadu(xr + 2 * H + j, count), r,
+                                           V::loadu(hr + 2 * H + j, count));
+        gru_output<T>(z, n, V::loadu(h_old + j, count)).store(h_new + b * H + j, count);
+      });
+    }
+    return;
+  }
+  // Reset before: r and z first, then the candidate's product with r * h.
+  gate_columns<T>(B, H, H, GH, 2, u, h, w.hh, b_hh, false, gh);
+  for (int64_t b = 0; b < B; ++b) {
+    const T *xr = gx + b * GH, *h_old = h + b * H;
+    T* hr = gh + b * GH;
+    for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
+      const V r = sigmoid(V::loadu(xr + j, count) + V::loadu(hr + j, count));
+      const V z = sigmoid(V::loadu(xr + H + j, count) + V::loadu(hr + H + j, count));
+      z.store(hr + H + j, count);
+      (r * V::loadu(h_old + j, count)).store(reset_h + b * H + j, count);
+    });
+  }
+  barrier(threads);  // W_hn (r * h) reads every unit of r * h
+  const Units n_units{2 * H + u.u0, 2 * H + u.u1};
+  seed<T>(B, u.count(), b_hh ? b_hh + n_units.u0 : nullptr, gh + n_units.u0, GH);
+  product<T>(B, H, u.count(), reset_h, H, w.hh + n_units.u0, GH, true, gh + n_units.u0, GH);
+  for (int64_t b = 0; b < B; ++b) {
+    const T *xr = gx + b * GH, *hr = gh + b * GH, *h_old = h + b * H;
+    for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
+      const V n = gru_candidate_before<T>(V::loadu(xr + 2 * H + j, count) +
+                                          V::loadu(hr + 2 * H + j, count));
+      gru_output<T>(V::loadu(hr + H + j, count), n, V::loadu(h_old + j, count))
+          .store(h_new + b * H + j, count);
+    });
+  }
+}
+
+// Thread `thread` of `threads`: its share of `size` columns, in whole vectors.
+template <typename T>
+Units share(int64_t size, int64_t thread, int64_t threads) {
+  constexpr int64_t width = Vec<T>::size();
+  const int64_t vectors = (size + width - 1) / width;
+  return {std::min(size, vectors * thread / threads * width),
+          std::min(size, vectors * (thread + 1) / threads * width)};
+}
+
+// Threads for one step: each takes a slice of every weight (its units' columns), and the
+// threads meet at a barrier per layer. Each call opens its own parallel region, and a thread
+// that another process has taken off its core stalls the barrier, so only a step of 2M
+// multiply-adds or more (B=1: a GRU with I = H = 1024) is split; the streaming sizes (B=1,
+// H=256) run on one thread. Splitting might pay earlier on an idle machine, where each core
+// then keeps its share of the weights in its own L2: RNNKIT_STREAM_THREADS=n forces n threads
+// to measure that.
+inline int64_t stream_threads(int64_t B, int64_t multiply_adds, int64_t H) {
+#ifdef _OPENMP
+  static const int64_t forced = [] {
+    const char* env = std::getenv("RNNKIT_STREAM_THREADS");
+    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t(0);
+  }();
+  if (at::in_parallel_region()) return 1;
+  const int64_t vectors = std::max<int64_t>(1, H / Vec<float>::size());
+  if (forced) return std::min(forced, vectors);
+  if (B * multiply_adds < (int64_t(1) << 21)) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), vectors));
+#else
+  (void)B, (void)multiply_adds, (void)H;
+  return 1;
+#endif
+}
+
+const int64_t kNumGates[] = {1, 3, 4};
+
+// The last layer's output and the new states, from the input x (..., I), B rows in all) and
+// the states h0 (L * B * Hout elements) and, for LSTM, c0 (L * B * H), each of any shape (a
+// cell's (B, H) or (H), a layer's (L, B, H) or (L, H)): the output is shaped like the input
+// with Hout features, h_n and c_n like h0 and c0 (c_n is empty but for LSTM). weights holds
+// four tensors per layer (see the top of this file). Taking and giving the callers' own shapes
+// spares them a view per tensor and step.
+std::tuple<Tensor, Tensor, Tensor> stream_step(const Tensor& input, const Tensor& h0,
+                                               const std::optional<Tensor>& c0,
+                                               at::TensorList weights, int64_t mode,
+                                               int64_t activation, bool reset_after) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "rnnkit stream_step: unknown mode ", mode);
+  const bool lstm = mode == kStreamLstm;
+  TORCH_CHECK(!lstm || c0.has_value(), "rnnkit stream_step: LSTM needs c0");
+  const int64_t L = static_cast<int64_t>(weights.size()) / 4;
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == 4 * L && input.dim() >= 1,
+              "rnnkit stream_step: 4 weights per layer and an input (..., I) expected");
+  const int64_t G = kNumGates[mode];
+  const int64_t H = weights[1].size(1) / G, Hout = weights[1].size(0);
+  const int64_t I0 = input.size(-1);
+  const int64_t B = I0 ? input.numel() / I0 : 0;
+  TORCH_CHECK(h0.numel() == L * B * Hout && (!lstm || c0->numel() == L * B * H),
+              "rnnkit stream_step: the states do not hold ", L, " layers of ", B, " rows");
+  TORCH_CHECK(h0.scalar_type() == input.scalar_type() &&
+                  (!lstm || c0->scalar_type() == input.scalar_type()),
+              "rnnkit stream_step: the states must have the input's dtype");
+  const Tensor x = input.contiguous(), h = h0.contiguous();
+  const Tensor c = lstm ? c0->contiguous() : Tensor();
+  Tensor h_n = at::empty(h0.sizes(), h0.options());
+  Tensor c_n = lstm ? at::empty(c0->sizes(), c0->options()) : at::empty({0}, h0.options());
+  std::vector<int64_t> output_size = input.sizes().vec();
+  output_size.back() = Hout;
+  Tensor output = at::empty(output_size, h0.options());
+  // Check every layer's weights, and count the step's multiply-adds.
+  int64_t multiply_adds = 0;
+  for (int64_t l = 0, I = I0; l < L; ++l, I = Hout) {
+    const Tensor& ih = weights[4 * l];
+    const Tensor& hh = weights[4 * l + 1];
+    const Tensor& bias = weights[4 * l + 2];
+    const Tensor& hr = weights[4 * l + 3];
+    for (const Tensor* t : {&ih, &hh, &bias, &hr}) {
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == input.scalar_type(),
+                  "rnnkit stream_step: packed weights must be contiguous, in the input's dtype");
+    }
+    TORCH_CHECK(ih.dim() == 2 && hh.dim() == 2 && ih.size(0) == I && ih.size(1) == G * H &&
+                    hh.size(0) == Hout && hh.size(1) == G * H &&
+                    (hr.numel() == 0 ? Hout == H
+                                     : (lstm && hr.dim() == 2 && hr.size(0) == H &&
+                                        hr.size(1) == Hout)),
+                "rnnkit stream_step: layer ", l, " weights have the wrong shapes");
+    TORCH_CHECK(bias.numel() == 0 || bias.numel() == (mode == kStreamGru ? 2 : 1) * G * H,
+                "rnnkit stream_step: layer ", l, " bias has the wrong size");
+    multiply_adds += (I + Hout) * G * H + hr.numel();
+  }
+  const int64_t threads = stream_threads(B, multiply_adds, H);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_stream_step", [&] {
+    using T = scalar_t;
+    // Scratch for every thread's columns: gates (GRU: gx and gh), then r * h or W_hr's input.
+    thread_local std::vector<T> scratch;
+    const int64_t GH = G * H;
+    scratch.resize(B * (2 * GH + H));
+    T* gates = scratch.data();
+    T* second = gates + B * GH;
+    T* third = second + B * GH;
+    const T* input_data = x.data_ptr<T>();
+    const T* h_data = h.data_ptr<T>();
+    const T* c_data = lstm ? c.data_ptr<T>() : nullptr;
+    T* h_out = h_n.data_ptr<T>();
+    T* c_out = lstm ? c_n.data_ptr<T>() : nullptr;
+    run_threads(threads, [&](int64_t thread) {
+      const Units units = share<T>(H, thread, threads);
+      const Units projection = share<T>(Hout, thread, threads);
+      const T* layer_x = input_data;
+      int64_t I = I0;
+      for (int64_t l = 0; l < L; ++l) {
+        const Tensor& hr = weights[4 * l + 3];
+        const Tensor& bias = weights[4 * l + 2];
+        const Layer<T> w{weights[4 * l].data_ptr<T>(), weights[4 * l + 1].data_ptr<T>(),
+                         bias.numel() ? bias.data_ptr<T>() : nullptr,
+                         hr.numel() ? hr.data_ptr<T>() : nullptr, I, H, Hout};
+        const T* h_old = h_data + l * B * Hout;
+        T* h_new = h_out + l * B * Hout;
+        if (mode == kStreamRnn) {
+          rnn_layer<T>(activation, B, w, units, layer_x, h_old, h_new, gates);
+        } else if (mode == kStreamGru) {
+          gru_layer<T>(threads, reset_after, B, w, units, layer_x, h_old, h_new, gates, second,
+                       third);
+        } else {
+          lstm_layer<T>(threads, B, w, units, projection, layer_x, h_old, c_data + l * B * H,
+                        h_new, c_out + l * B * H, gates, third);
+        }
+        barrier(threads);  // the next layer reads every unit
+        layer_x = h_new;
+        I = Hout;
+      }
+    });
+    const T* last = h_out + (L - 1) * B * Hout;
+    std::copy(last, last + B * Hout, output.data_ptr<T>());
+  });
+  return {output, h_n, c_n};
+}
+
+}  // namespace
+}  // namespace rnnkit_cpu
+
+TORCH_LIBRARY_FRAGMENT(rnnkit, m) {
+  m.def(
+      "stream_step(Tensor input, Tensor h0, Tensor? c0, Tensor[] weights, int mode, "
+      "int activation, bool reset_after) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rnnkit, CPU, m) {
+  m.impl("stream_step", &rnnkit_cpu::stream_step);
+}

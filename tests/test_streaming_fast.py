@@ -325,7 +325,8 @@ def test_with_gradients_the_general_path_runs_and_gradients_match_torch_nn():
         (lambda: rnnkit.GRU(INPUT, HIDDEN), lambda m, x: m(x, lengths=[1] * BATCH)),
         (lambda: rnnkit.GRU(INPUT, HIDDEN, bidirectional=True), lambda m, x: m(x)),
         (lambda: rnnkit.RNN(INPUT, HIDDEN, nonlinearity=torch.sin), lambda m, x: m(x)),
-        (lambda: rnnkit.RNN(INPUT, HIDDEN, nonlinearity="hard_sigmoid"), lambda m, x: m(x)),
+        (lambda: rnnkit.GRU(INPUT, HIDDEN, recurrent_activation="hard_sigmoid"),
+         lambda m, x: m(x)),
         (lambda: rnnkit.GRU(INPUT, HIDDEN, dtype=torch.bfloat16),
          lambda m, x: m(x.to(torch.bfloat16))),
         (lambda: rnnkit.GRU(INPUT, HIDDEN, num_layers=2, dropout=0.5).train(),
@@ -336,7 +337,7 @@ def test_with_gradients_the_general_path_runs_and_gradients_match_torch_nn():
         (lambda: rnnkit.LSTM(INPUT, HIDDEN, zoneout=0.2).eval(), lambda m, x: m(x)),
         (lambda: rnnkit.GRU(INPUT, HIDDEN, layer_norm=True).eval(), lambda m, x: m(x)),
     ],
-    ids=["reference", "two-steps", "lengths", "bidirectional", "callable", "hard_sigmoid",
+    ids=["reference", "two-steps", "lengths", "bidirectional", "callable", "gate-activation",
          "bfloat16", "dropout-training", "recurrent-dropout-training",
          "input-dropout-training", "zoneout", "layer-norm"],
 )

@@ -564,31 +564,28 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args)
 
 
+def _side_suite(
+    args: argparse.Namespace, suite: str, run_suite: Callable[[argparse.Namespace], dict]
+) -> int:
+    """Run `--resets` or `--regularized` (forward+backward) and write its JSON with `--out`."""
+    print(
+        f"rnnkit bench --{suite}: {args.device} {args.dtype}, {torch.get_num_threads()} "
+        f"threads, median of {args.repeats}, forward+backward"
+    )
+    results = run_suite(args)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"bench-{suite}-{args.device}.json"
+        path.write_text(json.dumps(results, indent=2))
+        print(f"wrote {path}")
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.regularized:
-        print(
-            f"rnnkit bench --regularized: {args.device} {args.dtype}, "
-            f"{torch.get_num_threads()} threads, median of {args.repeats}, forward+backward"
-        )
-        results = run_regularized(args)
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"bench-regularized-{args.device}.json"
-            path.write_text(json.dumps(results, indent=2))
-            print(f"wrote {path}")
-        return 0
+        return _side_suite(args, "regularized", run_regularized)
     if args.resets:
-        print(
-            f"rnnkit bench --resets: {args.device} {args.dtype}, {torch.get_num_threads()} "
-            f"threads, median of {args.repeats}, forward+backward"
-        )
-        results = run_resets(args)
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"bench-resets-{args.device}.json"
-            path.write_text(json.dumps(results, indent=2))
-            print(f"wrote {path}")
-        return 0
+        return _side_suite(args, "resets", run_resets)
     print(
         f"rnnkit bench: {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats}; ratio = torch.nn time / rnnkit time (input size = H)"

@@ -339,13 +339,22 @@ def _recurrent_gates(h_ptr, init_ptr, reset_ptr, code, hd_ptr, offs_b, b_mask, H
             w = tl.load(w_ptrs + 3 * gate_stride, mask=w_mask, other=0.0)
             acc3 = tl.dot(h, w, acc3, input_precision=PRECISION)
     if HAS_BIAS:
-        acc0 += tl.load(b_hh_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        if NUM_GATES > 1:
-            acc1 += tl.load(b_hh_ptr + H + offs_n, mask=n_mask, other=0.0)[None, :]
-        if NUM_GATES > 2:
-            acc2 += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
-        if NUM_GATES > 3:
-            acc3 += tl.load(b_hh_ptr + 3 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+        acc0, acc1, acc2, acc3 = _add_gate_bias(acc0, acc1, acc2, acc3, b_hh_ptr, H, offs_n,
+                                                n_mask, NUM_GATES)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _add_gate_bias(acc0, acc1, acc2, acc3, b_hh_ptr, H, offs_n, n_mask,
+                   NUM_GATES: tl.constexpr):
+    """The accumulators of gates `g < NUM_GATES` plus `b_hh[g*H + n]`."""
+    acc0 += tl.load(b_hh_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if NUM_GATES > 1:
+        acc1 += tl.load(b_hh_ptr + H + offs_n, mask=n_mask, other=0.0)[None, :]
+    if NUM_GATES > 2:
+        acc2 += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+    if NUM_GATES > 3:
+        acc3 += tl.load(b_hh_ptr + 3 * H + offs_n, mask=n_mask, other=0.0)[None, :]
     return acc0, acc1, acc2, acc3
 
 
@@ -372,13 +381,8 @@ def _normed_gates(raw_ptr, gain_ptr, bias_ptr, b_hh_ptr, offs_b, b_mask, H, offs
         acc3 = _normed(raw_ptr + 3 * H, gain_ptr + 3 * H, bias_ptr + 3 * H, GH, offs_b, offs_n,
                        mask, n_mask, mean, rstd)
     if HAS_BIAS:
-        acc0 += tl.load(b_hh_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        if NUM_GATES > 1:
-            acc1 += tl.load(b_hh_ptr + H + offs_n, mask=n_mask, other=0.0)[None, :]
-        if NUM_GATES > 2:
-            acc2 += tl.load(b_hh_ptr + 2 * H + offs_n, mask=n_mask, other=0.0)[None, :]
-        if NUM_GATES > 3:
-            acc3 += tl.load(b_hh_ptr + 3 * H + offs_n, mask=n_mask, other=0.0)[None, :]
+        acc0, acc1, acc2, acc3 = _add_gate_bias(acc0, acc1, acc2, acc3, b_hh_ptr, H, offs_n,
+                                                n_mask, NUM_GATES)
     return acc0, acc1, acc2, acc3
 
 

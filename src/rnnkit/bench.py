@@ -47,10 +47,10 @@ def _import_torch() -> None:
 CELLS = ("RNN", "GRU", "LSTM")
 GRID = ((1, 128, 500), (16, 256, 200), (64, 512, 100), (32, 1024, 50))
 QUICK_GRID = ((1, 16, 20), (4, 32, 10))
-TARGETS = {  # the issue's goals, per cell and grid point, (forward, forward+backward)
+TARGETS = {  # issue 17's goals (on AVX-512 and AVX2), per grid point, (forward, forward+backward)
     "RNN": ((4.0, 4.0), (2.0, 2.0), (1.2, 1.2), (1.0, 1.0)),
     "GRU": ((4.0, 4.0), (2.0, 2.0), (1.2, 1.2), (1.0, 1.0)),
-    "LSTM": ((1.5, 1.5), (1.0, 1.5), (1.0, 1.5), (1.0, 1.5)),
+    "LSTM": ((1.5, 1.5), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)),
 }
 # On CUDA the peer is cuDNN; the grid holds the GPU issue's cases: FlashRNN's anchor size, small
 # batches at H 256-1024, and a large batch.

@@ -104,6 +104,22 @@ def test_steps_over_several_panels_equal_torch_nn(kind, options, dtype, batch):
         close(got_state, want_state, dtype)
 
 
+@pytest.mark.parametrize("kind,options", KINDS + [("GRU", {"reset_after": False})])
+def test_a_step_repeated_gives_the_same_bits(kind, options):
+    """Every other call walks the weights' panels backwards (csrc/stream.cpp, for_panels);
+    each column is summed in the same order either way, so two calls agree to the bit."""
+    layer = getattr(rnnkit, kind)(66, 150, num_layers=2, **options)
+    x = torch.randn(1, 1, 66)
+    hx = random_state(kind, 2, 1, options.get("proj_size") or 150, 150, torch.float32)
+    with torch.no_grad(), Served() as served:
+        first, second, third = layer(x, hx), layer(x, hx), layer(x, hx)
+    assert served.count == 3
+    for other in (second, third):
+        assert torch.equal(first[0], other[0])
+        for a, b in zip(rnnkit.ops.spec.as_states(first[1]), rnnkit.ops.spec.as_states(other[1])):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("nonlinearity", [n for n in _ops.ACTIVATIONS if n not in ("tanh",
                                                                                    "relu")])
 def test_named_activations_equal_the_reference_path(nonlinearity):

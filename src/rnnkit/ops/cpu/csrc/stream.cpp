@@ -125,31 +125,50 @@ inline void barrier(int64_t threads) {
 #endif
 }
 
-// Columns [u0, u1) of gates first..last-1 (gate g at g * H, rows GH apart) of
-// x W^T (+ y, else + bias): the products restricted to one thread's units.
-template <typename T>
-void gate_columns(int64_t B, int64_t K, int64_t H, int64_t GH, int64_t first, int64_t last,
-                  Units u, const T* x, const T* M, const T* bias, bool accumulate, T* y) {
-  for (int64_t g = first; g < last; ++g) {
-    if (!accumulate) seed<T>(B, u.count(), bias ? bias + g * H + u.u0 : nullptr, y + g * H + u.u0, GH);
-    panel_product<T>(B, K, H, u, x, M + g * H * K, true, y + g * H, GH);
+// Calls fn(g, n0, width) for each panel of gates [first, last) within the units u: gate g's
+// columns [n0, n0 + width). `backwards` walks them in the reverse order: a step's weights
+// (about 1 MiB at H=256) just overflow a core's L2, and a walk in one direction only would
+// evict each panel before its next use; every other step walks back, starting from the
+// panels the last one left in L2. Each column's sums run in the same order either way.
+template <typename T, typename F>
+void for_panels(int64_t first, int64_t last, int64_t N, Units u, bool backwards, const F& fn) {
+  constexpr int64_t P = panel_width<T>();
+  const int64_t per_gate = (u.count() + P - 1) / P;
+  const int64_t count = (last - first) * per_gate;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t at = backwards ? count - 1 - i : i;
+    const int64_t n0 = u.u0 + at % per_gate * P;
+    fn(first + at / per_gate, n0, std::min(P, N - n0));
   }
+}
+
+// Columns [n0, n0 + width) of gate g of y (B rows GH apart) = bias + x W^T, from the
+// weight's panels M (K rows): one panel's product.
+template <typename T>
+void gate_panel(int64_t B, int64_t K, int64_t H, int64_t GH, int64_t g, int64_t n0,
+                int64_t width, const T* x, const T* M, const T* bias, T* y) {
+  const int64_t at = g * H + n0;
+  seed<T>(B, width, bias ? bias + at : nullptr, y + at, GH);
+  product<T>(B, K, width, x, K, M + g * H * K + n0 * K, width, true, y + at, GH);
 }
 
 // gates (B x G*H) = x W_ih^T + h W_hh^T + bias at the units u: RNN and LSTM.
 template <typename T>
-void summed_gates(int64_t B, int64_t G, const Layer<T>& w, Units u, const T* x, const T* h,
-                  T* gates) {
-  const int64_t GH = G * w.H;
-  gate_columns<T>(B, w.I, w.H, GH, 0, G, u, x, w.ih, w.bias, false, gates);
-  gate_columns<T>(B, w.Hout, w.H, GH, 0, G, u, h, w.hh, nullptr, true, gates);
+void summed_gates(int64_t B, int64_t G, const Layer<T>& w, Units u, bool backwards, const T* x,
+                  const T* h, T* gates) {
+  const int64_t H = w.H, GH = G * H;
+  for_panels<T>(0, G, H, u, backwards, [&](int64_t g, int64_t n0, int64_t width) {
+    gate_panel<T>(B, w.I, H, GH, g, n0, width, x, w.ih, w.bias, gates);
+    product<T>(B, w.Hout, width, h, w.Hout, w.hh + g * H * w.Hout + n0 * w.Hout, width, true,
+               gates + g * H + n0, GH);
+  });
 }
 
 template <typename T>
-void rnn_layer(int64_t activation, int64_t B, const Layer<T>& w, Units u, const T* x,
-               const T* h, T* h_new, T* gates) {
+void rnn_layer(int64_t activation, int64_t B, const Layer<T>& w, Units u, bool backwards,
+               const T* x, const T* h, T* h_new, T* gates) {
   const int64_t H = w.H;
-  summed_gates<T>(B, 1, w, u, x, h, gates);
+  summed_gates<T>(B, 1, w, u, backwards, x, h, gates);
   dispatch_activation(activation, [&](auto a) {
     constexpr int A = decltype(a)::value;
     for (int64_t b = 0; b < B; ++b) {
@@ -165,10 +184,10 @@ void rnn_layer(int64_t activation, int64_t B, const Layer<T>& w, Units u, const 
 // `projection`: this thread's columns of W_hr's product, run after a barrier.
 template <typename T>
 void lstm_layer(int64_t threads, int64_t B, const Layer<T>& w, Units u, Units projection,
-                const T* x, const T* h, const T* c, T* h_new, T* c_new, T* gates,
-                T* unprojected) {
+                bool backwards, const T* x, const T* h, const T* c, T* h_new, T* c_new,
+                T* gates, T* unprojected) {
   const int64_t H = w.H, GH = 4 * H;
-  summed_gates<T>(B, 4, w, u, x, h, gates);
+  summed_gates<T>(B, 4, w, u, backwards, x, h, gates);
   T* y = w.hr ? unprojected : h_new;
   for (int64_t b = 0; b < B; ++b) {
     const T* g = gates + b * GH;
@@ -194,14 +213,19 @@ void lstm_layer(int64_t threads, int64_t B, const Layer<T>& w, Units u, Units pr
 // reset_h: r * h (reset before only). Each (B x 3H) but reset_h (B x H).
 template <typename T>
 void gru_layer(int64_t threads, bool reset_after, int64_t B, const Layer<T>& w, Units u,
-               const T* x, const T* h, T* h_new, T* gx, T* gh, T* reset_h) {
+               bool backwards, const T* x, const T* h, T* h_new, T* gx, T* gh, T* reset_h) {
   using V = Vec<T>;
   const int64_t H = w.H, GH = 3 * H;
   const T* b_ih = w.bias;
   const T* b_hh = w.bias ? w.bias + GH : nullptr;
-  gate_columns<T>(B, w.I, H, GH, 0, 3, u, x, w.ih, b_ih, false, gx);
+  // Reset after: every gate of W_hh h; reset before: r and z only, the candidate's product
+  // waits for r * h.
+  const int64_t hh_gates = reset_after ? 3 : 2;
+  for_panels<T>(0, 3, H, u, backwards, [&](int64_t g, int64_t n0, int64_t width) {
+    gate_panel<T>(B, w.I, H, GH, g, n0, width, x, w.ih, b_ih, gx);
+    if (g < hh_gates) gate_panel<T>(B, H, H, GH, g, n0, width, h, w.hh, b_hh, gh);
+  });
   if (reset_after) {
-    gate_columns<T>(B, H, H, GH, 0, 3, u, h, w.hh, b_hh, false, gh);
     for (int64_t b = 0; b < B; ++b) {
       const T *xr = gx + b * GH, *hr = gh + b * GH, *h_old = h + b * H;
       for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
@@ -215,7 +239,6 @@ void gru_layer(int64_t threads, bool reset_after, int64_t B, const Layer<T>& w, 
     return;
   }
   // Reset before: r and z first, then the candidate's product with r * h.
-  gate_columns<T>(B, H, H, GH, 0, 2, u, h, w.hh, b_hh, false, gh);
   for (int64_t b = 0; b < B; ++b) {
     const T *xr = gx + b * GH, *h_old = h + b * H;
     T* hr = gh + b * GH;
@@ -227,7 +250,9 @@ void gru_layer(int64_t threads, bool reset_after, int64_t B, const Layer<T>& w, 
     });
   }
   barrier(threads);  // W_hn (r * h) reads every unit of r * h
-  gate_columns<T>(B, H, H, GH, 2, 3, u, reset_h, w.hh, b_hh, false, gh);
+  for_panels<T>(2, 3, H, u, backwards, [&](int64_t g, int64_t n0, int64_t width) {
+    gate_panel<T>(B, H, H, GH, g, n0, width, reset_h, w.hh, b_hh, gh);
+  });
   for (int64_t b = 0; b < B; ++b) {
     const T *xr = gx + b * GH, *hr = gh + b * GH, *h_old = h + b * H;
     for_vectors<T>(u.u0, u.u1, [&](int64_t j, int64_t count) {
@@ -328,6 +353,10 @@ std::tuple<Tensor, Tensor, Tensor> stream_step(const Tensor& input, const Tensor
     multiply_adds += (I + Hout) * G * H + hr.numel();
   }
   const int64_t threads = stream_threads(B, multiply_adds, H);
+  // Every other call on this thread walks the panels backwards (see for_panels).
+  static thread_local bool walk_back = false;
+  walk_back = !walk_back;
+  const bool backwards = walk_back;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_stream_step", [&] {
     using T = scalar_t;
     // Scratch for every thread's columns: gates (GRU: gx and gh), then r * h or W_hr's input.
@@ -356,13 +385,13 @@ std::tuple<Tensor, Tensor, Tensor> stream_step(const Tensor& input, const Tensor
         const T* h_old = h_data + l * B * Hout;
         T* h_new = h_out + l * B * Hout;
         if (mode == kStreamRnn) {
-          rnn_layer<T>(activation, B, w, units, layer_x, h_old, h_new, gates);
+          rnn_layer<T>(activation, B, w, units, backwards, layer_x, h_old, h_new, gates);
         } else if (mode == kStreamGru) {
-          gru_layer<T>(threads, reset_after, B, w, units, layer_x, h_old, h_new, gates, second,
-                       third);
+          gru_layer<T>(threads, reset_after, B, w, units, backwards, layer_x, h_old, h_new, gates,
+                       second, third);
         } else {
-          lstm_layer<T>(threads, B, w, units, projection, layer_x, h_old, c_data + l * B * H,
-                        h_new, c_out + l * B * H, gates, third);
+          lstm_layer<T>(threads, B, w, units, projection, backwards, layer_x, h_old,
+                        c_data + l * B * H, h_new, c_out + l * B * H, gates, third);
         }
         barrier(threads);  // the next layer reads every unit
         layer_x = h_new;

@@ -83,6 +83,43 @@ def test_one_step_layer_equals_torch_nn(kind, options, layers, dtype, batch, bat
         close(state, want_state, dtype)
 
 
+@pytest.mark.parametrize("kind,options", KINDS + [("GRU", {"bias": False})])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [1, BATCH])
+def test_steps_over_several_panels_equal_torch_nn(kind, options, dtype, batch):
+    """The packed weights keep each gate's columns in panels (csrc/stream.cpp): 150 hidden
+    units and a projection of 70 span whole panels and a partial one in both dtypes, for one
+    row (vector-matrix products) and a few (the blocked matmul)."""
+    options = {**options, "proj_size": 70} if options.get("proj_size") else options
+    theirs, ours = twin_layers(kind, 66, 150, num_layers=2, dtype=dtype, **options)
+    x = torch.randn(1, batch, 66, dtype=dtype)
+    hx = random_state(kind, 2, batch, options.get("proj_size") or 150, 150, dtype)
+    with torch.no_grad(), Served() as served:
+        got = ours(x, hx)
+    expected = theirs(x, hx)
+    assert served.count == 1
+    close(got[0], expected[0], dtype)
+    for got_state, want_state in zip(rnnkit.ops.spec.as_states(got[1]),
+                                     rnnkit.ops.spec.as_states(expected[1])):
+        close(got_state, want_state, dtype)
+
+
+@pytest.mark.parametrize("kind,options", KINDS + [("GRU", {"reset_after": False})])
+def test_a_step_repeated_gives_the_same_bits(kind, options):
+    """Every other call walks the weights' panels backwards (csrc/stream.cpp, for_panels);
+    each column is summed in the same order either way, so two calls agree to the bit."""
+    layer = getattr(rnnkit, kind)(66, 150, num_layers=2, **options)
+    x = torch.randn(1, 1, 66)
+    hx = random_state(kind, 2, 1, options.get("proj_size") or 150, 150, torch.float32)
+    with torch.no_grad(), Served() as served:
+        first, second, third = layer(x, hx), layer(x, hx), layer(x, hx)
+    assert served.count == 3
+    for other in (second, third):
+        assert torch.equal(first[0], other[0])
+        for a, b in zip(rnnkit.ops.spec.as_states(first[1]), rnnkit.ops.spec.as_states(other[1])):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("nonlinearity", [n for n in _ops.ACTIVATIONS if n not in ("tanh",
                                                                                    "relu")])
 def test_named_activations_equal_the_reference_path(nonlinearity):
@@ -279,6 +316,44 @@ def test_load_state_dict_and_data_assignment_repack_the_weights():
     with torch.no_grad():
         ours.load_state_dict(other.state_dict())
         close(ours(x)[0], other(x)[0], torch.float64)
+
+
+def test_a_new_parameter_on_the_same_storage_repacks_the_weights():
+    """A parameter replaced by a new one over the same storage, whose version counter then
+    catches up with the old one's: same address, same version, other values. The key holds
+    each parameter's identity too, so the step sees the change."""
+    theirs, ours = twin_layers("GRU", INPUT, HIDDEN, dtype=torch.float64)
+    x = torch.randn(1, BATCH, INPUT, dtype=torch.float64)
+    hx = torch.randn(1, BATCH, HIDDEN, dtype=torch.float64)  # W_hh counts: no zero state
+    old = ours.weight_hh_l0
+    with torch.no_grad():
+        for _ in range(3):
+            old.add_(0.0)
+        ours(x, hx)  # packs
+        fresh = nn.Parameter(old.data)
+        ours.weight_hh_l0 = fresh
+        assert fresh._version < old._version and fresh.data_ptr() == old.data_ptr()
+        while fresh._version < old._version:
+            fresh.mul_(1.5)
+        theirs.weight_hh_l0.copy_(fresh)
+        with Served() as served:
+            got = ours(x, hx)
+    assert served.count == 1
+    close(got[0], theirs(x, hx)[0], torch.float64)
+
+
+def test_the_backend_variable_is_read_at_each_step(monkeypatch):
+    layer, x = rnnkit.GRU(INPUT, HIDDEN), torch.randn(1, BATCH, INPUT)
+    with torch.no_grad():
+        for value, count in [("cpu", 1), ("reference", 0), ("auto", 1), ("", 1)]:
+            monkeypatch.setenv("RNNKIT_BACKEND", value)
+            with Served() as served:
+                layer(x)
+            assert served.count == count, value
+        monkeypatch.delenv("RNNKIT_BACKEND")
+        with Served() as served:
+            layer(x)
+        assert served.count == 1
 
 
 def test_a_cell_repacks_after_an_in_place_update():

@@ -218,12 +218,14 @@ class Stateful(nn.Module):
                 cell's new hidden state `h'`. Entries with length `0` are zero.
         """
         if lengths is None and resets is None:
-            # One step without gradients runs compiled from packed weights (ops/cpu/stream.py).
-            module = self.module
+            # One step without gradients runs compiled from packed weights (ops/cpu/stream.py),
+            # with as little Python around it as the checks allow.
+            module = self._modules["module"]
             step = stream.cell_step if isinstance(module, _CellBase) else stream.layer_step
             fast = step(module, input, self.state)
             if fast is not None:
-                self.__dict__["state"] = from_states(fast[1])  # a plain attribute
+                final = fast[1]
+                self.__dict__["state"] = final[0] if len(final) == 1 else final  # from_states
                 return fast[0]
         if self._is_cell:
             return self._forward_cell(input, lengths, resets)

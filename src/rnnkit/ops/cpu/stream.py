@@ -8,10 +8,15 @@ the short way round: [`serves`][rnnkit.ops.cpu.stream.serves] decides, in one pl
 step may skip all that, and the compiled `rnnkit::stream_step` (`csrc/stream.cpp`) runs the
 whole stack of layers in one call from weights packed once per module.
 
-The packed weights are kept per module and keyed by every parameter's `_version` and
-`data_ptr()` (and the dtype): an optimizer step, `load_state_dict`, `.to()` or an assignment
-to `.data` packs them anew at the next step; a stale copy is never used. The cache also holds
-the old parameters' storage, so no new tensor can take over an address it has recorded.
+The packed weights are kept per module and keyed by every parameter's identity, `_version`
+and `data_ptr()` (and the dtype): an optimizer step, `load_state_dict`, `.to()`, an assignment
+to `.data` or a new parameter packs them anew at the next step; a stale copy is never used.
+The cache also holds the packed parameters and their storage, so no new parameter or tensor
+can take over an identity or an address it has recorded.
+
+A step's Python is kept to the checks above (each a cheap attribute read or a C call), one
+comparison of the key, and the kernel call: no [`Call`][rnnkit.ops.spec.Call] or planning, no
+views or copies around the kernel, which takes and gives the callers' own shapes.
 
 What is served: torch.nn's plain cells (see [`CellSpec.plain`][rnnkit.ops.spec.CellSpec.plain];
 RNN with a named activation, GRU in both formulations, LSTM with or without projection),
@@ -44,6 +49,7 @@ _MODES = {"rnn": 0, "gru": 1, "lstm": 2}
 served = 0
 
 _op = None  # torch.ops.rnnkit.stream_step.default, once the kernels are loaded
+_pack_op = None  # torch.ops.rnnkit.stream_pack.default
 _caches: weakref.WeakKeyDictionary[nn.Module, _Packed] = weakref.WeakKeyDictionary()
 
 
@@ -52,12 +58,13 @@ class _Packed:
 
     __slots__ = ("anchors", "key", "mode", "activation", "reset_after", "names", "weights",
                  "layers", "num_states", "input_size", "hidden_size", "out_size", "spec",
-                 "dtype")
+                 "dtype", "gates")
 
     def __init__(self, module: nn.Module, spec, names: tuple[tuple[str, ...], ...]) -> None:
         self.spec = spec
         self.names = [name for layer in names for name in layer]
         self.mode = _MODES[spec.mode]
+        self.gates = (1, 3, 4)[self.mode]
         self.num_states = spec.num_states
         self.activation = code(spec.nonlinearity) if spec.mode == "rnn" else 0
         self.reset_after = spec.reset_after
@@ -72,9 +79,10 @@ class _Packed:
 
     def pack(self, params: list[Tensor | None], key: list) -> None:
         """Pack `params` (five per layer: W_ih, W_hh, b_ih, b_hh, W_hr) as csrc/stream.cpp
-        reads them: transposed to k-major, the biases summed (apart for GRU). A weight that
-        is not a parameter (computed by a hook, as the old `weight_norm` and `prune` do) or
-        a lone bias leaves `weights` `None`: such a module is not served."""
+        reads them: the weights transposed into panels (`stream_pack`), the biases summed
+        (apart for GRU). A weight that is not a parameter (computed by a hook, as the old
+        `weight_norm` and `prune` do) or a lone bias leaves `weights` `None`: such a module
+        is not served."""
         self.key = key
         self.weights = None
         self.anchors = []
@@ -100,12 +108,13 @@ class _Packed:
                     bias = torch.cat([b_ih, b_hh])
                 else:
                     bias = b_ih + b_hh
-                projection = empty if w_hr is None else w_hr.t().contiguous()
-                weights += [w_ih.t().contiguous(), w_hh.t().contiguous(), bias.contiguous(),
-                            projection]
+                projection = empty if w_hr is None else _pack_op(w_hr, 1)
+                weights += [_pack_op(w_ih, self.gates), _pack_op(w_hh, self.gates),
+                            bias.contiguous(), projection]
         self.weights = weights
-        # Holding the packed parameters' storage keeps their addresses from being reused.
-        self.anchors = [p.detach() for p in params if p is not None]
+        # Holding the packed parameters and their storage keeps their identities and addresses
+        # from being reused.
+        self.anchors = [q for p in params if p is not None for q in (p, p.detach())]
 
 
 def _layout(module: nn.Module) -> tuple[tuple[str, ...], ...] | None:
@@ -133,54 +142,75 @@ def serves(module: nn.Module, input: Tensor, state: State | None) -> _Packed | N
     `module` may run on `stream_step`, else `None` (see the module docstring for what is
     served). Shapes are checked by the callers; this packs the weights anew when a parameter
     changed since they were packed."""
-    global _op
-    if not input.is_cpu or input.dtype not in _DTYPES:
+    dtype = input.dtype
+    if (dtype not in _DTYPES or not input.is_cpu or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.is_autocast_enabled("cpu") or torch._C._are_functorch_transforms_active()):
         return None
-    if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu")
-            or torch._C._are_functorch_transforms_active()):
-        return None
-    requested = module.backend or os.environ.get("RNNKIT_BACKEND")
+    requested = module.backend or _environ_get("RNNKIT_BACKEND")
     if requested and requested != "auto" and requested != "cpu":
         return None  # another backend, or a bad name that the general path reports
     if module.training and (
-        getattr(module, "recurrent_dropout", 0) or getattr(module, "input_dropout", 0)
+        module.recurrent_dropout or module.input_dropout
         or getattr(module, "dropout", 0) and module.num_layers > 1
     ):
         return None  # dropout masks to draw and apply
     grad = torch.is_grad_enabled()
     if grad and input.requires_grad:
         return None
-    dtype = input.dtype
     if state is not None:
         for tensor in state:
             if tensor.dtype != dtype or not tensor.is_cpu or grad and tensor.requires_grad:
                 return None
     packed = _caches.get(module)
     if packed is None or packed.spec is not module.spec:
-        names = _layout(module)
-        if names is None:
+        packed = _new_cache(module)
+        if packed is None:
             return None
-        packed = _Packed(module, module.spec, names)
-        _caches[module] = packed
-    parameters = module._parameters
-    params = [parameters.get(name) for name in packed.names]
-    key = []
-    for param in params:
-        if param is not None:
-            key.append(param._version)
-            key.append(param.data_ptr())
+    get = module._parameters.get
+    params = [get(name) for name in packed.names]
     if grad and (any(p is not None and p.requires_grad for p in params)
                  or state is None and module.learn_initial_state):
         return None  # a parameter wants its gradient
-    if packed.key != key:
-        # Packed with the same storage and versions, the dtype and device cannot differ.
-        if _op is None:
-            if _build.status() is not None:
-                return None
-            _op = torch.ops.rnnkit.stream_step.default
-        packed.pack(params, key)
-    return packed if packed.weights is not None and packed.dtype == dtype else None
+    if packed.key != [(id(p), p._version, p.data_ptr()) for p in params if p is not None]:
+        if not _repack(packed, params):
+            return None
+    return packed if packed.weights is not None and packed.dtype is dtype else None
+
+
+def _new_cache(module: nn.Module) -> _Packed | None:
+    names = _layout(module)
+    if names is None:
+        return None
+    packed = _caches[module] = _Packed(module, module.spec, names)
+    return packed
+
+
+def _repack(packed: _Packed, params: list[Tensor | None]) -> bool:
+    """Pack `params` anew (loading the kernels on first use); `False` without kernels."""
+    global _op, _pack_op
+    if _op is None:
+        if _build.status() is not None:
+            return False
+        _op = torch.ops.rnnkit.stream_step.default
+        _pack_op = torch.ops.rnnkit.stream_pack.default
+    # Packed from the same parameters, storage and versions, the dtype and device cannot
+    # differ: the key is all a step compares.
+    packed.pack(params, [(id(p), p._version, p.data_ptr()) for p in params if p is not None])
+    return True
+
+
+def _environ_get(name: str) -> str | None:
+    """`os.environ.get(name)`, read from its underlying mapping where the platform allows:
+    `os.environ.get` encodes the key anew at every call, a cost each step would pay."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:  # pragma: no cover - every CPython has it
+        return os.environ.get(name)
+    value = data.get(_ENV_KEYS.get(name) or _ENV_KEYS.setdefault(name, os.environ.encodekey(name)))
+    return None if value is None else os.environ.decodevalue(value)
+
+
+_ENV_KEYS: dict[str, object] = {}
 
 
 def _states(value: object) -> State | None | bool:
@@ -188,21 +218,12 @@ def _states(value: object) -> State | None | bool:
     for no state, or `False` for anything else (the general path then explains it)."""
     if value is None:
         return None
-    if isinstance(value, Tensor):
-        return (value,)
-    if isinstance(value, tuple) and all(isinstance(v, Tensor) for v in value):
+    if type(value) is tuple:
+        for v in value:
+            if not isinstance(v, Tensor):
+                return False
         return value
-    return False
-
-
-def _run(packed: _Packed, input: Tensor, state: State) -> tuple[Tensor, State]:
-    global served
-    output, h_n, c_n = _op(
-        input, state[0], state[1] if packed.mode == 2 else None, packed.weights, packed.mode,
-        packed.activation, packed.reset_after,
-    )
-    served += 1
-    return output, ((h_n, c_n) if packed.mode == 2 else (h_n,))
+    return (value,) if isinstance(value, Tensor) else False
 
 
 def layer_step(
@@ -211,6 +232,7 @@ def layer_step(
     """One step of a unidirectional layer on the fast path: `(output, final states)` shaped
     as its `forward` returns them (the states as a tuple), or `None` when
     [`serves`][rnnkit.ops.cpu.stream.serves] declines or a shape is not one step's."""
+    global served
     state = _states(state)
     if state is False or not isinstance(input, Tensor):
         return None
@@ -230,11 +252,18 @@ def layer_step(
     if state is None:
         state = module.initial_state(batch)
     lead = (packed.layers,) if batch is None else (packed.layers, batch)
-    if len(state) != packed.num_states or state[0].shape != (*lead, packed.out_size) or (
-        packed.mode == 2 and state[1].shape != (*lead, packed.hidden_size)
-    ):
+    if len(state) != packed.num_states or state[0].shape != (*lead, packed.out_size):
         return None
-    return _run(packed, input, state)
+    if packed.mode == 2:
+        if state[1].shape != (*lead, packed.hidden_size):
+            return None
+        output, h_n, c_n = _op(input, state[0], state[1], packed.weights, 2, 0, False)
+        served += 1
+        return output, (h_n, c_n)
+    output, h_n, _ = _op(input, state[0], None, packed.weights, packed.mode,
+                         packed.activation, packed.reset_after)
+    served += 1
+    return output, (h_n,)
 
 
 def cell_step(
@@ -243,6 +272,7 @@ def cell_step(
     """One step of a cell on the fast path: `(h', final states)` shaped as the cell returns
     them, or `None` when [`serves`][rnnkit.ops.cpu.stream.serves] declines or a shape is not
     the cell's."""
+    global served
     state = _states(state)
     if state is False or not isinstance(input, Tensor):
         return None
@@ -256,7 +286,15 @@ def cell_step(
     if state is None:
         state = module.initial_state(batch)
     expected = (packed.hidden_size,) if batch is None else (batch, packed.hidden_size)
-    if len(state) != packed.num_states or any(s.shape != expected for s in state):
+    if len(state) != packed.num_states or state[0].shape != expected:
         return None
-    _, final = _run(packed, input, state)
-    return final[0], final
+    if packed.mode == 2:
+        if state[1].shape != expected:
+            return None
+        _, h_n, c_n = _op(input, state[0], state[1], packed.weights, 2, 0, False)
+        served += 1
+        return h_n, (h_n, c_n)
+    _, h_n, _ = _op(input, state[0], None, packed.weights, packed.mode, packed.activation,
+                    packed.reset_after)
+    served += 1
+    return h_n, (h_n,)

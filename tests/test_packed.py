@@ -148,12 +148,20 @@ def test_chunks_cover_each_step_once_with_the_rows_running_at_their_start(call_c
         assert len(layout.chunks) == 1
 
 
-def test_padded_and_packed_data_round_trip():
+def test_blocks_hold_the_padded_sorted_batch_chunk_by_chunk(call_cost):
     packed = _packed_input(LENGTHS, 2)
     layout = _packed.PackedLayout(packed)
-    padded = layout.padded(packed.data)
+    blocks = layout.blocks(packed.data)
     order = packed.sorted_indices
-    expected, lengths = pad_packed_sequence(packed)
-    torch.testing.assert_close(padded, expected[:, order], atol=0, rtol=0)
+    padded, lengths = pad_packed_sequence(packed)
+    padded = padded[:, order]
     assert torch.equal(layout.lengths, lengths[order])
-    assert torch.equal(layout.packed_data(padded), packed.data)
+    parts = blocks.split([(t1 - t0) * width for t0, t1, width, _ in layout.chunks])
+    assert sum(len(part) for part in parts) == layout.rows == len(blocks)
+    for part, (t0, t1, width, _) in zip(parts, layout.chunks):
+        assert torch.equal(part.view(t1 - t0, width, 2), padded[t0:t1, :width])
+    assert torch.equal(layout.packed_data(blocks), packed.data)
+    sequences = torch.cat([torch.arange(width).repeat(t1 - t0)
+                           for t0, t1, width, _ in layout.chunks])
+    per_sequence = torch.randn(len(LENGTHS), 3)
+    assert torch.equal(layout.per_row(per_sequence), per_sequence[sequences])

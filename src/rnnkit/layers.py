@@ -448,9 +448,9 @@ class RecurrentLayer(nn.Module):
                         "padded batch with lengths= instead"
                     )
             _checks.input_tensor(packed.data, reference, self.input_size, (2, 2), "input")
-            # Runs in the packed batch's sorted order; states are permuted instead.
+            # Runs in chunks over the sorted batch, in the block layout `(R, H_in)`.
             layout = _packed.PackedLayout(packed)
-            x, lengths = layout.padded(packed.data), layout.lengths
+            x, seq_len, batch_size = layout.blocks(packed.data), layout.steps, layout.batch
             batched = True
         else:
             _checks.input_tensor(input, reference, self.input_size, (2, 3), "input")
@@ -459,7 +459,7 @@ class RecurrentLayer(nn.Module):
                 x = input.unsqueeze(1)
             else:
                 x = input.transpose(0, 1) if self.batch_first else input
-        seq_len, batch_size = x.shape[0], x.shape[1]
+            seq_len, batch_size = x.shape[0], x.shape[1]
         if seq_len == 0:
             raise ValueError(f"input must have at least one time step, got shape {tuple(x.shape)}")
         empty = None
@@ -492,6 +492,8 @@ class RecurrentLayer(nn.Module):
         for layer in range(self.num_layers):
             input_mask = masks.get(f"input_l{layer}")
             if input_mask is not None:  # variational input dropout: one mask for all steps
+                if packed is not None:
+                    input_mask = layout.per_row(input_mask)
                 layer_input = layer_input * input_mask
             outputs = []
             for direction in range(self.num_directions):
@@ -592,7 +594,7 @@ class RecurrentLayer(nn.Module):
         direction: int,
         masks: dict[str, Tensor],
     ) -> tuple[Tensor, State]:
-        """`_run_direction` over a PackedSequence's padded sorted batch, chunk by chunk."""
+        """`_run_direction` over a PackedSequence's block layout, chunk by chunk."""
 
         def run(chunk: Tensor, start: State, lengths: Tensor | None, steps: slice,
                 width: int) -> tuple[Tensor, State]:

@@ -165,3 +165,10 @@ def test_blocks_hold_the_padded_sorted_batch_chunk_by_chunk(call_cost):
                            for t0, t1, width, _ in layout.chunks])
     per_sequence = torch.randn(len(LENGTHS), 3)
     assert torch.equal(layout.per_row(per_sequence), per_sequence[sequences])
+
+
+def test_a_packed_sequence_without_steps_is_refused():
+    layer = rnnkit.GRU(3, 4)
+    empty = PackedSequence(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at least one time step"):
+        layer(empty)

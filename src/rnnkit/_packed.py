@@ -40,9 +40,15 @@ class PackedLayout:
     """
 
     def __init__(self, packed: PackedSequence) -> None:
+        """Raises:
+            ValueError: `packed` has no time step.
+        """
         batch_sizes = packed.batch_sizes  # on the CPU, as torch keeps it
         device = packed.data.device
         sizes = batch_sizes.tolist()
+        if not sizes:
+            raise ValueError("input must have at least one time step, got a PackedSequence "
+                             "with empty batch_sizes")
         self.steps, self.batch = len(sizes), sizes[0]
         # Sequence b (sorted) is running at step t while b < batch_sizes[t].
         slots = torch.arange(self.batch)

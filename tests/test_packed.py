@@ -172,3 +172,31 @@ def test_a_packed_sequence_without_steps_is_refused():
     empty = PackedSequence(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64))
     with pytest.raises(ValueError, match="at least one time step"):
         layer(empty)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_packed_under_autocast_matches_lengths(kind, call_cost):
+    """Under autocast every chunk's state comes back in bfloat16; so does the whole h_n."""
+    layer = getattr(rnnkit, kind)(3, 4, bidirectional=True)
+    packed = _packed_input(LENGTHS, 3)
+    packed = PackedSequence(packed.data.detach().float(), packed.batch_sizes,
+                            packed.sorted_indices, packed.unsorted_indices)
+    padded, lengths = pad_packed_sequence(packed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = layer(packed)
+        out_lengths, state_lengths = layer(padded, lengths=lengths)
+    states = state if kind == "LSTM" else (state,)
+    states_lengths = state_lengths if kind == "LSTM" else (state_lengths,)
+    assert out.data.dtype == out_lengths.dtype
+    torch.testing.assert_close(pad_packed_sequence(out)[0], out_lengths)
+    for mine, theirs in zip(states, states_lengths):
+        assert mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_off_the_cpu_a_packed_batch_runs_as_one_chunk():
+    sizes = torch.tensor([4, 3, 3, 2, 1, 1])
+    data = torch.empty(int(sizes.sum()), 2, device="meta")
+    layout = _packed.PackedLayout(PackedSequence(data, sizes))
+    assert [chunk[:3] for chunk in layout.chunks] == [(0, 6, 4)]
+    assert layout.positions.device.type == "meta"

@@ -58,7 +58,9 @@ class PackedLayout:
         start_of_step: list[int] = []
         sequences: list[Tensor] = []
         offset = 0
-        for t0, t1 in _chunk_bounds(sizes):
+        # A GPU runs the rows of a step in parallel, so padded rows cost little beside a call.
+        chunked = device.type == "cpu"
+        for t0, t1 in _chunk_bounds(sizes) if chunked else [(0, len(sizes))]:
             width = sizes[t0]
             in_chunk = None
             if sizes[t1 - 1] < width:  # some rows finish inside the chunk
@@ -137,11 +139,12 @@ def run_chunked(
     order = range(len(parts) - 1, -1, -1) if reverse else range(len(parts))
     for index in order:
         t0, t1, width, lengths = layout.chunks[index]
-        chunk = parts[index].view(t1 - t0, width, -1)
+        chunk = parts[index].reshape(t1 - t0, width, -1)
         output, final = run(chunk, tuple(s[:width] for s in state), lengths, slice(t0, t1),
                             width)
         # The rows past `width` finished before this chunk (forward) or start after it.
-        state = tuple(f if width == layout.batch else torch.cat([f, s[width:]])
+        # (Under autocast the final state comes back in the autocast dtype.)
+        state = tuple(f if width == layout.batch else torch.cat([f, s[width:].to(f.dtype)])
                       for f, s in zip(final, state))
         parts[index] = output.reshape((t1 - t0) * width, -1)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)), state

@@ -13,27 +13,14 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
-from rnnkit import _checks, _from_weights, _regularize
+from rnnkit import _checks, _from_weights, _packed, _regularize
 from rnnkit._state import initial_state
 from rnnkit.ops import dispatch
 from rnnkit.ops.activations import Activation, check_activation, nonlinearity_repr
 from rnnkit.ops.cpu import stream
 from rnnkit.ops.spec import Call, CellSpec, State, from_states
-
-
-def _pack_like(padded: Tensor, packed: PackedSequence) -> PackedSequence:
-    """Pack a time-first `(T, B, H)` tensor with exactly the layout of `packed`."""
-    batch_sizes = packed.batch_sizes
-    order = packed.sorted_indices
-    if order is None:
-        order = torch.arange(padded.shape[1], device=padded.device)
-    steps = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
-    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
-    slots = torch.arange(int(batch_sizes.sum())) - torch.repeat_interleave(starts, batch_sizes)
-    data = padded[steps.to(padded.device), order[slots.to(order.device)]]
-    return PackedSequence(data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
 
 def _reset_codes(
@@ -461,7 +448,9 @@ class RecurrentLayer(nn.Module):
                         "padded batch with lengths= instead"
                     )
             _checks.input_tensor(packed.data, reference, self.input_size, (2, 2), "input")
-            x, lengths = pad_packed_sequence(packed)
+            # Runs in chunks over the sorted batch, in the block layout `(R, H_in)`.
+            layout = _packed.PackedLayout(packed)
+            x, seq_len, batch_size = layout.blocks(packed.data), layout.steps, layout.batch
             batched = True
         else:
             _checks.input_tensor(input, reference, self.input_size, (2, 3), "input")
@@ -470,7 +459,7 @@ class RecurrentLayer(nn.Module):
                 x = input.unsqueeze(1)
             else:
                 x = input.transpose(0, 1) if self.batch_first else input
-        seq_len, batch_size = x.shape[0], x.shape[1]
+            seq_len, batch_size = x.shape[0], x.shape[1]
         if seq_len == 0:
             raise ValueError(f"input must have at least one time step, got shape {tuple(x.shape)}")
         empty = None
@@ -492,6 +481,9 @@ class RecurrentLayer(nn.Module):
                                     x.device)
         states = self._initial_states(hx, batch_size, batched, reference)
         masks = self._masks(dropout_masks, batch_size, seq_len)
+        if packed is not None:  # states and masks are given in the caller's order
+            states = [tuple(_packed.sorted_batch(s, packed) for s in st) for st in states]
+            masks = {key: _packed.sorted_batch(mask, packed) for key, mask in masks.items()}
         directions = _reset_codes(resets, lengths, self.bidirectional)
         initial = self.initial_state(batch_size) if resets is not None else None
 
@@ -500,15 +492,21 @@ class RecurrentLayer(nn.Module):
         for layer in range(self.num_layers):
             input_mask = masks.get(f"input_l{layer}")
             if input_mask is not None:  # variational input dropout: one mask for all steps
+                if packed is not None:
+                    input_mask = layout.per_row(input_mask)
                 layer_input = layer_input * input_mask
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
                 reset_state = None if initial is None else tuple(s[index] for s in initial)
-                output, final = self._run_direction(
-                    layer_input, states[index], layer, direction, lengths,
-                    directions[direction], reset_state, mask, masks,
-                )
+                if packed is None:
+                    output, final = self._run_direction(
+                        layer_input, states[index], layer, direction, lengths,
+                        directions[direction], reset_state, mask, masks,
+                    )
+                else:
+                    output, final = self._run_packed_direction(
+                        layout, layer_input, states[index], layer, direction, masks)
                 outputs.append(output)
                 finals.append(final)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
@@ -532,7 +530,9 @@ class RecurrentLayer(nn.Module):
                 for i, final in enumerate(final_states)
             )
         if packed is not None:
-            output = _pack_like(output, packed)
+            output = PackedSequence(layout.packed_data(output), packed.batch_sizes,
+                                    packed.sorted_indices, packed.unsorted_indices)
+            final_states = tuple(_packed.caller_order(s, packed) for s in final_states)
         elif not batched:
             output = output.squeeze(1)
             final_states = tuple(s.squeeze(1) for s in final_states)
@@ -584,6 +584,27 @@ class RecurrentLayer(nn.Module):
                 backend=self.backend,
             )
         )
+
+    def _run_packed_direction(
+        self,
+        layout: _packed.PackedLayout,
+        layer_input: Tensor,
+        state: State,
+        layer: int,
+        direction: int,
+        masks: dict[str, Tensor],
+    ) -> tuple[Tensor, State]:
+        """`_run_direction` over a PackedSequence's block layout, chunk by chunk."""
+
+        def run(chunk: Tensor, start: State, lengths: Tensor | None, steps: slice,
+                width: int) -> tuple[Tensor, State]:
+            # Per-sequence masks keep the chunk's rows; zoneout's, its steps too.
+            chunk_masks = {key: mask[steps, :width] if key.startswith("zoneout") else
+                           mask[:width] for key, mask in masks.items()}
+            return self._run_direction(chunk, start, layer, direction, lengths, None, None,
+                                       None, chunk_masks)
+
+        return _packed.run_chunked(layout, run, layer_input, state, bool(direction))
 
     def _masks(
         self, given: dict[str, Tensor] | None, batch_size: int, seq_len: int

@@ -31,10 +31,10 @@ def counted(monkeypatch):
     calls = []
     original = _ops.recurrence
 
-    def wrapper(spec, *args, **kwargs):
-        calls.append((spec, kwargs.get("norm_hh") is not None,
-                      kwargs.get("norm_cell") is not None))
-        return original(spec, *args, **kwargs)
+    def wrapper(spec, *args):
+        norm_hh, norm_cell = args[-2:]  # CpuBackend.run passes every argument in order
+        calls.append((spec, norm_hh is not None, norm_cell is not None))
+        return original(spec, *args)
 
     monkeypatch.setattr(_ops, "recurrence", wrapper)
     return calls
@@ -187,3 +187,23 @@ def test_opcheck_with_norms(mode):
                     norm_cell_bias=leaf(hidden))
     torch.library.opcheck(torch.ops.rnnkit.cpu_recurrence_forward.default,
                           _forward_args(**args))
+
+
+def test_gradgradcheck_reruns_the_norms_on_the_reference_path(counted):
+    """create_graph=True differentiates the reference twin of the op's call, norms included."""
+    torch.manual_seed(10)
+    layer = rnnkit.LSTM(2, 3, layer_norm=True, backend="cpu", dtype=torch.float64)
+    _perturb(layer, 11)
+    names = [n for n, _ in layer.named_parameters()]
+    chosen = [i for i, n in enumerate(names) if n.startswith(("layer_norm_hh", "layer_norm_cell"))]
+    params = [p.detach().clone().requires_grad_(True) for p in layer.parameters()]
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def run(x, *norms):
+        values = list(params)
+        for i, value in zip(chosen, norms):
+            values[i] = value
+        return torch.func.functional_call(layer, dict(zip(names, values)), (x,))[0]
+
+    assert torch.autograd.gradgradcheck(run, (x, *[params[i] for i in chosen]))
+    assert counted

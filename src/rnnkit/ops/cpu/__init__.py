@@ -111,8 +111,8 @@ class CpuBackend(BackendBase):
             call.lengths, call.reverse, call.resets, call.reset_state, call.mask,
             call.carry_masked_output, call.hidden_dropout, call.zoneout_h, call.zoneout_c,
             # As the reference cells: an RNN has no norms, a GRU no cell norm.
-            norm_hh=call.norm_hh if call.spec.mode != "rnn" else None,
-            norm_cell=call.norm_cell if call.spec.mode == "lstm" else None,
+            call.norm_hh if call.spec.mode != "rnn" else None,
+            call.norm_cell if call.spec.mode == "lstm" else None,
         )
 
 

@@ -395,10 +395,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
   Tensor h_in = at::empty({regs.dropout.defined() ? B : 0, Hout}, opts);
   const Norms norms = checked_norms(norm_hh_gain, norm_hh_bias, norm_cell_gain, norm_cell_bias,
                                     s, mode, reset_after, gates_x.scalar_type());
-  // Per step and row: the normalized values (see LayerNorms) and their rstd.
-  Tensor normed = call_buffer({norms.any() ? depth : 0, B, norms.width(s)}, opts);
-  // (zeros: a call with one norm leaves the other's column unwritten)
+  // Per step and row: the normalized values (see LayerNorms) and their rstd (zeros: a call
+  // with one norm leaves the other's column unwritten). Empty without layer norm.
+  Tensor normed = norms.any() ? call_buffer({depth, B, norms.width(s)}, opts)
+                              : at::empty({0}, opts);
   Tensor norm_rstd = at::zeros({norms.any() ? depth : 0, B, 2}, opts);
+  if (!norms.any()) norm_rstd = at::empty({0}, opts);
   Tensor cell_fresh = at::empty({norms.cell_gain.defined() ? B : 0, H}, opts);
   // LSTM, and GRU with the reset after the product, with whole vectors of hidden units run
   // the fused step (else the general path), which packs W_hh gate-interleaved; the other step

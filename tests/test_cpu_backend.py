@@ -920,20 +920,25 @@ def test_gradcheck_and_gradgradcheck_regularized(spec, project):
 
 
 def test_regularized_calls_are_served_or_named():
-    """The cpu backend serves dropout, zoneout and GRU/LSTM activations whose derivative reads
-    off their output, and names each thing it refuses."""
+    """The cpu backend serves dropout, zoneout, layer norm and GRU/LSTM activations whose
+    derivative reads off their output, and names each thing it refuses."""
     lstm = _call(CellSpec("lstm"))
     served = [
         replace(lstm, hidden_dropout=torch.ones(2, 4)),
         replace(lstm, spec=CellSpec("lstm", zoneout=0.2), zoneout_h=torch.zeros(3, 2, 4)),
         replace(lstm, spec=CellSpec("lstm", "relu", recurrent_activation="hard_sigmoid")),
         replace(_call(CellSpec("rnn")), hidden_dropout=torch.ones(2, 4)),
+        replace(lstm, spec=CellSpec("lstm", layer_norm=True),
+                norm_hh=(torch.ones(16), torch.zeros(16)), norm_cell=(torch.ones(4),
+                                                                      torch.zeros(4))),
     ]
     for call in served:
         assert choose(call, "auto") == ("cpu", None), call.spec
     refused = {
-        "layer norm": replace(lstm, spec=CellSpec("lstm", layer_norm=True),
-                              norm_hh=(torch.ones(16), torch.zeros(16))),
+        "layer norm is defined for the GRU with reset_after=True only": replace(
+            _call(CellSpec("gru", reset_after=False)),
+            spec=CellSpec("gru", reset_after=False, layer_norm=True),
+            norm_hh=(torch.ones(12), torch.zeros(12))),
         "zoneout on an RNN": replace(_call(CellSpec("rnn")), spec=CellSpec("rnn", zoneout=0.1)),
         "recurrent_activation 'silu'": replace(
             lstm, spec=CellSpec("lstm", recurrent_activation="silu")),

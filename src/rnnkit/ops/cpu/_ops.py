@@ -12,9 +12,15 @@ Two ops, declared here and given CPU kernels by `csrc/` (forward.cpp, backward.c
   `zoneout_h`/`zoneout_c` (`(T, B, H_out)`, `(T, B, H)`) keep a unit's start value where
   1, and without them a nonzero `zoneout` keeps that proportion (evaluation); GRU and LSTM
   run `activation` (the candidate's and cell's) and `gate_activation` (the gates').
+  `norm_hh_gain`/`norm_hh_bias` (`(G*H,)`, LSTM and the reset-after GRU) layer-normalize
+  each step's $W_{hh} h$ over the whole gate vector, `norm_cell_gain`/`norm_cell_bias`
+  (`(H,)`, LSTM) the new cell before the output activation (Call.norm_hh, norm_cell); in
+  training the op then also returns the normalized values (`normed`, `(T, B, G*H [+ H])`)
+  and their 1/std (`norm_rstd`, `(T, B, 2)`), empty without layer norm.
 - `rnnkit::cpu_recurrence_backward` runs backpropagation through time and returns the
   gradients of `gates_x`, the initial state(s), `weight_hh`, `bias_hh`, `weight_hr`
-  and, with resets, `reset_h` and `reset_c` (empty without).
+  and, with resets, `reset_h` and `reset_c` (empty without), then those of the norms' gains
+  and biases (empty without).
 
 The fake rules give torch.compile and torch.export the output shapes without running
 anything. When backward itself is differentiated (`create_graph=True`), the segment is
@@ -56,19 +62,25 @@ torch.library.define(
     FORWARD,
     "(Tensor gates_x, Tensor h0, Tensor? c0, Tensor weight_hh, Tensor? bias_hh, "
     "Tensor? weight_hr, Tensor? lengths, Tensor? resets, Tensor? reset_h, Tensor? reset_c, "
-    "Tensor? mask, Tensor? hidden_dropout, Tensor? zoneout_h, Tensor? zoneout_c, int mode, "
+    "Tensor? mask, Tensor? hidden_dropout, Tensor? zoneout_h, Tensor? zoneout_c, "
+    "Tensor? norm_hh_gain, Tensor? norm_hh_bias, Tensor? norm_cell_gain, "
+    "Tensor? norm_cell_bias, int mode, "
     "int activation, bool reset_after, bool reverse, bool carry_output, int gate_activation, "
-    "float zoneout, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "float zoneout, bool training) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     BACKWARD,
     "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, Tensor? c0, "
     "Tensor weight_hh, Tensor? weight_hr, Tensor? lengths, Tensor? resets, Tensor? reset_h, "
     "Tensor? reset_c, Tensor? mask, Tensor? hidden_dropout, Tensor? zoneout_h, "
-    "Tensor? zoneout_c, Tensor output, Tensor gates, Tensor cells, Tensor projected, int mode, "
+    "Tensor? zoneout_c, Tensor? norm_hh_gain, Tensor? norm_hh_bias, Tensor? norm_cell_gain, "
+    "Tensor? norm_cell_bias, Tensor output, Tensor gates, Tensor cells, Tensor projected, "
+    "Tensor normed, Tensor norm_rstd, int mode, "
     "int activation, bool reset_after, bool reverse, bool carry_output, int gate_activation, "
     "float zoneout, bool has_bias) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor, Tensor)",
 )
 
 
@@ -101,8 +113,9 @@ def _num_gates(mode: int) -> int:
 @torch.library.register_fake(FORWARD)
 def _forward_fake(
     gates_x, h0, c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c, mask,
-    hidden_dropout, zoneout_h, zoneout_c, mode, activation, reset_after, reverse, carry_output,
-    gate_activation, zoneout, training,
+    hidden_dropout, zoneout_h, zoneout_c, norm_hh_gain, norm_hh_bias, norm_cell_gain,
+    norm_cell_bias, mode, activation, reset_after, reverse, carry_output, gate_activation,
+    zoneout, training,
 ):
     # Tracing is the last moment before a compiled graph may call the kernel: build it now.
     _build.status()
@@ -121,14 +134,27 @@ def _forward_fake(
         projected = new((seq_len if weight_hr is not None else 0, batch, hidden))
     else:
         gates, cells, projected = new((0,)), new((0,)), new((0,))
+    width = _normed_width(gate_size, hidden, norm_hh_gain, norm_cell_gain)
+    if training and width:
+        normed, norm_rstd = new((seq_len, batch, width)), new((seq_len, batch, 2))
+    else:
+        normed, norm_rstd = new((0,)), new((0,))
     c_n = new((batch, hidden)) if lstm else new((0,))
-    return new((seq_len, batch, out_size)), new((batch, out_size)), c_n, gates, cells, projected
+    return (new((seq_len, batch, out_size)), new((batch, out_size)), c_n, gates, cells,
+            projected, normed, norm_rstd)
+
+
+def _normed_width(gate_size, hidden, norm_hh_gain, norm_cell_gain) -> int:
+    """The width of a saved row of normalized values: the product's G*H, then the cell's H."""
+    return (gate_size if norm_hh_gain is not None else 0) + (
+        hidden if norm_cell_gain is not None else 0)
 
 
 @torch.library.register_fake(BACKWARD)
 def _backward_fake(
     grad_output, grad_h_n, grad_c_n, h0, c0, weight_hh, weight_hr, lengths, resets, reset_h,
-    reset_c, mask, hidden_dropout, zoneout_h, zoneout_c, output, gates, cells, projected, mode,
+    reset_c, mask, hidden_dropout, zoneout_h, zoneout_c, norm_hh_gain, norm_hh_bias,
+    norm_cell_gain, norm_cell_bias, output, gates, cells, projected, normed, norm_rstd, mode,
     activation, reset_after, reverse, carry_output, gate_activation, zoneout, has_bias,
 ):
     seq_len, batch, out_size = output.shape
@@ -144,32 +170,36 @@ def _backward_fake(
         new((out_size, hidden)) if weight_hr is not None else new((0,)),
         new((batch, out_size)) if resets is not None else new((0,)),
         new((batch, hidden)) if resets is not None and reset_c is not None else new((0,)),
+        *(new(norm.shape) if norm is not None else new((0,))
+          for norm in (norm_hh_gain, norm_hh_bias, norm_cell_gain, norm_cell_bias)),
     )
 
 
 # The forward op's tensor inputs, in schema order; those in _DIFFERENTIABLE have a gradient.
 # Then its codes (_CODES), and training.
 _INPUTS = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "lengths", "resets",
-           "reset_h", "reset_c", "mask", "hidden_dropout", "zoneout_h", "zoneout_c")
+           "reset_h", "reset_c", "mask", "hidden_dropout", "zoneout_h", "zoneout_c",
+           "norm_hh_gain", "norm_hh_bias", "norm_cell_gain", "norm_cell_bias")
 _CODES = ("mode", "activation", "reset_after", "reverse", "carry_output", "gate_activation",
           "zoneout")
+_NORMS = ("norm_hh_gain", "norm_hh_bias", "norm_cell_gain", "norm_cell_bias")
 _DIFFERENTIABLE = ("gates_x", "h0", "c0", "weight_hh", "bias_hh", "weight_hr", "reset_h",
-                   "reset_c")
+                   "reset_c", *_NORMS)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     count = len(_INPUTS)
     ctx.codes = dict(zip(_CODES, inputs[count:count + len(_CODES)]))
     ctx.training = inputs[count + len(_CODES)]
-    out, _, _, gates, cells, projected = output
-    ctx.mark_non_differentiable(gates, cells, projected)
+    out, _, _, gates, cells, projected, normed, norm_rstd = output
+    ctx.mark_non_differentiable(gates, cells, projected, normed, norm_rstd)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs[:count], out, gates, cells, projected)
+    ctx.save_for_backward(*inputs[:count], out, gates, cells, projected, normed, norm_rstd)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
     saved = dict(zip(_INPUTS, ctx.saved_tensors))
-    out, gates, cells, projected = ctx.saved_tensors[len(_INPUTS):]
+    out, gates, cells, projected, normed, norm_rstd = ctx.saved_tensors[len(_INPUTS):]
     h0, c0, lengths = saved["h0"], saved["c0"], saved["lengths"]
     resets, reset_h, reset_c = saved["resets"], saved["reset_h"], saved["reset_c"]
     codes = ctx.codes
@@ -190,7 +220,8 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused):
         found = torch.ops.rnnkit.cpu_recurrence_backward(
             grad_output, grad_h_n, grad_c_n, h0, c0, saved["weight_hh"], saved["weight_hr"],
             lengths, resets, reset_h, reset_c, saved["mask"], saved["hidden_dropout"],
-            saved["zoneout_h"], saved["zoneout_c"], out, gates, cells, projected, *codes.values(),
+            saved["zoneout_h"], saved["zoneout_c"], *(saved[name] for name in _NORMS), out,
+            gates, cells, projected, normed, norm_rstd, *codes.values(),
             saved["bias_hh"] is not None,
         )
         grads = [
@@ -208,9 +239,15 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | N
     """
     saved = dict(zip(_INPUTS, ctx.saved_tensors))
     codes = ctx.codes
+    norm_hh = norm_cell = None
+    if saved["norm_hh_gain"] is not None:
+        norm_hh = (saved["norm_hh_gain"], saved["norm_hh_bias"])
+    if saved["norm_cell_gain"] is not None:
+        norm_cell = (saved["norm_cell_gain"], saved["norm_cell_bias"])
     spec = CellSpec(
         MODES[codes["mode"]], TABLE[codes["activation"]].name, codes["reset_after"],
         recurrent_activation=TABLE[codes["gate_activation"]].name, zoneout=codes["zoneout"],
+        layer_norm=norm_hh is not None or norm_cell is not None,
     )
     h0, c0, reset_h, reset_c = saved["h0"], saved["c0"], saved["reset_h"], saved["reset_c"]
     state = (h0,) if c0 is None else (h0, c0)
@@ -223,7 +260,7 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n) -> list[Tensor | N
         reverse=codes["reverse"], resets=saved["resets"], reset_state=reset_state,
         mask=saved["mask"], carry_masked_output=codes["carry_output"],
         hidden_dropout=saved["hidden_dropout"], zoneout_h=saved["zoneout_h"],
-        zoneout_c=saved["zoneout_c"],
+        zoneout_c=saved["zoneout_c"], norm_hh=norm_hh, norm_cell=norm_cell,
     ))
     pairs = [(o, g) for o, g in zip((output, *final), (grad_output, grad_h_n, grad_c_n))]
     pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
@@ -326,13 +363,16 @@ def recurrence(
     hidden_dropout: Tensor | None = None,
     zoneout_h: Tensor | None = None,
     zoneout_c: Tensor | None = None,
+    norm_hh: tuple[Tensor, Tensor] | None = None,
+    norm_cell: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The compiled twin of [`rnnkit.ops.reference.recurrence`][] (same arguments, results).
 
     `resets` (`(T, B)` codes, any integer or bool dtype) and `reset_state` (shaped like
     `state`) come together or not at all. `mask`, `carry_masked_output`, `hidden_dropout`,
     `zoneout_h` and `zoneout_c` are the fields of [`Call`][rnnkit.ops.spec.Call]; the zoneout
-    masks act only when `spec.zoneout` is nonzero.
+    masks act only when `spec.zoneout` is nonzero. `norm_hh` (LSTM, reset-after GRU) and
+    `norm_cell` (LSTM) are the `(gain, bias)` layer norms of the Call's fields.
 
     Raises:
         RuntimeError: the kernels could not be built (dispatch checks this first).
@@ -349,7 +389,8 @@ def recurrence(
     if resets is not None:
         resets = resets.to(torch.int8)
         reset_h, reset_c = reset_state[0], (reset_state[1] if lstm else None)
-    tensors = (gates_x, *state, weight_hh, bias_hh, weight_hr, reset_h, reset_c)
+    norms = (*(norm_hh or (None, None)), *(norm_cell or (None, None)))
+    tensors = (gates_x, *state, weight_hh, bias_hh, weight_hr, reset_h, reset_c, *norms)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors
     )
@@ -358,7 +399,7 @@ def recurrence(
         zoneout_h = zoneout_c = None
     output, h_n, c_n, *_ = torch.ops.rnnkit.cpu_recurrence_forward(
         gates_x, state[0], c0, weight_hh, bias_hh, weight_hr, lengths, resets, reset_h, reset_c,
-        mask, hidden_dropout, zoneout_h, zoneout_c, MODES.index(spec.mode),
+        mask, hidden_dropout, zoneout_h, zoneout_c, *norms, MODES.index(spec.mode),
         code(spec.nonlinearity), spec.reset_after, reverse, carry_masked_output,
         code(spec.recurrent_activation), float(spec.zoneout), training,
     )

@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
@@ -50,6 +51,10 @@ struct BackwardBuffers {
   ResetStates<T> resets;           // where reset rows started from
   T* dreset_h = nullptr;           // (2, B, Hout) and (2, B, H): the reset rows' start
   T* dreset_c = nullptr;           // gradients, to reset_state (0) and to h0/c0 (1)
+  LayerNorms<T> norms;             // the forward's layer norms and what they saved
+  T* dprod = nullptr;              // (T, B, G*H): the gradient at the product W_hh h (norm_hh)
+  T* dnormed_cell = nullptr;       // (T, B, H): the gradient at the normed cell (norm_cell)
+  T* dcell = nullptr;              // one step's scratch, (B, H): the norm's dc (norm_cell)
 };
 
 template <typename T>
@@ -176,8 +181,82 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       if (!project) kept.store(carry + row + j, n);
     });
   };
+  const LayerNorms<T>& norms = io.norms;
+  // LSTM with the cell's layer norm: lstm_units for the whole of row b, in two passes around
+  // the norm's backward, which needs the row's every unit.
+  auto lstm_row_normed = [&](const auto& acts, int64_t t, int64_t b) {
+    const T* gout = grad_output + t * B * Hout;
+    T* dgb = dgx + t * B * GH + b * GH;
+    T* ds = io.dnormed_cell + (t * B + b) * H;
+    const int64_t row = b * H;
+    if (!steps.active(t, b)) {
+      for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
+        for (int64_t k = 0; k < 4; ++k) zero.store(dgb + k * H + j, n);
+        zero.store(ds + j, n);
+        if (!project) skipped(gout, row + j, n);
+      });
+      if (norms.hh_gain) {
+        T* dx = io.dprod + (t * B + b) * GH;
+        std::fill(dx, dx + GH, T(0));
+      }
+      return;
+    }
+    const T *g = gates + t * B * W + b * W, *cp = previous_c(t, b);
+    const T* normed = norms.normed_row(t, b) + (norms.hh_gain ? GH : 0);
+    for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
+      V kept = zero;
+      const V d = project ? V::loadu(dm + row + j, n)
+                          : zone_split(t, b, j, n,
+                                       V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n),
+                                       kept);
+      const V shown = V::loadu(normed + j, n) * V::loadu(norms.cell_gain + j, n) +
+                      V::loadu(norms.cell_bias + j, n);
+      const LstmNormedOutGrad<T> grad =
+          lstm_normed_output_backward<T>(V::loadu(g + 3 * H + j, n), shown, d, acts);
+      grad.do_.store(dgb + 3 * H + j, n);
+      grad.ds.store(ds + j, n);
+      if (!project) kept.store(carry + row + j, n);
+    });
+    T* dcell = io.dcell + row;
+    layer_norm_backward(ds, normed, H, norms.cell_gain, norms.rstd_row(t, b)[1], dcell);
+    for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
+      const V i = V::loadu(g + j, n), f = V::loadu(g + H + j, n);
+      const V gg = V::loadu(g + 2 * H + j, n), c_old = V::loadu(cp + j, n);
+      V dc_new = V::loadu(dc + row + j, n), dc_kept = zero;
+      if (zoned) {
+        const V keep = reg.keep_c(t, B, b, H, j, n);
+        dc_kept = keep * dc_new, dc_new = (one - keep) * dc_new;
+      }
+      const LstmGrad<T> grad =
+          lstm_cell_backward<T>(i, f, gg, c_old, dc_new + V::loadu(dcell + j, n), acts);
+      grad.di.store(dgb + j, n), grad.df.store(dgb + H + j, n);
+      grad.dg.store(dgb + 2 * H + j, n);
+      (zoned ? grad.dc + dc_kept : grad.dc).store(dc + row + j, n);
+    });
+    if (norms.hh_gain) {  // the row's gate gradients are whole: through the product's norm
+      layer_norm_backward(dgb, norms.normed_row(t, b), GH, norms.hh_gain,
+                          norms.rstd_row(t, b)[0], io.dprod + (t * B + b) * GH);
+    }
+  };
+  // With norm_hh: the gradient at step t's product W_hh h from dy_t, the gradient at the
+  // normed product (B, G*H), row by row (unless `done` already); returns step t's rows of
+  // dprod.
+  auto through_norm = [&](int64_t t, const T* dy, bool done = false) -> const T* {
+    if (norms.hh_gain == nullptr) return dy;
+    T* dx = io.dprod + t * B * GH;
+    if (done) return dx;
+    at::parallel_for(0, B, std::max<int64_t>(1, 8192 / GH), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        layer_norm_backward(dy + b * GH, norms.normed_row(t, b), GH, norms.hh_gain,
+                            norms.rstd_row(t, b)[0], dx + b * GH);
+      }
+    });
+    return dx;
+  };
   auto body = [&](const auto& acts) {
-  if (mode == kLSTM && !project) {
+  // (The split below keeps a row's units on several threads: layer norm takes the serial
+  // steps, whose passes give each thread whole rows.)
+  if (mode == kLSTM && !project && !norms.any()) {
     // The whole loop in one parallel region: each thread owns a share of the hidden units,
     // which are both its elementwise work and its columns of dh_{t-1} = dgates W_hh, so one
     // barrier per step (all of dgates_t must be written before any product reads it) suffices.
@@ -292,7 +371,7 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         });
       });
       if (reset_after) {
-        product_into_carry(GH, dr, rec);
+        product_into_carry(GH, through_norm(t, dr), rec);
       } else {
         // d(r * h_in) = dn W_hn, into dm (B, H); h_in = h_{t-1} (times the dropout mask).
         step_mm<T>(B, H, H, dg + 2 * H, GH, rec.rows_from(2 * H), false, dm, H);
@@ -332,10 +411,16 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         }
         step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
       }
-      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
-        lstm_units(acts, t, b, j0, j1);
-      });
-      product_into_carry(GH, dg, rec);
+      if (norms.cell_gain) {
+        at::parallel_for(0, B, std::max<int64_t>(1, 1024 / H), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) lstm_row_normed(acts, t, b);
+        });
+      } else {
+        for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
+          lstm_units(acts, t, b, j0, j1);
+        });
+      }
+      product_into_carry(GH, through_norm(t, dg, norms.cell_gain != nullptr), rec);
     }
     route_resets(t, carry, 0, Hout, 0, H);
     std::copy(carry, carry + B * Hout, dh);
@@ -350,15 +435,20 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor>
+recurrence_backward(
     const Tensor& grad_output_in, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
     const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
     const std::optional<Tensor>& hidden_dropout, const std::optional<Tensor>& zoneout_h,
-    const std::optional<Tensor>& zoneout_c, const Tensor& output_in, const Tensor& gates_in,
-    const Tensor& cells_in, const Tensor& projected_in, int64_t mode, int64_t activation,
+    const std::optional<Tensor>& zoneout_c, const std::optional<Tensor>& norm_hh_gain,
+    const std::optional<Tensor>& norm_hh_bias, const std::optional<Tensor>& norm_cell_gain,
+    const std::optional<Tensor>& norm_cell_bias, const Tensor& output_in,
+    const Tensor& gates_in, const Tensor& cells_in, const Tensor& projected_in,
+    const Tensor& normed_in, const Tensor& norm_rstd_in, int64_t mode, int64_t activation,
     bool reset_after, bool reverse, bool carry_output, int64_t gate_activation,
     double zoneout, bool has_bias) {
   const Tensor grad_output = grad_output_in.contiguous();
@@ -404,6 +494,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
                                                  s, output.scalar_type());
   const bool dropped = regs.dropout.defined();
   Tensor dh_in = at::empty({dropped ? B : 0, Hout}, opts);
+  const Norms norms = checked_norms(norm_hh_gain, norm_hh_bias, norm_cell_gain, norm_cell_bias,
+                                    s, mode, reset_after, output.scalar_type());
+  const bool hh_normed = norms.hh_gain.defined(), cell_normed = norms.cell_gain.defined();
+  const Tensor normed = normed_in.contiguous(), norm_rstd = norm_rstd_in.contiguous();
+  TORCH_CHECK(!norms.any() || (normed.sizes() == at::IntArrayRef{T_, B, norms.width(s)} &&
+                               norm_rstd.sizes() == at::IntArrayRef{T_, B, 2}),
+              "rnnkit: layer norm's backward needs the forward's saved normed and norm_rstd");
+  Tensor dprod = call_buffer({hh_normed ? T_ : 0, B, GH}, opts);
+  Tensor dnormed_cell = call_buffer({cell_normed ? T_ : 0, B, H}, opts);
+  Tensor dcell = at::empty({cell_normed ? B : 0, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnkit_cpu_recurrence_backward", [&] {
     using T = scalar_t;
     const bool blocked = B > 1;
@@ -427,6 +527,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     io.resets = resets.states<T>(h0, c0);
     io.dreset_h = dreset_h.data_ptr<T>(), io.dreset_c = dreset_c.data_ptr<T>();
     io.dh_in = dh_in.data_ptr<T>(), io.reg = regs.view<T>();
+    io.norms = norms.view<T>(s);
+    if (norms.any()) {
+      io.norms.normed = normed.data_ptr<T>(), io.norms.normed_stride = B * norms.width(s);
+      io.norms.rstd = norm_rstd.data_ptr<T>(), io.norms.rstd_stride = B * 2;
+    }
+    io.dprod = dprod.data_ptr<T>(), io.dnormed_cell = dnormed_cell.data_ptr<T>();
+    io.dcell = dcell.data_ptr<T>();
     backward_kernel<T>(s, steps, Cell{mode, activation, reset_after, gate_activation}, w, io);
 
     // dW_hh = sum_t dgates_t^T h_{t-1}. Most steps start from the neighbouring step's output,
@@ -434,7 +541,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     // the rest, where a row started from another state (the initial state, a reset's, or its
     // last active step's across a masked hole), add their gradient times (the state they
     // started from - the one assumed).
-    const T* dg = dhh.data_ptr<T>();
+    // (With norm_hh, W_hh meets the gradient at the product rather than at the gates.)
+    const T* dg = hh_normed ? dprod.data_ptr<T>() : dhh.data_ptr<T>();
     const T* out = output.data_ptr<T>();
     T* gw = grad_w_hh.data_ptr<T>();
     const int64_t rz = (mode == kGRU && !reset_after) ? 2 * H : GH;  // rows that see h_{t-1}
@@ -509,7 +617,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recur
     dh.add_(dreset_h[1]), grad_reset_h = dreset_h[0];
     if (lstm) dc.add_(dreset_c[1]), grad_reset_c = dreset_c[0];
   }
-  return {dgx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr, grad_reset_h, grad_reset_c};
+  // The norms' gains and biases: sums over every step and row of dy xhat and dy, dy the
+  // gradient at the normed values (at the gates' recurrent part for norm_hh).
+  Tensor grads[4] = {at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts),
+                     at::empty({0}, opts)};
+  if (norms.any()) {
+    const Tensor xhat = normed.view({T_ * B, norms.width(s)});
+    if (hh_normed) {
+      const Tensor dy = dhh.view({T_ * B, GH});
+      grads[0] = at::sum(at::mul(dy, xhat.narrow(1, 0, GH)), {0});
+      grads[1] = at::sum(dy, {0});
+    }
+    if (cell_normed) {
+      const Tensor dy = dnormed_cell.view({T_ * B, H});
+      grads[2] = at::sum(at::mul(dy, xhat.narrow(1, hh_normed ? GH : 0, H)), {0});
+      grads[3] = at::sum(dy, {0});
+    }
+  }
+  return {dgx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr, grad_reset_h, grad_reset_c,
+          grads[0], grads[1], grads[2], grads[3]};
 }
 
 }  // namespace rnnkit_cpu

@@ -8,6 +8,7 @@
 
 #include "vec_math.h"
 
+#include <cmath>
 #include <cstdint>
 
 namespace rnnkit_cpu {
@@ -190,6 +191,89 @@ inline LstmGrad<T> lstm_backward(const Vec<T>& i, const Vec<T>& f, const Vec<T>&
   const Vec<T> dcell = dc + acts.act_backward(d * o, tc);
   return {acts.gate_backward(dcell * g, i), acts.gate_backward(dcell * c_old, f),
           acts.act_backward(dcell * i, g), acts.gate_backward(d * tc, o), dcell * f};
+}
+
+
+// With the cell's layer norm (y = o act(LN(c') gain_c + bias_c)), backward splits in two: the
+// output gate's gradient and the gradient at the normalized cell s from the output's, then,
+// from the whole gradient at c' (carried, plus the norm's backward of ds), the other gates'.
+template <typename T>
+struct LstmNormedOutGrad {
+  Vec<T> do_, ds;
+};
+
+template <typename T, typename Acts = PlainActs<T>>
+inline LstmNormedOutGrad<T> lstm_normed_output_backward(const Vec<T>& o, const Vec<T>& s,
+                                                        const Vec<T>& d,
+                                                        const Acts& acts = Acts{}) {
+  const Vec<T> ts = acts.act(s);
+  return {acts.gate_backward(d * ts, o), acts.act_backward(d * o, ts)};
+}
+
+// The input, forget and candidate gates' gradients (di, df, dg of LstmGrad) and the cell
+// gradient carried on, from dcell, the whole gradient at the new cell.
+template <typename T, typename Acts = PlainActs<T>>
+inline LstmGrad<T> lstm_cell_backward(const Vec<T>& i, const Vec<T>& f, const Vec<T>& g,
+                                      const Vec<T>& c_old, const Vec<T>& dcell,
+                                      const Acts& acts = Acts{}) {
+  return {acts.gate_backward(dcell * g, i), acts.gate_backward(dcell * c_old, f),
+          acts.act_backward(dcell * i, g), Vec<T>(T(0)), dcell * f};
+}
+
+// ---------------------------------------------------------------------------------------
+// Layer norm over one row of n values (Call.norm_hh over the G*H gates, norm_cell over LSTM's
+// H cells), as torch.nn.LayerNorm with eps 1e-5: xhat = (x - mean) rstd with the biased
+// variance, y = xhat gain + bias. Row-wise: one thread owns a row.
+
+constexpr double kLayerNormEps = 1e-5;
+
+template <typename T>
+inline T lane_sum(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T sum = T(0);
+  for (int64_t k = 0; k < Vec<T>::size(); ++k) sum += lanes[k];
+  return sum;
+}
+
+// Writes xhat to `normed` (nullptr: not kept) and y to `y` (which may be x); returns rstd.
+template <typename T>
+inline T layer_norm_forward(const T* x, int64_t n, const T* gain, const T* bias, T* normed,
+                            T* y) {
+  using V = Vec<T>;
+  V sum(T(0)), squares(T(0));
+  for_vectors<T>(0, n, [&](int64_t j, int64_t m) { sum = sum + V::loadu(x + j, m); });
+  const V mean(lane_sum(sum) / T(n));
+  for_vectors<T>(0, n, [&](int64_t j, int64_t m) {
+    const V centred = V::set(V(T(0)), V::loadu(x + j, m) - mean, m);  // partial lanes: 0
+    squares = squares + centred * centred;
+  });
+  const T rstd = T(1) / std::sqrt(lane_sum(squares) / T(n) + T(kLayerNormEps));
+  for_vectors<T>(0, n, [&](int64_t j, int64_t m) {
+    const V xhat = (V::loadu(x + j, m) - mean) * V(rstd);
+    if (normed) xhat.store(normed + j, m);
+    (xhat * V::loadu(gain + j, m) + V::loadu(bias + j, m)).store(y + j, m);
+  });
+  return rstd;
+}
+
+// dx from dy, the gradient at y: with dxhat = dy gain,
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)). The gain's and bias's gradients
+// (sums of dy xhat and dy over every step and row) are left to the caller.
+template <typename T>
+inline void layer_norm_backward(const T* dy, const T* xhat, int64_t n, const T* gain, T rstd,
+                                T* dx) {
+  using V = Vec<T>;
+  V sum(T(0)), dot(T(0));
+  for_vectors<T>(0, n, [&](int64_t j, int64_t m) {  // partial lanes load zeros
+    const V dxhat = V::loadu(dy + j, m) * V::loadu(gain + j, m);
+    sum = sum + dxhat, dot = dot + dxhat * V::loadu(xhat + j, m);
+  });
+  const V mean(lane_sum(sum) / T(n)), mean_dot(lane_sum(dot) / T(n));
+  for_vectors<T>(0, n, [&](int64_t j, int64_t m) {
+    const V dxhat = V::loadu(dy + j, m) * V::loadu(gain + j, m);
+    (V(rstd) * (dxhat - mean - V::loadu(xhat + j, m) * mean_dot)).store(dx + j, m);
+  });
 }
 
 }  // namespace rnnkit_cpu

@@ -32,10 +32,12 @@ std::tuple<Tensor, Tensor, Tensor> export_recurrence(
                               weight_hr, lengths, reverse);
   }
   const Tensor gates_x = at::linear(input, weight_ih, bias_ih);
-  auto [output, h, c, gates, cells, projected] = recurrence_forward(
+  auto [output, h, c, gates, cells, projected, normed, norm_rstd] = recurrence_forward(
       gates_x, h0, std::nullopt, weight_hh, bias_hh, std::nullopt, lengths, std::nullopt,
       std::nullopt, std::nullopt, /*mask=*/std::nullopt, /*hidden_dropout=*/std::nullopt,
-      /*zoneout_h=*/std::nullopt, /*zoneout_c=*/std::nullopt, code, activation, reset_after,
+      /*zoneout_h=*/std::nullopt, /*zoneout_c=*/std::nullopt, /*norm_hh_gain=*/std::nullopt,
+      /*norm_hh_bias=*/std::nullopt, /*norm_cell_gain=*/std::nullopt,
+      /*norm_cell_bias=*/std::nullopt, code, activation, reset_after,
       reverse, /*carry_output=*/false, /*gate_activation=*/kSigmoid, /*zoneout=*/0.0,
       /*training=*/false);
   return {output, h, h.clone()};

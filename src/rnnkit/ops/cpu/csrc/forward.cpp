@@ -36,6 +36,19 @@ inline void store_state(const Steps& steps, bool on, const Vec<T>& y, T* h, T* o
   }
 }
 
+// Layer norm of step t's product with W_hh, in place, row by row (each row's whole G*H gate
+// vector on one thread): hh = LN(hh) gain + bias, saving the normalized rows and their rstd.
+template <typename T>
+void normalize_product(const LayerNorms<T>& norms, int64_t t, int64_t B, int64_t GH, T* hh) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / GH), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* row = hh + b * GH;
+      norms.rstd_row(t, b)[0] = layer_norm_forward(row, GH, norms.hh_gain, norms.hh_bias,
+                                                   norms.normed_row(t, b), row);
+    }
+  });
+}
+
 }  // namespace
 
 Masks checked_masks(const std::optional<Tensor>& mask, bool carry_output, const Steps& steps,
@@ -91,6 +104,9 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   // The fused steps' regularized instance: dropout, zoneout or other activations.
   const bool regularized = reg.dropout != nullptr || zoned || !cell.plain();
   const CodedActs<T> coded{cell.gate_activation, activation};
+  const LayerNorms<T>& norms = io.norms;
+  TORCH_CHECK(!norms.any() || fused_packed == nullptr,
+              "rnnkit: layer norm runs on the general steps only");
   if (fused_packed && !project) {
     // The whole loop in one parallel region: each thread owns a fixed share of the hidden
     // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
@@ -170,6 +186,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       });
     } else if (mode == kGRU && reset_after) {
       step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
+      if (norms.hh_gain) normalize_product(norms, t, B, GH, hh);
       for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
         const T *x = gx + b * GH, *rec = hh + b * GH;
@@ -228,8 +245,54 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       } else {
         lstm_step<T>(st, B, lstm_packed);
       }
+    } else if (norms.cell_gain) {
+      // LSTM with the cell's layer norm: each row whole on one thread, its product's norm,
+      // the new cells, their norm, then the output.
+      step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
+      T* cell_out = cells + t * cells_stride;
+      T* m = projected + t * projected_stride;
+      at::parallel_for(0, B, std::max<int64_t>(1, 2048 / H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const bool on = steps.active(t, b);
+          const T *x = gx + b * GH, *rec = hh + b * GH;
+          T *g = saved + b * 4 * H, *cb = c + b * H, *co = cell_out + b * H;
+          T* fresh = io.cell_fresh + b * H;
+          if (norms.hh_gain) {
+            norms.rstd_row(t, b)[0] = layer_norm_forward(
+                hh + b * GH, GH, norms.hh_gain, norms.hh_bias, norms.normed_row(t, b),
+                hh + b * GH);
+          }
+          for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
+            auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
+            const V c_old = V::loadu(cb + j, n);
+            const LstmPoint<T> p =
+                lstm_forward<T>(pre(0), pre(1), pre(2), pre(3), c_old, acts);
+            p.store_gates(g + j, H, n);
+            p.c.store(fresh + j, n);
+            const V c_new =
+                zoned ? zoneout<T>(reg.keep_c(t, B, b, H, j, n), c_old, p.c) : p.c;
+            const V c_kept = on ? c_new : c_old;
+            c_kept.store(cb + j, n);
+            c_kept.store(co + j, n);
+          });
+          T* normed = norms.normed_row(t, b) + (norms.hh_gain ? GH : 0);
+          norms.rstd_row(t, b)[1] = layer_norm_forward(fresh, H, norms.cell_gain,
+                                                       norms.cell_bias, normed, fresh);
+          for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
+            const V y = V::loadu(g + 3 * H + j, n) * acts.act(V::loadu(fresh + j, n));
+            if (project) {
+              y.store(m + b * H + j, n);
+            } else {
+              const V h_old = V::loadu(h + b * H + j, n);
+              store_state(steps, on, zone_h(b, j, n, h_old, y), h + b * H + j,
+                          out + b * H + j, n);
+            }
+          });
+        }
+      });
     } else {
       step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
+      if (norms.hh_gain) normalize_product(norms, t, B, GH, hh);
       T* cell_out = cells + t * cells_stride;
       T* m = projected + t * projected_stride;
       for_rows(B, H, 40, [&](int64_t b, int64_t j0, int64_t j1) {
@@ -278,14 +341,16 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Tensor& gates_x_in, const Tensor& h0, const std::optional<Tensor>& c0,
     const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
     const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
     const std::optional<Tensor>& hidden_dropout, const std::optional<Tensor>& zoneout_h,
-    const std::optional<Tensor>& zoneout_c, int64_t mode, int64_t activation,
+    const std::optional<Tensor>& zoneout_c, const std::optional<Tensor>& norm_hh_gain,
+    const std::optional<Tensor>& norm_hh_bias, const std::optional<Tensor>& norm_cell_gain,
+    const std::optional<Tensor>& norm_cell_bias, int64_t mode, int64_t activation,
     bool reset_after, bool reverse, bool carry_output, int64_t gate_activation,
     double zoneout, bool training) {
   TORCH_CHECK(gates_x_in.dim() == 3, "rnnkit: gates_x must be (T, B, G*H)");
@@ -328,13 +393,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
                                                  s, gates_x.scalar_type());
   const Cell cell{mode, activation, reset_after, gate_activation};
   Tensor h_in = at::empty({regs.dropout.defined() ? B : 0, Hout}, opts);
+  const Norms norms = checked_norms(norm_hh_gain, norm_hh_bias, norm_cell_gain, norm_cell_bias,
+                                    s, mode, reset_after, gates_x.scalar_type());
+  // Per step and row: the normalized values (see LayerNorms) and their rstd (zeros: a call
+  // with one norm leaves the other's column unwritten). Empty without layer norm.
+  Tensor normed = norms.any() ? call_buffer({depth, B, norms.width(s)}, opts)
+                              : at::empty({0}, opts);
+  Tensor norm_rstd = at::zeros({norms.any() ? depth : 0, B, 2}, opts);
+  if (!norms.any()) norm_rstd = at::empty({0}, opts);
+  Tensor cell_fresh = at::empty({norms.cell_gain.defined() ? B : 0, H}, opts);
   // LSTM, and GRU with the reset after the product, with whole vectors of hidden units run
   // the fused step (else the general path), which packs W_hh gate-interleaved; the other step
   // kernels read W_hh^T, W_hr^T (k-major copies).
   const int64_t unit = gates_x.scalar_type() == at::kFloat ? Vec<float>::size()
                                                            : Vec<double>::size();
+  // Layer norm is a reduction over each row's whole gate vector: only the general steps have it.
   const bool fused = (lstm || (mode == kGRU && reset_after)) && H > 0 && Hout > 0 &&
-                     H % unit == 0;
+                     H % unit == 0 && !norms.any();
   const Tensor w_t = fused ? Tensor() : weight_hh.t().contiguous();
   const Tensor w_hr_t = project ? weight_hr.t().contiguous() : weight_hr;
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "rnnkit_cpu_recurrence_forward", [&] {
@@ -370,14 +445,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     io.resets = resets.states<T>(h_first, c_first);
     io.reg = regs.view<T>();
     io.h_in = h_in.data_ptr<T>();
+    io.norms = norms.view<T>(s);
+    if (norms.any()) {
+      io.norms.normed = normed.data_ptr<T>(), io.norms.normed_stride = stride * norms.width(s);
+      io.norms.rstd = norm_rstd.data_ptr<T>(), io.norms.rstd_stride = stride * 2;
+    }
+    io.cell_fresh = cell_fresh.data_ptr<T>();
     forward_kernel<T>(s, steps, cell, w, io);
   });
   if (!training) {
     gates = at::empty({0}, opts);
     cells = at::empty({0}, opts);
     projected = at::empty({0}, opts);
+    normed = at::empty({0}, opts);
+    norm_rstd = at::empty({0}, opts);
   }
-  return {output, h, c, gates, cells, projected};
+  return {output, h, c, gates, cells, projected, normed, norm_rstd};
 }
 
 template void forward_kernel<float>(const Shape&, const Steps&, const Cell&,

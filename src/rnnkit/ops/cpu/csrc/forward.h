@@ -43,6 +43,8 @@ struct ForwardBuffers {
   ResetStates<T> resets;       // where reset rows start from (with Steps::resets)
   Regularization<T> reg;       // recurrent dropout and zoneout
   T* h_in = nullptr;           // one step's dropped state, (B, Hout), with reg.dropout
+  LayerNorms<T> norms;         // layer norm (general steps only), and what it saves per step
+  T* cell_fresh = nullptr;     // one step's new cells before their norm, (B, H), with norm_cell
 };
 
 // Steps [step0, step1) of the loop (all by default). forward.cpp, for float and double.

@@ -88,6 +88,27 @@ struct Regularization {
   }
 };
 
+// Layer norm of the recurrent product and of LSTM's cell (Call.norm_hh, norm_cell): per row,
+// gates_h = LN(W_hh h_in) gain + bias + b_hh over the whole G*H gate vector, and (LSTM)
+// y = o act(LN(c') gain_c + bias_c) with c' carried unnormalized; eps 1e-5 as torch's. The
+// forward saves per step and row the normalized values, (G*H [+ H]) each ("normed": product,
+// then cell), and their 1/std, (2) each ("rstd": product, cell); backward reads them.
+template <typename T>
+struct LayerNorms {
+  const T* hh_gain = nullptr;    // (G*H), nullptr: the product is not normalized
+  const T* hh_bias = nullptr;
+  const T* cell_gain = nullptr;  // (H), nullptr: the cell is not normalized
+  const T* cell_bias = nullptr;
+  T* normed = nullptr;           // (B, width) per step, advancing by normed_stride
+  int64_t width = 0, normed_stride = 0;
+  T* rstd = nullptr;             // (B, 2) per step, advancing by rstd_stride
+  int64_t rstd_stride = 0;
+
+  bool any() const { return hh_gain != nullptr || cell_gain != nullptr; }
+  T* normed_row(int64_t t, int64_t b) const { return normed + t * normed_stride + b * width; }
+  T* rstd_row(int64_t t, int64_t b) const { return rstd + t * rstd_stride + b * 2; }
+};
+
 // Which rows run at each step, and where a step's previous state lives: the initial state
 // at a sequence's first step, else the output (or saved cell) of the neighbouring time step;
 // with per-step resets, which rows start a step from another state instead (Call.resets);
@@ -215,6 +236,52 @@ inline Regularizers checked_regularizers(const std::optional<Tensor>& dropout,
   return regs;
 }
 
+// A call's layer-norm gains and biases as the kernels read them: contiguous, undefined when
+// not given. Only LSTM and the reset-after GRU have them.
+struct Norms {
+  Tensor hh_gain, hh_bias, cell_gain, cell_bias;
+
+  bool any() const { return hh_gain.defined() || cell_gain.defined(); }
+  // The width of a saved row of normalized values: the product's G*H, then the cell's H.
+  int64_t width(const Shape& s) const {
+    return (hh_gain.defined() ? s.G * s.H : 0) + (cell_gain.defined() ? s.H : 0);
+  }
+  template <typename T>
+  LayerNorms<T> view(const Shape& s) const {
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    LayerNorms<T> norms;
+    norms.hh_gain = ptr(hh_gain), norms.hh_bias = ptr(hh_bias);
+    norms.cell_gain = ptr(cell_gain), norms.cell_bias = ptr(cell_bias);
+    norms.width = width(s);
+    return norms;
+  }
+};
+
+inline Norms checked_norms(const std::optional<Tensor>& hh_gain,
+                           const std::optional<Tensor>& hh_bias,
+                           const std::optional<Tensor>& cell_gain,
+                           const std::optional<Tensor>& cell_bias, const Shape& s,
+                           int64_t mode, bool reset_after, at::ScalarType dtype) {
+  auto checked = [&](const std::optional<Tensor>& t, int64_t size, const char* what) {
+    if (!t.has_value()) return Tensor();
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == size && t->scalar_type() == dtype, "rnnkit: ",
+                what, " must have shape (", size, ") and the inputs' dtype");
+    return t->contiguous();
+  };
+  Norms norms{checked(hh_gain, s.G * s.H, "norm_hh's gain"),
+              checked(hh_bias, s.G * s.H, "norm_hh's bias"),
+              checked(cell_gain, s.H, "norm_cell's gain"),
+              checked(cell_bias, s.H, "norm_cell's bias")};
+  TORCH_CHECK(norms.hh_gain.defined() == norms.hh_bias.defined() &&
+                  norms.cell_gain.defined() == norms.cell_bias.defined(),
+              "rnnkit: a layer norm takes its gain and bias together");
+  TORCH_CHECK(!norms.hh_gain.defined() || mode == kLSTM || (mode == kGRU && reset_after),
+              "rnnkit: norm_hh is defined for LSTM and the reset-after GRU only");
+  TORCH_CHECK(!norms.cell_gain.defined() || mode == kLSTM,
+              "rnnkit: norm_cell is defined for LSTM only");
+  return norms;
+}
+
 inline Resets checked_resets(const std::optional<Tensor>& codes,
                              const std::optional<Tensor>& reset_h,
                              const std::optional<Tensor>& reset_c, int64_t T, int64_t B,
@@ -236,27 +303,34 @@ inline Resets checked_resets(const std::optional<Tensor>& codes,
 // schemas in _ops.py.
 
 // forward.cpp
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Tensor& gates_x_in, const Tensor& h0, const std::optional<Tensor>& c0,
     const Tensor& weight_hh_in, const std::optional<Tensor>& bias_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
     const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
     const std::optional<Tensor>& hidden_dropout, const std::optional<Tensor>& zoneout_h,
-    const std::optional<Tensor>& zoneout_c, int64_t mode, int64_t activation,
+    const std::optional<Tensor>& zoneout_c, const std::optional<Tensor>& norm_hh_gain,
+    const std::optional<Tensor>& norm_hh_bias, const std::optional<Tensor>& norm_cell_gain,
+    const std::optional<Tensor>& norm_cell_bias, int64_t mode, int64_t activation,
     bool reset_after, bool reverse, bool carry_output, int64_t gate_activation,
     double zoneout, bool training);
 
 // backward.cpp
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor>
+recurrence_backward(
     const Tensor& grad_output_in, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& h0_in, const std::optional<Tensor>& c0_in, const Tensor& weight_hh_in,
     const std::optional<Tensor>& weight_hr_in, const std::optional<Tensor>& lengths_in,
     const std::optional<Tensor>& resets_in, const std::optional<Tensor>& reset_h_in,
     const std::optional<Tensor>& reset_c_in, const std::optional<Tensor>& mask_in,
     const std::optional<Tensor>& hidden_dropout, const std::optional<Tensor>& zoneout_h,
-    const std::optional<Tensor>& zoneout_c, const Tensor& output_in, const Tensor& gates_in,
-    const Tensor& cells_in, const Tensor& projected_in, int64_t mode, int64_t activation,
+    const std::optional<Tensor>& zoneout_c, const std::optional<Tensor>& norm_hh_gain,
+    const std::optional<Tensor>& norm_hh_bias, const std::optional<Tensor>& norm_cell_gain,
+    const std::optional<Tensor>& norm_cell_bias, const Tensor& output_in, const Tensor& gates_in, const Tensor& cells_in,
+    const Tensor& projected_in, const Tensor& normed_in, const Tensor& norm_rstd_in,
+    int64_t mode, int64_t activation,
     bool reset_after, bool reverse, bool carry_output, int64_t gate_activation,
     double zoneout, bool has_bias);
 

@@ -22,6 +22,17 @@ namespace {
 // lost its core to another process.
 constexpr auto kSpinFor = std::chrono::microseconds(50);
 
+// When the last region whose threads slept in more than one step of 16 ended, on the steady
+// clock (nanoseconds; 0: never). Shared by all calls of the process.
+std::atomic<int64_t> contended_at{0};
+constexpr auto kContendedFor = std::chrono::seconds(1);
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "the futex word is 32 bits");
 
 inline void relax() {
@@ -33,6 +44,18 @@ inline void relax() {
 }
 
 }  // namespace
+
+bool contended_recently() {
+  const int64_t at = contended_at.load(std::memory_order_relaxed);
+  return at != 0 && now_ns() - at < std::chrono::nanoseconds(kContendedFor).count();
+}
+
+void StepBarrier::report() const {
+  const int64_t rounds = phase_.load(std::memory_order_relaxed);
+  if (slept_.load(std::memory_order_relaxed) * 16 > rounds && rounds >= 16) {
+    contended_at.store(now_ns(), std::memory_order_relaxed);
+  }
+}
 
 StepBarrier*& current_barrier() {
   thread_local StepBarrier* barrier = nullptr;
@@ -65,6 +88,7 @@ void StepBarrier::sleep(uint32_t phase) {
 #endif
   }
   sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+  slept_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void StepBarrier::wake() {

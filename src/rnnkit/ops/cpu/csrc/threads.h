@@ -40,6 +40,8 @@ class StepBarrier {
     }
     if (!spin(phase)) sleep(phase);
   }
+  // After the region: tells contended_recently() whether its threads often had to sleep.
+  void report() const;
 
  private:
   bool spin(uint32_t phase) const;  // true once the phase moved on; false after the bound
@@ -48,9 +50,16 @@ class StepBarrier {
 
   const int64_t threads_;
   alignas(64) std::atomic<int64_t> arrived_{0};
-  alignas(64) std::atomic<uint32_t> phase_{0};  // the futex word: a 32-bit counter
+  alignas(64) std::atomic<uint32_t> phase_{0};  // the futex word: a 32-bit counter (rounds)
   std::atomic<int32_t> sleepers_{0};
+  std::atomic<int64_t> slept_{0};  // waits that ended asleep
 };
+
+// Whether a recent region's threads slept at its barrier in more than a few of its steps (a
+// wait longer than the spin, which an even split of the work never needs on its own: another
+// process held a core). Cleared a second after the last such region, so that a machine that
+// quietens gets its threads back.
+bool contended_recently();
 
 // The barrier of the run_threads region this thread runs in (nullptr outside one).
 StepBarrier*& current_barrier();
@@ -78,6 +87,7 @@ void run_threads(int64_t threads, const F& fn) {
       fn(omp_get_thread_num());
       current = outer;
     }
+    barrier.report();
     return;
   }
 #endif
@@ -107,12 +117,17 @@ void double_buffered_steps(int64_t threads, int64_t step0, int64_t step1, T* h, 
 
 // Threads worth waking for one step of B x Hout x G*H multiply-adds: a 256 KiB W_hh (B=1,
 // H=128) streams from L2 at about 1.8 us per core, so splitting it pays even with a barrier
-// per step; a step far smaller than that runs on one thread.
+// per step; a step far smaller than that runs on one thread. So do steps of up to 2^18
+// multiply-adds (about 10 us on one core) while another process competes for the cores: a
+// thread that loses its core then stalls the others at every barrier, and the split's gain
+// is a few microseconds a step.
 // The split loops need OpenMP (the build passes -fopenmp); without it, one thread.
 inline int64_t lstm_threads(int64_t B, int64_t Hout, int64_t H, int64_t panels,
                             int64_t G = 4) {
 #ifdef _OPENMP
-  if (at::in_parallel_region() || B * Hout * G * H < (int64_t(1) << 15)) return 1;
+  const int64_t step = B * Hout * G * H;
+  if (at::in_parallel_region() || step < (int64_t(1) << 15)) return 1;
+  if (step <= (int64_t(1) << 18) && contended_recently()) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
 #else
   return 1;

@@ -2,6 +2,7 @@
 // gradients and dh_{t-1}; then dW_hh (and dW_hr) in one product each over all steps.
 #include "cells.h"
 #include "gemm.h"
+#include "gemm_choice.h"
 #include "recurrence.h"
 #include "threads.h"
 #include "vec_math.h"
@@ -274,9 +275,7 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         for (int64_t step = T_ - 1; step >= 0; --step) {
           const int64_t t = steps.reverse ? T_ - 1 - step : step;
           for (int64_t b = 0; b < B; ++b) lstm_units(acts, t, b, c0, c1);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+          step_barrier();
           const T* dg = dgx + t * B * GH;
           if (B == 1 && cols.panels) {
             // Each packed panel streams contiguously.
@@ -572,11 +571,11 @@ recurrence_backward(
           for (int64_t j = 0; j < Hout; ++j) row[j] = start[j] * drop[b * Hout + j];
         }
       });
-      matmul<T>(rz, T_ * B, Hout, dg, 1, GH, in, Hout, false, gw, Hout);
+      product<T>(rz, T_ * B, Hout, dg, 1, GH, in, Hout, false, gw, Hout);
     }
     const T* dg_main = reverse ? dg : dg + B * GH;
     const T* out_main = reverse ? out + B * Hout : out;
-    if (!dropped) matmul<T>(rz, rows, Hout, dg_main, 1, GH, out_main, Hout, false, gw, Hout);
+    if (!dropped) product<T>(rz, rows, Hout, dg_main, 1, GH, out_main, Hout, false, gw, Hout);
     auto assumed_of = [&](int64_t t, int64_t b) -> const T* {
       const bool first_step = t == (reverse ? T_ - 1 : 0);
       return first_step ? nullptr : out + (steps.previous(t) * B + b) * Hout;
@@ -600,15 +599,15 @@ recurrence_backward(
         pm[i * Hout + j] = assumed ? start[j] - assumed[j] : start[j];
       }
     }
-    matmul<T>(rz, n, Hout, pg, 1, GH, pm, Hout, true, gw, Hout);
+    product<T>(rz, n, Hout, pg, 1, GH, pm, Hout, true, gw, Hout);
     if (rz != GH) {
       // GRU with the reset before the matmul: W_hn meets r * h_{t-1}, saved in the gates.
-      matmul<T>(H, T_ * B, Hout, dg + 2 * H, 1, GH, gates.data_ptr<T>() + 3 * H, 4 * H, false,
-                gw + 2 * H * Hout, Hout);
+      product<T>(H, T_ * B, Hout, dg + 2 * H, 1, GH, gates.data_ptr<T>() + 3 * H, 4 * H, false,
+                 gw + 2 * H * Hout, Hout);
     }
     if (project) {
-      matmul<T>(Hout, T_ * B, H, dhs.data_ptr<T>(), 1, Hout, projected.data_ptr<T>(), H, false,
-                grad_w_hr.data_ptr<T>(), H);
+      product<T>(Hout, T_ * B, H, dhs.data_ptr<T>(), 1, Hout, projected.data_ptr<T>(), H, false,
+                 grad_w_hr.data_ptr<T>(), H);
     }
   });
   Tensor grad_b_hh = has_bias ? at::sum(dhh.view({T_ * B, GH}), {0}) : at::empty({0}, opts);

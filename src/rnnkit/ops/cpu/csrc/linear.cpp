@@ -1,12 +1,16 @@
-// The layers' input projection, W_ih x + b_ih for all steps at once, on the same kernels
-// (cpu_linear), and its gradients (cpu_linear_backward).
+// The layers' input projection, W_ih x + b_ih for all steps at once (cpu_linear), and its
+// gradients (cpu_linear_backward): on rnnkit's kernels or torch's library product, as
+// gemm_choice.h decides.
 #include "gemm.h"
+#include "gemm_choice.h"
 #include "recurrence.h"
 #include "threads.h"
 #include "vec_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -29,6 +33,18 @@ Tensor linear_forward(const Tensor& input, const Tensor& weight_in,
   }
   const Tensor x = input.contiguous();
   const int64_t rows = x.numel() / in_features;
+  if (rows > 0 && out_features > 0 && !at::in_parallel_region() &&
+      use_library_gemm(rows, out_features, in_features, false)) {
+    Tensor out = call_buffer(sizes, x.options());
+    Tensor out_rows = out.view({rows, out_features});
+    const Tensor x_rows = x.view({rows, in_features});
+    if (bias_in.has_value()) {
+      at::addmm_out(out_rows, *bias_in, x_rows, weight_in.t());
+    } else {
+      at::mm_out(out_rows, x_rows, weight_in.t());
+    }
+    return out;
+  }
   const int64_t panel = x.scalar_type() == at::kFloat ? Packed<float>::width
                                                       : Packed<double>::width;
   // Whole panels of outputs: pack the weight as stored; else read a k-major copy.
@@ -70,7 +86,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const 
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rnnkit_cpu_linear_backward", [&] {
     using T = scalar_t;
     const T* g = grad.data_ptr<T>();
-    if (input_grad) {  // dx = dy W
+    if (input_grad && use_library_gemm(rows, in_features, out_features, false)) {  // dx = dy W
+      product<T>(rows, out_features, in_features, g, out_features, 1, weight.data_ptr<T>(),
+                 in_features, false, grad_input.data_ptr<T>(), in_features);
+    } else if (input_grad) {
       Tensor storage;
       const Packed<T> w = pack<T>(out_features, in_features, weight.data_ptr<T>(), in_features,
                                   rows > 1, storage);
@@ -78,8 +97,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_in, const 
                 grad_input.data_ptr<T>(), in_features, w.panels ? &w : nullptr);
     }
     if (weight_grad) {  // dW = dy^T x, reading dy column-wise
-      matmul<T>(out_features, rows, in_features, g, 1, out_features, x.data_ptr<T>(),
-                in_features, false, grad_weight.data_ptr<T>(), in_features);
+      product<T>(out_features, rows, in_features, g, 1, out_features, x.data_ptr<T>(),
+                 in_features, false, grad_weight.data_ptr<T>(), in_features);
     }
   });
   Tensor grad_bias = has_bias ? at::sum(grad.view({rows, out_features}), {0})

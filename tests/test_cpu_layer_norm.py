@@ -87,10 +87,11 @@ def _results(layer, x, lengths):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind, hidden, batch, extra", [
     ("LSTM", 64, 9, {}),                 # rows split over threads, whole vectors
-    ("LSTM", 20, 3, {"proj_size": 7}),   # partial vectors, projection
+    ("LSTM", 20, 3, {"proj_size": 7}),   # partial vectors, projection, one thread
+    ("LSTM", 24, 10, {"proj_size": 7}),  # projection with the rows split
     ("GRU", 48, 9, {}),
     ("GRU", 13, 2, {}),
-], ids=["lstm-64", "lstm-20-proj", "gru-48", "gru-13"])
+], ids=["lstm-64", "lstm-20-proj", "lstm-24-proj-split", "gru-48", "gru-13"])
 def test_layers_equal_reference_path(dtype, kind, hidden, batch, extra, counted):
     torch.manual_seed(3)
     ours = getattr(rnnkit, kind)(5, hidden, 2, layer_norm=True, bidirectional=True,
@@ -112,6 +113,32 @@ def test_layers_equal_reference_path(dtype, kind, hidden, batch, extra, counted)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind, extra", [("LSTM", {}), ("LSTM", {"proj_size": 5}),
+                                         ("GRU", {})], ids=["lstm", "lstm-proj", "gru"])
+def test_rows_split_over_threads_give_the_same_bits(kind, extra):
+    """The layer-norm loops give each thread a block of rows: every row is computed the same
+    way on one thread as on two (the recurrence's outputs and gradients, bit for bit)."""
+    torch.manual_seed(5)
+    layer = getattr(rnnkit, kind)(6, 16, 1, layer_norm=True, backend="cpu", **extra)
+    _perturb(layer, 2)
+    x = torch.randn(5, 13, 6)
+    lengths = torch.randint(1, 6, (13,))
+    lengths[0] = 5
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(_results(layer, x, lengths))
+    finally:
+        torch.set_num_threads(threads)
+    # The input's norm (layer_norm_ih_*) is torch's own, outside the kernels.
+    names = [name for name in results[0] if not name.startswith("layer_norm_ih")]
+    assert "weight_hh_l0" in names and "layer_norm_hh_weight_l0" in names
+    for name in names:
+        assert torch.equal(results[0][name], results[1][name]), name
 
 
 def test_inference_equals_training_forward():

@@ -97,9 +97,9 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   // for units [k0, k1)), goes to reset_state (plane 0 of dreset_*, code 1) or to h0/c0 (plane
   // 1, code 2), not to step t-1: it is added there and zeroed here.
   auto route_resets = [&](int64_t t, T* dh_start, int64_t j0, int64_t j1, int64_t k0,
-                          int64_t k1) {
+                          int64_t k1, int64_t b0 = 0, int64_t b1 = -1) {
     if (steps.resets == nullptr) return;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = b0; b < (b1 < 0 ? B : b1); ++b) {
       const int code = steps.reset(t, b);
       if (code == 0) continue;
       T* from = dh_start + b * Hout;
@@ -115,9 +115,11 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   const bool zoned = reg.zoned();
   const V one(T(1));
   // The gradient reaching the state through the product with W_hh: `product` (the gradient
-  // of what entered it, columns [j0, j1)) into carry, times the dropout mask if any.
-  auto add_dropped = [&](const T* product, int64_t j0, int64_t j1) {
-    for (int64_t b = 0; b < B; ++b) {
+  // of what entered it, columns [j0, j1) of rows [b0, b1)) into carry, times the dropout
+  // mask if any.
+  auto add_dropped = [&](const T* product, int64_t j0, int64_t j1, int64_t b0 = 0,
+                         int64_t b1 = -1) {
+    for (int64_t b = b0; b < (b1 < 0 ? B : b1); ++b) {
       const int64_t row = b * Hout;
       for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
         const V d = V::loadu(product + row + j, n) * V::loadu(reg.dropout + row + j, n);
@@ -125,15 +127,17 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       });
     }
   };
-  // carry += dX (B x K, leading dimension ldx) W (the rows of W_hh in `weights`), through the
-  // dropout mask if any.
-  auto product_into_carry = [&](int64_t K, const T* dx, const Packed<T>& weights) {
+  // carry += dX (B x K, leading dimension GH) W (the rows of W_hh in `weights`), through the
+  // dropout mask if any; for rows [b0, b1) of dX and carry.
+  auto product_into_carry = [&](int64_t K, const T* dx, const Packed<T>& weights,
+                                int64_t b0 = 0, int64_t b1 = -1) {
+    if (b1 < 0) b1 = B;
     if (reg.dropout == nullptr) {
-      step_mm<T>(B, K, Hout, dx, GH, weights, true, carry, Hout);
+      step_mm<T>(b1 - b0, K, Hout, dx + b0 * GH, GH, weights, true, carry + b0 * Hout, Hout);
       return;
     }
-    step_mm<T>(B, K, Hout, dx, GH, weights, false, io.dh_in, Hout);
-    add_dropped(io.dh_in, 0, Hout);
+    step_mm<T>(b1 - b0, K, Hout, dx + b0 * GH, GH, weights, false, io.dh_in + b0 * Hout, Hout);
+    add_dropped(io.dh_in, 0, Hout, b0, b1);
   };
   // The state's gradient d at an active step, split by zoneout: the part that reaches the new
   // state (returned) and the part kept for the start (added to `kept`, carry's row).
@@ -180,6 +184,44 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       grad.dg.store(dgb + 2 * H + j, n), grad.do_.store(dgb + 3 * H + j, n);
       (zoned ? grad.dc + dc_kept : grad.dc).store(dc + row + j, n);
       if (!project) kept.store(carry + row + j, n);
+    });
+  };
+  // GRU, both formulations: the gradients at z and n of units [j0, j1) in row b at time t and
+  // the part of dh_{t-1} through z h (and zoneout); reset after, also r's, and the rows that
+  // meet W_hh into dhh.
+  auto gru_units = [&](const auto& acts, int64_t t, int64_t b, int64_t j0, int64_t j1) {
+    const T* gout = grad_output + t * B * Hout;
+    const T* g_t = gates + t * B * W;
+    T* dg = dgx + t * B * GH;
+    T* dr = dhh + t * B * GH;
+    const bool on = steps.active(t, b);
+    const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
+    T *dgb = dg + b * GH, *drb = dr + b * GH;
+    const int64_t row = b * H;
+    for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+      if (!on) {
+        for (int64_t k = 0; k < 3; ++k) {
+          zero.store(dgb + k * H + j, n);
+          if (reset_after) zero.store(drb + k * H + j, n);
+        }
+        skipped(gout, row + j, n);
+        return;
+      }
+      const V z = V::loadu(g + H + j, n), cand = V::loadu(g + 2 * H + j, n);
+      V kept = zero;
+      const V d = zone_split(t, b, j, n,
+                             V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n), kept);
+      const GruGrad<T> grad = gru_backward<T>(d, z, cand, V::loadu(hp + j, n), acts);
+      grad.dz.store(dgb + H + j, n);
+      grad.dn.store(dgb + 2 * H + j, n);
+      (grad.dh + kept).store(carry + row + j, n);
+      if (reset_after) {
+        const V r = V::loadu(g + j, n), hn = V::loadu(g + 3 * H + j, n);
+        const V dr_ = gru_reset_backward<T>(grad.dn * hn, r, acts);
+        dr_.store(dgb + j, n), dr_.store(drb + j, n);
+        grad.dz.store(drb + H + j, n);
+        (grad.dn * r).store(drb + 2 * H + j, n);
+      }
     });
   };
   const LayerNorms<T>& norms = io.norms;
@@ -239,25 +281,64 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
                           norms.rstd_row(t, b)[0], io.dprod + (t * B + b) * GH);
     }
   };
-  // With norm_hh: the gradient at step t's product W_hh h from dy_t, the gradient at the
-  // normed product (B, G*H), row by row (unless `done` already); returns step t's rows of
-  // dprod.
-  auto through_norm = [&](int64_t t, const T* dy, bool done = false) -> const T* {
-    if (norms.hh_gain == nullptr) return dy;
-    T* dx = io.dprod + t * B * GH;
-    if (done) return dx;
-    at::parallel_for(0, B, std::max<int64_t>(1, 8192 / GH), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        layer_norm_backward(dy + b * GH, norms.normed_row(t, b), GH, norms.hh_gain,
-                            norms.rstd_row(t, b)[0], dx + b * GH);
+  // Layer norm (LSTM, GRU reset after): each row's steps need its whole gate vector, and rows
+  // are independent, so the whole loop runs in one parallel region with each thread owning
+  // rows [b0, b1) for every step: its rows' gate gradients, norms' backward and share of
+  // dh_{t-1} = dprod W_hh. No barrier per step; each row is computed the same way whatever
+  // the split. (dW_hh and the gains' gradients follow the loop, over all rows.)
+  auto normed_rows = [&](const auto& acts, int64_t b0, int64_t b1) {
+    for (int64_t step = T_ - 1; step >= 0; --step) {
+      const int64_t t = steps.reverse ? T_ - 1 - step : step;
+      const T* gout = grad_output + t * B * Hout;
+      // The gradient at the gates' recurrent part: dhh (GRU) or the gates' (LSTM).
+      T* dy = (mode == kGRU ? dhh : dgx) + t * B * GH;
+      if (mode == kLSTM && project) {
+        T* dh_t = dhs + t * B * Hout;
+        for (int64_t b = b0; b < b1; ++b) {
+          const bool on = steps.active(t, b);
+          const int64_t row = b * Hout;
+          for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
+            if (!on) {
+              zero.store(dh_t + row + j, n);
+              skipped(gout, row + j, n);
+              return;
+            }
+            V kept = zero;
+            zone_split(t, b, j, n, V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n),
+                       kept).store(dh_t + row + j, n);
+            kept.store(carry + row + j, n);
+          });
+        }
+        step_mm<T>(b1 - b0, Hout, H, dh_t + b0 * Hout, Hout, proj, false, dm + b0 * H, H);
       }
-    });
-    return dx;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (mode == kGRU) {
+          gru_units(acts, t, b, 0, H);
+        } else if (norms.cell_gain) {
+          lstm_row_normed(acts, t, b);
+          continue;  // its product's norm done there
+        } else {
+          lstm_units(acts, t, b, 0, H);
+        }
+        if (norms.hh_gain) {
+          layer_norm_backward(dy + b * GH, norms.normed_row(t, b), GH, norms.hh_gain,
+                              norms.rstd_row(t, b)[0], io.dprod + (t * B + b) * GH);
+        }
+      }
+      product_into_carry(GH, norms.hh_gain ? io.dprod + t * B * GH : dy, rec, b0, b1);
+      route_resets(t, carry, 0, Hout, 0, H, b0, b1);
+      std::copy(carry + b0 * Hout, carry + b1 * Hout, dh + b0 * Hout);
+    }
   };
   auto body = [&](const auto& acts) {
-  // (The split below keeps a row's units on several threads: layer norm takes the serial
-  // steps, whose passes give each thread whole rows.)
-  if (mode == kLSTM && !project && !norms.any()) {
+  if (norms.any()) {
+    const int64_t threads = norm_row_threads(B);
+    run_threads(threads, [&](int64_t thread) {
+      normed_rows(acts, B * thread / threads, B * (thread + 1) / threads);
+    });
+    return;
+  }
+  if (mode == kLSTM && !project) {
     // The whole loop in one parallel region: each thread owns a share of the hidden units,
     // which are both its elementwise work and its columns of dh_{t-1} = dgates W_hh, so one
     // barrier per step (all of dgates_t must be written before any product reads it) suffices.
@@ -336,41 +417,11 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       });
       product_into_carry(GH, dg, rec);
     } else if (mode == kGRU) {
-      // Both formulations: the gradients at z and n and the part of dh_{t-1} through z h
-      // (and zoneout); reset after, also r's, and the rows that meet W_hh into dr.
       for_rows(B, H, 8, [&](int64_t b, int64_t j0, int64_t j1) {
-        const bool on = steps.active(t, b);
-        const T *g = g_t + b * W, *hp = on ? previous_h(t, b) : nullptr;
-        T *dgb = dg + b * GH, *drb = dr + b * GH;
-        const int64_t row = b * H;
-        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          if (!on) {
-            for (int64_t k = 0; k < 3; ++k) {
-              zero.store(dgb + k * H + j, n);
-              if (reset_after) zero.store(drb + k * H + j, n);
-            }
-            skipped(gout, row + j, n);
-            return;
-          }
-          const V z = V::loadu(g + H + j, n), cand = V::loadu(g + 2 * H + j, n);
-          V kept = zero;
-          const V d = zone_split(t, b, j, n,
-                                 V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n), kept);
-          const GruGrad<T> grad = gru_backward<T>(d, z, cand, V::loadu(hp + j, n), acts);
-          grad.dz.store(dgb + H + j, n);
-          grad.dn.store(dgb + 2 * H + j, n);
-          (grad.dh + kept).store(carry + row + j, n);
-          if (reset_after) {
-            const V r = V::loadu(g + j, n), hn = V::loadu(g + 3 * H + j, n);
-            const V dr_ = gru_reset_backward<T>(grad.dn * hn, r, acts);
-            dr_.store(dgb + j, n), dr_.store(drb + j, n);
-            grad.dz.store(drb + H + j, n);
-            (grad.dn * r).store(drb + 2 * H + j, n);
-          }
-        });
+        gru_units(acts, t, b, j0, j1);
       });
       if (reset_after) {
-        product_into_carry(GH, through_norm(t, dr), rec);
+        product_into_carry(GH, dr, rec);
       } else {
         // d(r * h_in) = dn W_hn, into dm (B, H); h_in = h_{t-1} (times the dropout mask).
         step_mm<T>(B, H, H, dg + 2 * H, GH, rec.rows_from(2 * H), false, dm, H);
@@ -410,16 +461,10 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         }
         step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
       }
-      if (norms.cell_gain) {
-        at::parallel_for(0, B, std::max<int64_t>(1, 1024 / H), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) lstm_row_normed(acts, t, b);
-        });
-      } else {
-        for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
-          lstm_units(acts, t, b, j0, j1);
-        });
-      }
-      product_into_carry(GH, through_norm(t, dg, norms.cell_gain != nullptr), rec);
+      for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
+        lstm_units(acts, t, b, j0, j1);
+      });
+      product_into_carry(GH, dg, rec);
     }
     route_resets(t, carry, 0, Hout, 0, H);
     std::copy(carry, carry + B * Hout, dh);

@@ -36,19 +36,6 @@ inline void store_state(const Steps& steps, bool on, const Vec<T>& y, T* h, T* o
   }
 }
 
-// Layer norm of step t's product with W_hh, in place, row by row (each row's whole G*H gate
-// vector on one thread): hh = LN(hh) gain + bias, saving the normalized rows and their rstd.
-template <typename T>
-void normalize_product(const LayerNorms<T>& norms, int64_t t, int64_t B, int64_t GH, T* hh) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / GH), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* row = hh + b * GH;
-      norms.rstd_row(t, b)[0] = layer_norm_forward(row, GH, norms.hh_gain, norms.hh_bias,
-                                                   norms.normed_row(t, b), row);
-    }
-  });
-}
-
 }  // namespace
 
 Masks checked_masks(const std::optional<Tensor>& mask, bool carry_output, const Steps& steps,
@@ -105,8 +92,8 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   const bool regularized = reg.dropout != nullptr || zoned || !cell.plain();
   const CodedActs<T> coded{cell.gate_activation, activation};
   const LayerNorms<T>& norms = io.norms;
-  TORCH_CHECK(!norms.any() || fused_packed == nullptr,
-              "rnnkit: layer norm runs on the general steps only");
+  TORCH_CHECK(!norms.any() || (fused_packed == nullptr && (mode == kLSTM || reset_after)),
+              "rnnkit: layer norm runs on the row-split steps only (LSTM, GRU reset after)");
   if (fused_packed && !project) {
     // The whole loop in one parallel region: each thread owns a fixed share of the hidden
     // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
@@ -138,6 +125,125 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         } else {
           gru_panels<T>(st, B, fused_packed, p0, p1);
         }
+      }
+    });
+    return;
+  }
+  if (norms.any()) {
+    // Layer norm: a reduction over each row's whole gate vector, and rows are independent.
+    // So the whole loop runs in one parallel region, each thread owning a block of rows for
+    // every step (its rows' product, norms, gates and outputs): no barrier and no fork per
+    // step. Each row is computed the same way whatever the split.
+    auto normed_rows = [&](const auto& acts, int64_t b0, int64_t b1) {
+      for (int64_t step = step0; step < step1; ++step) {
+        const int64_t t = steps.reverse ? T_ - 1 - step : step;
+        const T* gx = gates_x + (t - gx_t0) * B * GH;
+        T* out = output + t * B * Hout;
+        T* saved = gates + t * gates_stride;
+        T* cell_out = cells + t * cells_stride;
+        T* m = project ? projected + t * projected_stride : nullptr;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int code = resets ? steps.reset(t, b) : 0;
+          if (code != 0) {  // the row's start, read below from h (and c)
+            std::copy(resets->h[code] + b * Hout, resets->h[code] + (b + 1) * Hout,
+                      h + b * Hout);
+            if (c) std::copy(resets->c[code] + b * H, resets->c[code] + (b + 1) * H, c + b * H);
+          }
+          if (reg.dropout) {
+            for (int64_t i = b * Hout; i < (b + 1) * Hout; ++i) io.h_in[i] = h[i] * reg.dropout[i];
+          }
+        }
+        const T* h_in = reg.dropout ? io.h_in : h;
+        step_mm<T>(b1 - b0, Hout, GH, h_in + b0 * Hout, Hout, rec, false, hh + b0 * GH, GH);
+        auto zone_h = [&](int64_t b, int64_t j, int64_t n, const V& start, const V& fresh) {
+          return zoned ? zoneout<T>(reg.keep_h(t, B, b, Hout, j, n), start, fresh) : fresh;
+        };
+        for (int64_t b = b0; b < b1; ++b) {
+          const bool on = steps.active(t, b);
+          const T* x = gx + b * GH;
+          T* r_b = hh + b * GH;
+          if (norms.hh_gain) {
+            norms.rstd_row(t, b)[0] = layer_norm_forward(r_b, GH, norms.hh_gain, norms.hh_bias,
+                                                         norms.normed_row(t, b), r_b);
+          }
+          T* g = saved + b * 4 * H;
+          auto pre = [&](int64_t k, int64_t j, int64_t n) {
+            return preactivation(x, r_b, bias, k * H + j, n);
+          };
+          if (mode == kGRU) {
+            T *hb = h + b * H, *ob = out + b * H;
+            for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
+              const V r = acts.gate(pre(0, j, n)), z = acts.gate(pre(1, j, n));
+              const V hn = V::loadu(r_b + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
+              const V cand = gru_candidate_after<T>(V::loadu(x + 2 * H + j, n), r, hn, acts);
+              const V h_old = V::loadu(hb + j, n);
+              const V y = zone_h(b, j, n, h_old, gru_output<T>(z, cand, h_old));
+              r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
+              hn.store(g + 3 * H + j, n);
+              store_state(steps, on, y, hb + j, ob + j, n);
+            });
+            continue;
+          }
+          // LSTM: the new cells (into `fresh` when the cell's norm follows), then the output.
+          T *cb = c + b * H, *co = cell_out + b * H;
+          T* fresh = norms.cell_gain ? io.cell_fresh + b * H : nullptr;
+          for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
+            const V c_old = V::loadu(cb + j, n);
+            const LstmPoint<T> p = lstm_forward<T>(pre(0, j, n), pre(1, j, n), pre(2, j, n),
+                                                   pre(3, j, n), c_old, acts);
+            p.store_gates(g + j, H, n);
+            if (fresh) p.c.store(fresh + j, n);
+            const V c_new = zoned ? zoneout<T>(reg.keep_c(t, B, b, H, j, n), c_old, p.c) : p.c;
+            const V c_kept = on ? c_new : c_old;
+            c_kept.store(cb + j, n);
+            c_kept.store(co + j, n);
+            if (!fresh) {
+              if (project) {
+                p.y.store(m + b * H + j, n);
+              } else {
+                const V h_old = V::loadu(h + b * H + j, n);
+                store_state(steps, on, zone_h(b, j, n, h_old, p.y), h + b * H + j,
+                            out + b * H + j, n);
+              }
+            }
+          });
+          if (!fresh) continue;
+          T* normed = norms.normed_row(t, b) + (norms.hh_gain ? GH : 0);
+          norms.rstd_row(t, b)[1] =
+              layer_norm_forward(fresh, H, norms.cell_gain, norms.cell_bias, normed, fresh);
+          for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
+            const V y = V::loadu(g + 3 * H + j, n) * acts.act(V::loadu(fresh + j, n));
+            if (project) {
+              y.store(m + b * H + j, n);
+            } else {
+              const V h_old = V::loadu(h + b * H + j, n);
+              store_state(steps, on, zone_h(b, j, n, h_old, y), h + b * H + j,
+                          out + b * H + j, n);
+            }
+          });
+        }
+        if (project) {  // h = W_hr (o * tanh(c)) for the block's rows still running
+          step_mm<T>(b1 - b0, H, Hout, m + b0 * H, H, proj, false, proj_out + b0 * Hout, Hout);
+          for (int64_t b = b0; b < b1; ++b) {
+            const bool on = steps.active(t, b);
+            T *hb = h + b * Hout, *ob = out + b * Hout;
+            const T* fresh = proj_out + b * Hout;
+            for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
+              const V h_old = V::loadu(hb + j, n);
+              store_state(steps, on, zone_h(b, j, n, h_old, V::loadu(fresh + j, n)), hb + j,
+                          ob + j, n);
+            });
+          }
+        }
+      }
+    };
+    const int64_t threads = norm_row_threads(B);
+    run_threads(threads, [&](int64_t thread) {
+      const int64_t b0 = B * thread / threads, b1 = B * (thread + 1) / threads;
+      if (cell.plain()) {
+        normed_rows(PlainActs<T>{}, b0, b1);
+      } else {
+        normed_rows(coded, b0, b1);
       }
     });
     return;
@@ -186,7 +292,6 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       });
     } else if (mode == kGRU && reset_after) {
       step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
-      if (norms.hh_gain) normalize_product(norms, t, B, GH, hh);
       for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
         const bool on = steps.active(t, b);
         const T *x = gx + b * GH, *rec = hh + b * GH;
@@ -245,54 +350,8 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       } else {
         lstm_step<T>(st, B, lstm_packed);
       }
-    } else if (norms.cell_gain) {
-      // LSTM with the cell's layer norm: each row whole on one thread, its product's norm,
-      // the new cells, their norm, then the output.
-      step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
-      T* cell_out = cells + t * cells_stride;
-      T* m = projected + t * projected_stride;
-      at::parallel_for(0, B, std::max<int64_t>(1, 2048 / H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const bool on = steps.active(t, b);
-          const T *x = gx + b * GH, *rec = hh + b * GH;
-          T *g = saved + b * 4 * H, *cb = c + b * H, *co = cell_out + b * H;
-          T* fresh = io.cell_fresh + b * H;
-          if (norms.hh_gain) {
-            norms.rstd_row(t, b)[0] = layer_norm_forward(
-                hh + b * GH, GH, norms.hh_gain, norms.hh_bias, norms.normed_row(t, b),
-                hh + b * GH);
-          }
-          for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
-            auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
-            const V c_old = V::loadu(cb + j, n);
-            const LstmPoint<T> p =
-                lstm_forward<T>(pre(0), pre(1), pre(2), pre(3), c_old, acts);
-            p.store_gates(g + j, H, n);
-            p.c.store(fresh + j, n);
-            const V c_new =
-                zoned ? zoneout<T>(reg.keep_c(t, B, b, H, j, n), c_old, p.c) : p.c;
-            const V c_kept = on ? c_new : c_old;
-            c_kept.store(cb + j, n);
-            c_kept.store(co + j, n);
-          });
-          T* normed = norms.normed_row(t, b) + (norms.hh_gain ? GH : 0);
-          norms.rstd_row(t, b)[1] = layer_norm_forward(fresh, H, norms.cell_gain,
-                                                       norms.cell_bias, normed, fresh);
-          for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
-            const V y = V::loadu(g + 3 * H + j, n) * acts.act(V::loadu(fresh + j, n));
-            if (project) {
-              y.store(m + b * H + j, n);
-            } else {
-              const V h_old = V::loadu(h + b * H + j, n);
-              store_state(steps, on, zone_h(b, j, n, h_old, y), h + b * H + j,
-                          out + b * H + j, n);
-            }
-          });
-        }
-      });
     } else {
       step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
-      if (norms.hh_gain) normalize_product(norms, t, B, GH, hh);
       T* cell_out = cells + t * cells_stride;
       T* m = projected + t * projected_stride;
       for_rows(B, H, 40, [&](int64_t b, int64_t j0, int64_t j1) {

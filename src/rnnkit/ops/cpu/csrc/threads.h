@@ -134,6 +134,17 @@ inline int64_t lstm_threads(int64_t B, int64_t Hout, int64_t H, int64_t panels,
 #endif
 }
 
+// Threads for a loop split by batch rows (layer norm): each takes at least 4 rows, so a
+// thread's product keeps the micro-kernel's row blocks; a small batch runs on one thread.
+inline int64_t norm_row_threads(int64_t B) {
+#ifdef _OPENMP
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 4));
+#else
+  return 1;
+#endif
+}
+
 // Runs fn(b, j0, j1) over the (B, H) grid, split across threads only when the step is big
 // enough to pay for waking them (a B=1, H=128 step is far below that).
 template <typename F>

@@ -27,6 +27,13 @@ constexpr auto kSpinFor = std::chrono::microseconds(50);
 std::atomic<int64_t> contended_at{0};
 constexpr auto kContendedFor = std::chrono::seconds(1);
 
+// A sleep this long means the thread that others waited for had lost its core (the scheduler
+// gives it back after a time slice of milliseconds). Shorter sleeps come from an uneven split
+// of a large step (tens to hundreds of microseconds at H=1024) and say nothing about a
+// competing load: counting them sent the next second's small calls to one thread on a quiet
+// machine (LSTM B=1, H=128 after GRU at H=1024 in `rnnkit bench`: 2.9 ms instead of 1.4).
+constexpr int64_t kDescheduledNs = 1000000;
+
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
@@ -77,6 +84,7 @@ void StepBarrier::sleep(uint32_t phase) {
   // Announced before the last check: the last thread stores the phase, then reads sleepers_;
   // this thread counts itself, then reads the phase (both sequentially consistent), so either
   // it sees the new phase or the last thread sees it and wakes it.
+  const int64_t start = now_ns();
   sleepers_.fetch_add(1, std::memory_order_seq_cst);
   while (phase_.load(std::memory_order_seq_cst) == phase) {
 #if defined(__linux__)
@@ -88,7 +96,7 @@ void StepBarrier::sleep(uint32_t phase) {
 #endif
   }
   sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-  slept_.fetch_add(1, std::memory_order_relaxed);
+  if (now_ns() - start >= kDescheduledNs) slept_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void StepBarrier::wake() {

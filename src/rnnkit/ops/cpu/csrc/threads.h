@@ -52,12 +52,12 @@ class StepBarrier {
   alignas(64) std::atomic<int64_t> arrived_{0};
   alignas(64) std::atomic<uint32_t> phase_{0};  // the futex word: a 32-bit counter (rounds)
   std::atomic<int32_t> sleepers_{0};
-  std::atomic<int64_t> slept_{0};  // waits that ended asleep
+  std::atomic<int64_t> slept_{0};  // waits that slept a millisecond or more
 };
 
-// Whether a recent region's threads slept at its barrier in more than a few of its steps (a
-// wait longer than the spin, which an even split of the work never needs on its own: another
-// process held a core). Cleared a second after the last such region, so that a machine that
+// Whether a recent region's threads slept at its barrier for a millisecond or more in more
+// than a few of its steps (far longer than an uneven split of the work ever makes them wait:
+// another process held a core). Cleared a second after the last such region, so that a machine that
 // quietens gets its threads back.
 bool contended_recently();
 

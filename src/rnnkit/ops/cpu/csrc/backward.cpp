@@ -151,6 +151,28 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   // gradient carried to t - 1; without a projection also carry, the part of dh_{t-1} that
   // does not come from the product with W_hh (see `skipped` for a skipped row, else 0, or
   // zoneout's share).
+  // LSTM with a projection, rows [b0, b1) of step t: dh at the projection's output (the
+  // carried dh plus the output's gradient, through zoneout; zero on inactive rows) into dhs,
+  // the part zoneout keeps into carry, and dm = dh_t W_hr, the gradient at the cell's output.
+  auto projection_backward = [&](int64_t t, const T* gout, int64_t b0, int64_t b1) {
+    T* dh_t = dhs + t * B * Hout;
+    for (int64_t b = b0; b < b1; ++b) {
+      const bool on = steps.active(t, b);
+      const int64_t row = b * Hout;
+      for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
+        if (!on) {
+          zero.store(dh_t + row + j, n);
+          skipped(gout, row + j, n);
+          return;
+        }
+        V kept = zero;
+        zone_split(t, b, j, n, V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n), kept)
+            .store(dh_t + row + j, n);
+        kept.store(carry + row + j, n);
+      });
+    }
+    step_mm<T>(b1 - b0, Hout, H, dh_t + b0 * Hout, Hout, proj, false, dm + b0 * H, H);
+  };
   auto lstm_units = [&](const auto& acts, int64_t t, int64_t b, int64_t j0, int64_t j1) {
     const T* gout = grad_output + t * B * Hout;
     const T* c_t = cells + t * B * H;
@@ -292,25 +314,7 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
       const T* gout = grad_output + t * B * Hout;
       // The gradient at the gates' recurrent part: dhh (GRU) or the gates' (LSTM).
       T* dy = (mode == kGRU ? dhh : dgx) + t * B * GH;
-      if (mode == kLSTM && project) {
-        T* dh_t = dhs + t * B * Hout;
-        for (int64_t b = b0; b < b1; ++b) {
-          const bool on = steps.active(t, b);
-          const int64_t row = b * Hout;
-          for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
-            if (!on) {
-              zero.store(dh_t + row + j, n);
-              skipped(gout, row + j, n);
-              return;
-            }
-            V kept = zero;
-            zone_split(t, b, j, n, V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n),
-                       kept).store(dh_t + row + j, n);
-            kept.store(carry + row + j, n);
-          });
-        }
-        step_mm<T>(b1 - b0, Hout, H, dh_t + b0 * Hout, Hout, proj, false, dm + b0 * H, H);
-      }
+      if (mode == kLSTM && project) projection_backward(t, gout, b0, b1);
       for (int64_t b = b0; b < b1; ++b) {
         if (mode == kGRU) {
           gru_units(acts, t, b, 0, H);
@@ -442,25 +446,7 @@ void backward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         product_into_carry(2 * H, dg, rec);
       }
     } else {
-      if (project) {
-        T* dh_t = dhs + t * B * Hout;
-        for (int64_t b = 0; b < B; ++b) {
-          const bool on = steps.active(t, b);
-          const int64_t row = b * Hout;
-          for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
-            if (!on) {
-              zero.store(dh_t + row + j, n);
-              skipped(gout, row + j, n);
-              return;
-            }
-            V kept = zero;
-            zone_split(t, b, j, n, V::loadu(dh + row + j, n) + V::loadu(gout + row + j, n),
-                       kept).store(dh_t + row + j, n);
-            kept.store(carry + row + j, n);
-          });
-        }
-        step_mm<T>(B, Hout, H, dh_t, Hout, proj, false, dm, H);
-      }
+      if (project) projection_backward(t, gout, 0, B);
       for_rows(B, H, 24, [&](int64_t b, int64_t j0, int64_t j1) {
         lstm_units(acts, t, b, j0, j1);
       });

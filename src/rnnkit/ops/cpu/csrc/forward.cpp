@@ -94,6 +94,44 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
   const LayerNorms<T>& norms = io.norms;
   TORCH_CHECK(!norms.any() || (fused_packed == nullptr && (mode == kLSTM || reset_after)),
               "rnnkit: layer norm runs on the row-split steps only (LSTM, GRU reset after)");
+  // Rows [b0, b1) of step t start from h (and c): a reset row's start is copied there first.
+  // Returns what enters the product with W_hh: h, or with recurrent dropout h * mask.
+  auto start_rows = [&](int64_t t, int64_t b0, int64_t b1) -> const T* {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int code = resets ? steps.reset(t, b) : 0;
+      if (code != 0) {
+        std::copy(resets->h[code] + b * Hout, resets->h[code] + (b + 1) * Hout, h + b * Hout);
+        if (c) std::copy(resets->c[code] + b * H, resets->c[code] + (b + 1) * H, c + b * H);
+      }
+      if (reg.dropout) {
+        for (int64_t i = b * Hout; i < (b + 1) * Hout; ++i) io.h_in[i] = h[i] * reg.dropout[i];
+      }
+    }
+    return reg.dropout ? io.h_in : h;
+  };
+  // Zoneout of units [j, j + n) of row b at step t: the new state `fresh` against the start.
+  auto zone_h = [&](int64_t t, int64_t b, int64_t j, int64_t n, const V& start, const V& fresh) {
+    return zoned ? zoneout<T>(reg.keep_h(t, B, b, Hout, j, n), start, fresh) : fresh;
+  };
+  // The reset-after GRU's units [j0, j1) of row b at step t, from the row's input part x and
+  // recurrent part rec (W_hh h, normalized or not): saves r, z, the candidate and
+  // W_hn h + b_hn per step, and writes the new state and output.
+  auto gru_after_units = [&](const auto& acts, int64_t t, int64_t b, int64_t j0, int64_t j1,
+                             const T* x, const T* rec, T* saved, T* out) {
+    const bool on = steps.active(t, b);
+    T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
+    for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
+      auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
+      const V r = acts.gate(pre(0)), z = acts.gate(pre(1));
+      const V hn = V::loadu(rec + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
+      const V cand = gru_candidate_after<T>(V::loadu(x + 2 * H + j, n), r, hn, acts);
+      const V h_old = V::loadu(hb + j, n);
+      const V y = zone_h(t, b, j, n, h_old, gru_output<T>(z, cand, h_old));
+      r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
+      hn.store(g + 3 * H + j, n);
+      store_state(steps, on, y, hb + j, ob + j, n);
+    });
+  };
   if (fused_packed && !project) {
     // The whole loop in one parallel region: each thread owns a fixed share of the hidden
     // units (W_hh panels, which stay in its core's cache) and meets the others at one barrier
@@ -142,22 +180,8 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         T* saved = gates + t * gates_stride;
         T* cell_out = cells + t * cells_stride;
         T* m = project ? projected + t * projected_stride : nullptr;
-        for (int64_t b = b0; b < b1; ++b) {
-          const int code = resets ? steps.reset(t, b) : 0;
-          if (code != 0) {  // the row's start, read below from h (and c)
-            std::copy(resets->h[code] + b * Hout, resets->h[code] + (b + 1) * Hout,
-                      h + b * Hout);
-            if (c) std::copy(resets->c[code] + b * H, resets->c[code] + (b + 1) * H, c + b * H);
-          }
-          if (reg.dropout) {
-            for (int64_t i = b * Hout; i < (b + 1) * Hout; ++i) io.h_in[i] = h[i] * reg.dropout[i];
-          }
-        }
-        const T* h_in = reg.dropout ? io.h_in : h;
+        const T* h_in = start_rows(t, b0, b1);
         step_mm<T>(b1 - b0, Hout, GH, h_in + b0 * Hout, Hout, rec, false, hh + b0 * GH, GH);
-        auto zone_h = [&](int64_t b, int64_t j, int64_t n, const V& start, const V& fresh) {
-          return zoned ? zoneout<T>(reg.keep_h(t, B, b, Hout, j, n), start, fresh) : fresh;
-        };
         for (int64_t b = b0; b < b1; ++b) {
           const bool on = steps.active(t, b);
           const T* x = gx + b * GH;
@@ -166,24 +190,14 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
             norms.rstd_row(t, b)[0] = layer_norm_forward(r_b, GH, norms.hh_gain, norms.hh_bias,
                                                          norms.normed_row(t, b), r_b);
           }
+          if (mode == kGRU) {
+            gru_after_units(acts, t, b, 0, H, x, r_b, saved, out);
+            continue;
+          }
           T* g = saved + b * 4 * H;
           auto pre = [&](int64_t k, int64_t j, int64_t n) {
             return preactivation(x, r_b, bias, k * H + j, n);
           };
-          if (mode == kGRU) {
-            T *hb = h + b * H, *ob = out + b * H;
-            for_vectors<T>(0, H, [&](int64_t j, int64_t n) {
-              const V r = acts.gate(pre(0, j, n)), z = acts.gate(pre(1, j, n));
-              const V hn = V::loadu(r_b + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
-              const V cand = gru_candidate_after<T>(V::loadu(x + 2 * H + j, n), r, hn, acts);
-              const V h_old = V::loadu(hb + j, n);
-              const V y = zone_h(b, j, n, h_old, gru_output<T>(z, cand, h_old));
-              r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
-              hn.store(g + 3 * H + j, n);
-              store_state(steps, on, y, hb + j, ob + j, n);
-            });
-            continue;
-          }
           // LSTM: the new cells (into `fresh` when the cell's norm follows), then the output.
           T *cb = c + b * H, *co = cell_out + b * H;
           T* fresh = norms.cell_gain ? io.cell_fresh + b * H : nullptr;
@@ -202,7 +216,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
                 p.y.store(m + b * H + j, n);
               } else {
                 const V h_old = V::loadu(h + b * H + j, n);
-                store_state(steps, on, zone_h(b, j, n, h_old, p.y), h + b * H + j,
+                store_state(steps, on, zone_h(t, b, j, n, h_old, p.y), h + b * H + j,
                             out + b * H + j, n);
               }
             }
@@ -217,7 +231,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
               y.store(m + b * H + j, n);
             } else {
               const V h_old = V::loadu(h + b * H + j, n);
-              store_state(steps, on, zone_h(b, j, n, h_old, y), h + b * H + j,
+              store_state(steps, on, zone_h(t, b, j, n, h_old, y), h + b * H + j,
                           out + b * H + j, n);
             }
           });
@@ -230,7 +244,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
             const T* fresh = proj_out + b * Hout;
             for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
               const V h_old = V::loadu(hb + j, n);
-              store_state(steps, on, zone_h(b, j, n, h_old, V::loadu(fresh + j, n)), hb + j,
+              store_state(steps, on, zone_h(t, b, j, n, h_old, V::loadu(fresh + j, n)), hb + j,
                           ob + j, n);
             });
           }
@@ -255,25 +269,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
     const T* gx = gates_x + (t - gx_t0) * B * GH;
     T* out = output + t * B * Hout;
     T* saved = gates + t * gates_stride;
-    if (resets) {
-      // The steps below read their start from h (and c): put each reset row's start there.
-      for (int64_t b = 0; b < B; ++b) {
-        const int code = steps.reset(t, b);
-        if (code == 0) continue;
-        std::copy(resets->h[code] + b * Hout, resets->h[code] + (b + 1) * Hout, h + b * Hout);
-        if (c) std::copy(resets->c[code] + b * H, resets->c[code] + (b + 1) * H, c + b * H);
-      }
-    }
-    // What enters the product with W_hh: the start, or with recurrent dropout start * mask.
-    const T* h_in = h;
-    if (reg.dropout) {
-      for (int64_t i = 0; i < B * Hout; ++i) io.h_in[i] = h[i] * reg.dropout[i];
-      h_in = io.h_in;
-    }
-    // Zoneout of units [j, j + n) of row b: the new state `fresh` against the start.
-    auto zone_h = [&](int64_t b, int64_t j, int64_t n, const V& start, const V& fresh) {
-      return zoned ? zoneout<T>(reg.keep_h(t, B, b, Hout, j, n), start, fresh) : fresh;
-    };
+    const T* h_in = start_rows(t, 0, B);
     if (mode == kRNN) {
       step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
       dispatch_activation(activation, [&](auto a) {
@@ -293,20 +289,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
     } else if (mode == kGRU && reset_after) {
       step_mm<T>(B, Hout, GH, h_in, Hout, rec, false, hh, GH);
       for_rows(B, H, 32, [&](int64_t b, int64_t j0, int64_t j1) {
-        const bool on = steps.active(t, b);
-        const T *x = gx + b * GH, *rec = hh + b * GH;
-        T *g = saved + b * 4 * H, *hb = h + b * H, *ob = out + b * H;
-        for_vectors<T>(j0, j1, [&](int64_t j, int64_t n) {
-          auto pre = [&](int64_t k) { return preactivation(x, rec, bias, k * H + j, n); };
-          const V r = acts.gate(pre(0)), z = acts.gate(pre(1));
-          const V hn = V::loadu(rec + 2 * H + j, n) + V::loadu(bias + 2 * H + j, n);
-          const V cand = gru_candidate_after<T>(V::loadu(x + 2 * H + j, n), r, hn, acts);
-          const V h_old = V::loadu(hb + j, n);
-          const V y = zone_h(b, j, n, h_old, gru_output<T>(z, cand, h_old));
-          r.store(g + j, n), z.store(g + H + j, n), cand.store(g + 2 * H + j, n);
-          hn.store(g + 3 * H + j, n);
-          store_state(steps, on, y, hb + j, ob + j, n);
-        });
+        gru_after_units(acts, t, b, j0, j1, gx + b * GH, hh + b * GH, saved, out);
       });
     } else if (mode == kGRU) {
       // The reset comes before the matmul: the candidate needs W_hn (r * h), a second GEMM.
@@ -332,7 +315,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
               gru_candidate_before<T>(preactivation(x, rec, bias, 2 * H + j, n), acts);
           const V z = V::loadu(g + H + j, n);
           const V h_old = V::loadu(hb + j, n);
-          const V y = zone_h(b, j, n, h_old, gru_output<T>(z, cand, h_old));
+          const V y = zone_h(t, b, j, n, h_old, gru_output<T>(z, cand, h_old));
           cand.store(g + 2 * H + j, n);
           store_state(steps, on, y, hb + j, ob + j, n);
         });
@@ -372,7 +355,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
             p.y.store(m + b * H + j, n);
           } else {
             const V h_old = V::loadu(h + b * H + j, n);
-            store_state(steps, on, zone_h(b, j, n, h_old, p.y), h + b * H + j,
+            store_state(steps, on, zone_h(t, b, j, n, h_old, p.y), h + b * H + j,
                         out + b * H + j, n);
           }
         });
@@ -386,7 +369,7 @@ void forward_kernel(const Shape& s, const Steps& steps, const Cell& cell,
         const T* fresh = proj_out + b * Hout;
         for_vectors<T>(0, Hout, [&](int64_t j, int64_t n) {
           const V h_old = V::loadu(hb + j, n);
-          store_state(steps, on, zone_h(b, j, n, h_old, V::loadu(fresh + j, n)), hb + j,
+          store_state(steps, on, zone_h(t, b, j, n, h_old, V::loadu(fresh + j, n)), hb + j,
                       ob + j, n);
         });
       }
